@@ -1,0 +1,5 @@
+//! Stub: certs is built in its own issue; this binary only says so.
+fn main() {
+    eprintln!("certs: not built yet (see the project's open issues)");
+    std::process::exit(2);
+}

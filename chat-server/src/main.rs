@@ -1,0 +1,5 @@
+//! Stub: chat-server is built in its own issue; this binary only says so.
+fn main() {
+    eprintln!("chat-server: not built yet (see the project's open issues)");
+    std::process::exit(2);
+}

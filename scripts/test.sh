@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# The one test entry point (README, .ci/run): installs what the tests need, checks formatting and
+# lints, builds the workspace once, runs every test. Safe to run again: installs are idempotent.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# shellcheck source=scripts/lib/apt.sh
+source scripts/lib/apt.sh
+ensure_apt_packages xvfb xdotool imagemagick chromium chromium-driver nodejs npm
+
+step() { printf '\n== %s ==\n' "$*" >&2; }
+
+step "rustfmt"
+cargo fmt --all -- --check
+
+step "clippy (-D warnings)"
+cargo clippy --workspace --all-targets -- -D warnings
+
+step "build"
+cargo build --workspace --all-targets
+
+step "cargo test"
+set +e
+cargo test --workspace 2>&1 | tee target/cargo-test.log
+status=${PIPESTATUS[0]}
+set -e
+if [ "$status" -ne 0 ]; then
+    echo "cargo test failed (exit $status)" >&2
+    exit "$status"
+fi
+
+for extra in scripts/test.d/*.sh; do
+    [ -e "$extra" ] || continue
+    step "$extra"
+    bash "$extra"
+done
+
+passed=$(grep -o 'test result: ok. [0-9]* passed' target/cargo-test.log | awk '{s+=$4} END {print s+0}')
+echo "cargo test: $passed passed, 0 failed"

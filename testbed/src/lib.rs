@@ -1,0 +1,9 @@
+//! What several testbed programs really share: raising the open-file limit, SO_REUSEPORT
+//! listeners, rustls configs built on the `ring` provider, logging set-up, and (for tests) starting
+//! real binaries and always killing them.
+
+pub mod fdlimit;
+pub mod listener;
+pub mod logging;
+pub mod testing;
+pub mod tls;

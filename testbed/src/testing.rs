@@ -1,0 +1,155 @@
+//! Helpers for integration tests: find the workspace's binaries, start them, wait until they
+//! listen, and kill them when the test ends, even when it fails (the guard kills on drop).
+
+use std::io::{BufRead, BufReader, Read};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Path of a binary of this workspace, next to the running test executable's profile folder.
+/// `cargo test --workspace` builds every package's binaries before it runs any test.
+pub fn bin_path(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test> -> target/<profile>/<name>
+    let dir = exe
+        .parent()
+        .and_then(|p| p.parent())
+        .expect("target/<profile> folder");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} not found: build the workspace first (cargo build --workspace)",
+        path.display()
+    );
+    path
+}
+
+/// A free loopback port (bound then released; good enough for tests that start a server on it).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
+/// Polls `cond` every 20 ms until it returns true or `timeout` passes.
+pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Waits until something accepts TCP connections on `addr`.
+pub fn wait_for_listen(addr: SocketAddr, timeout: Duration) -> bool {
+    wait_until(timeout, || {
+        TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
+    })
+}
+
+/// A child process that is killed (SIGKILL to its whole process group) when dropped. Its stderr
+/// and stdout are collected so a failing test can show them.
+pub struct ChildGuard {
+    pub child: Child,
+    output: Arc<Mutex<String>>,
+    name: String,
+}
+
+impl ChildGuard {
+    /// Starts `cmd` in its own process group with stdout and stderr captured.
+    pub fn spawn(mut cmd: Command) -> ChildGuard {
+        use std::os::unix::process::CommandExt;
+        let name = format!("{:?}", cmd.get_program());
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+        // Own process group, so the guard also kills the worker processes a supervisor started.
+        cmd.process_group(0);
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+        let output = Arc::new(Mutex::new(String::new()));
+        for stream in [
+            child.stdout.take().map(|s| Box::new(s) as Box<dyn Read + Send>),
+            child.stderr.take().map(|s| Box::new(s) as Box<dyn Read + Send>),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            let out = Arc::clone(&output);
+            std::thread::spawn(move || {
+                for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                    let mut o = out.lock().unwrap_or_else(|p| p.into_inner());
+                    o.push_str(&line);
+                    o.push('\n');
+                }
+            });
+        }
+        ChildGuard {
+            child,
+            output,
+            name,
+        }
+    }
+
+    /// Everything the process printed so far (stdout and stderr interleaved by line).
+    pub fn output(&self) -> String {
+        self.output.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Waits until the output contains `needle`.
+    pub fn wait_for_output(&self, needle: &str, timeout: Duration) -> bool {
+        wait_until(timeout, || self.output().contains(needle))
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends a signal to the process (not its group).
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) with a pid we own.
+        unsafe {
+            libc_kill(self.child.id() as i32, sig);
+        }
+    }
+
+    /// Waits for the process to exit on its own, up to `timeout`; returns its exit code.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        // SAFETY: negative pid = the process group we created in spawn().
+        unsafe {
+            libc_kill(-(self.child.id() as i32), 9);
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("--- output of {} ---\n{}", self.name, self.output());
+        }
+    }
+}
+
+unsafe fn libc_kill(pid: i32, sig: i32) {
+    libc::kill(pid, sig);
+}
