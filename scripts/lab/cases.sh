@@ -1,0 +1,243 @@
+# shellcheck shell=bash
+# The five cases of the original lab. Each case checks what it needs, does its traffic (bounded in
+# count and time, only to lab addresses), and records one row: expectation, observed, PASS/FAIL/SKIP
+# and the original lab's figure. Evidence (captures, client JSON, stats, logs) goes to its folder.
+
+CASE_TITLES=([1]="Encryption" [2]="Multiple inbound" [3]="Two-way traffic (ssh)" [4]="Load balancing, low load" [5]="Load balancing, heavy load")
+
+# record CASE EXPECTATION OBSERVED STATUS ORIGINAL
+record() {
+    local clean=()
+    local f
+    for f in "$@"; do clean+=("$(printf '%s' "$f" | tr '\t\n' '  ')"); done
+    printf '%s\t%s\t%s\t%s\t%s\t%s\n' "${clean[0]}" "${CASE_TITLES[${clean[0]}]}" "${clean[1]}" "${clean[2]}" "${clean[3]}" "${clean[4]}" >>"$LAB_RESULTS/results.tsv"
+    printf '\ncase %s  %s\n  expectation: %s\n  observed:    %s\n  result:      %s\n  original:    %s\n' \
+        "${clean[0]}" "${CASE_TITLES[${clean[0]}]}" "${clean[1]}" "${clean[2]}" "${clean[3]}" "${clean[4]}" >&2
+}
+
+# need_bins CASE EXPECTATION ORIGINAL BIN... — records a SKIP and fails when a program is missing.
+need_bins() {
+    local case=$1 expect=$2 original=$3 missing
+    shift 3
+    if ! missing=$(first_missing_bin "$@"); then
+        record "$case" "$expect" "$missing not found or not working in $BIN_DIR" "SKIP: $missing not built yet" "$original"
+        return 1
+    fi
+    if ! proc_alive forwarder; then
+        record "$case" "$expect" "the forwarder did not start (see $LAB_DIR/logs/forwarder.log)" "FAIL" "$original"
+        return 1
+    fi
+}
+
+client() { # NS ARGS... — the load client, fd limit raised
+    local ns=$1
+    shift
+    # shellcheck disable=SC2016
+    in_ns "$ns" bash -c 'ulimit -n "$(ulimit -Hn)"; exec "$@"' _ "$(bin ssl-echo-client)" "$@"
+}
+
+# capture_start NAME FILTER FILE — tshark on both gateway legs; returns once it is capturing.
+capture_start() {
+    local name=$1 filter=$2 file=$3
+    lab_spawn "$name" "$NS_GW" gateway tshark -n -i eth0 -i eth1 -f "$filter" -w "$file"
+    wait_until 20 "$name to capture" grep -q "Capturing on" "$LAB_DIR/logs/$name.log"
+}
+
+capture_stop() {
+    stop_proc "$1" INT
+}
+
+frames_containing() { # FILE TEXT
+    tshark -n -r "$1" -Y "frame contains \"$2\"" 2>/dev/null | wc -l
+}
+
+case_1() {
+    local expect="the message is readable in the plaintext capture and absent from the TLS capture"
+    local original="message visible in Wireshark on plaintext, unreadable with TLS"
+    need_bins 1 "$expect" "$original" forwarder ssl-echo-server ssl-echo-client certs || return 0
+    local out=$LAB_RESULTS/case1
+    mkdir -p "$out"
+    local text
+    text="lab-case1-secret-$(od -An -N6 -tx1 /dev/urandom | tr -d ' \n')"
+
+    capture_start cap-plain "tcp port $PORT_PLAIN_ECHO" "$out/plaintext.pcapng" || {
+        record 1 "$expect" "tshark did not start" FAIL "$original"
+        return 0
+    }
+    client "$NS_C1" --host "$GW_FRONT" --port "$PORT_PLAIN_ECHO" --plain --message "$text" --count 1 \
+        --connections 1 --json >"$out/plaintext-client.json" 2>"$out/plaintext-client.log"
+    local plain_rc=$?
+    capture_stop cap-plain
+
+    capture_start cap-tls "tcp port $PORT_TLS_ECHO" "$out/tls.pcapng" || {
+        record 1 "$expect" "tshark did not start" FAIL "$original"
+        return 0
+    }
+    client "$NS_C1" --host "$GW_FRONT" --port "$PORT_TLS_ECHO" --ca "$LAB_DIR/certs/ca.crt" --message "$text" \
+        --count 1 --connections 1 --json >"$out/tls-client.json" 2>"$out/tls-client.log"
+    local tls_rc=$?
+    capture_stop cap-tls
+
+    local plain_hits tls_hits tls_raw tls_hellos plain_msgs tls_msgs
+    plain_hits=$(frames_containing "$out/plaintext.pcapng" "$text")
+    tls_hits=$(frames_containing "$out/tls.pcapng" "$text")
+    tls_raw=$(grep -c -a -F "$text" "$out/tls.pcapng" || true)
+    tls_hellos=$(tshark -n -r "$out/tls.pcapng" -d "tcp.port==$PORT_TLS_ECHO,tls" -Y "tls.handshake.type == 1" 2>/dev/null | wc -l)
+    plain_msgs=$(json_get "$out/plaintext-client.json" messages)
+    tls_msgs=$(json_get "$out/tls-client.json" messages)
+    local observed="plaintext: $plain_hits frames contain the message (client exit $plain_rc, echoed ${plain_msgs:-?}); TLS: $tls_hits frames contain it (raw bytes: $tls_raw), $tls_hellos ClientHellos seen (client exit $tls_rc, echoed ${tls_msgs:-?}); message \"$text\""
+    # Both legs (client->gateway, gateway->server) carry the message and its echo: 4 frames at least.
+    if [ "$plain_rc" -eq 0 ] && [ "$tls_rc" -eq 0 ] && [ "${plain_msgs:-0}" -ge 1 ] && [ "${tls_msgs:-0}" -ge 1 ] &&
+        [ "$plain_hits" -ge 4 ] && [ "$tls_hits" -eq 0 ] && [ "$tls_raw" -eq 0 ] && [ "$tls_hellos" -ge 2 ]; then
+        record 1 "$expect" "$observed" PASS "$original"
+    else
+        record 1 "$expect" "$observed" FAIL "$original"
+    fi
+}
+
+case_2() {
+    local conns=${LAB_CASE2_CONNECTIONS:-1000} seconds=${LAB_CASE2_SECONDS:-20} msgs=${LAB_CHAT_MESSAGES:-50}
+    local expect="$conns TLS connections all succeed while every chat message ($msgs each way) arrives"
+    local original="chat worked during 1,000 TLS connections; delay not measured"
+    need_bins 2 "$expect" "$original" forwarder ssl-echo-server ssl-echo-client certs chat-server || return 0
+    local out=$LAB_RESULTS/case2
+    mkdir -p "$out"
+    local peer=$REPO/scripts/lab/chat_peer.py
+
+    lab_spawn case2-load "$NS_C1" client1 "$(bin ssl-echo-client)" --host "$GW_FRONT" --port "$PORT_TLS_ECHO" \
+        --ca "$LAB_DIR/certs/ca.crt" --message "case 2 load from client1" --connections "$conns" \
+        --duration "$seconds" --report "$out/load-report.xlsx" --json
+    local loaded=0
+    wait_until $((seconds + 30)) "$conns TLS connections on server1" \
+        bash -c "[ \$(ip netns exec $NS_S1 ss -Htn state established 'sport = :$PORT_TLS_ECHO' | wc -l) -ge $conns ]" && loaded=1
+    local during_before
+    during_before=$(established_count "$NS_S1" "$PORT_TLS_ECHO")
+
+    in_ns "$NS_C1" "$PYTHON" "$peer" --host "$GW_FRONT" --port "$PORT_CHAT" --nick client1 --peer client2 \
+        --count "$msgs" --timeout 60 --transcript "$out/chat-client1.txt" >"$out/chat-client1.json" 2>"$out/chat-client1.log" &
+    local p1=$!
+    in_ns "$NS_C2" "$PYTHON" "$peer" --host "$GW_FRONT" --port "$PORT_CHAT" --nick client2 --peer client1 \
+        --count "$msgs" --timeout 60 --transcript "$out/chat-client2.txt" >"$out/chat-client2.json" 2>"$out/chat-client2.log" &
+    local p2=$!
+    wait "$p1"
+    local rc1=$?
+    wait "$p2"
+    local rc2=$?
+    local during_after
+    during_after=$(established_count "$NS_S1" "$PORT_TLS_ECHO")
+
+    wait_exit case2-load $((seconds + 120)) || stop_proc case2-load
+    cp "$LAB_DIR/logs/case2-load.log" "$out/load-client.log"
+    cp "$LAB_DIR/logs/case2-load.out" "$out/load-client.json"
+    local ok failed
+    ok=$(json_get "$out/load-client.json" connections_ok)
+    failed=$(json_get "$out/load-client.json" connections_failed)
+
+    local r1 r2 d1 d2 m1 m2
+    r1=$(json_get "$out/chat-client1.json" received_from_peer)
+    r2=$(json_get "$out/chat-client2.json" received_from_peer)
+    d1=$(json_get "$out/chat-client1.json" delay_ms.avg)
+    d2=$(json_get "$out/chat-client2.json" delay_ms.avg)
+    m1=$(json_get "$out/chat-client1.json" delay_ms.max)
+    m2=$(json_get "$out/chat-client2.json" delay_ms.max)
+    local observed="TLS load: ${ok:-?} ok, ${failed:-?} failed; $during_before then $during_after TLS connections open on server1 while chatting; chat: client2 got ${r1:-0}/$msgs of client1's, client1 got ${r2:-0}/$msgs of client2's; delay avg ${d2:-?} / ${d1:-?} ms, max ${m2:-?} / ${m1:-?} ms (client1->client2 / client2->client1)"
+    if [ "$loaded" -eq 1 ] && [ "$rc1" -eq 0 ] && [ "$rc2" -eq 0 ] && [ "${ok:-0}" -eq "$conns" ] && [ "${failed:-1}" -eq 0 ] &&
+        [ "$during_after" -ge "$conns" ] && [ "${r1:-0}" -eq "$msgs" ] && [ "${r2:-0}" -eq "$msgs" ]; then
+        record 2 "$expect" "$observed" PASS "$original"
+    else
+        record 2 "$expect" "$observed" FAIL "$original"
+    fi
+}
+
+case_3() {
+    local expect="ssh to gateway:$PORT_SSH runs on server3: hostname server3, address $S3_ADDR"
+    local original="ssh through the forwarder reached the SSH server"
+    need_bins 3 "$expect" "$original" forwarder || return 0
+    local out=$LAB_RESULTS/case3
+    mkdir -p "$out"
+    # shellcheck disable=SC2016  # run by the remote shell
+    local remote='echo "hostname=$(hostname)"; echo "address=$(ip -4 -o addr show dev eth0 | awk "{print \$4}")"; echo "ssh_connection=$SSH_CONNECTION"'
+    in_ns "$NS_C1" timeout 30 ssh -F /dev/null -i "$LAB_DIR/ssh/client_key" -p "$PORT_SSH" \
+        -o BatchMode=yes -o StrictHostKeyChecking=accept-new -o UserKnownHostsFile="$LAB_DIR/ssh/known_hosts" \
+        -o ConnectTimeout=10 -o LogLevel=ERROR "root@$GW_FRONT" "$remote" >"$out/ssh-output.txt" 2>"$out/ssh.log"
+    local rc=$?
+    local host addr conn
+    host=$(sed -n 's/^hostname=//p' "$out/ssh-output.txt")
+    addr=$(sed -n 's/^address=//p' "$out/ssh-output.txt")
+    conn=$(sed -n 's/^ssh_connection=//p' "$out/ssh-output.txt")
+    local observed="ssh exit $rc; remote hostname \"$host\", address \"$addr\" (gateway is \"gateway\", $GW_FRONT/$GW_BACK); server saw the connection as \"$conn\""
+    if [ "$rc" -eq 0 ] && [ "$host" = server3 ] && [ "$addr" = "$S3_ADDR/24" ]; then
+        record 3 "$expect" "$observed" PASS "$original"
+    else
+        record 3 "$expect" "$observed" FAIL "$original"
+    fi
+}
+
+case_4() {
+    local expect="two consecutive requests to gateway:$PORT_WEB get page 1 (server1) then page 2 (server2)"
+    local original="browser refresh alternated between the two Apache pages"
+    need_bins 4 "$expect" "$original" forwarder || return 0
+    local out=$LAB_RESULTS/case4
+    mkdir -p "$out"
+    local first second
+    in_ns "$NS_C1" curl -sS --max-time 10 "http://$GW_FRONT:$PORT_WEB/" >"$out/request1.html" 2>"$out/curl.log"
+    first=$(sed -n 's:.*<h1>\(Page [0-9]\).*:\1:p' "$out/request1.html")
+    in_ns "$NS_C1" curl -sS --max-time 10 "http://$GW_FRONT:$PORT_WEB/" >"$out/request2.html" 2>>"$out/curl.log"
+    second=$(sed -n 's:.*<h1>\(Page [0-9]\).*:\1:p' "$out/request2.html")
+    # The clients have no route to the servers: only the forwarder connects the two segments.
+    local direct="unreachable"
+    if in_ns "$NS_C1" curl -sS --max-time 3 "http://$S1_ADDR/" >/dev/null 2>>"$out/curl.log"; then
+        direct="REACHABLE (the topology leaks)"
+    fi
+    local observed="request 1: ${first:-no page}; request 2: ${second:-no page}; server1 directly from client1: $direct"
+    if [ "$first" = "Page 1" ] && [ "$second" = "Page 2" ] && [ "$direct" = unreachable ]; then
+        record 4 "$expect" "$observed" PASS "$original"
+    else
+        record 4 "$expect" "$observed" FAIL "$original"
+    fi
+}
+
+case_5() {
+    local conns=${LAB_CONNECTIONS:-20000} seconds=${LAB_CASE5_SECONDS:-15}
+    local half=$((conns / 2))
+    local expect="$conns plaintext echo connections for ${seconds}s, split $half / $half over two echo servers, none failed"
+    local original="20,000 connections, 771,047 messages, 411 ms average response"
+    need_bins 5 "$expect" "$original" forwarder ssl-echo-server ssl-echo-client || return 0
+    local out=$LAB_RESULTS/case5
+    mkdir -p "$out"
+    # Fresh servers, so their connection counters hold exactly this case's connections.
+    if ! echo_start heavy-server1 "$NS_S1" server1 "$S1_ADDR:$PORT_HEAVY" 2 plain ||
+        ! echo_start heavy-server2 "$NS_S2" server2 "$S2_ADDR:$PORT_HEAVY" 2 plain; then
+        record 5 "$expect" "echo servers did not start (see $LAB_DIR/logs/heavy-server*.log)" FAIL "$original"
+        return 0
+    fi
+    local extra=()
+    [ -n "${LAB_CLIENT_PROCESSES:-}" ] && extra=(--processes "$LAB_CLIENT_PROCESSES")
+    lab_spawn case5-load "$NS_C1" client1 "$(bin ssl-echo-client)" --host "$GW_FRONT" --port "$PORT_HEAVY" --plain \
+        --message "case 5 heavy load" --connections "$conns" --duration "$seconds" "${extra[@]}" \
+        --report "$out/load-report.xlsx" --json
+    wait_exit case5-load $((seconds + 300)) || stop_proc case5-load
+    cp "$LAB_DIR/logs/case5-load.log" "$out/load-client.log"
+    cp "$LAB_DIR/logs/case5-load.out" "$out/load-client.json"
+    # SIGTERM makes each server write its final stats.
+    stop_proc heavy-server1
+    stop_proc heavy-server2
+    cp "$LAB_DIR/stats/heavy-server1.json" "$out/server1-stats.json" 2>/dev/null
+    cp "$LAB_DIR/stats/heavy-server2.json" "$out/server2-stats.json" 2>/dev/null
+    local ok failed msgs rate avg p99 t1 t2
+    ok=$(json_get "$out/load-client.json" connections_ok)
+    failed=$(json_get "$out/load-client.json" connections_failed)
+    msgs=$(json_get "$out/load-client.json" messages)
+    rate=$(json_get "$out/load-client.json" messages_per_sec)
+    avg=$(json_get "$out/load-client.json" response_ms.avg)
+    p99=$(json_get "$out/load-client.json" response_ms.p99)
+    t1=$(json_get "$out/server1-stats.json" connections_total)
+    t2=$(json_get "$out/server2-stats.json" connections_total)
+    local observed="client: ${ok:-?} ok, ${failed:-?} failed, ${msgs:-?} messages (${rate:-?}/s), response avg ${avg:-?} ms, p99 ${p99:-?} ms; servers: server1 ${t1:-?}, server2 ${t2:-?} connections"
+    if [ "${ok:-0}" -eq "$conns" ] && [ "${failed:-1}" -eq 0 ] && [ "${t1:-0}" -eq "$half" ] && [ "${t2:-0}" -eq "$half" ] &&
+        [ "${msgs:-0}" -gt 0 ]; then
+        record 5 "$expect" "$observed" PASS "$original"
+    else
+        record 5 "$expect" "$observed" FAIL "$original"
+    fi
+}

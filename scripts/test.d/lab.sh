@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# CI step: the whole lab (scripts/lab.sh run, cases 1-5) with the workspace's debug binaries and a
+# case-5 load suited to 2 cores. Fails if any case fails or is skipped; bounded in time; always
+# leaves the machine clean.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+
+export LAB_CONNECTIONS=${LAB_CONNECTIONS:-2000}
+export LAB_REQUIRE_ALL=${LAB_REQUIRE_ALL:-1}
+export LAB_BIN_DIR=${LAB_BIN_DIR:-${CARGO_TARGET_DIR:-$PWD/target}/debug}
+
+timeout --kill-after=30 "${LAB_TIMEOUT:-900}" bash scripts/lab.sh run
+status=$?
+# The run removes the lab itself; this also covers a run killed by the timeout.
+bash scripts/lab.sh down
+if [ "$status" -eq 124 ] || [ "$status" -eq 137 ]; then
+    echo "lab: timed out after ${LAB_TIMEOUT:-900}s" >&2
+fi
+exit "$status"
