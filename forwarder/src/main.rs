@@ -1,1 +1,240 @@
-fn main() {}
+//! `forwarder`: command line and wiring. The same binary is the supervisor and, re-executed with
+//! hidden flags, each worker process.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::Parser;
+
+use forwarder::capacity;
+use forwarder::rules::{self, RuleSet};
+use forwarder::supervisor::{self, Supervisor, SupervisorConfig};
+use forwarder::worker::{self, WorkerConfig};
+
+/// Pipes one worker may hold for splicing (two descriptors each).
+const PIPES_PER_WORKER: usize = 128;
+
+/// TCP port forwarder and round-robin load balancer.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Args {
+    /// Rules file: rows of name,listen_port,dest_ip,dest_port [default: ./entries.csv, created with
+    /// an example when missing]
+    #[arg(long)]
+    rules: Option<PathBuf>,
+
+    /// Worker processes (0 = one per core, more if the connections need more descriptors)
+    #[arg(long, default_value_t = 0)]
+    workers: usize,
+
+    /// Connections to plan for; workers are sized so they fit the open-file limit
+    #[arg(long, default_value_t = 20_000)]
+    max_connections: usize,
+
+    /// Address of the web page
+    #[arg(long, default_value = "127.0.0.1:3001")]
+    web: SocketAddr,
+
+    /// Do not serve the web page
+    #[arg(long)]
+    no_web: bool,
+
+    /// Token required by the web page's mutating requests (generated when --web is not loopback)
+    #[arg(long)]
+    web_token: Option<String>,
+
+    /// Validate the rules file, print the rules, and exit (non-zero on any error)
+    #[arg(long)]
+    check: bool,
+
+    /// Log filter (error, warn, info, debug, trace); RUST_LOG overrides
+    #[arg(long, default_value = "info")]
+    log_level: String,
+
+    /// Give up on a backend connect after this long and try the next backend
+    #[arg(long, default_value_t = 3000)]
+    connect_timeout_ms: u64,
+
+    /// Close connections idle this long (0 = never)
+    #[arg(long, default_value_t = 0)]
+    idle_timeout_s: u64,
+
+    /// On SIGTERM/SIGINT, wait this long for established connections to finish
+    #[arg(long, default_value_t = 30)]
+    drain_timeout_s: u64,
+
+    /// Seconds between active TCP health checks of every backend (0 = passive checks only)
+    #[arg(long, default_value_t = 0)]
+    health_interval_s: u64,
+
+    /// Copy bulk data through user space instead of splice(2)
+    #[arg(long)]
+    no_splice: bool,
+
+    #[arg(long, hide = true)]
+    worker_index: Option<usize>,
+    #[arg(long, hide = true)]
+    worker_fds: Option<String>,
+    #[arg(long, hide = true, default_value_t = 0)]
+    worker_max_connections: usize,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    testbed::logging::init(&args.log_level);
+    let result = match args.worker_index {
+        Some(index) => run_worker(&args, index),
+        None => run_supervisor(&args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("forwarder: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_worker(args: &Args, index: usize) -> anyhow::Result<ExitCode> {
+    testbed::fdlimit::raise_nofile().context("raising the open-file limit")?;
+    let fds = args.worker_fds.as_deref().context("--worker-fds missing")?;
+    let (stats, control) = fds
+        .split_once(',')
+        .context("--worker-fds is STATS,CONTROL")?;
+    let config = WorkerConfig {
+        index,
+        max_connections: args.worker_max_connections.max(1),
+        connect_timeout: Duration::from_millis(args.connect_timeout_ms),
+        idle_timeout: (args.idle_timeout_s > 0).then(|| Duration::from_secs(args.idle_timeout_s)),
+        drain_timeout: Duration::from_secs(args.drain_timeout_s),
+        splice: !args.no_splice,
+        max_pipes: PIPES_PER_WORKER,
+    };
+    worker::run(config, stats.parse()?, control.parse()?)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn run_supervisor(args: &Args) -> anyhow::Result<ExitCode> {
+    let rules_path = match &args.rules {
+        Some(p) => p.clone(),
+        None => default_rules_file()?,
+    };
+    let label = rules_path.display().to_string();
+    let set = match rules::load(&rules_path) {
+        Ok(set) => set,
+        Err(e) => {
+            eprintln!("{e}");
+            bail!("{label}: {} error(s); nothing started", e.0.len());
+        }
+    };
+    print_rules(&label, &set);
+    if let Err(e) = supervisor::check_bindable(&set, &label) {
+        eprintln!("{e}");
+        bail!("{label}: {} port(s) cannot be listened on", e.0.len());
+    }
+    if args.check {
+        eprintln!("{label}: OK");
+        return Ok(ExitCode::SUCCESS);
+    }
+
+    let limit = testbed::fdlimit::raise_nofile().context("raising the open-file limit")?;
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let plan = capacity::plan(
+        args.max_connections,
+        args.workers,
+        limit.soft,
+        PIPES_PER_WORKER * 2,
+        cores,
+    );
+    eprintln!(
+        "capacity ≈ {} connections with {} workers (open-file limit {} per process{}; 2 descriptors per connection)",
+        plan.total,
+        plan.workers,
+        limit.soft,
+        if limit.soft_before < limit.soft {
+            format!(", raised from {}", limit.soft_before)
+        } else {
+            String::new()
+        }
+    );
+    if plan.total < args.max_connections {
+        tracing::warn!(
+            "{} workers hold about {} connections, fewer than --max-connections {}",
+            plan.workers,
+            plan.total,
+            args.max_connections
+        );
+    }
+
+    let config = SupervisorConfig {
+        rules_path: rules_path.clone(),
+        workers: plan.workers,
+        per_worker_connections: plan.per_worker,
+        capacity: plan.total,
+        worker_args: worker_args(args),
+        health_interval: (args.health_interval_s > 0)
+            .then(|| Duration::from_secs(args.health_interval_s)),
+        connect_timeout: Duration::from_millis(args.connect_timeout_ms),
+        drain_timeout: Duration::from_secs(args.drain_timeout_s),
+    };
+    let sup = Supervisor::new(config, set)?;
+    if !args.no_web {
+        forwarder::web::start(sup.clone(), args.web, args.web_token.clone())?;
+    }
+    sup.run()?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `./entries.csv`, created with a commented example when it does not exist.
+fn default_rules_file() -> anyhow::Result<PathBuf> {
+    let path = PathBuf::from("entries.csv");
+    if !path.exists() {
+        std::fs::write(&path, rules::EXAMPLE_FILE)
+            .with_context(|| format!("creating {}", path.display()))?;
+        eprintln!("created {} with an example (no rules yet)", path.display());
+    }
+    Ok(path)
+}
+
+/// The rule table, as the original printed it: each listening port and its destinations.
+fn print_rules(label: &str, set: &RuleSet) {
+    eprintln!("rules from {label}:");
+    if set.pools.is_empty() {
+        eprintln!("  (none: add rows name,listen_port,dest_ip,dest_port)");
+    }
+    for p in &set.pools {
+        let mode = if p.rules.len() > 1 {
+            "  (round robin)"
+        } else {
+            ""
+        };
+        eprintln!(
+            "  {:<22} -> {}{mode}",
+            p.listen.to_string(),
+            supervisor::describe_pool(p)
+        );
+    }
+}
+
+/// Flags a worker needs, passed on from the supervisor's own command line.
+fn worker_args(args: &Args) -> Vec<String> {
+    let mut v = vec![
+        "--log-level".into(),
+        args.log_level.clone(),
+        "--connect-timeout-ms".into(),
+        args.connect_timeout_ms.to_string(),
+        "--idle-timeout-s".into(),
+        args.idle_timeout_s.to_string(),
+        "--drain-timeout-s".into(),
+        args.drain_timeout_s.to_string(),
+    ];
+    if args.no_splice {
+        v.push("--no-splice".into());
+    }
+    v
+}

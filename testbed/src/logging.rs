@@ -1,6 +1,8 @@
 //! One logging set-up for every binary: `tracing` to stderr, level from `--log-level` unless
 //! `RUST_LOG` says otherwise.
 
+use std::io::IsTerminal;
+
 use tracing_subscriber::EnvFilter;
 
 /// Installs the stderr subscriber. `level` is a filter such as `info` or `forwarder=debug`.
@@ -11,5 +13,7 @@ pub fn init(level: &str) {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_target(false)
+        // Colour codes only for a person at a terminal, not in captured logs.
+        .with_ansi(std::io::stderr().is_terminal())
         .try_init();
 }

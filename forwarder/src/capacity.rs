@@ -1,0 +1,59 @@
+//! How many connections fit: every forwarded connection holds two sockets, and each worker
+//! process has the same open-file limit, so the worker count follows from the descriptor budget.
+
+use serde::Serialize;
+
+/// Descriptors a worker keeps for things other than connections: listeners, its control
+/// socket, epoll, signal pipe, log output, and slack.
+pub const WORKER_RESERVE_FDS: usize = 200;
+
+/// The plan printed at start and shown on the web page.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct CapacityPlan {
+    pub workers: usize,
+    /// Connections one worker takes before it stops accepting.
+    pub per_worker: usize,
+    pub total: usize,
+}
+
+/// Plans workers for `wanted` connections. `workers` = 0 picks the number: at least one per
+/// core, more when the descriptor budget of one process cannot hold its share.
+pub fn plan(
+    wanted: usize,
+    workers: usize,
+    nofile: u64,
+    pipe_fds: usize,
+    cores: usize,
+) -> CapacityPlan {
+    let budget = (nofile as usize).saturating_sub(WORKER_RESERVE_FDS + pipe_fds);
+    let per_worker = (budget / 2).max(1);
+    let workers = if workers == 0 {
+        cores.max(1).max(wanted.div_ceil(per_worker))
+    } else {
+        workers
+    };
+    CapacityPlan {
+        workers,
+        per_worker,
+        total: per_worker * workers,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn twenty_thousand_connections_need_three_workers_at_twenty_thousand_fds() {
+        let p = plan(20_000, 0, 20_000, 256, 2);
+        assert_eq!(p.per_worker, 9_772);
+        assert_eq!(p.workers, 3);
+        assert_eq!(p.total, 29_316);
+    }
+
+    #[test]
+    fn explicit_worker_count_is_kept() {
+        assert_eq!(plan(20_000, 1, 20_000, 256, 2).workers, 1);
+        assert_eq!(plan(100, 0, 20_000, 256, 4).workers, 4);
+    }
+}

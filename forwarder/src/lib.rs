@@ -1,0 +1,15 @@
+//! The forwarder: a mio (epoll) TCP port forwarder and round-robin load balancer. A supervisor
+//! process owns the rules and the worker processes; each worker runs one event loop with its own
+//! `SO_REUSEPORT` listeners; counters and health live in a mapping they all share.
+
+pub mod balance;
+pub mod capacity;
+pub mod control;
+pub mod pools;
+pub mod relay;
+pub mod rules;
+pub mod slots;
+pub mod stats;
+pub mod supervisor;
+pub mod web;
+pub mod worker;

@@ -1,0 +1,277 @@
+//! One forwarded connection: the client socket, the backend socket, and the two directions of
+//! bytes between them. A direction moves bytes until the source would block or the sink is full,
+//! holding at most one buffer or pipe of bytes in flight (backpressure: a slow reader stops us
+//! reading from the fast writer). A FIN is passed on as `shutdown(Write)` once the bytes before it
+//! are delivered; the other direction keeps flowing.
+
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, SocketAddr};
+use std::os::fd::AsRawFd;
+use std::rc::Rc;
+use std::time::Instant;
+
+use mio::net::TcpStream;
+
+use crate::control::PoolSpec;
+use crate::pools::{BufferPool, Pipe, PipePool, PIPE_BYTES};
+
+/// Most bytes one direction moves per event before yielding to other connections.
+pub const FAIR_SHARE_BYTES: u64 = 1 << 20;
+
+/// The reusable resources a direction borrows while it has bytes in flight.
+pub struct Resources {
+    pub buffers: BufferPool,
+    pub pipes: PipePool,
+    /// Whether bulk transfers may use splice(2).
+    pub splice: bool,
+}
+
+/// Bytes read from the source and not yet written to the sink.
+enum InFlight {
+    Nothing,
+    Buffer {
+        buf: Box<[u8]>,
+        start: usize,
+        end: usize,
+    },
+    Pipe {
+        pipe: Pipe,
+        len: usize,
+    },
+}
+
+/// What a pump achieved.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Progress {
+    /// Bytes delivered to the sink.
+    pub moved: u64,
+    /// Stopped at the fair share with more to do: pump again without waiting for an event.
+    pub yielded: bool,
+}
+
+/// Why a direction failed; the connection is then reset on both sides.
+#[derive(Debug)]
+pub enum PumpError {
+    Read(io::Error),
+    Write(io::Error),
+}
+
+/// One direction of a connection (client→backend or backend→client).
+pub struct Direction {
+    in_flight: InFlight,
+    /// The source has sent its FIN.
+    pub read_eof: bool,
+    /// The FIN has been passed on to the sink.
+    pub write_shut: bool,
+    /// Bytes delivered to the sink.
+    pub bytes: u64,
+    /// Reads have filled whole buffers: move bytes with splice from now on.
+    bulk: bool,
+}
+
+impl Default for Direction {
+    fn default() -> Self {
+        Direction {
+            in_flight: InFlight::Nothing,
+            read_eof: false,
+            write_shut: false,
+            bytes: 0,
+            bulk: false,
+        }
+    }
+}
+
+impl Direction {
+    /// True once the FIN has been passed on and nothing is left to deliver.
+    pub fn finished(&self) -> bool {
+        self.write_shut
+    }
+
+    /// Moves bytes from `src` to `dst` until one would block, EOF is passed on, or the fair share
+    /// is used up.
+    pub fn pump(
+        &mut self,
+        src: &mut TcpStream,
+        dst: &mut TcpStream,
+        res: &mut Resources,
+    ) -> Result<Progress, PumpError> {
+        let mut progress = Progress::default();
+        loop {
+            if !self.flush(dst, &mut progress)? {
+                return Ok(progress); // sink full: its writable event resumes us
+            }
+            self.release(res);
+            if self.read_eof {
+                if !self.write_shut {
+                    // NotConnected: the peer is already gone; the other direction will notice.
+                    let _ = dst.shutdown(Shutdown::Write);
+                    self.write_shut = true;
+                }
+                return Ok(progress);
+            }
+            if progress.moved >= FAIR_SHARE_BYTES {
+                progress.yielded = true;
+                return Ok(progress);
+            }
+            match self.fill(src, res) {
+                Ok(0) => self.read_eof = true,
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.release(res);
+                    return Ok(progress);
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(PumpError::Read(e)),
+            }
+        }
+    }
+
+    /// Writes what is in flight. Returns false when the sink would block with bytes left.
+    fn flush(&mut self, dst: &mut TcpStream, progress: &mut Progress) -> Result<bool, PumpError> {
+        loop {
+            let result = match &mut self.in_flight {
+                InFlight::Nothing => return Ok(true),
+                InFlight::Buffer { start, end, .. } if start == end => return Ok(true),
+                InFlight::Pipe { len: 0, .. } => return Ok(true),
+                InFlight::Buffer { buf, start, end } => {
+                    dst.write(&buf[*start..*end]).inspect(|&n| *start += n)
+                }
+                InFlight::Pipe { pipe, len } => {
+                    pipe.drain_to(dst.as_raw_fd(), *len).inspect(|&n| *len -= n)
+                }
+            };
+            match result {
+                Ok(0) => return Err(PumpError::Write(io::ErrorKind::WriteZero.into())),
+                Ok(n) => {
+                    self.bytes += n as u64;
+                    progress.moved += n as u64;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(PumpError::Write(e)),
+            }
+        }
+    }
+
+    /// Reads one batch from the source into a buffer or pipe. Only called with nothing in flight,
+    /// so with a pipe, EAGAIN can only mean the socket is empty.
+    fn fill(&mut self, src: &mut TcpStream, res: &mut Resources) -> io::Result<usize> {
+        if self.bulk && res.splice && matches!(self.in_flight, InFlight::Nothing) {
+            if let Some(pipe) = res.pipes.take() {
+                self.in_flight = InFlight::Pipe { pipe, len: 0 };
+            }
+        }
+        match &mut self.in_flight {
+            InFlight::Pipe { pipe, len } => {
+                let n = pipe.fill_from(src.as_raw_fd(), PIPE_BYTES)?;
+                *len = n;
+                Ok(n)
+            }
+            InFlight::Nothing | InFlight::Buffer { .. } => {
+                let mut buf = match std::mem::replace(&mut self.in_flight, InFlight::Nothing) {
+                    InFlight::Buffer { buf, .. } => buf,
+                    _ => res.buffers.take(),
+                };
+                let result = src.read(&mut buf);
+                if let Ok(n) = result {
+                    if n == buf.len() {
+                        self.bulk = true;
+                    }
+                    self.in_flight = InFlight::Buffer {
+                        buf,
+                        start: 0,
+                        end: n,
+                    };
+                } else {
+                    res.buffers.give(buf);
+                }
+                result
+            }
+        }
+    }
+
+    /// Gives an empty buffer or pipe back, so an idle direction holds nothing.
+    fn release(&mut self, res: &mut Resources) {
+        match std::mem::replace(&mut self.in_flight, InFlight::Nothing) {
+            InFlight::Buffer { buf, start, end } if start == end => res.buffers.give(buf),
+            InFlight::Pipe { pipe, len: 0 } => res.pipes.give(pipe),
+            InFlight::Nothing => {}
+            other => self.in_flight = other,
+        }
+    }
+
+    /// Drops whatever is in flight when the connection goes away.
+    pub fn discard(&mut self, res: &mut Resources) {
+        match std::mem::replace(&mut self.in_flight, InFlight::Nothing) {
+            InFlight::Buffer { buf, .. } => res.buffers.give(buf),
+            InFlight::Pipe { pipe, len: 0 } => res.pipes.give(pipe),
+            InFlight::Pipe { pipe, .. } => res.pipes.discard(pipe),
+            InFlight::Nothing => {}
+        }
+    }
+}
+
+/// Where a connection is in its life.
+pub enum Phase {
+    /// Waiting for the backend's non-blocking connect; `tried` holds the pool indices tried so
+    /// far (the last one is in progress), `attempt` identifies this connect's timer.
+    Connecting {
+        deadline: Instant,
+        tried: Vec<usize>,
+        attempt: u64,
+    },
+    Relaying,
+}
+
+/// One client connection and its backend.
+pub struct Relay {
+    pub id: u64,
+    pub client: TcpStream,
+    pub client_addr: SocketAddr,
+    pub backend: TcpStream,
+    pub pool: Rc<PoolSpec>,
+    /// Index into `pool.backends` of the backend in use (or being connected).
+    pub backend_index: usize,
+    pub phase: Phase,
+    /// client → backend
+    pub up: Direction,
+    /// backend → client
+    pub down: Direction,
+    pub started: Instant,
+    pub last_active: Instant,
+}
+
+impl Relay {
+    /// The backend slot counting this connection.
+    pub fn backend_slot(&self) -> usize {
+        self.pool.backends[self.backend_index].slot
+    }
+
+    pub fn backend_addr(&self) -> SocketAddr {
+        self.pool.backends[self.backend_index].addr
+    }
+
+    /// Both FINs passed on and nothing in flight: the connection is over.
+    pub fn finished(&self) -> bool {
+        self.up.finished() && self.down.finished()
+    }
+
+    /// Pumps both directions; returns the bytes moved each way and whether either yielded.
+    pub fn pump(&mut self, res: &mut Resources) -> Result<(Progress, Progress), PumpError> {
+        let up = self.up.pump(&mut self.client, &mut self.backend, res)?;
+        let down = self.down.pump(&mut self.backend, &mut self.client, res)?;
+        Ok((up, down))
+    }
+
+    /// Frees what the directions hold. With `reset`, both sockets are closed with RST (linger 0),
+    /// so a reset on one side is passed on to the other.
+    pub fn shut(&mut self, res: &mut Resources, reset: bool) {
+        self.up.discard(res);
+        self.down.discard(res);
+        if reset {
+            for s in [&self.client, &self.backend] {
+                let _ = socket2::SockRef::from(s).set_linger(Some(std::time::Duration::ZERO));
+            }
+        }
+    }
+}

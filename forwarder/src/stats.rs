@@ -1,0 +1,266 @@
+//! Counters and backend health shared by the supervisor and every worker: one anonymous shared
+//! mapping (a memfd, inherited by the workers), slots of relaxed atomics indexed by a slot number
+//! the supervisor assigns. Cheap on the hot path: a worker only does `fetch_add` on its slots.
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// How many distinct pools and backends a forwarder can have over its life (slots are reused once
+/// their rule is gone and they carry no connection).
+pub const MAX_POOLS: usize = 4096;
+pub const MAX_BACKENDS: usize = 8192;
+
+/// Process-wide figures.
+#[repr(C, align(64))]
+pub struct Header {
+    pub workers: AtomicU64,
+    pub capacity: AtomicU64,
+    /// Accept errors from running out of descriptors (EMFILE/ENFILE), summed over workers.
+    pub accept_pauses: AtomicU64,
+    pub started_ms: AtomicU64,
+}
+
+/// One listening address: the round-robin counter every worker draws from.
+#[repr(C, align(64))]
+pub struct PoolSlot {
+    pub next: AtomicU64,
+    /// Connections accepted on this listener.
+    pub accepted: AtomicU64,
+    /// Connections closed because no backend of the pool could be reached.
+    pub unrouted: AtomicU64,
+}
+
+/// One backend of one pool: traffic counters and passive/active health.
+#[repr(C, align(64))]
+pub struct BackendSlot {
+    pub active: AtomicU64,
+    pub total: AtomicU64,
+    /// Bytes client -> backend.
+    pub bytes_up: AtomicU64,
+    /// Bytes backend -> client.
+    pub bytes_down: AtomicU64,
+    pub connect_failures: AtomicU64,
+    /// Unix ms until which the backend is skipped; 0 = up.
+    pub down_until_ms: AtomicU64,
+    /// Unix ms of the first failure of the current down period; 0 = up.
+    pub down_since_ms: AtomicU64,
+    /// Failures in a row, for the back-off.
+    pub failures_in_row: AtomicU64,
+    /// Last connect error: an errno, or [`ERR_TIMEOUT`]; 0 = none.
+    pub last_error: AtomicU64,
+    pub last_error_ms: AtomicU64,
+    /// Unix ms of the last active health check.
+    pub last_check_ms: AtomicU64,
+}
+
+/// `last_error` value for a connect that did not finish in time.
+pub const ERR_TIMEOUT: u64 = u64::MAX;
+
+#[repr(C)]
+struct Layout {
+    header: Header,
+    pools: [PoolSlot; MAX_POOLS],
+    backends: [BackendSlot; MAX_BACKENDS],
+}
+
+/// The shared mapping. Created by the supervisor before it starts workers; a worker maps the
+/// inherited descriptor.
+pub struct Shared {
+    ptr: *mut Layout,
+    fd: OwnedFd,
+}
+
+// SAFETY: the mapping holds only atomics, which are safe to share between threads and processes.
+unsafe impl Send for Shared {}
+unsafe impl Sync for Shared {}
+
+impl Shared {
+    /// Makes a zeroed shared mapping backed by a memfd (zero is a valid value for every atomic).
+    pub fn create() -> io::Result<Shared> {
+        // SAFETY: plain syscalls; the name is a NUL-terminated literal.
+        let raw = unsafe { libc::memfd_create(c"forwarder-stats".as_ptr(), 0) };
+        if raw < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: memfd_create returned a new descriptor we now own.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        let len = std::mem::size_of::<Layout>();
+        // SAFETY: ftruncate on our own memfd.
+        if unsafe { libc::ftruncate(fd.as_raw_fd(), len as libc::off_t) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let shared = Self::map(fd)?;
+        shared.header().started_ms.store(now_ms(), Relaxed);
+        Ok(shared)
+    }
+
+    /// Maps an inherited descriptor (in a worker).
+    ///
+    /// # Safety
+    /// `raw` must be the stats memfd passed down by the supervisor, owned by this process now.
+    pub unsafe fn from_inherited(raw: RawFd) -> io::Result<Shared> {
+        Self::map(OwnedFd::from_raw_fd(raw))
+    }
+
+    fn map(fd: OwnedFd) -> io::Result<Shared> {
+        let len = std::mem::size_of::<Layout>();
+        // SAFETY: a shared read-write mapping of a file of exactly `len` bytes.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd.as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Shared {
+            ptr: ptr.cast(),
+            fd,
+        })
+    }
+
+    /// The descriptor to pass to a worker.
+    pub fn raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+
+    pub fn header(&self) -> &Header {
+        // SAFETY: ptr is a live mapping of a Layout for as long as self lives.
+        unsafe { &(*self.ptr).header }
+    }
+
+    pub fn pool(&self, slot: usize) -> &PoolSlot {
+        // SAFETY: as above; indexing is bounds-checked.
+        unsafe { &(*self.ptr).pools[slot] }
+    }
+
+    pub fn backend(&self, slot: usize) -> &BackendSlot {
+        // SAFETY: as above; indexing is bounds-checked.
+        unsafe { &(*self.ptr).backends[slot] }
+    }
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        // SAFETY: unmapping the mapping made in map().
+        unsafe {
+            libc::munmap(self.ptr.cast(), std::mem::size_of::<Layout>());
+        }
+    }
+}
+
+impl PoolSlot {
+    pub fn reset(&self) {
+        for a in [&self.next, &self.accepted, &self.unrouted] {
+            a.store(0, Relaxed);
+        }
+    }
+}
+
+impl BackendSlot {
+    /// Clears a slot before it is given to a new backend.
+    pub fn reset(&self) {
+        for a in [
+            &self.active,
+            &self.total,
+            &self.bytes_up,
+            &self.bytes_down,
+            &self.connect_failures,
+            &self.down_until_ms,
+            &self.down_since_ms,
+            &self.failures_in_row,
+            &self.last_error,
+            &self.last_error_ms,
+            &self.last_check_ms,
+        ] {
+            a.store(0, Relaxed);
+        }
+    }
+
+    /// True while the back-off after a failure has not run out.
+    pub fn is_down(&self, now_ms: u64) -> bool {
+        self.down_until_ms.load(Relaxed) > now_ms
+    }
+
+    /// Records a failed connect and backs the backend off (1 s, doubling to 30 s). Returns true
+    /// when this call took the backend from up to down (so exactly one process logs it).
+    pub fn record_failure(&self, error: u64, now_ms: u64) -> bool {
+        self.connect_failures.fetch_add(1, Relaxed);
+        self.last_error.store(error, Relaxed);
+        self.last_error_ms.store(now_ms, Relaxed);
+        let in_row = self.failures_in_row.fetch_add(1, Relaxed) + 1;
+        let backoff_ms = (1000u64 << (in_row - 1).min(5)).min(30_000);
+        self.down_until_ms.store(now_ms + backoff_ms, Relaxed);
+        self.down_since_ms
+            .compare_exchange(0, now_ms, Relaxed, Relaxed)
+            .is_ok()
+    }
+
+    /// Records a successful connect. Returns true when this call brought the backend back up.
+    pub fn record_success(&self) -> bool {
+        if self.failures_in_row.load(Relaxed) == 0 {
+            return false;
+        }
+        self.failures_in_row.store(0, Relaxed);
+        self.down_until_ms.store(0, Relaxed);
+        self.down_since_ms.swap(0, Relaxed) != 0
+    }
+}
+
+/// Milliseconds since the Unix epoch (what the shared health fields hold).
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Words for a stored connect error.
+pub fn describe_error(code: u64) -> String {
+    match code {
+        0 => String::new(),
+        ERR_TIMEOUT => "connect timed out".into(),
+        errno => io::Error::from_raw_os_error(errno as i32).to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failures_back_off_and_one_caller_sees_each_transition() {
+        let shared = Shared::create().unwrap();
+        let b = shared.backend(7);
+        assert!(!b.is_down(1000));
+        assert!(b.record_failure(111, 1000));
+        assert!(!b.record_failure(111, 1500));
+        assert!(
+            b.is_down(2500),
+            "second failure doubles the back-off to 2 s"
+        );
+        assert!(!b.is_down(3600));
+        assert_eq!(b.connect_failures.load(Relaxed), 2);
+        assert!(b.record_success());
+        assert!(!b.record_success());
+        assert!(!b.is_down(1600));
+        assert_eq!(describe_error(ERR_TIMEOUT), "connect timed out");
+    }
+
+    #[test]
+    fn mapping_is_shared_with_a_second_view() {
+        let shared = Shared::create().unwrap();
+        // SAFETY: dup gives the second view its own descriptor.
+        let dup = unsafe { libc::dup(shared.raw_fd()) };
+        let view = unsafe { Shared::from_inherited(dup) }.unwrap();
+        shared.pool(3).next.fetch_add(5, Relaxed);
+        assert_eq!(view.pool(3).next.load(Relaxed), 5);
+    }
+}

@@ -1,0 +1,696 @@
+//! A worker process: one mio (epoll, edge-triggered) event loop that owns an `SO_REUSEPORT`
+//! listener per pool and a slab of relays addressed by token. It takes orders from the supervisor
+//! over its control socket and counts into the shared stats mapping.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::io::{self, Read, Write};
+use std::net::SocketAddr;
+use std::os::fd::FromRawFd;
+use std::rc::Rc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use mio::net::{TcpListener, TcpStream, UnixStream};
+use mio::{Events, Interest, Poll, Token};
+use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook_mio::v1_0::Signals;
+use slab::Slab;
+
+use crate::balance::{next_backend, pick_backend};
+use crate::control::{ConnectionInfo, PoolSpec, Reply, Request, ID_WORKER_SHIFT};
+use crate::pools::{BufferPool, PipePool};
+use crate::relay::{Direction, Phase, Relay, Resources};
+use crate::stats::{now_ms, Shared, ERR_TIMEOUT};
+
+const CONTROL: Token = Token(usize::MAX - 1);
+const SIGNALS: Token = Token(usize::MAX - 2);
+/// Listener tokens start here; relay tokens (2 per relay) stay below.
+const LISTENER_BASE: usize = 1 << 40;
+/// How long accepting pauses after the process ran out of descriptors.
+const EMFILE_PAUSE: Duration = Duration::from_millis(100);
+
+/// Settings a worker gets from the supervisor's command line.
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    pub index: usize,
+    pub max_connections: usize,
+    pub connect_timeout: Duration,
+    pub idle_timeout: Option<Duration>,
+    pub drain_timeout: Duration,
+    pub splice: bool,
+    pub max_pipes: usize,
+}
+
+struct Listener {
+    socket: TcpListener,
+    pool: Rc<PoolSpec>,
+}
+
+pub struct Worker {
+    config: WorkerConfig,
+    poll: Poll,
+    shared: Shared,
+    control: UnixStream,
+    control_in: Vec<u8>,
+    control_out: Vec<u8>,
+    listeners: Slab<Listener>,
+    by_addr: HashMap<SocketAddr, usize>,
+    relays: Slab<Relay>,
+    res: Resources,
+    /// Connect deadlines: (deadline, relay key, attempt).
+    timers: BinaryHeap<Reverse<(Instant, usize, u64)>>,
+    /// Relays that yielded their fair share and must be pumped again without an event.
+    again: VecDeque<usize>,
+    next_attempt: u64,
+    next_id: u64,
+    accept_paused_until: Option<Instant>,
+    /// Accepting stopped because this worker holds its share of the capacity.
+    at_capacity: bool,
+    draining_since: Option<Instant>,
+}
+
+/// Runs a worker until it is told to stop and has drained. `stats_fd` and `control_fd` are the
+/// descriptors inherited from the supervisor.
+pub fn run(config: WorkerConfig, stats_fd: i32, control_fd: i32) -> anyhow::Result<()> {
+    // SAFETY: the supervisor passed these descriptors to this process for exactly this use.
+    let shared = unsafe { Shared::from_inherited(stats_fd) }.context("mapping shared stats")?;
+    let control_std = unsafe { std::os::unix::net::UnixStream::from_raw_fd(control_fd) };
+    control_std.set_nonblocking(true)?;
+    let mut control = UnixStream::from_std(control_std);
+    let poll = Poll::new().context("creating epoll instance")?;
+    poll.registry().register(
+        &mut control,
+        CONTROL,
+        Interest::READABLE | Interest::WRITABLE,
+    )?;
+    let mut signals = Signals::new([SIGTERM, SIGINT])?;
+    poll.registry()
+        .register(&mut signals, SIGNALS, Interest::READABLE)?;
+    let res = Resources {
+        buffers: BufferPool::new(256),
+        pipes: PipePool::new(config.max_pipes),
+        splice: config.splice,
+    };
+    let mut worker = Worker {
+        config,
+        poll,
+        shared,
+        control,
+        control_in: Vec::new(),
+        control_out: Vec::new(),
+        listeners: Slab::new(),
+        by_addr: HashMap::new(),
+        relays: Slab::with_capacity(1024),
+        res,
+        timers: BinaryHeap::new(),
+        again: VecDeque::new(),
+        next_attempt: 0,
+        next_id: 0,
+        accept_paused_until: None,
+        at_capacity: false,
+        draining_since: None,
+    };
+    worker.event_loop(&mut signals)
+}
+
+impl Worker {
+    fn event_loop(&mut self, signals: &mut Signals) -> anyhow::Result<()> {
+        let mut events = Events::with_capacity(1024);
+        let mut last_sweep = Instant::now();
+        loop {
+            let timeout = self.poll_timeout();
+            if let Err(e) = self.poll.poll(&mut events, timeout) {
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e).context("epoll_wait");
+            }
+            let now = Instant::now();
+            for event in events.iter() {
+                match event.token() {
+                    CONTROL => self.control_ready()?,
+                    SIGNALS => {
+                        if signals.pending().next().is_some() {
+                            self.start_drain();
+                        }
+                    }
+                    Token(t) if t >= LISTENER_BASE => self.accept_ready(t - LISTENER_BASE, now),
+                    Token(t) => self.relay_ready(t / 2, t % 2 == 1, now),
+                }
+            }
+            self.run_again(now);
+            self.expire_timers(now);
+            self.resume_accepting(now);
+            if now.duration_since(last_sweep) >= Duration::from_secs(1) {
+                last_sweep = now;
+                self.sweep_idle(now);
+            }
+            if let Some(since) = self.draining_since {
+                if self.relays.is_empty() || now.duration_since(since) >= self.config.drain_timeout
+                {
+                    tracing::info!(
+                        worker = self.config.index,
+                        left = self.relays.len(),
+                        "worker drained, exiting"
+                    );
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    fn poll_timeout(&self) -> Option<Duration> {
+        if !self.again.is_empty() {
+            return Some(Duration::ZERO);
+        }
+        let now = Instant::now();
+        let mut next = now + Duration::from_secs(1);
+        if let Some(Reverse((deadline, _, _))) = self.timers.peek() {
+            next = next.min(*deadline);
+        }
+        if let Some(until) = self.accept_paused_until {
+            next = next.min(until);
+        }
+        Some(next.saturating_duration_since(now))
+    }
+
+    // ---- accepting -------------------------------------------------------------------------
+
+    fn accepting(&self) -> bool {
+        self.draining_since.is_none() && self.accept_paused_until.is_none() && !self.at_capacity
+    }
+
+    fn accept_ready(&mut self, key: usize, now: Instant) {
+        while self.accepting() {
+            let Some(listener) = self.listeners.get(key) else {
+                return;
+            };
+            let pool = Rc::clone(&listener.pool);
+            match listener.socket.accept() {
+                Ok((client, addr)) => self.start_relay(client, addr, pool, now),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if is_out_of_descriptors(&e) => {
+                    self.pause_accepting(now, &e);
+                    return;
+                }
+                Err(e) => {
+                    // ECONNABORTED and friends concern one connection only.
+                    tracing::debug!("accept on {}: {e}", pool.listen);
+                }
+            }
+        }
+    }
+
+    /// Stops accepting for a moment when descriptors run out, instead of spinning on a listener
+    /// that stays readable. Logged once per episode.
+    fn pause_accepting(&mut self, now: Instant, e: &io::Error) {
+        if self.accept_paused_until.is_none() {
+            tracing::warn!(
+                worker = self.config.index,
+                open = self.relays.len(),
+                "out of file descriptors ({e}); pausing accept for {} ms",
+                EMFILE_PAUSE.as_millis()
+            );
+            self.shared.header().accept_pauses.fetch_add(1, Relaxed);
+        }
+        self.accept_paused_until = Some(now + EMFILE_PAUSE);
+    }
+
+    /// Edge-triggered listeners do not report connections that queued while we were not
+    /// accepting, so after a pause every listener is drained again.
+    fn resume_accepting(&mut self, now: Instant) {
+        let was_paused = matches!(self.accept_paused_until, Some(until) if now >= until);
+        if was_paused {
+            self.accept_paused_until = None;
+        }
+        let was_full = self.at_capacity && self.relays.len() < self.config.max_connections;
+        if was_full {
+            self.at_capacity = false;
+        }
+        if (was_paused || was_full) && self.accepting() {
+            let keys: Vec<usize> = self.listeners.iter().map(|(k, _)| k).collect();
+            for key in keys {
+                self.accept_ready(key, now);
+            }
+        }
+    }
+
+    fn start_relay(
+        &mut self,
+        client: TcpStream,
+        client_addr: SocketAddr,
+        pool: Rc<PoolSpec>,
+        now: Instant,
+    ) {
+        self.shared.pool(pool.slot).accepted.fetch_add(1, Relaxed);
+        let _ = client.set_nodelay(true);
+        let _ = socket2::SockRef::from(&client).set_keepalive(true);
+        let Some(index) = pick_backend(&pool, &self.shared, now_ms()) else {
+            self.shared.pool(pool.slot).unrouted.fetch_add(1, Relaxed);
+            return;
+        };
+        let entry = self.relays.vacant_entry();
+        let key = entry.key();
+        let backend_addr = pool.backends[index].addr;
+        let backend = match connect(backend_addr) {
+            Ok(s) => s,
+            Err(e) => {
+                // Socket creation failed (descriptors): this client cannot be served now.
+                tracing::warn!("cannot open a socket to {backend_addr}: {e}");
+                if is_out_of_descriptors(&e) {
+                    self.pause_accepting(now, &e);
+                }
+                self.shared.pool(pool.slot).unrouted.fetch_add(1, Relaxed);
+                return;
+            }
+        };
+        self.next_attempt += 1;
+        self.next_id += 1;
+        let id = ((self.config.index as u64) << ID_WORKER_SHIFT) | self.next_id;
+        let deadline = now + self.config.connect_timeout;
+        let mut relay = Relay {
+            id,
+            client,
+            client_addr,
+            backend,
+            pool,
+            backend_index: index,
+            phase: Phase::Connecting {
+                deadline,
+                tried: vec![index],
+                attempt: self.next_attempt,
+            },
+            up: Direction::default(),
+            down: Direction::default(),
+            started: now,
+            last_active: now,
+        };
+        let registry = self.poll.registry();
+        let both = Interest::READABLE | Interest::WRITABLE;
+        if let Err(e) = registry
+            .register(&mut relay.client, Token(key * 2), both)
+            .and_then(|_| registry.register(&mut relay.backend, Token(key * 2 + 1), both))
+        {
+            tracing::warn!("cannot register connection: {e}");
+            return;
+        }
+        tracing::debug!(id, client = %client_addr, backend = %backend_addr, "connecting");
+        self.timers
+            .push(Reverse((deadline, key, self.next_attempt)));
+        entry.insert(relay);
+        if self.relays.len() >= self.config.max_connections {
+            self.at_capacity = true;
+        }
+    }
+
+    // ---- relaying --------------------------------------------------------------------------
+
+    fn relay_ready(&mut self, key: usize, backend_side: bool, now: Instant) {
+        let Some(relay) = self.relays.get_mut(key) else {
+            return; // stale event for a relay closed earlier in this batch
+        };
+        relay.last_active = now;
+        if let Phase::Connecting { .. } = relay.phase {
+            if !backend_side {
+                return; // client bytes wait in the kernel until the backend is up
+            }
+            match connect_result(&relay.backend) {
+                None => return, // spurious wake-up, still connecting
+                Some(Ok(())) => {
+                    relay.phase = Phase::Relaying;
+                    let slot = self.shared.backend(relay.backend_slot());
+                    slot.active.fetch_add(1, Relaxed);
+                    slot.total.fetch_add(1, Relaxed);
+                    if slot.record_success() {
+                        tracing::info!(backend = %relay.backend_addr(), "backend up");
+                    }
+                    let _ = relay.backend.set_nodelay(true);
+                    let _ = socket2::SockRef::from(&relay.backend).set_keepalive(true);
+                }
+                Some(Err(e)) => {
+                    let code = e.raw_os_error().unwrap_or(libc::ECONNREFUSED) as u64;
+                    self.fail_over(key, code, &e.to_string(), now);
+                    return;
+                }
+            }
+        }
+        self.pump(key);
+    }
+
+    fn pump(&mut self, key: usize) {
+        let Some(relay) = self.relays.get_mut(key) else {
+            return;
+        };
+        if !matches!(relay.phase, Phase::Relaying) {
+            return;
+        }
+        let result = relay.pump(&mut self.res);
+        let slot = self.shared.backend(relay.backend_slot());
+        match result {
+            Ok((up, down)) => {
+                if up.moved > 0 {
+                    slot.bytes_up.fetch_add(up.moved, Relaxed);
+                }
+                if down.moved > 0 {
+                    slot.bytes_down.fetch_add(down.moved, Relaxed);
+                }
+                if relay.finished() {
+                    self.close(key, false);
+                } else if up.yielded || down.yielded {
+                    self.again.push_back(key);
+                }
+            }
+            Err(e) => {
+                tracing::debug!(id = relay.id, "connection reset: {e:?}");
+                self.close(key, true);
+            }
+        }
+    }
+
+    fn run_again(&mut self, _now: Instant) {
+        for _ in 0..self.again.len() {
+            if let Some(key) = self.again.pop_front() {
+                self.pump(key);
+            }
+        }
+    }
+
+    /// The backend being connected failed: mark it, then try the next backend of the pool, or
+    /// give up when every backend was tried.
+    fn fail_over(&mut self, key: usize, code: u64, why: &str, now: Instant) {
+        let Some(relay) = self.relays.get_mut(key) else {
+            return;
+        };
+        let Phase::Connecting { tried, .. } = &mut relay.phase else {
+            return;
+        };
+        let failed = relay.pool.backends[relay.backend_index].clone();
+        if self
+            .shared
+            .backend(failed.slot)
+            .record_failure(code, now_ms())
+        {
+            tracing::warn!(backend = %failed.addr, name = %failed.name, "backend down: {why}");
+        }
+        let next = next_backend(&relay.pool, &self.shared, now_ms(), tried);
+        let Some(index) = next else {
+            tracing::debug!(
+                id = relay.id,
+                "no backend of {} reachable",
+                relay.pool.listen
+            );
+            self.shared
+                .pool(relay.pool.slot)
+                .unrouted
+                .fetch_add(1, Relaxed);
+            self.close(key, true);
+            return;
+        };
+        tried.push(index);
+        let addr = relay.pool.backends[index].addr;
+        let mut backend = match connect(addr) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!("cannot open a socket to {addr}: {e}");
+                self.close(key, true);
+                return;
+            }
+        };
+        let _ = self.poll.registry().deregister(&mut relay.backend);
+        if self
+            .poll
+            .registry()
+            .register(
+                &mut backend,
+                Token(key * 2 + 1),
+                Interest::READABLE | Interest::WRITABLE,
+            )
+            .is_err()
+        {
+            self.close(key, true);
+            return;
+        }
+        relay.backend = backend;
+        relay.backend_index = index;
+        self.next_attempt += 1;
+        let deadline = now + self.config.connect_timeout;
+        if let Phase::Connecting {
+            deadline: d,
+            attempt,
+            ..
+        } = &mut relay.phase
+        {
+            *d = deadline;
+            *attempt = self.next_attempt;
+        }
+        self.timers
+            .push(Reverse((deadline, key, self.next_attempt)));
+    }
+
+    fn expire_timers(&mut self, now: Instant) {
+        while let Some(Reverse((deadline, key, attempt))) = self.timers.peek().copied() {
+            if deadline > now {
+                return;
+            }
+            self.timers.pop();
+            let current = matches!(
+                self.relays.get(key).map(|r| &r.phase),
+                Some(Phase::Connecting { attempt: a, .. }) if *a == attempt
+            );
+            if current {
+                self.fail_over(key, ERR_TIMEOUT, "connect timed out", now);
+            }
+        }
+    }
+
+    fn sweep_idle(&mut self, now: Instant) {
+        let Some(limit) = self.config.idle_timeout else {
+            return;
+        };
+        let idle: Vec<usize> = self
+            .relays
+            .iter()
+            .filter(|(_, r)| now.duration_since(r.last_active) >= limit)
+            .map(|(k, _)| k)
+            .collect();
+        for key in idle {
+            tracing::debug!("closing idle connection");
+            self.close(key, false);
+        }
+    }
+
+    /// The one way a connection ends: deregister, free, count.
+    fn close(&mut self, key: usize, reset: bool) {
+        if !self.relays.contains(key) {
+            return;
+        }
+        let mut relay = self.relays.remove(key);
+        let registry = self.poll.registry();
+        let _ = registry.deregister(&mut relay.client);
+        let _ = registry.deregister(&mut relay.backend);
+        relay.shut(&mut self.res, reset);
+        if matches!(relay.phase, Phase::Relaying) {
+            self.shared
+                .backend(relay.backend_slot())
+                .active
+                .fetch_sub(1, Relaxed);
+        }
+        tracing::debug!(
+            id = relay.id,
+            up = relay.up.bytes,
+            down = relay.down.bytes,
+            reset,
+            "closed"
+        );
+    }
+
+    // ---- control ---------------------------------------------------------------------------
+
+    fn control_ready(&mut self) -> anyhow::Result<()> {
+        let mut buf = [0u8; 64 * 1024];
+        loop {
+            match self.control.read(&mut buf) {
+                Ok(0) => {
+                    // The supervisor is gone: finish what we carry, take nothing new.
+                    if self.draining_since.is_none() {
+                        tracing::warn!(worker = self.config.index, "supervisor gone; draining");
+                        self.start_drain();
+                    }
+                    break;
+                }
+                Ok(n) => self.control_in.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e).context("reading control socket"),
+            }
+        }
+        while let Some(pos) = self.control_in.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = self.control_in.drain(..=pos).collect();
+            let reply = match serde_json::from_slice::<Request>(&line) {
+                Ok(request) => self.handle(request),
+                Err(e) => {
+                    tracing::error!("bad control message: {e}");
+                    continue;
+                }
+            };
+            serde_json::to_writer(&mut self.control_out, &reply)?;
+            self.control_out.push(b'\n');
+        }
+        while !self.control_out.is_empty() {
+            match self.control.write(&self.control_out) {
+                Ok(n) => {
+                    self.control_out.drain(..n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e).context("writing control socket"),
+            }
+        }
+        Ok(())
+    }
+
+    fn handle(&mut self, request: Request) -> Reply {
+        match request {
+            Request::Apply { pools } => Reply::Applied {
+                errors: self.apply(pools),
+            },
+            Request::ListConnections => Reply::Connections {
+                list: self.connections(),
+            },
+            Request::Close { id } => {
+                let key = self.relays.iter().find(|(_, r)| r.id == id).map(|(k, _)| k);
+                if let Some(key) = key {
+                    self.close(key, true);
+                }
+                Reply::Closed {
+                    found: key.is_some(),
+                }
+            }
+        }
+    }
+
+    /// Makes the listeners match `pools`: new addresses listen, removed ones close, changed
+    /// pools serve new connections. Established relays keep their own pool and backend.
+    fn apply(&mut self, pools: Vec<PoolSpec>) -> Vec<String> {
+        let mut errors = Vec::new();
+        let wanted: HashMap<SocketAddr, PoolSpec> =
+            pools.into_iter().map(|p| (p.listen, p)).collect();
+        let gone: Vec<SocketAddr> = self
+            .by_addr
+            .keys()
+            .filter(|a| !wanted.contains_key(a))
+            .copied()
+            .collect();
+        for addr in gone {
+            if let Some(key) = self.by_addr.remove(&addr) {
+                let mut l = self.listeners.remove(key);
+                let _ = self.poll.registry().deregister(&mut l.socket);
+                tracing::debug!(worker = self.config.index, %addr, "stopped listening");
+            }
+        }
+        for (addr, spec) in wanted {
+            let pool = Rc::new(spec);
+            if let Some(&key) = self.by_addr.get(&addr) {
+                self.listeners[key].pool = pool;
+                continue;
+            }
+            if self.draining_since.is_some() {
+                continue;
+            }
+            match testbed::listener::reuseport_listener(addr) {
+                Ok(std_listener) => {
+                    let mut socket = TcpListener::from_std(std_listener);
+                    let entry = self.listeners.vacant_entry();
+                    let key = entry.key();
+                    if let Err(e) = self.poll.registry().register(
+                        &mut socket,
+                        Token(LISTENER_BASE + key),
+                        Interest::READABLE,
+                    ) {
+                        errors.push(format!("{addr}: {e}"));
+                        continue;
+                    }
+                    entry.insert(Listener { socket, pool });
+                    self.by_addr.insert(addr, key);
+                    self.accept_ready(key, Instant::now());
+                }
+                Err(e) => errors.push(format!("{addr}: cannot listen: {e}")),
+            }
+        }
+        errors
+    }
+
+    fn connections(&self) -> Vec<ConnectionInfo> {
+        let now = Instant::now();
+        self.relays
+            .iter()
+            .map(|(_, r)| {
+                let b = &r.pool.backends[r.backend_index];
+                ConnectionInfo {
+                    id: r.id,
+                    worker: self.config.index,
+                    client: r.client_addr,
+                    listen: r.pool.listen,
+                    rule: b.name.clone(),
+                    backend: b.addr,
+                    state: match r.phase {
+                        Phase::Connecting { .. } => "connecting".into(),
+                        Phase::Relaying => "relaying".into(),
+                    },
+                    bytes_up: r.up.bytes,
+                    bytes_down: r.down.bytes,
+                    age_ms: now.duration_since(r.started).as_millis() as u64,
+                    client_half_closed: r.up.read_eof,
+                    backend_half_closed: r.down.read_eof,
+                }
+            })
+            .collect()
+    }
+
+    /// Stops accepting (listeners closed, so the kernel sends new connections to other workers or
+    /// refuses them) and lets established connections finish.
+    fn start_drain(&mut self) {
+        if self.draining_since.is_some() {
+            return;
+        }
+        tracing::info!(
+            worker = self.config.index,
+            connections = self.relays.len(),
+            "draining"
+        );
+        self.draining_since = Some(Instant::now());
+        for (_, mut l) in std::mem::take(&mut self.listeners) {
+            let _ = self.poll.registry().deregister(&mut l.socket);
+        }
+        self.by_addr.clear();
+    }
+}
+
+/// Starts a non-blocking connect.
+fn connect(addr: SocketAddr) -> io::Result<TcpStream> {
+    TcpStream::connect(addr)
+}
+
+/// The outcome of a non-blocking connect once the socket reported writable: None while it is
+/// still in progress.
+fn connect_result(stream: &TcpStream) -> Option<io::Result<()>> {
+    match stream.take_error() {
+        Ok(Some(e)) | Err(e) => return Some(Err(e)),
+        Ok(None) => {}
+    }
+    match stream.peer_addr() {
+        Ok(_) => Some(Ok(())),
+        Err(e) if e.kind() == io::ErrorKind::NotConnected => None,
+        Err(e) => Some(Err(e)),
+    }
+}
+
+fn is_out_of_descriptors(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE) | Some(libc::ENFILE) | Some(libc::ENOBUFS) | Some(libc::ENOMEM)
+    )
+}
