@@ -3,7 +3,7 @@
 # case-5 load suited to 2 cores. Fails if any case fails or is skipped; bounded in time; always
 # leaves the machine clean.
 set -uo pipefail
-cd "$(dirname "$0")/../.."
+cd "$(dirname "$0")/../.." || exit 1
 
 export LAB_CONNECTIONS=${LAB_CONNECTIONS:-2000}
 export LAB_REQUIRE_ALL=${LAB_REQUIRE_ALL:-1}
