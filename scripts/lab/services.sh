@@ -109,10 +109,16 @@ echo_start() {
     wait_listen "$ns" "${listen##*:}" 20 "$name"
 }
 
+# The forwarder sizes its worker processes for --max-connections (each forwarded connection holds two
+# descriptors); LAB_FORWARDER_WORKERS overrides its choice.
 forwarder_start() {
     write_rules
-    lab_spawn forwarder "$NS_GW" gateway "$(bin forwarder)" --rules "$LAB_DIR/rules.csv" --no-web \
-        --workers "${LAB_FORWARDER_WORKERS:-4}" --log-level "${LAB_FORWARDER_LOG:-info}"
+    local conns=${LAB_CONNECTIONS:-20000}
+    [ "$conns" -ge 2000 ] || conns=2000
+    local args=(--rules "$LAB_DIR/rules.csv" --no-web --max-connections "$conns" --drain-timeout-s 2
+        --log-level "${LAB_FORWARDER_LOG:-info}")
+    [ -n "${LAB_FORWARDER_WORKERS:-}" ] && args+=(--workers "$LAB_FORWARDER_WORKERS")
+    lab_spawn forwarder "$NS_GW" gateway "$(bin forwarder)" "${args[@]}"
     local port
     for port in $PORT_TLS_ECHO $PORT_PLAIN_ECHO $PORT_CHAT $PORT_SSH $PORT_WEB $PORT_HEAVY; do
         wait_listen "$NS_GW" "$port" 20 forwarder || return 1
