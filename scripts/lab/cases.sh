@@ -179,7 +179,9 @@ case_4() {
     need_bins 4 "$expect" "$original" forwarder || return 0
     local out=$LAB_RESULTS/case4
     mkdir -p "$out"
-    local first second
+    local first second before1 before2
+    before1=$(wc -l <"$LAB_DIR/apache-server1/access.log")
+    before2=$(wc -l <"$LAB_DIR/apache-server2/access.log")
     in_ns "$NS_C1" curl -sS --max-time 10 "http://$GW_FRONT:$PORT_WEB/" >"$out/request1.html" 2>"$out/curl.log"
     first=$(sed -n 's:.*<h1>\(Page [0-9]\).*:\1:p' "$out/request1.html")
     in_ns "$NS_C1" curl -sS --max-time 10 "http://$GW_FRONT:$PORT_WEB/" >"$out/request2.html" 2>>"$out/curl.log"
@@ -189,8 +191,14 @@ case_4() {
     if in_ns "$NS_C1" curl -sS --max-time 3 "http://$S1_ADDR/" >/dev/null 2>>"$out/curl.log"; then
         direct="REACHABLE (the topology leaks)"
     fi
-    local observed="request 1: ${first:-no page}; request 2: ${second:-no page}; server1 directly from client1: $direct"
-    if [ "$first" = "Page 1" ] && [ "$second" = "Page 2" ] && [ "$direct" = unreachable ]; then
+    # Each Apache's own access log confirms it served exactly one of the two requests.
+    local got1 got2
+    got1=$(($(wc -l <"$LAB_DIR/apache-server1/access.log") - before1))
+    got2=$(($(wc -l <"$LAB_DIR/apache-server2/access.log") - before2))
+    cp "$LAB_DIR/apache-server1/access.log" "$out/server1-access.log"
+    cp "$LAB_DIR/apache-server2/access.log" "$out/server2-access.log"
+    local observed="request 1: ${first:-no page}; request 2: ${second:-no page}; access logs: server1 $got1, server2 $got2 request(s); server1 directly from client1: $direct"
+    if [ "$first" = "Page 1" ] && [ "$second" = "Page 2" ] && [ "$got1" -eq 1 ] && [ "$got2" -eq 1 ] && [ "$direct" = unreachable ]; then
         record 4 "$expect" "$observed" PASS "$original"
     else
         record 4 "$expect" "$observed" FAIL "$original"
