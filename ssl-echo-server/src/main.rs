@@ -1,5 +1,226 @@
-//! Stub: ssl-echo-server is built in its own issue; this binary only says so.
-fn main() {
-    eprintln!("ssl-echo-server: not built yet (see the project's open issues)");
-    std::process::exit(2);
+//! `ssl-echo-server`: a mio + rustls echo server. The process started by the user is the
+//! supervisor ([`supervisor`]); it runs this same binary again as worker processes ([`worker`]),
+//! each with its own SO_REUSEPORT listener and event loop, so together they hold more connections
+//! than one process's open-file limit allows.
+
+mod config;
+mod connection;
+mod stats;
+mod supervisor;
+mod worker;
+
+use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::Parser;
+use tracing::{info, warn};
+
+/// TLS echo server (mio + rustls) with worker processes; --plain for the same without TLS.
+#[derive(Parser, Debug, Clone)]
+#[command(version, about)]
+struct Args {
+    /// Address to listen on.
+    #[arg(long, default_value = "0.0.0.0:8005")]
+    listen: SocketAddr,
+    /// Server certificate chain (PEM). Make one with `cargo run -p certs`.
+    #[arg(long, default_value = "certs/server.crt")]
+    cert: PathBuf,
+    /// Server private key (PEM: PKCS#8, PKCS#1 or SEC1).
+    #[arg(long, default_value = "certs/server.key")]
+    key: PathBuf,
+    /// Echo without TLS (to compare plaintext with TLS under the same load).
+    #[arg(long)]
+    plain: bool,
+    /// Worker processes [default: one per CPU, more if --max-connections needs them].
+    #[arg(long)]
+    workers: Option<usize>,
+    /// Seconds between stats lines (and stats file writes); fractions allowed.
+    #[arg(long, default_value_t = 5.0)]
+    stats_interval: f64,
+    /// Also write the counters as JSON to this file every interval and at exit (atomically).
+    #[arg(long)]
+    stats_file: Option<PathBuf>,
+    /// Connections the server must be able to hold; sets the worker count with the open-file limit.
+    #[arg(long, default_value_t = 20_000)]
+    max_connections: u64,
+    /// Close a TLS connection whose handshake has not finished after this many milliseconds.
+    #[arg(long, default_value_t = 10_000)]
+    handshake_timeout_ms: u64,
+    /// Log filter (error, warn, info, debug, trace); RUST_LOG overrides it.
+    #[arg(long, default_value = "info")]
+    log_level: String,
+    /// Internal: run as worker number N of a supervisor.
+    #[arg(long, hide = true)]
+    worker_index: Option<usize>,
+}
+
+/// More worker processes than this is a mistake (a tiny open-file limit), not a plan.
+const MAX_WORKERS: usize = 64;
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    testbed::logging::init(&args.log_level);
+    let result = match args.worker_index {
+        Some(index) => run_worker(&args, index),
+        None => run_supervisor(&args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ssl-echo-server: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_supervisor(args: &Args) -> anyhow::Result<()> {
+    if !(args.stats_interval > 0.0 && args.stats_interval.is_finite()) {
+        bail!(
+            "--stats-interval {}: must be a positive number of seconds",
+            args.stats_interval
+        );
+    }
+    if args.handshake_timeout_ms == 0 {
+        bail!("--handshake-timeout-ms 0: must be at least 1");
+    }
+    if args.workers == Some(0) {
+        bail!("--workers 0: need at least one worker");
+    }
+    // Fail here, once, with a clear message, rather than in every worker.
+    if !args.plain {
+        config::load_tls(&args.cert, &args.key)?;
+    }
+    // Bind once to check the address and learn the port when 0 was asked; the workers bind the
+    // same port with SO_REUSEPORT. Dropped at once: a listener nobody accepts on would still get
+    // its share of connections.
+    let listen = testbed::listener::reuseport_listener(args.listen)
+        .and_then(|l| l.local_addr())
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let limit = testbed::fdlimit::raise_nofile().context("cannot read the open-file limit")?;
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let plan = config::plan(args.max_connections, args.workers, cpus, limit.soft);
+    if plan.workers > MAX_WORKERS {
+        bail!(
+            "--max-connections {} needs {} workers with an open-file limit of {} per process (most allowed: {MAX_WORKERS}); \
+             lower --max-connections or raise the limit (ulimit -n)",
+            args.max_connections,
+            plan.workers,
+            limit.soft
+        );
+    }
+    if let Some(asked) = plan.raised_from {
+        warn!(
+            "--workers {asked} cannot hold --max-connections {} with {} open files per process; using {} workers",
+            args.max_connections, limit.soft, plan.workers
+        );
+    }
+    info!(
+        "listening on {listen} ({}); capacity ≈ {} connections with {} workers ({} each; open-file limit {} per process)",
+        if args.plain { "plaintext" } else { "TLS" },
+        plan.capacity,
+        plan.workers,
+        plan.per_worker,
+        limit.soft
+    );
+
+    let mut worker_args = vec![
+        "--cert".to_string(),
+        args.cert.display().to_string(),
+        "--key".to_string(),
+        args.key.display().to_string(),
+        "--handshake-timeout-ms".to_string(),
+        args.handshake_timeout_ms.to_string(),
+        "--log-level".to_string(),
+        args.log_level.clone(),
+    ];
+    if args.plain {
+        worker_args.push("--plain".to_string());
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(sig, Arc::clone(&stop))
+            .context("cannot install signal handlers")?;
+    }
+    let sup = supervisor::Supervisor::start(supervisor::SupervisorConfig {
+        listen,
+        plain: args.plain,
+        workers: plan.workers,
+        stats_interval: Duration::from_secs_f64(args.stats_interval),
+        stats_file: args.stats_file.clone(),
+        worker_args,
+    })?;
+    info!("{} workers ready", plan.workers);
+    sup.run(&stop)
+}
+
+fn run_worker(args: &Args, index: usize) -> anyhow::Result<()> {
+    watch_parent();
+    let limit = testbed::fdlimit::raise_nofile().context("cannot raise the open-file limit")?;
+    let tls = if args.plain {
+        None
+    } else {
+        Some(Arc::new(config::load_tls(&args.cert, &args.key)?))
+    };
+    let mut worker = worker::Worker::new(worker::WorkerConfig {
+        index,
+        listen: args.listen,
+        tls,
+        handshake_timeout: Duration::from_millis(args.handshake_timeout_ms),
+        max_connections: config::per_worker_capacity(limit.soft) as usize,
+    })?;
+    let stdout = std::io::stdout();
+    set_nonblocking(stdout.as_raw_fd());
+    worker.run(report)
+}
+
+/// Sends the counters to the supervisor as one JSON line. The pipe is non-blocking and a line is
+/// far below PIPE_BUF, so a write is all or nothing: a full pipe (supervisor busy) skips this
+/// report, and the next one carries the totals anyway. Returns false once the pipe is broken.
+fn report(counters: &stats::WorkerCounters) -> bool {
+    let mut line = match serde_json::to_vec(counters) {
+        Ok(l) => l,
+        Err(_) => return true,
+    };
+    line.push(b'\n');
+    // SAFETY: write(2) on fd 1 from a buffer we own, length in bounds.
+    let n = unsafe { libc::write(1, line.as_ptr().cast(), line.len()) };
+    if n < 0 {
+        let err = std::io::Error::last_os_error();
+        return err.kind() != std::io::ErrorKind::BrokenPipe;
+    }
+    true
+}
+
+/// A worker must not outlive its supervisor: ask the kernel for SIGTERM when the parent dies, and
+/// check it did not die already before that request took effect.
+fn watch_parent() {
+    // SAFETY: prctl with PR_SET_PDEATHSIG and a signal number only sets a process attribute.
+    unsafe {
+        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+    }
+    let expected = std::env::var(supervisor::PARENT_PID_ENV)
+        .ok()
+        .and_then(|v| v.parse::<i32>().ok());
+    // SAFETY: getppid has no preconditions.
+    let parent = unsafe { libc::getppid() };
+    if expected.is_some_and(|pid| pid != parent) {
+        eprintln!("ssl-echo-server worker: supervisor already gone; exiting");
+        std::process::exit(0);
+    }
+}
+
+fn set_nonblocking(fd: i32) {
+    // SAFETY: fcntl on a descriptor we own; only O_NONBLOCK is added to its flags.
+    unsafe {
+        let flags = libc::fcntl(fd, libc::F_GETFL);
+        if flags >= 0 {
+            libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK);
+        }
+    }
 }

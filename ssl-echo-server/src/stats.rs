@@ -1,0 +1,206 @@
+//! Counters: what one worker has done ([`WorkerCounters`], sent to the supervisor as one JSON line
+//! on its stdout), the supervisor's sum over all workers and restarts ([`Snapshot`], written to
+//! `--stats-file`), and the human stats line with per-second rates.
+
+use std::io::Write;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+/// Cumulative counters of one worker process since it started. A report always carries the full
+/// totals (never deltas), so a lost or late line never makes the sums wrong, only stale.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkerCounters {
+    /// Open connections right now.
+    pub connections_now: u64,
+    /// Connections accepted.
+    pub connections_total: u64,
+    /// TLS handshakes completed (0 in `--plain` mode).
+    pub handshakes_total: u64,
+    /// Handshakes that failed (garbage, wrong protocol, bad alert).
+    pub handshake_failures: u64,
+    /// Connections closed because the handshake did not finish in time.
+    pub handshake_timeouts: u64,
+    /// Plaintext bytes handed back to clients.
+    pub bytes_echoed: u64,
+    /// Reads of plaintext processed (one client write usually arrives as one read).
+    pub messages_echoed: u64,
+    /// Connections ended by an I/O or TLS error after the handshake.
+    pub connection_errors: u64,
+    /// accept() failures (EMFILE and friends).
+    pub accept_errors: u64,
+}
+
+impl WorkerCounters {
+    /// Adds `other` to `self`; `connections_now` only if `live` (a dead worker holds none).
+    pub fn add(&mut self, other: &WorkerCounters, live: bool) {
+        if live {
+            self.connections_now += other.connections_now;
+        }
+        self.connections_total += other.connections_total;
+        self.handshakes_total += other.handshakes_total;
+        self.handshake_failures += other.handshake_failures;
+        self.handshake_timeouts += other.handshake_timeouts;
+        self.bytes_echoed += other.bytes_echoed;
+        self.messages_echoed += other.messages_echoed;
+        self.connection_errors += other.connection_errors;
+        self.accept_errors += other.accept_errors;
+    }
+}
+
+/// One worker's line in the stats file.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct WorkerEntry {
+    pub index: usize,
+    pub pid: u32,
+    pub restarts: u64,
+    /// Everything this worker slot did, over all its incarnations.
+    pub connections_total: u64,
+    pub connections_now: u64,
+}
+
+/// The whole server's state as written to `--stats-file`. Field names are an interface: the lab
+/// script reads `connections_total` to check load balancing.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Snapshot {
+    #[serde(flatten)]
+    pub totals: WorkerCounters,
+    pub workers: usize,
+    pub plain: bool,
+    pub listen: String,
+    pub pid: u32,
+    pub uptime_s: f64,
+    pub worker_restarts: u64,
+    /// True in the last write, made when the server exits.
+    pub final_report: bool,
+    pub per_worker: Vec<WorkerEntry>,
+}
+
+/// Writes `snapshot` as JSON to a temporary file next to `path` and renames it over `path`, so a
+/// reader sees either the previous or the new complete file, never half of one.
+pub fn write_snapshot(path: &Path, snapshot: &Snapshot) -> std::io::Result<()> {
+    let file_name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "stats.json".into());
+    let tmp = path.with_file_name(format!(".{file_name}.tmp.{}", std::process::id()));
+    let mut f = std::fs::File::create(&tmp)?;
+    serde_json::to_writer_pretty(&mut f, snapshot)?;
+    f.write_all(b"\n")?;
+    drop(f);
+    std::fs::rename(&tmp, path)
+}
+
+/// The stats line for one interval: current and total connections, then rates over the interval.
+pub fn stats_line(prev: &WorkerCounters, now: &WorkerCounters, secs: f64) -> String {
+    let rate = |a: u64, b: u64| (b.saturating_sub(a)) as f64 / secs.max(1e-9);
+    format!(
+        "connections now {} total {} | handshakes/s {:.0} | messages/s {:.0} | bytes/s {}",
+        now.connections_now,
+        now.connections_total,
+        rate(prev.handshakes_total, now.handshakes_total),
+        rate(prev.messages_echoed, now.messages_echoed),
+        human_bytes(rate(prev.bytes_echoed, now.bytes_echoed)),
+    )
+}
+
+/// `1234567.0` → `"1.23 MB"` (decimal units, like network rates are usually given).
+pub fn human_bytes(n: f64) -> String {
+    const UNITS: [&str; 5] = ["B", "kB", "MB", "GB", "TB"];
+    let mut v = n;
+    let mut unit = 0;
+    while v >= 1000.0 && unit < UNITS.len() - 1 {
+        v /= 1000.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{v:.0} B")
+    } else {
+        format!("{v:.2} {}", UNITS[unit])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rates_are_per_second_over_the_interval() {
+        let prev = WorkerCounters {
+            handshakes_total: 10,
+            messages_echoed: 100,
+            bytes_echoed: 1_000,
+            ..Default::default()
+        };
+        let now = WorkerCounters {
+            connections_now: 3,
+            connections_total: 40,
+            handshakes_total: 30,
+            messages_echoed: 500,
+            bytes_echoed: 5_001_000,
+            ..Default::default()
+        };
+        assert_eq!(
+            stats_line(&prev, &now, 2.0),
+            "connections now 3 total 40 | handshakes/s 10 | messages/s 200 | bytes/s 2.50 MB"
+        );
+    }
+
+    #[test]
+    fn dead_workers_add_totals_but_no_open_connections() {
+        let w = WorkerCounters {
+            connections_now: 5,
+            connections_total: 7,
+            ..Default::default()
+        };
+        let mut sum = WorkerCounters::default();
+        sum.add(&w, true);
+        sum.add(&w, false);
+        assert_eq!((sum.connections_now, sum.connections_total), (5, 14));
+    }
+
+    #[test]
+    fn snapshot_json_has_the_names_the_lab_reads() {
+        let snap = Snapshot {
+            totals: WorkerCounters {
+                connections_total: 9,
+                ..Default::default()
+            },
+            workers: 2,
+            plain: true,
+            listen: "127.0.0.1:1".into(),
+            pid: 1,
+            uptime_s: 0.5,
+            worker_restarts: 0,
+            final_report: false,
+            per_worker: vec![],
+        };
+        let v: serde_json::Value = serde_json::to_value(&snap).unwrap();
+        for key in [
+            "connections_now",
+            "connections_total",
+            "handshakes_total",
+            "bytes_echoed",
+            "messages_echoed",
+            "workers",
+            "plain",
+        ] {
+            assert!(v.get(key).is_some(), "missing {key} in {v}");
+        }
+        assert_eq!(v["connections_total"], 9);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.json");
+        write_snapshot(&path, &snap).unwrap();
+        let back: Snapshot =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        assert_eq!(back, snap);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn human_bytes_uses_decimal_units() {
+        assert_eq!(human_bytes(999.0), "999 B");
+        assert_eq!(human_bytes(1_500.0), "1.50 kB");
+        assert_eq!(human_bytes(2_000_000_000.0), "2.00 GB");
+    }
+}

@@ -1,0 +1,300 @@
+//! One worker process: a mio event loop that owns a SO_REUSEPORT listener and a slab of
+//! [`Connection`]s addressed by `Token`, accepts up to its share of the open-file limit, enforces
+//! the handshake deadline, and reports its counters to the supervisor as a JSON line on stdout.
+
+use std::collections::VecDeque;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use mio::net::TcpListener;
+use mio::{Events, Interest, Poll, Token};
+use slab::Slab;
+use tracing::{debug, info, warn};
+
+use crate::connection::{Connection, Next, State};
+use crate::stats::WorkerCounters;
+
+const LISTENER: Token = Token(usize::MAX - 1);
+const SIGNALS: Token = Token(usize::MAX - 2);
+/// How often counters go to the supervisor (when they changed): often enough that a stats file
+/// written every interval is at most this stale.
+const REPORT_EVERY: Duration = Duration::from_millis(100);
+/// How long accepting pauses after EMFILE/ENFILE, instead of spinning on a listener that stays
+/// readable while no descriptor is free.
+const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
+/// Plaintext read per step; one TLS record's worth.
+const SCRATCH_BYTES: usize = 16 * 1024;
+
+/// What a worker needs to run.
+pub struct WorkerConfig {
+    pub index: usize,
+    pub listen: SocketAddr,
+    /// `None` in plain mode.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+    pub handshake_timeout: Duration,
+    pub max_connections: usize,
+}
+
+/// The event loop's state.
+pub struct Worker {
+    cfg: WorkerConfig,
+    poll: Poll,
+    listener: TcpListener,
+    conns: Slab<Connection>,
+    counters: WorkerCounters,
+    next_id: u64,
+    /// Accepting is paused until then (EMFILE); `None` when accepting normally.
+    accept_paused_until: Option<Instant>,
+    /// Set when the EMFILE warning was logged, cleared by the next successful accept.
+    accept_error_logged: bool,
+    /// At `max_connections`: accept again when one closes.
+    at_capacity: bool,
+    /// Handshake deadlines in accept order. The timeout is one constant, so the queue is sorted.
+    deadlines: VecDeque<(Instant, usize, u64)>,
+    /// Connections whose read budget ran out with work left: (slab key, id).
+    again: VecDeque<(usize, u64)>,
+    scratch: Vec<u8>,
+}
+
+impl Worker {
+    /// Binds the listener and sets up the poll.
+    pub fn new(cfg: WorkerConfig) -> anyhow::Result<Worker> {
+        let std_listener = testbed::listener::reuseport_listener(cfg.listen)
+            .with_context(|| format!("cannot listen on {}", cfg.listen))?;
+        let mut listener = TcpListener::from_std(std_listener);
+        let poll = Poll::new().context("cannot create the event loop (epoll)")?;
+        poll.registry()
+            .register(&mut listener, LISTENER, Interest::READABLE)?;
+        Ok(Worker {
+            cfg,
+            poll,
+            listener,
+            conns: Slab::with_capacity(1024),
+            counters: WorkerCounters::default(),
+            next_id: 0,
+            accept_paused_until: None,
+            accept_error_logged: false,
+            at_capacity: false,
+            deadlines: VecDeque::new(),
+            again: VecDeque::new(),
+            scratch: vec![0; SCRATCH_BYTES],
+        })
+    }
+
+    /// Runs until SIGINT/SIGTERM, or until the supervisor is gone. `report` receives the counters
+    /// every [`REPORT_EVERY`] when they changed and once at the end; it returns false when the
+    /// supervisor cannot be reached any more.
+    pub fn run(&mut self, mut report: impl FnMut(&WorkerCounters) -> bool) -> anyhow::Result<()> {
+        use signal_hook::consts::{SIGINT, SIGTERM};
+        let mut signals = signal_hook_mio::v1_0::Signals::new([SIGINT, SIGTERM])
+            .context("cannot install signal handlers")?;
+        self.poll
+            .registry()
+            .register(&mut signals, SIGNALS, Interest::READABLE)?;
+        let mut events = Events::with_capacity(1024);
+        let mut last_reported = self.counters;
+        let mut next_report = Instant::now() + REPORT_EVERY;
+        report(&self.counters);
+        info!(
+            worker = self.cfg.index,
+            pid = std::process::id(),
+            "worker listening on {}",
+            self.cfg.listen
+        );
+        loop {
+            let timeout = self.poll_timeout(next_report);
+            if let Err(e) = self.poll.poll(&mut events, Some(timeout)) {
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e).context("poll failed");
+            }
+            let mut stop = false;
+            for event in events.iter() {
+                match event.token() {
+                    LISTENER => self.accept_ready(),
+                    SIGNALS => {
+                        if signals.pending().next().is_some() {
+                            stop = true;
+                        }
+                    }
+                    Token(key) => self.connection_ready(key),
+                }
+            }
+            self.continue_queued();
+            let now = Instant::now();
+            self.expire_handshakes(now);
+            if self.accept_paused_until.is_some_and(|t| now >= t) {
+                self.accept_paused_until = None;
+                self.accept_ready();
+            }
+            if now >= next_report || stop {
+                next_report = now + REPORT_EVERY;
+                if self.counters != last_reported || stop {
+                    last_reported = self.counters;
+                    if !report(&self.counters) {
+                        info!(worker = self.cfg.index, "supervisor gone; stopping");
+                        return Ok(());
+                    }
+                }
+            }
+            if stop {
+                info!(
+                    worker = self.cfg.index,
+                    connections_total = self.counters.connections_total,
+                    "worker stopping"
+                );
+                return Ok(());
+            }
+        }
+    }
+
+    fn poll_timeout(&self, next_report: Instant) -> Duration {
+        if !self.again.is_empty() {
+            return Duration::ZERO;
+        }
+        let mut until = next_report;
+        if let Some(&(deadline, ..)) = self.deadlines.front() {
+            until = until.min(deadline);
+        }
+        if let Some(t) = self.accept_paused_until {
+            until = until.min(t);
+        }
+        until.saturating_duration_since(Instant::now())
+    }
+
+    /// Accepts until the backlog is empty, the capacity is reached, or descriptors run out.
+    fn accept_ready(&mut self) {
+        while self.accept_paused_until.is_none() {
+            if self.conns.len() >= self.cfg.max_connections {
+                if !self.at_capacity {
+                    warn!(
+                        worker = self.cfg.index,
+                        "at capacity ({} connections); new ones wait in the backlog",
+                        self.cfg.max_connections
+                    );
+                }
+                self.at_capacity = true;
+                return;
+            }
+            match self.listener.accept() {
+                Ok((socket, peer)) => {
+                    self.accept_error_logged = false;
+                    self.add_connection(socket, peer);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e)
+                    if e.kind() == io::ErrorKind::Interrupted
+                        || e.kind() == io::ErrorKind::ConnectionAborted => {}
+                Err(e) => {
+                    self.counters.accept_errors += 1;
+                    if !self.accept_error_logged {
+                        warn!(
+                            worker = self.cfg.index,
+                            open = self.conns.len(),
+                            "accept failed: {e}; pausing accepts for {} ms (logged once until an accept succeeds)",
+                            ACCEPT_PAUSE.as_millis()
+                        );
+                        self.accept_error_logged = true;
+                    }
+                    self.accept_paused_until = Some(Instant::now() + ACCEPT_PAUSE);
+                    return;
+                }
+            }
+        }
+    }
+
+    fn add_connection(&mut self, mut socket: mio::net::TcpStream, peer: SocketAddr) {
+        // Echo round trips are small writes; Nagle would hold each one back for an ACK.
+        let _ = socket.set_nodelay(true);
+        let entry = self.conns.vacant_entry();
+        let key = entry.key();
+        let id = self.next_id;
+        self.next_id += 1;
+        let deadline = Instant::now() + self.cfg.handshake_timeout;
+        // Readable and writable once, edge-triggered: the connection reacts to either and never
+        // needs re-registering (see Connection::ready, which loops until nothing can move).
+        if let Err(e) = self.poll.registry().register(
+            &mut socket,
+            Token(key),
+            Interest::READABLE | Interest::WRITABLE,
+        ) {
+            warn!("cannot register connection from {peer}: {e}");
+            self.counters.accept_errors += 1;
+            return;
+        }
+        match Connection::new(socket, id, self.cfg.tls.clone(), deadline) {
+            Ok(conn) => {
+                entry.insert(conn);
+                self.counters.connections_total += 1;
+                self.counters.connections_now += 1;
+                if self.cfg.tls.is_some() {
+                    self.deadlines.push_back((deadline, key, id));
+                }
+                debug!(id, %peer, "accepted");
+            }
+            Err(e) => {
+                warn!("cannot start TLS for {peer}: {e}");
+                self.counters.accept_errors += 1;
+            }
+        }
+    }
+
+    fn connection_ready(&mut self, key: usize) {
+        let Some(conn) = self.conns.get_mut(key) else {
+            return; // closed earlier in this batch of events
+        };
+        match conn.ready(&mut self.scratch, &mut self.counters) {
+            Next::Wait => {}
+            Next::Continue => self.again.push_back((key, conn.id)),
+            Next::Close => self.close(key),
+        }
+    }
+
+    /// Gives each connection that ran out of read budget one more turn.
+    fn continue_queued(&mut self) {
+        for _ in 0..self.again.len() {
+            let Some((key, id)) = self.again.pop_front() else {
+                break;
+            };
+            if self.conns.get(key).is_some_and(|c| c.id == id) {
+                self.connection_ready(key);
+            }
+        }
+    }
+
+    /// Closes connections whose handshake is past its deadline.
+    fn expire_handshakes(&mut self, now: Instant) {
+        while let Some(&(deadline, key, id)) = self.deadlines.front() {
+            if deadline > now {
+                break;
+            }
+            self.deadlines.pop_front();
+            let Some(conn) = self.conns.get_mut(key) else {
+                continue;
+            };
+            if conn.id == id && matches!(conn.state(), State::Handshaking { .. }) {
+                debug!(id, "handshake timed out");
+                self.counters.handshake_timeouts += 1;
+                conn.abort();
+                self.close(key);
+            }
+        }
+    }
+
+    /// The one way a connection ends: deregister, free, count, and accept again if we were full.
+    fn close(&mut self, key: usize) {
+        let mut conn = self.conns.remove(key);
+        let _ = self.poll.registry().deregister(&mut conn.socket);
+        self.counters.connections_now -= 1;
+        debug!(id = conn.id, "closed");
+        drop(conn);
+        if self.at_capacity {
+            self.at_capacity = false;
+            self.accept_ready();
+        }
+    }
+}
