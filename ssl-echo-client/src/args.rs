@@ -1,0 +1,230 @@
+//! The command line, and turning it (plus the prompts, on a terminal) into a [`RunConfig`].
+
+use std::io::IsTerminal;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+use clap::Parser;
+
+use crate::config::{RunConfig, Workload};
+use crate::prompt::{self, DEFAULT_CONNECTIONS, DEFAULT_COUNT, DEFAULT_MESSAGE};
+
+/// Opens N TLS (or plain TCP) connections to an echo server, sends a message M times on each
+/// (or for a duration), checks every echo, measures response times, and writes a spreadsheet
+/// report. With no message, count or connections given on a terminal, it asks for them.
+#[derive(Debug, Parser)]
+#[command(name = "ssl-echo-client", version)]
+pub struct Args {
+    /// Host name or IP address of the echo server (or of the forwarder in front of it).
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+
+    /// Port to connect to.
+    #[arg(long, default_value_t = 8005)]
+    pub port: u16,
+
+    /// Text of every message; the echo must match it byte for byte [default: "Hello, echo server!"].
+    #[arg(long)]
+    pub message: Option<String>,
+
+    /// Messages per connection [default: 10].
+    #[arg(long, value_name = "M", value_parser = clap::value_parser!(u64).range(1..))]
+    pub count: Option<u64>,
+
+    /// Send for this many seconds after the barrier instead of a fixed count.
+    #[arg(long, value_name = "SECS", conflicts_with = "count", value_parser = positive_f64)]
+    pub duration: Option<f64>,
+
+    /// Number of connections [default: 1000].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub connections: Option<u64>,
+
+    /// New connections per second while opening them (0 = as fast as the server takes them).
+    #[arg(long, value_name = "R", default_value_t = 0.0, value_parser = non_negative_f64)]
+    pub connect_rate: f64,
+
+    /// Processes to spread the connections over [default: as many as the open-file limit needs].
+    #[arg(long, value_name = "P", value_parser = clap::value_parser!(u64).range(1..=64))]
+    pub processes: Option<u64>,
+
+    /// CA certificate (PEM) that signed the server's certificate.
+    #[arg(long, default_value = "certs/ca.crt")]
+    pub ca: PathBuf,
+
+    /// Plain TCP instead of TLS.
+    #[arg(long)]
+    pub plain: bool,
+
+    /// Name sent in SNI and checked against the certificate [default: the host].
+    #[arg(long, value_name = "NAME")]
+    pub server_name: Option<String>,
+
+    /// Spreadsheet to write [default: reports/client-data-<N>-<timestamp>.xlsx].
+    #[arg(long, value_name = "PATH")]
+    pub report: Option<PathBuf>,
+
+    /// Print the summary as JSON on stdout (human output stays on stderr).
+    #[arg(long)]
+    pub json: bool,
+
+    /// Messages per second per connection on a fixed schedule; response times are then also
+    /// measured from the intended send time (coordinated omission corrected, as wrk2).
+    #[arg(long, value_name = "R", value_parser = positive_f64)]
+    pub rate: Option<f64>,
+
+    /// Limit in milliseconds for the TCP connect, the TLS handshake, and each echo.
+    #[arg(long, value_name = "MS", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub timeout_ms: u64,
+
+    /// Log filter (error, warn, info, debug, trace); RUST_LOG overrides it.
+    #[arg(long, default_value = "warn")]
+    pub log_level: String,
+
+    /// Internal: run as one worker process of a multi-process run (JSON plan).
+    #[arg(long = "worker-plan", hide = true)]
+    pub worker_plan: Option<String>,
+}
+
+fn positive_f64(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 => Ok(v),
+        Ok(_) => Err("must be a number above 0".to_string()),
+        Err(_) => Err(format!("{s:?} is not a number")),
+    }
+}
+
+fn non_negative_f64(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && v >= 0.0 => Ok(v),
+        Ok(_) => Err("must be a number of at least 0".to_string()),
+        Err(_) => Err(format!("{s:?} is not a number")),
+    }
+}
+
+impl Args {
+    /// True when the user gave none of the inputs the original client asked for.
+    fn nothing_to_send_given(&self) -> bool {
+        self.message.is_none()
+            && self.count.is_none()
+            && self.duration.is_none()
+            && self.connections.is_none()
+    }
+
+    /// Resolves the run: asks on a terminal if needed, looks the host up once, checks the rest.
+    pub fn resolve(&self) -> anyhow::Result<RunConfig> {
+        let (message, workload, connections) =
+            if self.nothing_to_send_given() && std::io::stdin().is_terminal() {
+                let a = prompt::ask(&mut std::io::stdin().lock(), &mut std::io::stderr())
+                    .context("reading the answers")?;
+                (a.message, Workload::Count(a.count), a.connections)
+            } else {
+                let workload = match (self.count, self.duration) {
+                    (_, Some(d)) => Workload::DurationSecs(d),
+                    (c, None) => Workload::Count(c.unwrap_or(DEFAULT_COUNT)),
+                };
+                (
+                    self.message
+                        .clone()
+                        .unwrap_or_else(|| DEFAULT_MESSAGE.to_string()),
+                    workload,
+                    self.connections.unwrap_or(DEFAULT_CONNECTIONS),
+                )
+            };
+        if message.is_empty() {
+            bail!("--message must not be empty: an empty message has no echo to check");
+        }
+        let addr = resolve_addr(&self.host, self.port)?;
+        Ok(RunConfig {
+            host: self.host.clone(),
+            addr,
+            server_name: self
+                .server_name
+                .clone()
+                .unwrap_or_else(|| self.host.clone()),
+            ca: (!self.plain).then(|| self.ca.clone()),
+            message,
+            workload,
+            connections,
+            connect_rate: self.connect_rate,
+            rate: self.rate,
+            timeout_ms: self.timeout_ms,
+        })
+    }
+}
+
+/// Looks `host` up once; IPv4 first (the servers listen on 0.0.0.0 by default).
+pub fn resolve_addr(host: &str, port: u16) -> anyhow::Result<SocketAddr> {
+    let addrs: Vec<SocketAddr> = (host, port)
+        .to_socket_addrs()
+        .with_context(|| format!("--host {host:?}: cannot resolve it"))?
+        .collect();
+    addrs
+        .iter()
+        .find(|a| a.is_ipv4())
+        .or(addrs.first())
+        .copied()
+        .with_context(|| format!("--host {host:?}: resolves to no address"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Args, clap::Error> {
+        Args::try_parse_from(std::iter::once("ssl-echo-client").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn flags_resolve_into_a_run() {
+        let a = parse(&[
+            "--host",
+            "localhost",
+            "--port",
+            "9000",
+            "--message",
+            "ping",
+            "--duration",
+            "15",
+            "--connections",
+            "20000",
+            "--plain",
+        ])
+        .unwrap();
+        let c = a.resolve().unwrap();
+        assert_eq!(c.addr, "127.0.0.1:9000".parse().unwrap());
+        assert_eq!(c.server_name, "localhost");
+        assert_eq!(c.workload, Workload::DurationSecs(15.0));
+        assert_eq!(c.connections, 20_000);
+        assert!(c.ca.is_none());
+    }
+
+    #[test]
+    fn defaults_without_a_terminal() {
+        let c = parse(&["--count", "3"]).unwrap().resolve().unwrap();
+        assert_eq!(c.message, DEFAULT_MESSAGE);
+        assert_eq!(c.workload, Workload::Count(3));
+        assert_eq!(c.connections, DEFAULT_CONNECTIONS);
+        assert_eq!(c.ca, Some(PathBuf::from("certs/ca.crt")));
+        assert_eq!(c.addr.port(), 8005);
+        assert_eq!(c.timeout_ms, 10_000);
+    }
+
+    #[test]
+    fn bad_values_are_refused_with_the_reason() {
+        let e = parse(&["--count", "5", "--duration", "3"]).unwrap_err();
+        assert!(e.to_string().contains("cannot be used with"), "{e}");
+        let e = parse(&["--connections", "0"]).unwrap_err();
+        assert!(e.to_string().contains("0 is not in 1.."), "{e}");
+        let e = parse(&["--rate=-1"]).unwrap_err();
+        assert!(e.to_string().contains("must be a number above 0"), "{e}");
+        let e = parse(&["--connect-rate", "fast"]).unwrap_err();
+        assert!(e.to_string().contains("\"fast\" is not a number"), "{e}");
+        let e = parse(&["--message", "", "--count", "1"])
+            .unwrap()
+            .resolve()
+            .unwrap_err();
+        assert!(e.to_string().contains("--message must not be empty"), "{e}");
+    }
+}

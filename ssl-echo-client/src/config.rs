@@ -1,0 +1,127 @@
+//! What one run is asked to do, resolved from the command line (and the prompts) into plain data,
+//! so the same description can be handed to worker processes as JSON.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// How long each connection keeps exchanging messages.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Workload {
+    /// Exactly this many messages per connection (the original lab's "times").
+    Count(u64),
+    /// Messages until this many seconds after the barrier.
+    DurationSecs(f64),
+}
+
+/// Everything a process needs to run its share of the connections.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunConfig {
+    /// The host as the user wrote it (shown in the report).
+    pub host: String,
+    /// The address actually connected to (resolved once, by the parent).
+    pub addr: SocketAddr,
+    /// Name sent in SNI and checked against the server certificate.
+    pub server_name: String,
+    /// `None` for plaintext TCP, else the CA file that signs the server certificate.
+    pub ca: Option<PathBuf>,
+    /// The payload of every message; the echo must match it byte for byte.
+    pub message: String,
+    pub workload: Workload,
+    /// Connections in the whole run (all processes).
+    pub connections: u64,
+    /// New connections per second over the whole run; 0 = as fast as the server accepts.
+    pub connect_rate: f64,
+    /// Messages per second per connection on a fixed schedule (wrk2 style); `None` = closed loop.
+    pub rate: Option<f64>,
+    /// Limit for the TCP connect, the TLS handshake, and each echo.
+    pub timeout_ms: u64,
+}
+
+impl RunConfig {
+    pub fn timeout(&self) -> Duration {
+        Duration::from_millis(self.timeout_ms)
+    }
+
+    pub fn tls(&self) -> bool {
+        self.ca.is_some()
+    }
+}
+
+/// One process's share of a run: connections `first_id .. first_id + connections`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ShardPlan {
+    /// 0-based process number (shown in the Connections sheet).
+    pub index: u32,
+    /// How many processes share the run (each takes its part of the CPUs).
+    pub processes: u32,
+    pub first_id: u64,
+    pub connections: u64,
+    /// This process's part of the connect rate.
+    pub connect_rate: f64,
+    pub config: RunConfig,
+}
+
+/// Splits `config.connections` over `processes` shards as evenly as possible.
+pub fn split(config: &RunConfig, processes: u64) -> Vec<ShardPlan> {
+    let processes = processes.clamp(1, config.connections.max(1));
+    let base = config.connections / processes;
+    let extra = config.connections % processes;
+    let mut first_id = 0;
+    (0..processes)
+        .map(|i| {
+            let connections = base + u64::from(i < extra);
+            let plan = ShardPlan {
+                index: i as u32,
+                processes: processes as u32,
+                first_id,
+                connections,
+                connect_rate: config.connect_rate * connections as f64
+                    / config.connections.max(1) as f64,
+                config: config.clone(),
+            };
+            first_id += connections;
+            plan
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(connections: u64) -> RunConfig {
+        RunConfig {
+            host: "127.0.0.1".into(),
+            addr: "127.0.0.1:8005".parse().unwrap(),
+            server_name: "127.0.0.1".into(),
+            ca: None,
+            message: "hi".into(),
+            workload: Workload::Count(1),
+            connections,
+            connect_rate: 1000.0,
+            rate: None,
+            timeout_ms: 1000,
+        }
+    }
+
+    #[test]
+    fn split_covers_every_connection_once() {
+        let plans = split(&config(20_001), 3);
+        let sizes: Vec<u64> = plans.iter().map(|p| p.connections).collect();
+        assert_eq!(sizes, vec![6667, 6667, 6667]);
+        let firsts: Vec<u64> = plans.iter().map(|p| p.first_id).collect();
+        assert_eq!(firsts, vec![0, 6667, 13334]);
+        let rate: f64 = plans.iter().map(|p| p.connect_rate).sum();
+        assert!((rate - 1000.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn never_more_processes_than_connections() {
+        assert_eq!(split(&config(2), 5).len(), 2);
+        assert_eq!(split(&config(0), 5).len(), 1);
+    }
+}

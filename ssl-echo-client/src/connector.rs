@@ -1,0 +1,178 @@
+//! Opening one connection: TCP connect, then (unless `--plain`) the TLS handshake, each timed
+//! separately with the monotonic clock and each bounded by the timeout.
+
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use rustls::pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
+use tokio_rustls::TlsConnector;
+
+use crate::config::RunConfig;
+use crate::failure::{Failure, Phase};
+
+/// Plain TCP or TLS over TCP, chosen once per run.
+#[derive(Clone)]
+pub enum Connector {
+    Plain,
+    Tls {
+        connector: TlsConnector,
+        server_name: ServerName<'static>,
+    },
+}
+
+/// An open connection of either kind.
+pub enum Stream {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+/// A connection that made it through phase 1, with its timings.
+pub struct Established {
+    pub stream: Stream,
+    pub local_port: u16,
+    pub connect: Duration,
+    pub handshake: Option<Duration>,
+}
+
+/// A connection that did not: the failure and whatever was measured before it.
+pub struct NotEstablished {
+    pub failure: Failure,
+    pub local_port: Option<u16>,
+    pub connect: Option<Duration>,
+}
+
+impl Connector {
+    /// Builds the connector for `config`: reads the CA file (a clear error if it is missing or
+    /// holds no certificate) and checks the server name.
+    pub fn new(config: &RunConfig) -> anyhow::Result<Connector> {
+        let Some(ca) = &config.ca else {
+            return Ok(Connector::Plain);
+        };
+        let mut tls =
+            testbed::tls::client_config(ca).context("loading the CA for TLS (or use --plain)")?;
+        // Every connection stands for a separate client, so each does a full handshake, as the
+        // original lab's clients did; resumed sessions would make the server's work look smaller.
+        tls.resumption = rustls::client::Resumption::disabled();
+        let server_name = ServerName::try_from(config.server_name.clone()).with_context(|| {
+            format!(
+                "--server-name {:?} is neither a DNS name nor an IP address",
+                config.server_name
+            )
+        })?;
+        Ok(Connector::Tls {
+            connector: TlsConnector::from(Arc::new(tls)),
+            server_name,
+        })
+    }
+
+    /// Connects to `addr` and completes the handshake, each step within `timeout`.
+    pub async fn open(
+        &self,
+        addr: SocketAddr,
+        timeout: Duration,
+    ) -> Result<Established, NotEstablished> {
+        let timeout_ms = timeout.as_millis() as u64;
+        let started = Instant::now();
+        let tcp = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
+            Ok(Ok(tcp)) => tcp,
+            Ok(Err(e)) => return Err(not_established(Failure::io(Phase::Connect, &e), None)),
+            Err(_) => {
+                return Err(not_established(
+                    Failure::timeout(Phase::Connect, timeout_ms),
+                    None,
+                ))
+            }
+        };
+        let connect = started.elapsed();
+        // Small request/response messages: without NODELAY, Nagle plus delayed ACKs add up to
+        // 40 ms to an echo whenever a write is split.
+        let _ = tcp.set_nodelay(true);
+        let local_port = tcp.local_addr().map(|a| a.port()).unwrap_or(0);
+        let (connector, server_name) = match self {
+            Connector::Plain => {
+                return Ok(Established {
+                    stream: Stream::Plain(tcp),
+                    local_port,
+                    connect,
+                    handshake: None,
+                })
+            }
+            Connector::Tls {
+                connector,
+                server_name,
+            } => (connector, server_name.clone()),
+        };
+        let shaking = Instant::now();
+        let failed = |failure| NotEstablished {
+            failure,
+            local_port: Some(local_port),
+            connect: Some(connect),
+        };
+        match tokio::time::timeout(timeout, connector.connect(server_name, tcp)).await {
+            Ok(Ok(tls)) => Ok(Established {
+                stream: Stream::Tls(Box::new(tls)),
+                local_port,
+                connect,
+                handshake: Some(shaking.elapsed()),
+            }),
+            Ok(Err(e)) => Err(failed(Failure::io(Phase::Handshake, &e))),
+            Err(_) => Err(failed(Failure::timeout(Phase::Handshake, timeout_ms))),
+        }
+    }
+}
+
+fn not_established(failure: Failure, connect: Option<Duration>) -> NotEstablished {
+    NotEstablished {
+        failure,
+        local_port: None,
+        connect,
+    }
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_flush(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}

@@ -1,0 +1,22 @@
+//! `ssl-echo-client`: a load client for TLS (or plain TCP) echo servers. It opens N connections
+//! (spread over several processes when one process's open-file limit is too small), holds them
+//! at a barrier, then exchanges messages and checks every echo, and reports response times in a
+//! table, as JSON and as a spreadsheet.
+//!
+//! One hop from `main`: [`args`] (command line) → [`coordinator`] (processes and the barrier) →
+//! [`shard`] (one process's connections) → [`session`] (one connection) → [`summary`] and
+//! [`report`].
+
+pub mod args;
+pub mod config;
+pub mod connector;
+pub mod coordinator;
+pub mod failure;
+pub mod live;
+pub mod prompt;
+pub mod recorder;
+pub mod report;
+pub mod session;
+pub mod shard;
+pub mod summary;
+pub mod worker;

@@ -1,0 +1,117 @@
+//! What the operator sees while the run goes on, on stderr: a progress bar while connections
+//! open (terminal only), then a live line with connections up, messages per second and errors
+//! (redrawn in place on a terminal, one line every few seconds otherwise, e.g. in CI logs).
+
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+use crate::recorder::LiveSnapshot;
+
+/// How often the live line is redrawn on a terminal, and printed when not on one.
+const REDRAW_TERMINAL: Duration = Duration::from_millis(500);
+const REDRAW_LOG: Duration = Duration::from_secs(5);
+
+pub struct Display {
+    terminal: bool,
+    total: u64,
+    bar: Option<ProgressBar>,
+    phase2_start: Option<Instant>,
+    last_print: Instant,
+    last_messages: u64,
+    drew_line: bool,
+}
+
+impl Display {
+    /// `terminal`: stderr is a terminal (and the user did not ask for quiet output).
+    pub fn new(total: u64, terminal: bool) -> Display {
+        let bar = terminal.then(|| {
+            let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
+            // The template is a constant that indicatif accepts.
+            bar.set_style(
+                ProgressStyle::with_template(
+                    "connecting {bar:40} {pos}/{len} ({per_sec}, {elapsed}) {msg}",
+                )
+                .expect("valid progress template"),
+            );
+            bar
+        });
+        Display {
+            terminal,
+            total,
+            bar,
+            phase2_start: None,
+            last_print: Instant::now(),
+            last_messages: 0,
+            drew_line: false,
+        }
+    }
+
+    /// Phase 1 progress.
+    pub fn connecting(&mut self, snap: &LiveSnapshot) {
+        if let Some(bar) = &self.bar {
+            bar.set_position(snap.phase1_done());
+            if snap.connect_failed > 0 {
+                bar.set_message(format!("{} failed", snap.connect_failed));
+            }
+        }
+    }
+
+    /// Phase 1 is over: replaces the bar with one line.
+    pub fn connected(&mut self, snap: &LiveSnapshot, took: Duration) {
+        if let Some(bar) = self.bar.take() {
+            bar.finish_and_clear();
+        }
+        eprintln!(
+            "{} of {} connections up, {} failed, in {:.2} s",
+            snap.up,
+            self.total,
+            snap.connect_failed,
+            took.as_secs_f64()
+        );
+        self.phase2_start = Some(Instant::now());
+        self.last_print = Instant::now();
+        self.last_messages = snap.messages;
+    }
+
+    /// Phase 2 progress; prints when it is time to.
+    pub fn exchanging(&mut self, snap: &LiveSnapshot) {
+        let every = if self.terminal {
+            REDRAW_TERMINAL
+        } else {
+            REDRAW_LOG
+        };
+        let since = self.last_print.elapsed();
+        if since < every {
+            return;
+        }
+        let rate = snap.messages.saturating_sub(self.last_messages) as f64 / since.as_secs_f64();
+        let elapsed = self.phase2_start.map_or(0.0, |s| s.elapsed().as_secs_f64());
+        let line = format!(
+            "[{elapsed:6.1} s] {} up  {:>9.0} msg/s  {} messages  {} errors",
+            snap.open, rate, snap.messages, snap.errors
+        );
+        let mut err = std::io::stderr().lock();
+        if self.terminal {
+            let _ = write!(err, "\r\x1b[2K{line}");
+            let _ = err.flush();
+            self.drew_line = true;
+        } else {
+            let _ = writeln!(err, "{line}");
+        }
+        self.last_print = Instant::now();
+        self.last_messages = snap.messages;
+    }
+
+    /// Ends the live line so the summary starts on a fresh line.
+    pub fn finish(&mut self) {
+        if let Some(bar) = self.bar.take() {
+            bar.finish_and_clear();
+        }
+        if self.drew_line {
+            eprintln!();
+            self.drew_line = false;
+        }
+    }
+}

@@ -1,0 +1,473 @@
+//! The spreadsheet report (rust_xlsxwriter): "Summary" first (landscape, one page, with the
+//! response-time distribution and messages-per-second charts), then "Connections" (one row per
+//! connection) and "Timeline" (one row per second of phase 2). Every cell holds a computed number,
+//! never a formula: formulas would be stored with a cached result of 0 and show 0 in viewers that
+//! do not recalculate.
+
+use std::path::Path;
+
+use anyhow::Context;
+use hdrhistogram::Histogram;
+use rust_xlsxwriter::{Chart, ChartType, Format, FormatAlign, Workbook, Worksheet, XlsxError};
+
+use crate::config::Workload;
+use crate::coordinator::Outcome;
+use crate::summary::Summary;
+
+pub const SUMMARY: &str = "Summary";
+pub const CONNECTIONS: &str = "Connections";
+pub const TIMELINE: &str = "Timeline";
+
+/// Column titles of the Connections sheet, in order.
+pub const CONNECTION_COLUMNS: [&str; 13] = [
+    "id",
+    "process",
+    "local port",
+    "connect ms",
+    "handshake ms",
+    "messages",
+    "bytes sent",
+    "bytes received",
+    "min response ms",
+    "avg response ms",
+    "max response ms",
+    "errors",
+    "error",
+];
+
+/// Column titles of the Timeline sheet, in order.
+pub const TIMELINE_COLUMNS: [&str; 5] = [
+    "second",
+    "messages/s",
+    "errors",
+    "avg response ms",
+    "max response ms",
+];
+
+struct Formats {
+    title: Format,
+    heading: Format,
+    header: Format,
+    ms: Format,
+    int: Format,
+    rate: Format,
+}
+
+impl Formats {
+    fn new() -> Formats {
+        Formats {
+            title: Format::new().set_bold().set_font_size(14),
+            heading: Format::new().set_bold().set_font_size(11),
+            header: Format::new()
+                .set_bold()
+                .set_text_wrap()
+                .set_align(FormatAlign::Center)
+                .set_background_color("#DCE6F1"),
+            ms: Format::new().set_num_format("0.000"),
+            int: Format::new().set_num_format("#,##0"),
+            rate: Format::new().set_num_format("#,##0.0"),
+        }
+    }
+}
+
+/// Writes the report to `path`, creating its folder if needed.
+pub fn write(path: &Path, outcome: &Outcome, summary: &Summary) -> anyhow::Result<()> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("creating the report folder {}", dir.display()))?;
+    }
+    let f = Formats::new();
+    let mut workbook = Workbook::new();
+    workbook.push_worksheet(summary_sheet(outcome, summary, &f)?);
+    workbook.push_worksheet(connections_sheet(outcome, &f)?);
+    workbook.push_worksheet(timeline_sheet(outcome, &f)?);
+    workbook
+        .save(path)
+        .with_context(|| format!("writing the report {}", path.display()))?;
+    Ok(())
+}
+
+/// One bar of the distribution chart: messages whose response time was at most `upper_ms`
+/// (and above the previous bar's bound).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Bar {
+    pub upper_ms: f64,
+    pub messages: u64,
+}
+
+/// Bar bounds per decade, in tenths of the decade, so a typical run gets 10 to 20 bars.
+const STEPS: [u64; 6] = [10, 15, 20, 30, 50, 70];
+
+/// Buckets the histogram (µs) into bars from just above its minimum to its maximum.
+pub fn distribution(h: &Histogram<u64>) -> Vec<Bar> {
+    let values: Vec<(u64, u64)> = h
+        .iter_recorded()
+        .map(|v| (v.value_iterated_to(), v.count_at_value()))
+        .collect();
+    let (Some(&(min_us, _)), Some(&(max_us, _))) = (values.first(), values.last()) else {
+        return Vec::new();
+    };
+    // Bounds in whole microseconds (exact, unlike multiplying floats), 10 µs and up.
+    let mut bounds: Vec<u64> = Vec::new();
+    let mut decade = 10u64;
+    while bounds.last().is_none_or(|&b| b < max_us) {
+        bounds.extend(STEPS.iter().map(|s| s * decade / 10));
+        decade = decade.saturating_mul(10);
+    }
+    let first = bounds
+        .iter()
+        .rposition(|&b| b < min_us)
+        .map_or(0, |i| i + 1);
+    let last = bounds
+        .iter()
+        .position(|&b| b >= max_us)
+        .unwrap_or(bounds.len() - 1);
+    let mut bars: Vec<Bar> = bounds[first..=last.max(first)]
+        .iter()
+        .map(|&us| Bar {
+            upper_ms: us as f64 / 1000.0,
+            messages: 0,
+        })
+        .collect();
+    for (us, count) in values {
+        let i = bars
+            .iter()
+            .position(|b| us as f64 / 1000.0 <= b.upper_ms)
+            .unwrap_or(bars.len() - 1);
+        bars[i].messages += count;
+    }
+    bars
+}
+
+fn bar_label(upper_ms: f64) -> String {
+    if upper_ms >= 1.0 {
+        format!("≤{upper_ms:.0}")
+    } else {
+        let s = format!("{upper_ms:.3}");
+        format!("≤{}", s.trim_end_matches('0'))
+    }
+}
+
+fn summary_sheet(outcome: &Outcome, s: &Summary, f: &Formats) -> Result<Worksheet, XlsxError> {
+    let mut ws = Worksheet::new();
+    ws.set_name(SUMMARY)?;
+    ws.set_landscape();
+    ws.set_print_fit_to_pages(1, 1);
+    ws.set_column_width(0, 26)?;
+    ws.set_column_width(1, 26)?;
+    ws.set_column_width(2, 12)?;
+    ws.set_column_width(3, 2)?;
+    ws.set_column_width(4, 12)?;
+    ws.set_column_width(5, 11)?;
+    ws.write_string_with_format(0, 0, "ssl-echo-client run", &f.title)?;
+
+    let c = &outcome.config;
+    let mut row = 2;
+    let heading = |ws: &mut Worksheet, row: &mut u32, text: &str| -> Result<(), XlsxError> {
+        *row += 1;
+        ws.write_string_with_format(*row - 1, 0, text, &f.heading)?;
+        Ok(())
+    };
+    let text = |ws: &mut Worksheet, row: &mut u32, k: &str, v: &str| -> Result<(), XlsxError> {
+        ws.write_string(*row, 0, k)?;
+        ws.write_string(*row, 1, v)?;
+        *row += 1;
+        Ok(())
+    };
+    let num = |ws: &mut Worksheet,
+               row: &mut u32,
+               k: &str,
+               v: f64,
+               fmt: &Format|
+     -> Result<(), XlsxError> {
+        ws.write_string(*row, 0, k)?;
+        ws.write_number_with_format(*row, 1, v, fmt)?;
+        *row += 1;
+        Ok(())
+    };
+
+    heading(&mut ws, &mut row, "Parameters")?;
+    text(
+        &mut ws,
+        &mut row,
+        "target",
+        &format!("{}:{}", s.host, s.port),
+    )?;
+    text(&mut ws, &mut row, "server name (SNI)", &s.server_name)?;
+    text(
+        &mut ws,
+        &mut row,
+        "transport",
+        if s.tls { "TLS" } else { "plain TCP" },
+    )?;
+    let shown: String = c.message.chars().take(200).collect();
+    text(&mut ws, &mut row, "message", &shown)?;
+    num(
+        &mut ws,
+        &mut row,
+        "message bytes",
+        s.message_bytes as f64,
+        &f.int,
+    )?;
+    match c.workload {
+        Workload::Count(m) => num(
+            &mut ws,
+            &mut row,
+            "messages per connection",
+            m as f64,
+            &f.int,
+        )?,
+        Workload::DurationSecs(d) => num(&mut ws, &mut row, "duration asked (s)", d, &f.rate)?,
+    }
+    num(
+        &mut ws,
+        &mut row,
+        "connections",
+        c.connections as f64,
+        &f.int,
+    )?;
+    if c.connect_rate > 0.0 {
+        num(
+            &mut ws,
+            &mut row,
+            "connect rate (/s)",
+            c.connect_rate,
+            &f.rate,
+        )?;
+    } else {
+        text(&mut ws, &mut row, "connect rate (/s)", "unlimited")?;
+    }
+    match c.rate {
+        Some(r) => num(
+            &mut ws,
+            &mut row,
+            "send rate (/s per connection)",
+            r,
+            &f.rate,
+        )?,
+        None => text(
+            &mut ws,
+            &mut row,
+            "send rate",
+            "closed loop (send, wait, send)",
+        )?,
+    }
+    num(&mut ws, &mut row, "processes", s.processes as f64, &f.int)?;
+    num(&mut ws, &mut row, "timeout ms", c.timeout_ms as f64, &f.int)?;
+
+    row += 1;
+    heading(&mut ws, &mut row, "Run")?;
+    text(&mut ws, &mut row, "started", &s.started_at)?;
+    text(&mut ws, &mut row, "ended", &s.ended_at)?;
+    num(&mut ws, &mut row, "connect phase (s)", s.connect_s, &f.ms)?;
+    num(&mut ws, &mut row, "exchange phase (s)", s.duration_s, &f.ms)?;
+
+    row += 1;
+    heading(&mut ws, &mut row, "Totals")?;
+    num(
+        &mut ws,
+        &mut row,
+        "connections up",
+        s.connections_ok as f64,
+        &f.int,
+    )?;
+    num(
+        &mut ws,
+        &mut row,
+        "connections failed to open",
+        s.connections_failed as f64,
+        &f.int,
+    )?;
+    num(
+        &mut ws,
+        &mut row,
+        "connections lost",
+        s.connections_lost as f64,
+        &f.int,
+    )?;
+    num(&mut ws, &mut row, "messages", s.messages as f64, &f.int)?;
+    num(&mut ws, &mut row, "bytes sent", s.bytes_sent as f64, &f.int)?;
+    num(
+        &mut ws,
+        &mut row,
+        "bytes received",
+        s.bytes_received as f64,
+        &f.int,
+    )?;
+    num(&mut ws, &mut row, "messages/s", s.messages_per_sec, &f.rate)?;
+
+    row += 1;
+    ws.write_string_with_format(row, 0, "Response time (ms)", &f.heading)?;
+    ws.write_string_with_format(row, 1, "measured from send", &f.header)?;
+    if s.corrected_response_ms.is_some() {
+        ws.write_string_with_format(row, 2, "from intended send", &f.header)?;
+    }
+    row += 1;
+    let corrected = s.corrected_response_ms.map(|c| c.named());
+    for (i, (name, value)) in s.response_ms.named().into_iter().enumerate() {
+        ws.write_string(row, 0, name)?;
+        ws.write_number_with_format(row, 1, value, &f.ms)?;
+        if let Some(c) = &corrected {
+            ws.write_number_with_format(row, 2, c[i].1, &f.ms)?;
+        }
+        row += 1;
+    }
+
+    row += 1;
+    heading(&mut ws, &mut row, "Failures by cause")?;
+    for (cause, n) in &s.errors {
+        num(&mut ws, &mut row, cause, *n as f64, &f.int)?;
+    }
+    num(&mut ws, &mut row, "total", s.errors_total as f64, &f.int)?;
+
+    // Chart data: the distribution table in columns E and F.
+    let bars = distribution(&outcome.response);
+    ws.write_string_with_format(2, 4, "response ms", &f.header)?;
+    ws.write_string_with_format(2, 5, "messages", &f.header)?;
+    for (i, bar) in bars.iter().enumerate() {
+        let r = 3 + i as u32;
+        ws.write_string(r, 4, bar_label(bar.upper_ms))?;
+        ws.write_number_with_format(r, 5, bar.messages as f64, &f.int)?;
+    }
+    if !bars.is_empty() {
+        let last = 2 + bars.len() as u32;
+        let mut chart = Chart::new(ChartType::Column);
+        chart
+            .add_series()
+            .set_categories((SUMMARY, 3, 4, last, 4))
+            .set_values((SUMMARY, 3, 5, last, 5))
+            .set_gap(30);
+        chart.title().set_name("Response time distribution");
+        chart.x_axis().set_name("response time (ms, upper bound)");
+        chart.y_axis().set_name("messages");
+        chart.legend().set_hidden();
+        chart.set_width(620).set_height(300);
+        ws.insert_chart(1, 7, &chart)?;
+    }
+    let seconds = outcome.timeline.len() as u32;
+    if seconds > 0 {
+        let mut chart = Chart::new(ChartType::Line);
+        chart
+            .add_series()
+            .set_categories((TIMELINE, 1, 0, seconds, 0))
+            .set_values((TIMELINE, 1, 1, seconds, 1));
+        chart.title().set_name("Messages per second");
+        chart.x_axis().set_name("second of the exchange phase");
+        chart.y_axis().set_name("messages/s");
+        chart.legend().set_hidden();
+        chart.set_width(620).set_height(300);
+        ws.insert_chart(17, 7, &chart)?;
+    }
+    Ok(ws)
+}
+
+fn connections_sheet(outcome: &Outcome, f: &Formats) -> Result<Worksheet, XlsxError> {
+    let mut ws = Worksheet::new();
+    ws.set_name(CONNECTIONS)?;
+    for (col, title) in CONNECTION_COLUMNS.iter().enumerate() {
+        ws.write_string_with_format(0, col as u16, *title, &f.header)?;
+        ws.set_column_width(col as u16, if col == 12 { 60 } else { 11 })?;
+    }
+    ws.set_row_height(0, 30)?;
+    ws.set_freeze_panes(1, 0)?;
+    let ms = |us: u64| us as f64 / 1000.0;
+    for (i, r) in outcome.records.iter().enumerate() {
+        let row = 1 + i as u32;
+        ws.write_number(row, 0, r.id as f64)?;
+        ws.write_number(row, 1, r.process as f64)?;
+        if let Some(p) = r.local_port {
+            ws.write_number(row, 2, p as f64)?;
+        }
+        if let Some(v) = r.connect_ms {
+            ws.write_number_with_format(row, 3, v, &f.ms)?;
+        }
+        if let Some(v) = r.handshake_ms {
+            ws.write_number_with_format(row, 4, v, &f.ms)?;
+        }
+        ws.write_number(row, 5, r.messages as f64)?;
+        ws.write_number(row, 6, r.bytes_sent as f64)?;
+        ws.write_number(row, 7, r.bytes_received as f64)?;
+        if let Some(v) = r.response_us_min {
+            ws.write_number_with_format(row, 8, ms(v), &f.ms)?;
+        }
+        if let Some(v) = r.response_ms_avg() {
+            ws.write_number_with_format(row, 9, v, &f.ms)?;
+        }
+        if let Some(v) = r.response_us_max {
+            ws.write_number_with_format(row, 10, ms(v), &f.ms)?;
+        }
+        ws.write_number(row, 11, u32::from(r.failure.is_some()) as f64)?;
+        if let Some(failure) = &r.failure {
+            ws.write_string(row, 12, failure.to_string())?;
+        }
+    }
+    let last = outcome.records.len() as u32;
+    ws.autofilter(0, 0, last.max(1), (CONNECTION_COLUMNS.len() - 1) as u16)?;
+    Ok(ws)
+}
+
+fn timeline_sheet(outcome: &Outcome, f: &Formats) -> Result<Worksheet, XlsxError> {
+    let mut ws = Worksheet::new();
+    ws.set_name(TIMELINE)?;
+    for (col, title) in TIMELINE_COLUMNS.iter().enumerate() {
+        ws.write_string_with_format(0, col as u16, *title, &f.header)?;
+        ws.set_column_width(col as u16, 14)?;
+    }
+    ws.set_freeze_panes(1, 0)?;
+    let n = outcome.timeline.len();
+    for (i, sec) in outcome.timeline.iter().enumerate() {
+        let row = 1 + i as u32;
+        // The last second is usually partial: its rate is scaled to the part that ran.
+        let span = if i + 1 == n {
+            (outcome.exchange_s - i as f64).clamp(0.001, 1.0)
+        } else {
+            1.0
+        };
+        ws.write_number(row, 0, (i + 1) as f64)?;
+        ws.write_number_with_format(row, 1, sec.messages as f64 / span, &f.rate)?;
+        ws.write_number(row, 2, sec.errors as f64)?;
+        if sec.messages > 0 {
+            let avg = sec.response_us_sum as f64 / sec.messages as f64 / 1000.0;
+            ws.write_number_with_format(row, 3, avg, &f.ms)?;
+            ws.write_number_with_format(row, 4, sec.response_us_max as f64 / 1000.0, &f.ms)?;
+        }
+    }
+    Ok(ws)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::recorder::new_histogram;
+
+    #[test]
+    fn distribution_covers_min_to_max_and_keeps_every_message() {
+        let mut h = new_histogram();
+        h.record_n(180, 10).unwrap(); // 0.18 ms
+        h.record_n(2_500, 5).unwrap(); // 2.5 ms
+        h.record_n(9_000, 1).unwrap(); // 9 ms
+        let bars = distribution(&h);
+        let uppers: Vec<String> = bars.iter().map(|b| format!("{}", b.upper_ms)).collect();
+        assert_eq!(
+            uppers,
+            ["0.2", "0.3", "0.5", "0.7", "1", "1.5", "2", "3", "5", "7", "10"]
+        );
+        assert_eq!(bars[0].messages, 10);
+        assert_eq!(bars[7].messages, 5);
+        assert_eq!(bars[10].messages, 1);
+        assert_eq!(bars.iter().map(|b| b.messages).sum::<u64>(), 16);
+        assert_eq!(bar_label(0.2), "≤0.2");
+        assert_eq!(bar_label(0.15), "≤0.15");
+        assert_eq!(bar_label(10.0), "≤10");
+    }
+
+    #[test]
+    fn one_value_gives_one_bar() {
+        let mut h = new_histogram();
+        h.record_n(1_000, 3).unwrap();
+        let bars = distribution(&h);
+        assert_eq!(bars.len(), 1);
+        assert_eq!(bars[0].upper_ms, 1.0);
+        assert_eq!(bars[0].messages, 3);
+    }
+}

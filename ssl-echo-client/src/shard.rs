@@ -1,0 +1,151 @@
+//! One process's share of the run: opens its connections at the ramp rate, reports when all of
+//! them are up (or failed), waits for the go, and streams each connection's record and the final
+//! histograms out as [`WorkerMsg`]s. The same code runs inside the parent (one process) and in
+//! each worker process (many).
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::{watch, Semaphore};
+
+use crate::config::ShardPlan;
+use crate::connector::Connector;
+use crate::failure::{Cause, Failure, Phase};
+use crate::recorder::{HistogramDump, LiveSnapshot, Recorder, Second};
+use crate::session::{self, ConnectionRecord, Shared};
+
+/// At most this many connections of one process are being opened at once. Enough to keep a
+/// server busy with handshakes; few enough that a burst of thousands does not overflow its
+/// listen backlog (which turns into 1 s, 3 s, 7 s SYN retries and looks like a slow server).
+pub const MAX_CONNECTING: usize = 500;
+
+/// How often a shard reports its live counters.
+pub const PROGRESS_EVERY: Duration = Duration::from_millis(250);
+
+/// What a shard tells its parent, in order: progress (repeatedly), `Connected` once phase 1 is
+/// over, then one `Connection` per connection, then `Finished`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum WorkerMsg {
+    Progress(LiveSnapshot),
+    Connected {
+        ok: u64,
+        failed: u64,
+    },
+    Connection(ConnectionRecord),
+    Finished {
+        exchange_s: f64,
+        response: HistogramDump,
+        corrected: HistogramDump,
+        timeline: Vec<Second>,
+    },
+}
+
+/// Where a shard's messages go (a channel in-process, stdout in a worker process).
+pub type Emit = Arc<dyn Fn(WorkerMsg) + Send + Sync>;
+
+/// Runs the shard to the end. `go` resolves to the barrier instant, or `None` if the run is
+/// abandoned (the parent went away): then open connections are closed without sending.
+pub async fn drive(
+    plan: ShardPlan,
+    connector: Connector,
+    emit: Emit,
+    go: impl Future<Output = Option<Instant>>,
+) {
+    let recorder = Arc::new(Recorder::default());
+    let shared = Arc::new(Shared {
+        config: plan.config.clone(),
+        connector,
+        recorder: Arc::clone(&recorder),
+        process: plan.index,
+    });
+    let (go_tx, go_rx) = watch::channel(None);
+
+    let ticker = {
+        let recorder = Arc::clone(&recorder);
+        let emit = Arc::clone(&emit);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(PROGRESS_EVERY);
+            loop {
+                tick.tick().await;
+                emit(WorkerMsg::Progress(recorder.snapshot()));
+            }
+        })
+    };
+
+    let ramp = tokio::spawn(open_all(plan.clone(), shared, go_rx));
+    recorder.wait_phase1(plan.connections).await;
+    let phase1 = recorder.snapshot();
+    emit(WorkerMsg::Progress(phase1));
+    emit(WorkerMsg::Connected {
+        ok: phase1.up,
+        failed: phase1.connect_failed,
+    });
+
+    let go_at = go.await;
+    match go_at {
+        Some(at) => {
+            recorder.set_go(at);
+            let _ = go_tx.send(Some(at));
+        }
+        None => drop(go_tx),
+    }
+
+    let handles = match ramp.await {
+        Ok(handles) => handles,
+        Err(e) => {
+            tracing::error!("connection ramp failed: {e}");
+            Vec::new()
+        }
+    };
+    for (offset, handle) in handles.into_iter().enumerate() {
+        let record = handle.await.unwrap_or_else(|e| {
+            let mut r = ConnectionRecord::new(plan.first_id + offset as u64, plan.index);
+            r.failure = Some(Failure::new(Cause::Other, Phase::Exchange, e));
+            r
+        });
+        emit(WorkerMsg::Connection(record));
+    }
+    ticker.abort();
+    let exchange_s = go_at.map_or(0.0, |at| at.elapsed().as_secs_f64());
+    let tallies = recorder.take();
+    emit(WorkerMsg::Progress(recorder.snapshot()));
+    emit(WorkerMsg::Finished {
+        exchange_s,
+        response: HistogramDump::of(&tallies.response),
+        corrected: HistogramDump::of(&tallies.corrected),
+        timeline: tallies.timeline,
+    });
+}
+
+/// Starts every connection of the shard, spaced by the connect rate and limited to
+/// [`MAX_CONNECTING`] in flight. Returns their handles in id order.
+async fn open_all(
+    plan: ShardPlan,
+    shared: Arc<Shared>,
+    go: watch::Receiver<Option<Instant>>,
+) -> Vec<tokio::task::JoinHandle<ConnectionRecord>> {
+    let connecting = Arc::new(Semaphore::new(MAX_CONNECTING));
+    let start = Instant::now();
+    let mut handles = Vec::with_capacity(plan.connections as usize);
+    for i in 0..plan.connections {
+        if plan.connect_rate > 0.0 {
+            let at = start + Duration::from_secs_f64(i as f64 / plan.connect_rate);
+            tokio::time::sleep_until(at.into()).await;
+        }
+        // The semaphore is never closed, so acquiring cannot fail.
+        let permit = Arc::clone(&connecting)
+            .acquire_owned()
+            .await
+            .expect("semaphore is never closed");
+        handles.push(tokio::spawn(session::run(
+            plan.first_id + i,
+            Arc::clone(&shared),
+            permit,
+            go.clone(),
+        )));
+    }
+    handles
+}

@@ -1,0 +1,246 @@
+//! Shared by the integration tests: throwaway certificates, an echo server on a free loopback
+//! port (the real `ssl-echo-server`, or the `tiny_echo` example while that is not built), and
+//! running the client binary with a time limit, stdout and stderr kept apart.
+
+#![allow(dead_code)]
+
+use std::io::Read;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use testbed::testing::{free_port, wait_for_listen, ChildGuard};
+
+pub const CLIENT: &str = env!("CARGO_BIN_EXE_ssl-echo-client");
+
+/// A fresh CA + server certificate for localhost / 127.0.0.1 in a temporary folder.
+pub struct Certs {
+    pub dir: tempfile::TempDir,
+    pub paths: certs::CertPaths,
+}
+
+pub fn certs() -> Certs {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let paths = certs::write_throwaway(dir.path(), &[]).expect("throwaway certificates");
+    Certs { dir, paths }
+}
+
+/// The echo server binary: `ssl-echo-server` when it is a real server, else `tiny_echo`.
+pub fn server_binary() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let profile = exe
+        .parent()
+        .and_then(|p| p.parent())
+        .expect("target/<profile>");
+    let real = profile.join("ssl-echo-server");
+    if real.exists() {
+        let out = Command::new(&real).arg("--help").output();
+        if out.is_ok_and(|o| o.status.success()) {
+            return real;
+        }
+    }
+    profile.join("examples").join("tiny_echo")
+}
+
+/// A running echo server.
+pub struct Server {
+    pub guard: ChildGuard,
+    pub addr: SocketAddr,
+    pub stats_file: PathBuf,
+}
+
+impl Server {
+    /// Starts an echo server on a free loopback port (TLS with `certs`, or plain).
+    pub fn start(certs: Option<&Certs>, work: &Path) -> Server {
+        let port = free_port();
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let stats_file = work.join(format!("server-{port}.json"));
+        let mut cmd = Command::new(server_binary());
+        cmd.arg("--listen")
+            .arg(addr.to_string())
+            .arg("--stats-file")
+            .arg(&stats_file);
+        match certs {
+            Some(c) => {
+                cmd.arg("--cert")
+                    .arg(&c.paths.server_cert)
+                    .arg("--key")
+                    .arg(&c.paths.server_key);
+            }
+            None => {
+                cmd.arg("--plain");
+            }
+        }
+        let guard = ChildGuard::spawn(cmd);
+        assert!(
+            wait_for_listen(addr, Duration::from_secs(20)),
+            "echo server did not listen on {addr}:\n{}",
+            guard.output()
+        );
+        Server {
+            guard,
+            addr,
+            stats_file,
+        }
+    }
+
+    /// A number from the server's stats file (0 while the file is not there yet).
+    pub fn stat(&self, field: &str) -> u64 {
+        std::fs::read_to_string(&self.stats_file)
+            .ok()
+            .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok())
+            .and_then(|v| v[field].as_u64())
+            .unwrap_or(0)
+    }
+}
+
+/// What a finished client run printed.
+pub struct Run {
+    pub status: ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+    pub took: Duration,
+}
+
+impl Run {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.stdout).unwrap_or_else(|e| {
+            panic!(
+                "stdout is not one JSON document ({e}):\n{}\n--- stderr ---\n{}",
+                self.stdout, self.stderr
+            )
+        })
+    }
+}
+
+/// A started client; killed (with its worker processes) if dropped before it ends.
+pub struct ClientProcess {
+    child: Option<Child>,
+    started: Instant,
+    out: Option<std::thread::JoinHandle<String>>,
+    err: Option<std::thread::JoinHandle<String>>,
+}
+
+fn drain(mut r: impl Read + Send + 'static) -> std::thread::JoinHandle<String> {
+    std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = r.read_to_string(&mut s);
+        s
+    })
+}
+
+impl ClientProcess {
+    pub fn start(args: &[&str]) -> ClientProcess {
+        use std::os::unix::process::CommandExt;
+        let mut child = Command::new(CLIENT)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0)
+            .spawn()
+            .expect("start ssl-echo-client");
+        let out = drain(child.stdout.take().unwrap());
+        let err = drain(child.stderr.take().unwrap());
+        ClientProcess {
+            child: Some(child),
+            started: Instant::now(),
+            out: Some(out),
+            err: Some(err),
+        }
+    }
+
+    /// Waits for the client to end; panics (after killing it) if it takes longer than `limit`.
+    pub fn finish(mut self, limit: Duration) -> Run {
+        let mut child = self.child.take().unwrap();
+        let status = loop {
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                break status;
+            }
+            if self.started.elapsed() > limit {
+                kill_group(&child);
+                let _ = child.wait();
+                let err = self.err.take().unwrap().join().unwrap_or_default();
+                panic!("ssl-echo-client still running after {limit:?}; stderr:\n{err}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let took = self.started.elapsed();
+        Run {
+            status,
+            stdout: self.out.take().unwrap().join().unwrap_or_default(),
+            stderr: self.err.take().unwrap().join().unwrap_or_default(),
+            took,
+        }
+    }
+}
+
+fn kill_group(child: &Child) {
+    // SAFETY: kill(2) on the process group we created with process_group(0).
+    unsafe {
+        libc::kill(-(child.id() as i32), libc::SIGKILL);
+    }
+}
+
+impl Drop for ClientProcess {
+    fn drop(&mut self) {
+        if let Some(child) = &mut self.child {
+            kill_group(child);
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Runs the client to the end (at most `limit`).
+pub fn run_client(args: &[&str], limit: Duration) -> Run {
+    ClientProcess::start(args).finish(limit)
+}
+
+/// Reads one sheet of a report as rows of cells.
+pub fn sheet(path: &Path, name: &str) -> calamine::Range<calamine::Data> {
+    use calamine::Reader;
+    let mut wb: calamine::Xlsx<_> = calamine::open_workbook(path).expect("open report");
+    wb.worksheet_range(name).expect("sheet")
+}
+
+pub fn sheet_names(path: &Path) -> Vec<String> {
+    use calamine::Reader;
+    let wb: calamine::Xlsx<_> = calamine::open_workbook(path).expect("open report");
+    wb.sheet_names()
+}
+
+/// A cell as a number (panics with the cell's position otherwise).
+pub fn num(range: &calamine::Range<calamine::Data>, row: usize, col: usize) -> f64 {
+    match range.get((row, col)) {
+        Some(calamine::Data::Float(f)) => *f,
+        Some(calamine::Data::Int(i)) => *i as f64,
+        other => panic!("cell ({row},{col}) is not a number: {other:?}"),
+    }
+}
+
+pub fn text(range: &calamine::Range<calamine::Data>, row: usize, col: usize) -> String {
+    match range.get((row, col)) {
+        Some(calamine::Data::String(s)) => s.clone(),
+        Some(calamine::Data::Empty) | None => String::new(),
+        other => panic!("cell ({row},{col}) is not text: {other:?}"),
+    }
+}
+
+/// The Summary sheet's value next to the label `label` (column A → column B).
+pub fn summary_value(path: &Path, label: &str) -> f64 {
+    let s = sheet(path, "Summary");
+    for row in 0..s.height() {
+        if text_or_empty(&s, row, 0) == label {
+            return num(&s, row, 1);
+        }
+    }
+    panic!("no {label:?} row in the Summary sheet");
+}
+
+fn text_or_empty(range: &calamine::Range<calamine::Data>, row: usize, col: usize) -> String {
+    match range.get((row, col)) {
+        Some(calamine::Data::String(s)) => s.clone(),
+        _ => String::new(),
+    }
+}

@@ -1,0 +1,415 @@
+//! End-to-end runs of the client against a real echo server on a loopback port: exact counts in
+//! the JSON summary and in the spreadsheet read back with calamine, and failures counted by
+//! cause instead of crashing or hanging.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpListener;
+use std::time::Duration;
+
+use common::*;
+use testbed::testing::{free_port, wait_until};
+
+const LIMIT: Duration = Duration::from_secs(120);
+
+#[test]
+fn tls_300_connections_of_20_messages_give_exact_counts_in_json_and_report() {
+    let certs = certs();
+    let work = tempfile::tempdir().unwrap();
+    let server = Server::start(Some(&certs), work.path());
+    let report = work.path().join("r").join("client-300.xlsx");
+    let message = "hello, echo"; // 11 bytes
+    let port = server.addr.port().to_string();
+    let run = run_client(
+        &[
+            "--port",
+            &port,
+            "--ca",
+            certs.paths.ca_cert.to_str().unwrap(),
+            "--connections",
+            "300",
+            "--count",
+            "20",
+            "--message",
+            message,
+            "--report",
+            report.to_str().unwrap(),
+            "--json",
+        ],
+        LIMIT,
+    );
+    assert!(run.status.success(), "{}", run.stderr);
+    assert!(
+        run.stderr
+            .contains("300 connections over 1 process (open-file limit "),
+        "{}",
+        run.stderr
+    );
+    let j = run.json();
+    assert_eq!(j["connections"], 300);
+    assert_eq!(j["connections_ok"], 300);
+    assert_eq!(j["connections_failed"], 0);
+    assert_eq!(j["messages"], 6000);
+    assert_eq!(j["bytes_sent"], 6000 * 11);
+    assert_eq!(j["bytes_received"], 6000 * 11);
+    assert_eq!(j["errors_total"], 0);
+    assert_eq!(j["processes"], 1);
+    assert_eq!(j["tls"], true);
+    assert_eq!(j["report"], report.to_str().unwrap());
+    for cause in [
+        "refused",
+        "timeout",
+        "tls",
+        "reset",
+        "wrong_echo",
+        "eof",
+        "other",
+    ] {
+        assert_eq!(j["errors"][cause], 0, "{cause}");
+    }
+    let r = &j["response_ms"];
+    let (p50, p99, max) = (
+        r["p50"].as_f64().unwrap(),
+        r["p99"].as_f64().unwrap(),
+        r["max"].as_f64().unwrap(),
+    );
+    assert!(0.0 < p50 && p50 <= p99 && p99 <= max, "{r}");
+    assert!(j.get("corrected_response_ms").is_none(), "only with --rate");
+    assert!(j["messages_per_sec"].as_f64().unwrap() > 0.0);
+
+    // The server saw every byte, and so does the report.
+    assert!(wait_until(Duration::from_secs(5), || server
+        .stat("bytes_echoed")
+        == 6000 * 11));
+    assert_eq!(sheet_names(&report), ["Summary", "Connections", "Timeline"]);
+    let rows = sheet(&report, "Connections");
+    assert_eq!(rows.height(), 301, "header + one row per connection");
+    assert_eq!(text(&rows, 0, 5), "messages");
+    let mut ports = std::collections::HashSet::new();
+    for row in 1..=300 {
+        assert_eq!(num(&rows, row, 0), (row - 1) as f64, "ids in order");
+        assert_eq!(num(&rows, row, 5), 20.0, "messages of row {row}");
+        assert_eq!(num(&rows, row, 6), 220.0, "bytes sent of row {row}");
+        assert_eq!(num(&rows, row, 7), 220.0, "bytes received of row {row}");
+        assert_eq!(num(&rows, row, 11), 0.0, "errors of row {row}");
+        assert!(num(&rows, row, 4) > 0.0, "handshake ms of row {row}");
+        assert!(
+            num(&rows, row, 8) <= num(&rows, row, 9) && num(&rows, row, 9) <= num(&rows, row, 10)
+        );
+        ports.insert(num(&rows, row, 2) as u64);
+    }
+    assert_eq!(ports.len(), 300, "every connection has its own local port");
+    assert_eq!(summary_value(&report, "messages"), 6000.0);
+    assert_eq!(summary_value(&report, "connections up"), 300.0);
+    assert_eq!(summary_value(&report, "bytes sent"), 66000.0);
+    assert_eq!(summary_value(&report, "total"), 0.0);
+    let timeline = sheet(&report, "Timeline");
+    assert!(timeline.height() >= 2, "at least one second of timeline");
+}
+
+#[test]
+fn plaintext_mode_counts_the_same_way() {
+    let work = tempfile::tempdir().unwrap();
+    let server = Server::start(None, work.path());
+    let report = work.path().join("plain.xlsx");
+    let port = server.addr.port().to_string();
+    let run = run_client(
+        &[
+            "--plain",
+            "--port",
+            &port,
+            "--connections",
+            "50",
+            "--count",
+            "10",
+            "--message",
+            "abc",
+            "--report",
+            report.to_str().unwrap(),
+            "--json",
+        ],
+        LIMIT,
+    );
+    assert!(run.status.success(), "{}", run.stderr);
+    let j = run.json();
+    assert_eq!(j["tls"], false);
+    assert_eq!(j["messages"], 500);
+    assert_eq!(j["bytes_received"], 1500);
+    assert_eq!(j["errors_total"], 0);
+    let rows = sheet(&report, "Connections");
+    assert_eq!(rows.height(), 51);
+    assert_eq!(
+        rows.get((1, 4)),
+        Some(&calamine::Data::Empty),
+        "no handshake in plain mode"
+    );
+}
+
+#[test]
+fn a_dead_port_gives_one_refused_per_connection_without_hanging() {
+    let work = tempfile::tempdir().unwrap();
+    let report = work.path().join("dead.xlsx");
+    let port = free_port().to_string(); // nothing listens there
+    let run = run_client(
+        &[
+            "--plain",
+            "--port",
+            &port,
+            "--connections",
+            "200",
+            "--count",
+            "5",
+            "--report",
+            report.to_str().unwrap(),
+            "--json",
+        ],
+        Duration::from_secs(60),
+    );
+    assert!(run.status.success(), "{}", run.stderr);
+    let j = run.json();
+    assert_eq!(j["connections_ok"], 0);
+    assert_eq!(j["connections_failed"], 200);
+    assert_eq!(j["errors"]["refused"], 200);
+    assert_eq!(j["errors_total"], 200);
+    assert_eq!(j["messages"], 0);
+    assert_eq!(j["response_ms"]["max"], 0.0);
+    let rows = sheet(&report, "Connections");
+    assert_eq!(rows.height(), 201);
+    assert!(
+        text(&rows, 1, 12).starts_with("refused during connect: "),
+        "{}",
+        text(&rows, 1, 12)
+    );
+}
+
+#[test]
+fn killing_the_server_midway_ends_the_run_with_every_connection_counted() {
+    let certs = certs();
+    let work = tempfile::tempdir().unwrap();
+    let mut server = Server::start(Some(&certs), work.path());
+    let report = work.path().join("killed.xlsx");
+    let port = server.addr.port().to_string();
+    // 40 connections × 50 messages/s would take 2,000 s to reach the count: the kill ends it.
+    let client = ClientProcess::start(&[
+        "--port",
+        &port,
+        "--ca",
+        certs.paths.ca_cert.to_str().unwrap(),
+        "--connections",
+        "40",
+        "--count",
+        "100000",
+        "--rate",
+        "50",
+        "--timeout-ms",
+        "5000",
+        "--report",
+        report.to_str().unwrap(),
+        "--json",
+    ]);
+    // Midway: once the server has echoed a good number of messages.
+    let bytes_per_message = "Hello, echo server!".len() as u64;
+    assert!(
+        wait_until(LIMIT, || server.stat("bytes_echoed")
+            >= 500 * bytes_per_message),
+        "the server never echoed 500 messages"
+    );
+    server.guard.signal(libc::SIGKILL);
+    server
+        .guard
+        .wait_exit(Duration::from_secs(10))
+        .expect("server killed");
+    let run = client.finish(LIMIT);
+    assert!(run.status.success(), "{}", run.stderr);
+    let j = run.json();
+    assert_eq!(j["connections_ok"], 40);
+    assert_eq!(j["connections_lost"], 40);
+    let (eof, reset) = (
+        j["errors"]["eof"].as_u64().unwrap(),
+        j["errors"]["reset"].as_u64().unwrap(),
+    );
+    assert_eq!(
+        eof + reset,
+        40,
+        "each connection ends with eof or reset: {}",
+        j["errors"]
+    );
+    assert_eq!(j["errors_total"], 40);
+    let messages = j["messages"].as_u64().unwrap();
+    assert!((500..40 * 100_000).contains(&messages), "{messages}");
+    assert!(j["corrected_response_ms"]["p50"].as_f64().unwrap() > 0.0);
+    let rows = sheet(&report, "Connections");
+    assert_eq!(rows.height(), 41);
+    let counted: f64 = (1..=40).map(|r| num(&rows, r, 5)).sum();
+    assert_eq!(counted as u64, messages);
+    assert_eq!(summary_value(&report, "messages"), messages as f64);
+    assert_eq!(summary_value(&report, "total"), 40.0);
+}
+
+#[test]
+fn two_processes_share_the_connections_and_join_one_report() {
+    let certs = certs();
+    let work = tempfile::tempdir().unwrap();
+    let server = Server::start(Some(&certs), work.path());
+    let report = work.path().join("two.xlsx");
+    let port = server.addr.port().to_string();
+    let run = run_client(
+        &[
+            "--port",
+            &port,
+            "--ca",
+            certs.paths.ca_cert.to_str().unwrap(),
+            "--connections",
+            "101",
+            "--count",
+            "7",
+            "--processes",
+            "2",
+            "--report",
+            report.to_str().unwrap(),
+            "--json",
+        ],
+        LIMIT,
+    );
+    assert!(run.status.success(), "{}", run.stderr);
+    assert!(
+        run.stderr.contains("101 connections over 2 processes"),
+        "{}",
+        run.stderr
+    );
+    let j = run.json();
+    assert_eq!(j["processes"], 2);
+    assert_eq!(j["connections_ok"], 101);
+    assert_eq!(j["messages"], 707);
+    assert_eq!(j["errors_total"], 0);
+    let rows = sheet(&report, "Connections");
+    assert_eq!(rows.height(), 102);
+    let processes: Vec<u64> = (1..=101).map(|r| num(&rows, r, 1) as u64).collect();
+    assert_eq!(processes.iter().filter(|p| **p == 0).count(), 51);
+    assert_eq!(processes.iter().filter(|p| **p == 1).count(), 50);
+    let ids: Vec<u64> = (1..=101).map(|r| num(&rows, r, 0) as u64).collect();
+    assert_eq!(ids, (0..101).collect::<Vec<_>>());
+    // The histograms of both processes were merged: the distribution has every message.
+    let summary = sheet(&report, "Summary");
+    let mut bars = 0.0;
+    for row in 3..summary.height() {
+        if let Some(calamine::Data::Float(n)) = summary.get((row, 5)) {
+            bars += n;
+        }
+    }
+    assert_eq!(bars, 707.0);
+}
+
+#[test]
+fn a_wrong_server_name_is_counted_as_tls_failures() {
+    let certs = certs();
+    let work = tempfile::tempdir().unwrap();
+    let server = Server::start(Some(&certs), work.path());
+    let port = server.addr.port().to_string();
+    let report = work.path().join("sni.xlsx");
+    let run = run_client(
+        &[
+            "--port",
+            &port,
+            "--ca",
+            certs.paths.ca_cert.to_str().unwrap(),
+            "--server-name",
+            "not-this-server.example",
+            "--connections",
+            "20",
+            "--count",
+            "1",
+            "--report",
+            report.to_str().unwrap(),
+            "--json",
+        ],
+        LIMIT,
+    );
+    assert!(run.status.success(), "{}", run.stderr);
+    let j = run.json();
+    assert_eq!(j["errors"]["tls"], 20);
+    assert_eq!(j["connections_failed"], 20);
+    let rows = sheet(&report, "Connections");
+    assert!(
+        text(&rows, 1, 12).starts_with("tls during handshake: "),
+        "{}",
+        text(&rows, 1, 12)
+    );
+}
+
+#[test]
+fn a_wrong_echo_is_an_error_not_a_timeout() {
+    // A server that answers every message with the same number of bytes, all 'X'.
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port().to_string();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut s = stream;
+                let mut buf = [0u8; 64];
+                while let Ok(n) = s.read(&mut buf) {
+                    if n == 0 || s.write_all(&vec![b'X'; n]).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    let work = tempfile::tempdir().unwrap();
+    let report = work.path().join("wrong.xlsx");
+    let run = run_client(
+        &[
+            "--plain",
+            "--port",
+            &port,
+            "--connections",
+            "5",
+            "--count",
+            "3",
+            "--message",
+            "ping",
+            "--timeout-ms",
+            "30000",
+            "--report",
+            report.to_str().unwrap(),
+            "--json",
+        ],
+        LIMIT,
+    );
+    let j = run.json();
+    assert_eq!(j["errors"]["wrong_echo"], 5);
+    assert_eq!(j["errors"]["timeout"], 0);
+    assert_eq!(j["connections_lost"], 5);
+    assert_eq!(j["messages"], 0);
+    let rows = sheet(&report, "Connections");
+    assert_eq!(
+        text(&rows, 1, 12),
+        "wrong_echo during exchange: sent \"ping\", got back \"XXXX\""
+    );
+}
+
+#[test]
+fn a_missing_ca_file_is_one_clear_error() {
+    let run = run_client(
+        &[
+            "--port",
+            "1",
+            "--ca",
+            "/nonexistent/ca.crt",
+            "--connections",
+            "3",
+            "--count",
+            "1",
+        ],
+        Duration::from_secs(30),
+    );
+    assert!(!run.status.success());
+    assert!(
+        run.stderr
+            .contains("/nonexistent/ca.crt: cannot read certificate"),
+        "{}",
+        run.stderr
+    );
+    assert!(run.stdout.is_empty());
+}
