@@ -33,18 +33,28 @@ client() { # NS ARGS... — the load client, fd limit raised
     local ns=$1
     shift
     # shellcheck disable=SC2016
-    in_ns "$ns" bash -c 'ulimit -n "$(ulimit -Hn)"; exec "$@"' _ "$(bin ssl-echo-client)" "$@"
+    in_ns "$ns" bash -c 'ulimit -n "$(ulimit -Hn)"; exec "$@"' _ "$(bin ssl-echo-client)" "$@" </dev/null
 }
 
 # capture_start NAME FILTER FILE — tshark on both gateway legs; returns once it is capturing.
 capture_start() {
     local name=$1 filter=$2 file=$3
-    lab_spawn "$name" "$NS_GW" gateway tshark -n -i eth0 -i eth1 -f "$filter" -w "$file"
+    # -f before the -i options applies the filter to both interfaces; -P -l also lists each packet
+    # on stdout as soon as dumpcap has written it to the file, which capture_stop waits for.
+    lab_spawn "$name" "$NS_GW" gateway tshark -n -l -P -f "$filter" -i eth0 -i eth1 -w "$file"
     wait_until 20 "$name to capture" grep -q "Capturing on" "$LAB_DIR/logs/$name.log"
 }
 
+# Waits until the capture holds the closing packets of both legs (client->gateway and
+# gateway->server each end with two FINs, or a RST), then stops tshark. Stopping at once would lose
+# the packets dumpcap has not yet read from the kernel.
 capture_stop() {
-    stop_proc "$1" INT
+    local name=$1
+    wait_until 10 "$name to see both connections close" \
+        bash -c "[ \$(grep -cE 'FIN|RST' '$LAB_DIR/logs/$name.out') -ge 4 ]" || true
+    # SIGINT to tshark alone: it stops dumpcap itself (signalling the whole group loses packets).
+    stop_proc "$name" INT leader
+    cp "$LAB_DIR/logs/$name.out" "$LAB_RESULTS/case1/$name-packets.txt"
 }
 
 frames_containing() { # FILE TEXT
@@ -78,17 +88,19 @@ case_1() {
     local tls_rc=$?
     capture_stop cap-tls
 
-    local plain_hits tls_hits tls_raw tls_hellos plain_msgs tls_msgs
+    local plain_hits tls_hits tls_raw tls_hellos tls_records plain_msgs tls_msgs
     plain_hits=$(frames_containing "$out/plaintext.pcapng" "$text")
     tls_hits=$(frames_containing "$out/tls.pcapng" "$text")
     tls_raw=$(grep -c -a -F "$text" "$out/tls.pcapng" || true)
     tls_hellos=$(tshark -n -r "$out/tls.pcapng" -d "tcp.port==$PORT_TLS_ECHO,tls" -Y "tls.handshake.type == 1" 2>/dev/null | wc -l)
+    tls_records=$(tshark -n -r "$out/tls.pcapng" -d "tcp.port==$PORT_TLS_ECHO,tls" -Y "tls.app_data" 2>/dev/null | wc -l)
     plain_msgs=$(json_get "$out/plaintext-client.json" messages)
     tls_msgs=$(json_get "$out/tls-client.json" messages)
-    local observed="plaintext: $plain_hits frames contain the message (client exit $plain_rc, echoed ${plain_msgs:-?}); TLS: $tls_hits frames contain it (raw bytes: $tls_raw), $tls_hellos ClientHellos seen (client exit $tls_rc, echoed ${tls_msgs:-?}); message \"$text\""
-    # Both legs (client->gateway, gateway->server) carry the message and its echo: 4 frames at least.
+    local observed="plaintext: $plain_hits frames contain the message (client exit $plain_rc, echoed ${plain_msgs:-?}); TLS: $tls_hits frames contain it (raw bytes: $tls_raw), $tls_hellos ClientHellos and $tls_records encrypted records seen (client exit $tls_rc, echoed ${tls_msgs:-?}); message \"$text\""
+    # Both legs (client->gateway, gateway->server) carry the message and its echo: 4 frames at least;
+    # the TLS capture must really hold the TLS conversation (hellos and encrypted records on both legs).
     if [ "$plain_rc" -eq 0 ] && [ "$tls_rc" -eq 0 ] && [ "${plain_msgs:-0}" -ge 1 ] && [ "${tls_msgs:-0}" -ge 1 ] &&
-        [ "$plain_hits" -ge 4 ] && [ "$tls_hits" -eq 0 ] && [ "$tls_raw" -eq 0 ] && [ "$tls_hellos" -ge 2 ]; then
+        [ "$plain_hits" -ge 4 ] && [ "$tls_hits" -eq 0 ] && [ "$tls_raw" -eq 0 ] && [ "$tls_hellos" -ge 2 ] && [ "$tls_records" -ge 4 ]; then
         record 1 "$expect" "$observed" PASS "$original"
     else
         record 1 "$expect" "$observed" FAIL "$original"

@@ -117,18 +117,25 @@ wait_exit() {
     wait_until "$2" "$1 to exit" bash -c "! kill -0 $pid"
 }
 
-# stop_proc NAME [SIGNAL] — signals the process group, waits up to 15 s, then kills it.
+# stop_proc NAME [SIGNAL] [group|leader] — signals the process group (or only its leader, for
+# programs like tshark that stop their own children in order), waits up to 15 s, then kills the group.
 stop_proc() {
-    local name=$1 sig=${2:-TERM} pid
+    local name=$1 sig=${2:-TERM} target=${3:-group} pid
     pid=$(proc_pid "$name") || return 0
     [ -n "$pid" ] || return 0
-    kill -"$sig" -- -"$pid" 2>/dev/null || kill -"$sig" "$pid" 2>/dev/null || true
+    if [ "$target" = leader ]; then
+        kill -"$sig" "$pid" 2>/dev/null || true
+    else
+        kill -"$sig" -- -"$pid" 2>/dev/null || kill -"$sig" "$pid" 2>/dev/null || true
+    fi
     local deadline=$((SECONDS + 15))
     while kill -0 "$pid" 2>/dev/null && [ $SECONDS -lt $deadline ]; do sleep 0.1; done
     if kill -0 "$pid" 2>/dev/null; then
         log "$name did not stop on SIG$sig; killing it"
         kill -KILL -- -"$pid" 2>/dev/null || kill -KILL "$pid" 2>/dev/null || true
     fi
+    # Children that outlived their leader still belong to the group.
+    kill -KILL -- -"$pid" 2>/dev/null || true
     rm -f "$LAB_DIR/pids/$name"
 }
 
