@@ -1,6 +1,5 @@
-//! Shared by the integration tests: throwaway certificates, an echo server on a free loopback
-//! port (the real `ssl-echo-server`, or the `tiny_echo` example while that is not built), and
-//! running the client binary with a time limit, stdout and stderr kept apart.
+//! Shared by the integration tests: throwaway certificates, the real `ssl-echo-server` on a free
+//! loopback port, and running the client binary with a time limit, stdout and stderr kept apart.
 
 #![allow(dead_code)]
 
@@ -10,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use testbed::testing::{free_port, wait_for_listen, ChildGuard};
+use testbed::testing::{bin_path, free_port, wait_for_listen, ChildGuard};
 
 pub const CLIENT: &str = env!("CARGO_BIN_EXE_ssl-echo-client");
 
@@ -26,21 +25,10 @@ pub fn certs() -> Certs {
     Certs { dir, paths }
 }
 
-/// The echo server binary: `ssl-echo-server` when it is a real server, else `tiny_echo`.
+/// The workspace's `ssl-echo-server` (built by `cargo test --workspace`, or
+/// `cargo build -p ssl-echo-server` in the same target folder).
 pub fn server_binary() -> PathBuf {
-    let exe = std::env::current_exe().expect("test executable path");
-    let profile = exe
-        .parent()
-        .and_then(|p| p.parent())
-        .expect("target/<profile>");
-    let real = profile.join("ssl-echo-server");
-    if real.exists() {
-        let out = Command::new(&real).arg("--help").output();
-        if out.is_ok_and(|o| o.status.success()) {
-            return real;
-        }
-    }
-    profile.join("examples").join("tiny_echo")
+    bin_path("ssl-echo-server")
 }
 
 /// A running echo server.
@@ -60,7 +48,10 @@ impl Server {
         cmd.arg("--listen")
             .arg(addr.to_string())
             .arg("--stats-file")
-            .arg(&stats_file);
+            .arg(&stats_file)
+            // Stats written often, so tests can poll them.
+            .arg("--stats-interval")
+            .arg("0.2");
         match certs {
             Some(c) => {
                 cmd.arg("--cert")
@@ -83,6 +74,17 @@ impl Server {
             addr,
             stats_file,
         }
+    }
+
+    /// Kills the server and all its worker processes at once (SIGKILL to its process group).
+    pub fn kill(&mut self) {
+        // SAFETY: kill(2) on the process group ChildGuard created for the server.
+        unsafe {
+            libc::kill(-(self.guard.pid() as i32), libc::SIGKILL);
+        }
+        self.guard
+            .wait_exit(Duration::from_secs(10))
+            .expect("server killed");
     }
 
     /// A number from the server's stats file (0 while the file is not there yet).
