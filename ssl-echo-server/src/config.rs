@@ -22,7 +22,8 @@ pub fn load_tls(cert: &Path, key: &Path) -> anyhow::Result<rustls::ServerConfig>
             );
         }
     }
-    Ok(testbed::tls::server_config(cert, key)?)
+    // The message already contains its cause; re-wrapping keeps `{:#}` from printing it twice.
+    testbed::tls::server_config(cert, key).map_err(|e| anyhow::anyhow!("{e}"))
 }
 
 /// Connections one worker may hold with `nofile` descriptors: all but a reserve (a tenth of the

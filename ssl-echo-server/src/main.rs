@@ -5,12 +5,12 @@
 
 mod config;
 mod connection;
+mod shared;
 mod stats;
 mod supervisor;
 mod worker;
 
 use std::net::SocketAddr;
-use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::AtomicBool;
@@ -58,6 +58,9 @@ struct Args {
     /// Internal: run as worker number N of a supervisor.
     #[arg(long, hide = true)]
     worker_index: Option<usize>,
+    /// Internal: descriptor of the supervisor's shared counter mapping.
+    #[arg(long, hide = true)]
+    stats_fd: Option<i32>,
 }
 
 /// More worker processes than this is a mistake (a tiny open-file limit), not a plan.
@@ -96,10 +99,11 @@ fn run_supervisor(args: &Args) -> anyhow::Result<()> {
     if !args.plain {
         config::load_tls(&args.cert, &args.key)?;
     }
-    // Bind once to check the address and learn the port when 0 was asked; the workers bind the
-    // same port with SO_REUSEPORT. Dropped at once: a listener nobody accepts on would still get
-    // its share of connections.
-    let listen = testbed::listener::reuseport_listener(args.listen)
+    // Bind once *without* SO_REUSEPORT: that fails if anything listens there already, even
+    // another SO_REUSEPORT server that our workers would otherwise silently share the port with.
+    // It also learns the port when 0 was asked. Dropped at once: the workers bind the same port
+    // with SO_REUSEPORT, and a listener nobody accepts on would still get its share of connections.
+    let listen = std::net::TcpListener::bind(args.listen)
         .and_then(|l| l.local_addr())
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     let limit = testbed::fdlimit::raise_nofile().context("cannot read the open-file limit")?;
@@ -174,27 +178,14 @@ fn run_worker(args: &Args, index: usize) -> anyhow::Result<()> {
         handshake_timeout: Duration::from_millis(args.handshake_timeout_ms),
         max_connections: config::per_worker_capacity(limit.soft) as usize,
     })?;
-    let stdout = std::io::stdout();
-    set_nonblocking(stdout.as_raw_fd());
-    worker.run(report)
-}
-
-/// Sends the counters to the supervisor as one JSON line. The pipe is non-blocking and a line is
-/// far below PIPE_BUF, so a write is all or nothing: a full pipe (supervisor busy) skips this
-/// report, and the next one carries the totals anyway. Returns false once the pipe is broken.
-fn report(counters: &stats::WorkerCounters) -> bool {
-    let mut line = match serde_json::to_vec(counters) {
-        Ok(l) => l,
-        Err(_) => return true,
-    };
-    line.push(b'\n');
-    // SAFETY: write(2) on fd 1 from a buffer we own, length in bounds.
-    let n = unsafe { libc::write(1, line.as_ptr().cast(), line.len()) };
-    if n < 0 {
-        let err = std::io::Error::last_os_error();
-        return err.kind() != std::io::ErrorKind::BrokenPipe;
+    let fd = args
+        .stats_fd
+        .context("--worker-index needs --stats-fd (workers are started by the supervisor)")?;
+    let shared = shared::SharedStats::open(fd).context("cannot map the shared counters")?;
+    if index >= shared.slots() {
+        bail!("--worker-index {index}: only {} slots", shared.slots());
     }
-    true
+    worker.run(&shared, parent_alive)
 }
 
 /// A worker must not outlive its supervisor: ask the kernel for SIGTERM when the parent dies, and
@@ -204,23 +195,18 @@ fn watch_parent() {
     unsafe {
         libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
     }
-    let expected = std::env::var(supervisor::PARENT_PID_ENV)
-        .ok()
-        .and_then(|v| v.parse::<i32>().ok());
-    // SAFETY: getppid has no preconditions.
-    let parent = unsafe { libc::getppid() };
-    if expected.is_some_and(|pid| pid != parent) {
+    if !parent_alive() {
         eprintln!("ssl-echo-server worker: supervisor already gone; exiting");
         std::process::exit(0);
     }
 }
 
-fn set_nonblocking(fd: i32) {
-    // SAFETY: fcntl on a descriptor we own; only O_NONBLOCK is added to its flags.
-    unsafe {
-        let flags = libc::fcntl(fd, libc::F_GETFL);
-        if flags >= 0 {
-            libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK);
-        }
-    }
+/// Whether the supervisor that started this worker is still its parent.
+fn parent_alive() -> bool {
+    let expected = std::env::var(supervisor::PARENT_PID_ENV)
+        .ok()
+        .and_then(|v| v.parse::<i32>().ok());
+    // SAFETY: getppid has no preconditions.
+    let parent = unsafe { libc::getppid() };
+    expected.is_none_or(|pid| pid == parent)
 }

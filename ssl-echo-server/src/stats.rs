@@ -1,14 +1,13 @@
-//! Counters: what one worker has done ([`WorkerCounters`], sent to the supervisor as one JSON line
-//! on its stdout), the supervisor's sum over all workers and restarts ([`Snapshot`], written to
-//! `--stats-file`), and the human stats line with per-second rates.
+//! Counters: what one worker slot has done ([`WorkerCounters`], kept in shared memory, see
+//! `shared.rs`), the supervisor's sum over all workers ([`Snapshot`], written to `--stats-file`),
+//! and the human stats line with per-second rates.
 
 use std::io::Write;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-/// Cumulative counters of one worker process since it started. A report always carries the full
-/// totals (never deltas), so a lost or late line never makes the sums wrong, only stale.
+/// Cumulative counters of one worker slot, over every process that ran in it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WorkerCounters {
     /// Open connections right now.
@@ -31,12 +30,43 @@ pub struct WorkerCounters {
     pub accept_errors: u64,
 }
 
+/// Number of `u64` fields in [`WorkerCounters`].
+pub const COUNTER_WORDS: usize = 9;
+
 impl WorkerCounters {
-    /// Adds `other` to `self`; `connections_now` only if `live` (a dead worker holds none).
-    pub fn add(&mut self, other: &WorkerCounters, live: bool) {
-        if live {
-            self.connections_now += other.connections_now;
+    /// The fields in a fixed order, for the shared-memory slot.
+    pub fn to_words(self) -> [u64; COUNTER_WORDS] {
+        [
+            self.connections_now,
+            self.connections_total,
+            self.handshakes_total,
+            self.handshake_failures,
+            self.handshake_timeouts,
+            self.bytes_echoed,
+            self.messages_echoed,
+            self.connection_errors,
+            self.accept_errors,
+        ]
+    }
+
+    /// Inverse of [`WorkerCounters::to_words`].
+    pub fn from_words(w: [u64; COUNTER_WORDS]) -> WorkerCounters {
+        WorkerCounters {
+            connections_now: w[0],
+            connections_total: w[1],
+            handshakes_total: w[2],
+            handshake_failures: w[3],
+            handshake_timeouts: w[4],
+            bytes_echoed: w[5],
+            messages_echoed: w[6],
+            connection_errors: w[7],
+            accept_errors: w[8],
         }
+    }
+
+    /// Adds `other` to `self`, field by field.
+    pub fn add(&mut self, other: &WorkerCounters) {
+        self.connections_now += other.connections_now;
         self.connections_total += other.connections_total;
         self.handshakes_total += other.handshakes_total;
         self.handshake_failures += other.handshake_failures;
@@ -147,16 +177,12 @@ mod tests {
     }
 
     #[test]
-    fn dead_workers_add_totals_but_no_open_connections() {
-        let w = WorkerCounters {
-            connections_now: 5,
-            connections_total: 7,
-            ..Default::default()
-        };
+    fn sums_add_every_field() {
+        let w = WorkerCounters::from_words([1, 2, 3, 4, 5, 6, 7, 8, 9]);
         let mut sum = WorkerCounters::default();
-        sum.add(&w, true);
-        sum.add(&w, false);
-        assert_eq!((sum.connections_now, sum.connections_total), (5, 14));
+        sum.add(&w);
+        sum.add(&w);
+        assert_eq!(sum.to_words(), [2, 4, 6, 8, 10, 12, 14, 16, 18]);
     }
 
     #[test]
@@ -195,6 +221,14 @@ mod tests {
             serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
         assert_eq!(back, snap);
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn words_round_trip_in_field_order() {
+        let c = WorkerCounters::from_words([1, 2, 3, 4, 5, 6, 7, 8, 9]);
+        assert_eq!(c.connections_now, 1);
+        assert_eq!(c.accept_errors, 9);
+        assert_eq!(c.to_words(), [1, 2, 3, 4, 5, 6, 7, 8, 9]);
     }
 
     #[test]

@@ -1,19 +1,17 @@
 //! The parent process: starts the worker processes (this same binary with `--worker-index`),
-//! collects their counter lines, prints a stats line per interval and a summary at exit, writes the
-//! `--stats-file`, and restarts any worker that dies.
+//! reads their counters from shared memory, prints a stats line per interval and a summary at
+//! exit, writes the `--stats-file`, and restarts any worker that dies.
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use tracing::{error, info, warn};
 
+use crate::shared::SharedStats;
 use crate::stats::{self, Snapshot, WorkerCounters, WorkerEntry};
 
 /// Environment variable naming the supervisor's pid, so a worker can tell it was orphaned.
@@ -24,8 +22,10 @@ const TICK: Duration = Duration::from_millis(50);
 const QUICK_DEATH: Duration = Duration::from_secs(2);
 /// Failed starts in a row after which the supervisor gives up instead of looping.
 const MAX_QUICK_DEATHS: u32 = 5;
-/// How long workers get to report and exit after SIGTERM before they are killed.
+/// How long workers get to exit after SIGTERM before they are killed.
 const STOP_GRACE: Duration = Duration::from_secs(3);
+/// How long a new worker may take to bind its listener.
+const START_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// What the supervisor runs.
 pub struct SupervisorConfig {
@@ -34,40 +34,21 @@ pub struct SupervisorConfig {
     pub workers: usize,
     pub stats_interval: Duration,
     pub stats_file: Option<PathBuf>,
-    /// Arguments every worker gets (besides `--listen` and `--worker-index`).
+    /// Arguments every worker gets (besides `--listen`, `--worker-index`, `--stats-fd`).
     pub worker_args: Vec<String>,
 }
 
-/// One worker slot: the running process and what earlier processes in this slot did.
+/// One worker slot: the process running in it now.
 struct Slot {
-    index: usize,
     child: Child,
     started: Instant,
-    latest: Arc<Mutex<Option<WorkerCounters>>>,
-    reader: Option<JoinHandle<()>>,
-    /// Totals of earlier incarnations of this slot.
-    retired: WorkerCounters,
     restarts: u64,
     quick_deaths: u32,
 }
 
-impl Slot {
-    fn current(&self) -> WorkerCounters {
-        self.latest
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .unwrap_or_default()
-    }
-
-    fn total(&self, live: bool) -> WorkerCounters {
-        let mut t = self.retired;
-        t.add(&self.current(), live);
-        t
-    }
-}
-
 pub struct Supervisor {
     cfg: SupervisorConfig,
+    shared: SharedStats,
     slots: Vec<Slot>,
     started: Instant,
 }
@@ -75,48 +56,54 @@ pub struct Supervisor {
 impl Supervisor {
     /// Starts every worker and waits until each has bound its listener.
     pub fn start(cfg: SupervisorConfig) -> anyhow::Result<Supervisor> {
-        let mut slots = Vec::with_capacity(cfg.workers);
-        for index in 0..cfg.workers {
-            let (child, latest, reader) = spawn_worker(&cfg, index)?;
-            slots.push(Slot {
-                index,
-                child,
-                started: Instant::now(),
-                latest,
-                reader: Some(reader),
-                retired: WorkerCounters::default(),
-                restarts: 0,
-                quick_deaths: 0,
-            });
-        }
+        let shared = SharedStats::create(cfg.workers).context("cannot create shared counters")?;
         let mut sup = Supervisor {
             cfg,
-            slots,
+            shared,
+            slots: Vec::new(),
             started: Instant::now(),
         };
-        let deadline = Instant::now() + Duration::from_secs(15);
-        for i in 0..sup.slots.len() {
-            loop {
-                if sup.slots[i]
-                    .latest
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .is_some()
-                {
-                    break;
-                }
-                if let Some(status) = sup.slots[i].child.try_wait()? {
+        for index in 0..sup.cfg.workers {
+            match spawn_worker(&sup.cfg, &sup.shared, index) {
+                Ok(child) => sup.slots.push(Slot {
+                    child,
+                    started: Instant::now(),
+                    restarts: 0,
+                    quick_deaths: 0,
+                }),
+                Err(e) => {
                     sup.stop_all();
-                    bail!("worker {i} exited during start-up ({status}); its error is above");
+                    return Err(e);
                 }
-                if Instant::now() >= deadline {
-                    sup.stop_all();
-                    bail!("worker {i} did not start listening within 15 s");
-                }
-                std::thread::sleep(Duration::from_millis(10));
             }
         }
+        for index in 0..sup.slots.len() {
+            if let Err(e) = sup.wait_ready(index) {
+                sup.stop_all();
+                return Err(e);
+            }
+        }
+        sup.started = Instant::now();
         Ok(sup)
+    }
+
+    /// Waits until the worker in `index` has stored its pid (it does so once listening).
+    fn wait_ready(&mut self, index: usize) -> anyhow::Result<()> {
+        let deadline = Instant::now() + START_TIMEOUT;
+        let slot = &mut self.slots[index];
+        while self.shared.pid(index) != u64::from(slot.child.id()) {
+            if let Some(status) = slot.child.try_wait()? {
+                bail!("worker {index} exited during start-up ({status}); its error is above");
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "worker {index} did not start listening within {} s",
+                    START_TIMEOUT.as_secs()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Ok(())
     }
 
     /// Runs until `stop` is set (SIGINT/SIGTERM), then stops the workers and prints the summary.
@@ -146,10 +133,8 @@ impl Supervisor {
         info!("stopping {} worker(s)", self.slots.len());
         self.stop_all();
         let totals = self.totals();
-        let per_worker: Vec<String> = self
-            .slots
-            .iter()
-            .map(|s| format!("{}={}", s.index, s.total(false).connections_total))
+        let per_worker: Vec<String> = (0..self.slots.len())
+            .map(|i| format!("{i}={}", self.shared.read(i).connections_total))
             .collect();
         info!(
             "summary: {} connections accepted (per worker: {}), {} handshakes ({} failed, {} timed out), \
@@ -171,8 +156,8 @@ impl Supervisor {
 
     fn totals(&self) -> WorkerCounters {
         let mut t = WorkerCounters::default();
-        for s in &self.slots {
-            t.add(&s.total(true), true);
+        for i in 0..self.slots.len() {
+            t.add(&self.shared.read(i));
         }
         t
     }
@@ -193,14 +178,15 @@ impl Supervisor {
             per_worker: self
                 .slots
                 .iter()
-                .map(|s| {
-                    let t = s.total(true);
+                .enumerate()
+                .map(|(index, s)| {
+                    let c = self.shared.read(index);
                     WorkerEntry {
-                        index: s.index,
+                        index,
                         pid: s.child.id(),
                         restarts: s.restarts,
-                        connections_total: t.connections_total,
-                        connections_now: t.connections_now,
+                        connections_total: c.connections_total,
+                        connections_now: c.connections_now,
                     }
                 })
                 .collect(),
@@ -211,50 +197,41 @@ impl Supervisor {
         }
     }
 
-    /// Replaces workers that exited. Their last reported counters stay in the totals.
+    /// Replaces workers that exited. What they counted stays in their slot.
     fn restart_dead(&mut self) -> anyhow::Result<()> {
-        for i in 0..self.slots.len() {
-            let Some(status) = self.slots[i].child.try_wait()? else {
+        for index in 0..self.slots.len() {
+            let slot = &mut self.slots[index];
+            let Some(status) = slot.child.try_wait()? else {
                 continue;
             };
-            let slot = &mut self.slots[i];
-            // The pipe closed with the process: the reader has the final line once it ends.
-            if let Some(reader) = slot.reader.take() {
-                let _ = reader.join();
-            }
-            let last = slot.current();
-            slot.retired.add(&last, false);
-            let lived = slot.started.elapsed();
-            slot.quick_deaths = if lived < QUICK_DEATH {
+            let open = self.shared.read(index).connections_now;
+            self.shared.clear_dead(index);
+            slot.quick_deaths = if slot.started.elapsed() < QUICK_DEATH {
                 slot.quick_deaths + 1
             } else {
                 0
             };
             if slot.quick_deaths >= MAX_QUICK_DEATHS {
                 error!(
-                    "worker {i} died {} times in a row right after starting ({status}); giving up",
+                    "worker {index} died {} times in a row right after starting ({status}); giving up",
                     slot.quick_deaths
                 );
                 self.stop_all();
-                bail!("worker {i} keeps dying; see its errors above");
+                bail!("worker {index} keeps dying; see its errors above");
             }
             warn!(
-                "worker {i} (pid {}) died ({status}) with {} open connections; restarting",
-                slot.child.id(),
-                last.connections_now
+                "worker {index} (pid {}) died ({status}) with {open} open connections; restarting",
+                slot.child.id()
             );
-            let (child, latest, reader) = spawn_worker(&self.cfg, i)?;
-            let slot = &mut self.slots[i];
-            slot.child = child;
-            slot.latest = latest;
-            slot.reader = Some(reader);
+            slot.child = spawn_worker(&self.cfg, &self.shared, index)?;
             slot.started = Instant::now();
             slot.restarts += 1;
+            // Not waiting for it to listen: the other workers keep serving meanwhile.
         }
         Ok(())
     }
 
-    /// SIGTERM to every worker, a grace period to send their final counters, then SIGKILL.
+    /// SIGTERM to every worker, a grace period, then SIGKILL.
     fn stop_all(&mut self) {
         for s in &self.slots {
             // SAFETY: kill(2) on a child we started and have not reaped.
@@ -263,61 +240,40 @@ impl Supervisor {
             }
         }
         let deadline = Instant::now() + STOP_GRACE;
-        for s in &mut self.slots {
+        for (index, s) in self.slots.iter_mut().enumerate() {
             loop {
                 match s.child.try_wait() {
                     Ok(Some(_)) | Err(_) => break,
                     Ok(None) if Instant::now() >= deadline => {
-                        warn!("worker {} did not stop in time; killing it", s.index);
+                        warn!("worker {index} did not stop in time; killing it");
                         let _ = s.child.kill();
                         let _ = s.child.wait();
                         break;
                     }
-                    Ok(None) => std::thread::sleep(Duration::from_millis(10)),
+                    Ok(None) => std::thread::sleep(Duration::from_millis(5)),
                 }
-            }
-            if let Some(reader) = s.reader.take() {
-                let _ = reader.join();
             }
         }
     }
 }
 
-type Spawned = (Child, Arc<Mutex<Option<WorkerCounters>>>, JoinHandle<()>);
-
-/// Starts worker `index`: this executable again, with its stdout as the counter pipe.
-fn spawn_worker(cfg: &SupervisorConfig, index: usize) -> anyhow::Result<Spawned> {
+/// Starts worker `index`: this executable again, told which shared slot is its own.
+fn spawn_worker(
+    cfg: &SupervisorConfig,
+    shared: &SharedStats,
+    index: usize,
+) -> anyhow::Result<Child> {
     let exe = std::env::current_exe().context("cannot find my own executable")?;
-    let mut cmd = Command::new(exe);
-    cmd.args(&cfg.worker_args)
+    Command::new(exe)
+        .args(&cfg.worker_args)
         .arg("--listen")
         .arg(cfg.listen.to_string())
         .arg("--worker-index")
         .arg(index.to_string())
+        .arg("--stats-fd")
+        .arg(shared.raw_fd().to_string())
         .env(PARENT_PID_ENV, std::process::id().to_string())
         .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit());
-    let mut child = cmd
         .spawn()
-        .with_context(|| format!("cannot start worker {index}"))?;
-    let stdout = child
-        .stdout
-        .take()
-        .context("worker stdout was not captured")?;
-    let latest = Arc::new(Mutex::new(None));
-    let sink = Arc::clone(&latest);
-    let reader = std::thread::Builder::new()
-        .name(format!("worker-{index}-stats"))
-        .spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                match serde_json::from_str::<WorkerCounters>(&line) {
-                    Ok(c) => *sink.lock().unwrap_or_else(|p| p.into_inner()) = Some(c),
-                    Err(e) => warn!("worker {index}: unreadable stats line {line:?}: {e}"),
-                }
-            }
-        })
-        .context("cannot start a stats reader thread")?;
-    Ok((child, latest, reader))
+        .with_context(|| format!("cannot start worker {index}"))
 }

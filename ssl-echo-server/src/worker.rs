@@ -1,6 +1,6 @@
 //! One worker process: a mio event loop that owns a SO_REUSEPORT listener and a slab of
 //! [`Connection`]s addressed by `Token`, accepts up to its share of the open-file limit, enforces
-//! the handshake deadline, and reports its counters to the supervisor as a JSON line on stdout.
+//! the handshake deadline, and keeps its counters in its slot of the shared mapping.
 
 use std::collections::VecDeque;
 use std::io;
@@ -15,13 +15,13 @@ use slab::Slab;
 use tracing::{debug, info, warn};
 
 use crate::connection::{Connection, Next, State};
+use crate::shared::SharedStats;
 use crate::stats::WorkerCounters;
 
 const LISTENER: Token = Token(usize::MAX - 1);
 const SIGNALS: Token = Token(usize::MAX - 2);
-/// How often counters go to the supervisor (when they changed): often enough that a stats file
-/// written every interval is at most this stale.
-const REPORT_EVERY: Duration = Duration::from_millis(100);
+/// How often the worker checks that its supervisor still runs (besides PR_SET_PDEATHSIG).
+const PARENT_CHECK_EVERY: Duration = Duration::from_millis(500);
 /// How long accepting pauses after EMFILE/ENFILE, instead of spinning on a listener that stays
 /// readable while no descriptor is free.
 const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
@@ -84,10 +84,14 @@ impl Worker {
         })
     }
 
-    /// Runs until SIGINT/SIGTERM, or until the supervisor is gone. `report` receives the counters
-    /// every [`REPORT_EVERY`] when they changed and once at the end; it returns false when the
-    /// supervisor cannot be reached any more.
-    pub fn run(&mut self, mut report: impl FnMut(&WorkerCounters) -> bool) -> anyhow::Result<()> {
+    /// Runs until SIGINT/SIGTERM, or until `parent_alive` says the supervisor is gone. Counters
+    /// go to `shared` after every loop turn; they continue what earlier workers in this slot
+    /// counted.
+    pub fn run(
+        &mut self,
+        shared: &SharedStats,
+        parent_alive: impl Fn() -> bool,
+    ) -> anyhow::Result<()> {
         use signal_hook::consts::{SIGINT, SIGTERM};
         let mut signals = signal_hook_mio::v1_0::Signals::new([SIGINT, SIGTERM])
             .context("cannot install signal handlers")?;
@@ -95,9 +99,13 @@ impl Worker {
             .registry()
             .register(&mut signals, SIGNALS, Interest::READABLE)?;
         let mut events = Events::with_capacity(1024);
-        let mut last_reported = self.counters;
-        let mut next_report = Instant::now() + REPORT_EVERY;
-        report(&self.counters);
+        let slot = self.cfg.index;
+        self.counters = shared.read(slot);
+        self.counters.connections_now = 0;
+        shared.write(slot, &self.counters);
+        // Tells the supervisor this worker listens.
+        shared.set_pid(slot, u64::from(std::process::id()));
+        let mut next_parent_check = Instant::now() + PARENT_CHECK_EVERY;
         info!(
             worker = self.cfg.index,
             pid = std::process::id(),
@@ -105,7 +113,7 @@ impl Worker {
             self.cfg.listen
         );
         loop {
-            let timeout = self.poll_timeout(next_report);
+            let timeout = self.poll_timeout(next_parent_check);
             if let Err(e) = self.poll.poll(&mut events, Some(timeout)) {
                 if e.kind() == io::ErrorKind::Interrupted {
                     continue;
@@ -131,17 +139,18 @@ impl Worker {
                 self.accept_paused_until = None;
                 self.accept_ready();
             }
-            if now >= next_report || stop {
-                next_report = now + REPORT_EVERY;
-                if self.counters != last_reported || stop {
-                    last_reported = self.counters;
-                    if !report(&self.counters) {
-                        info!(worker = self.cfg.index, "supervisor gone; stopping");
-                        return Ok(());
-                    }
+            shared.write(slot, &self.counters);
+            if now >= next_parent_check {
+                next_parent_check = now + PARENT_CHECK_EVERY;
+                if !parent_alive() {
+                    info!(worker = self.cfg.index, "supervisor gone; stopping");
+                    return Ok(());
                 }
             }
             if stop {
+                // Exiting closes every connection.
+                self.counters.connections_now = 0;
+                shared.write(slot, &self.counters);
                 info!(
                     worker = self.cfg.index,
                     connections_total = self.counters.connections_total,
@@ -152,11 +161,11 @@ impl Worker {
         }
     }
 
-    fn poll_timeout(&self, next_report: Instant) -> Duration {
+    fn poll_timeout(&self, next_parent_check: Instant) -> Duration {
         if !self.again.is_empty() {
             return Duration::ZERO;
         }
-        let mut until = next_report;
+        let mut until = next_parent_check;
         if let Some(&(deadline, ..)) = self.deadlines.front() {
             until = until.min(deadline);
         }
