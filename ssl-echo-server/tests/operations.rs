@@ -212,7 +212,7 @@ fn a_killed_worker_is_restarted_and_serves_again() {
         stats["per_worker"][0]["connections_total"]
             .as_u64()
             .unwrap()
-            > 0,
-        "{stats}"
+            > slot0_before,
+        "the restarted worker served none: {stats}"
     );
 }
