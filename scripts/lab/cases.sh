@@ -41,8 +41,19 @@ capture_start() {
     local name=$1 filter=$2 file=$3
     # -f before the -i options applies the filter to both interfaces; -P -l also lists each packet
     # on stdout as soon as dumpcap has written it to the file, which capture_stop waits for.
-    lab_spawn "$name" "$NS_GW" gateway tshark -n -l -P -f "$filter" -i eth0 -i eth1 -w "$file"
-    wait_until 20 "$name to capture" grep -q "Capturing on" "$LAB_DIR/logs/$name.log"
+    lab_spawn "$name" "$NS_GW" gateway tshark -n -l -P -f "($filter) or udp port $CANARY_PORT" \
+        -i eth0 -i eth1 -w "$file"
+    # "Capturing on" can come before the capture really sees packets: send canary datagrams until
+    # one shows up in the capture, so the case's own traffic cannot be missed.
+    wait_until 30 "$name to see a canary packet" capture_canary "$name"
+}
+
+CANARY_PORT=9999
+
+capture_canary() {
+    in_ns "$NS_C1" bash -c "echo lab-capture-canary >/dev/udp/$GW_FRONT/$CANARY_PORT" 2>/dev/null
+    sleep 0.1
+    grep -q "→ $CANARY_PORT " "$LAB_DIR/logs/$1.out"
 }
 
 # Waits until the capture holds the closing packets of both legs (client->gateway and
@@ -75,7 +86,7 @@ case_1() {
         return 0
     }
     client "$NS_C1" --host "$GW_FRONT" --port "$PORT_PLAIN_ECHO" --plain --message "$text" --count 1 \
-        --connections 1 --json >"$out/plaintext-client.json" 2>"$out/plaintext-client.log"
+        --connections 1 --report "$out/plaintext-client.xlsx" --json >"$out/plaintext-client.json" 2>"$out/plaintext-client.log"
     local plain_rc=$?
     capture_stop cap-plain
 
@@ -84,7 +95,7 @@ case_1() {
         return 0
     }
     client "$NS_C1" --host "$GW_FRONT" --port "$PORT_TLS_ECHO" --ca "$LAB_DIR/certs/ca.crt" --message "$text" \
-        --count 1 --connections 1 --json >"$out/tls-client.json" 2>"$out/tls-client.log"
+        --count 1 --connections 1 --report "$out/tls-client.xlsx" --json >"$out/tls-client.json" 2>"$out/tls-client.log"
     local tls_rc=$?
     capture_stop cap-tls
 
