@@ -118,6 +118,22 @@ case_1() {
     fi
 }
 
+# chat_pair PREFIX COUNT — client1 and client2 (each in its namespace) chat through the forwarder,
+# COUNT timestamped messages each way; PREFIX-clientN.json holds each side's delays.
+chat_pair() {
+    local prefix=$1 count=$2 peer=$REPO/scripts/lab/chat_peer.py session
+    session=$(od -An -N4 -tx1 /dev/urandom | tr -d ' \n')
+    in_ns "$NS_C1" "$PYTHON" "$peer" --host "$GW_FRONT" --port "$PORT_CHAT" --nick client1 --peer client2 \
+        --session "$session" --count "$count" --timeout 60 --transcript "$prefix-client1.txt" >"$prefix-client1.json" 2>"$prefix-client1.log" &
+    local p1=$!
+    in_ns "$NS_C2" "$PYTHON" "$peer" --host "$GW_FRONT" --port "$PORT_CHAT" --nick client2 --peer client1 \
+        --session "$session" --count "$count" --timeout 60 --transcript "$prefix-client2.txt" >"$prefix-client2.json" 2>"$prefix-client2.log" &
+    local p2=$! rc=0
+    wait "$p1" || rc=1
+    wait "$p2" || rc=1
+    return "$rc"
+}
+
 case_2() {
     local conns=${LAB_CASE2_CONNECTIONS:-1000} seconds=${LAB_CASE2_SECONDS:-20} msgs=${LAB_CHAT_MESSAGES:-50}
     local expect="$conns TLS connections all succeed while every chat message ($msgs each way) arrives"
@@ -125,7 +141,12 @@ case_2() {
     need_bins 2 "$expect" "$original" forwarder ssl-echo-server ssl-echo-client certs chat-server || return 0
     local out=$LAB_RESULTS/case2
     mkdir -p "$out"
-    local peer=$REPO/scripts/lab/chat_peer.py
+
+    # The same exchange on an idle lab first, as the baseline for the delay under load.
+    chat_pair "$out/idle-chat" 10
+    local idle1 idle2
+    idle1=$(json_get "$out/idle-chat-client1.json" delay_ms.avg)
+    idle2=$(json_get "$out/idle-chat-client2.json" delay_ms.avg)
 
     lab_spawn case2-load "$NS_C1" client1 "$(bin ssl-echo-client)" --host "$GW_FRONT" --port "$PORT_TLS_ECHO" \
         --ca "$LAB_DIR/certs/ca.crt" --message "case 2 load from client1" --connections "$conns" \
@@ -136,16 +157,8 @@ case_2() {
     local during_before
     during_before=$(established_count "$NS_S1" "$PORT_TLS_ECHO")
 
-    in_ns "$NS_C1" "$PYTHON" "$peer" --host "$GW_FRONT" --port "$PORT_CHAT" --nick client1 --peer client2 \
-        --count "$msgs" --timeout 60 --transcript "$out/chat-client1.txt" >"$out/chat-client1.json" 2>"$out/chat-client1.log" &
-    local p1=$!
-    in_ns "$NS_C2" "$PYTHON" "$peer" --host "$GW_FRONT" --port "$PORT_CHAT" --nick client2 --peer client1 \
-        --count "$msgs" --timeout 60 --transcript "$out/chat-client2.txt" >"$out/chat-client2.json" 2>"$out/chat-client2.log" &
-    local p2=$!
-    wait "$p1"
-    local rc1=$?
-    wait "$p2"
-    local rc2=$?
+    chat_pair "$out/chat" "$msgs"
+    local chat_rc=$?
     local during_after
     during_after=$(established_count "$NS_S1" "$PORT_TLS_ECHO")
 
@@ -163,8 +176,8 @@ case_2() {
     d2=$(json_get "$out/chat-client2.json" delay_ms.avg)
     m1=$(json_get "$out/chat-client1.json" delay_ms.max)
     m2=$(json_get "$out/chat-client2.json" delay_ms.max)
-    local observed="TLS load: ${ok:-?} ok, ${failed:-?} failed; $during_before then $during_after TLS connections open on server1 while chatting; chat: client2 got ${r1:-0}/$msgs of client1's, client1 got ${r2:-0}/$msgs of client2's; delay avg ${d2:-?} / ${d1:-?} ms, max ${m2:-?} / ${m1:-?} ms (client1->client2 / client2->client1)"
-    if [ "$loaded" -eq 1 ] && [ "$rc1" -eq 0 ] && [ "$rc2" -eq 0 ] && [ "${ok:-0}" -eq "$conns" ] && [ "${failed:-1}" -eq 0 ] &&
+    local observed="TLS load: $(pretty "$ok") ok, $(pretty "$failed") failed; $during_before then $during_after TLS connections open on server1 while chatting; chat: client2 got ${r2:-0}/$msgs of client1's messages, client1 got ${r1:-0}/$msgs of client2's; delay avg $(pretty "$d2") / $(pretty "$d1") ms, max $(pretty "$m2") / $(pretty "$m1") ms (client1->client2 / client2->client1; idle lab: $(pretty "$idle2") / $(pretty "$idle1") ms avg)"
+    if [ "$loaded" -eq 1 ] && [ "$chat_rc" -eq 0 ] && [ "${ok:-0}" -eq "$conns" ] && [ "${failed:-1}" -eq 0 ] &&
         [ "$during_after" -ge "$conns" ] && [ "${r1:-0}" -eq "$msgs" ] && [ "${r2:-0}" -eq "$msgs" ]; then
         record 2 "$expect" "$observed" PASS "$original"
     else
@@ -255,7 +268,7 @@ case_5() {
     stop_proc heavy-server2
     cp "$LAB_DIR/stats/heavy-server1.json" "$out/server1-stats.json" 2>/dev/null
     cp "$LAB_DIR/stats/heavy-server2.json" "$out/server2-stats.json" 2>/dev/null
-    local ok failed msgs rate avg p99 t1 t2
+    local ok failed msgs rate avg p99 t1 t2 e1 e2
     ok=$(json_get "$out/load-client.json" connections_ok)
     failed=$(json_get "$out/load-client.json" connections_failed)
     msgs=$(json_get "$out/load-client.json" messages)
@@ -264,7 +277,13 @@ case_5() {
     p99=$(json_get "$out/load-client.json" response_ms.p99)
     t1=$(json_get "$out/server1-stats.json" connections_total)
     t2=$(json_get "$out/server2-stats.json" connections_total)
-    local observed="client: ${ok:-?} ok, ${failed:-?} failed, ${msgs:-?} messages (${rate:-?}/s), response avg ${avg:-?} ms, p99 ${p99:-?} ms; servers: server1 ${t1:-?}, server2 ${t2:-?} connections"
+    e1=$(json_get "$out/server1-stats.json" messages_echoed)
+    e2=$(json_get "$out/server2-stats.json" messages_echoed)
+    local vs=""
+    if [ -n "$msgs" ] && [ -n "$avg" ]; then
+        vs=$("$PYTHON" -c 'import sys; m, a = float(sys.argv[1]), float(sys.argv[2]); print(f"{m / 771047:.2f}x the original messages, {a / 411:.2f}x its response time")' "$msgs" "$avg")
+    fi
+    local observed="client: $(pretty "$ok") ok, $(pretty "$failed") failed, $(pretty "$msgs") messages ($(pretty "$rate" 0)/s), response avg $(pretty "$avg") ms, p99 $(pretty "$p99") ms ($vs); servers: server1 $(pretty "$t1"), server2 $(pretty "$t2") connections, $(pretty "$e1") + $(pretty "$e2") messages echoed"
     if [ "${ok:-0}" -eq "$conns" ] && [ "${failed:-1}" -eq 0 ] && [ "${t1:-0}" -eq "$half" ] && [ "${t2:-0}" -eq "$half" ] &&
         [ "${msgs:-0}" -gt 0 ]; then
         record 5 "$expect" "$observed" PASS "$original"

@@ -16,8 +16,6 @@ import socket
 import sys
 import time
 
-MARK = re.compile(r"labmsg from=(\S+) seq=(\d+) sent=(\d+\.\d+)")
-HELLO = re.compile(r"lab(hello|ack) from=(\S+)")
 
 
 class Lines:
@@ -62,13 +60,20 @@ def main():
     ap.add_argument("--interval-ms", type=int, default=100, help="pause between messages")
     ap.add_argument("--timeout", type=float, default=60, help="give up after this many seconds")
     ap.add_argument("--transcript", help="write every received line here")
+    ap.add_argument("--session", default="s", help="tag shared by both peers; lines of other sessions (e.g. replayed history) are ignored")
     args = ap.parse_args()
+    tag = re.escape(args.session)
+    mark = re.compile(rf"labmsg session={tag} from=(\S+) seq=(\d+) sent=(\d+\.\d+)")
+    hello = re.compile(rf"lab(hello|ack) session={tag} from=(\S+)")
 
     deadline = time.monotonic() + args.timeout
-    sock = socket.create_connection((args.host, args.port), timeout=10)
+    transcript = []
+    try:
+        sock = socket.create_connection((args.host, args.port), timeout=10)
+    except OSError as e:
+        return finish(args, f"cannot connect to {args.host}:{args.port}: {e}", 0, {}, 0, transcript)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     lines = Lines(sock)
-    transcript = []
     send_line(sock, args.nick)
 
     delays = {}
@@ -80,7 +85,7 @@ def main():
         nonlocal own_seen, peer_seen
         received = time.time()
         transcript.append(line)
-        m = MARK.search(line)
+        m = mark.search(line)
         if m:
             if m.group(1) == args.nick:
                 own_seen += 1
@@ -88,7 +93,7 @@ def main():
                 delays.setdefault(int(m.group(2)), (received - float(m.group(3))) * 1000)
                 peer_seen = True
             return
-        m = HELLO.search(line)
+        m = hello.search(line)
         if m and m.group(2) == args.peer:
             peer_seen = True
 
@@ -98,11 +103,11 @@ def main():
         if time.monotonic() > deadline or lines.eof:
             return finish(args, "peer never appeared", 0, delays, own_seen, transcript)
         if time.monotonic() >= next_hello:
-            send_line(sock, f"labhello from={args.nick}")
+            send_line(sock, f"labhello session={args.session} from={args.nick}")
             next_hello = time.monotonic() + 0.2
         for line in lines.read(0.05):
             handle(line)
-    send_line(sock, f"laback from={args.nick}")
+    send_line(sock, f"laback session={args.session} from={args.nick}")
 
     # Phase 2: send COUNT timestamped messages while collecting the peer's.
     sent = 0
@@ -114,7 +119,7 @@ def main():
         if now > deadline or lines.eof:
             break
         if sent < args.count and now >= next_send:
-            send_line(sock, f"labmsg from={args.nick} seq={sent} sent={time.time():.6f}")
+            send_line(sock, f"labmsg session={args.session} from={args.nick} seq={sent} sent={time.time():.6f}")
             sent += 1
             next_send = now + args.interval_ms / 1000
         wait = next_send - time.monotonic() if sent < args.count else 0.2

@@ -183,6 +183,18 @@ established_count() {
 
 PYTHON=${PYTHON:-$(command -v /usr/bin/python3 || command -v python3)}
 
+# Formats a number for people: thousands separators, at most DECIMALS (default 1) decimals.
+pretty() {
+    "$PYTHON" -c '
+import sys
+try:
+    v = float(sys.argv[1])
+except ValueError:
+    print(sys.argv[1] or "?"); sys.exit()
+d = int(sys.argv[2])
+print(f"{int(v):,}" if v == int(v) else f"{v:,.{d}f}")' "${1:-?}" "${2:-1}"
+}
+
 # Reads one field of a JSON file (dotted path) with python3; prints nothing when absent.
 json_get() {
     "$PYTHON" - "$1" "$2" <<'PY'
