@@ -176,7 +176,8 @@ case_2() {
     d2=$(json_get "$out/chat-client2.json" delay_ms.avg)
     m1=$(json_get "$out/chat-client1.json" delay_ms.max)
     m2=$(json_get "$out/chat-client2.json" delay_ms.max)
-    local observed="TLS load: $(pretty "$ok") ok, $(pretty "$failed") failed; $during_before then $during_after TLS connections open on server1 while chatting; chat: client2 got ${r2:-0}/$msgs of client1's messages, client1 got ${r1:-0}/$msgs of client2's; delay avg $(pretty "$d2") / $(pretty "$d1") ms, max $(pretty "$m2") / $(pretty "$m1") ms (client1->client2 / client2->client1; idle lab: $(pretty "$idle2") / $(pretty "$idle1") ms avg)"
+    local observed
+    observed="TLS load: $(pretty "$ok") ok, $(pretty "$failed") failed; $during_before then $during_after TLS connections open on server1 while chatting; chat: client2 got ${r2:-0}/$msgs of client1's messages, client1 got ${r1:-0}/$msgs of client2's; delay avg $(pretty "$d2") / $(pretty "$d1") ms, max $(pretty "$m2") / $(pretty "$m1") ms (client1->client2 / client2->client1; idle lab: $(pretty "$idle2") / $(pretty "$idle1") ms avg)"
     if [ "$loaded" -eq 1 ] && [ "$chat_rc" -eq 0 ] && [ "${ok:-0}" -eq "$conns" ] && [ "${failed:-1}" -eq 0 ] &&
         [ "$during_after" -ge "$conns" ] && [ "${r1:-0}" -eq "$msgs" ] && [ "${r2:-0}" -eq "$msgs" ]; then
         record 2 "$expect" "$observed" PASS "$original"
@@ -283,7 +284,8 @@ case_5() {
     if [ -n "$msgs" ] && [ -n "$avg" ]; then
         vs=$("$PYTHON" -c 'import sys; m, a = float(sys.argv[1]), float(sys.argv[2]); print(f"{m / 771047:.2f}x the original messages, {a / 411:.2f}x its response time")' "$msgs" "$avg")
     fi
-    local observed="client: $(pretty "$ok") ok, $(pretty "$failed") failed, $(pretty "$msgs") messages ($(pretty "$rate" 0)/s), response avg $(pretty "$avg") ms, p99 $(pretty "$p99") ms ($vs); servers: server1 $(pretty "$t1"), server2 $(pretty "$t2") connections, $(pretty "$e1") + $(pretty "$e2") messages echoed"
+    local observed
+    observed="client: $(pretty "$ok") ok, $(pretty "$failed") failed, $(pretty "$msgs") messages ($(pretty "$rate" 0)/s), response avg $(pretty "$avg") ms, p99 $(pretty "$p99") ms ($vs); servers: server1 $(pretty "$t1"), server2 $(pretty "$t2") connections, $(pretty "$e1") + $(pretty "$e2") messages echoed"
     if [ "${ok:-0}" -eq "$conns" ] && [ "${failed:-1}" -eq 0 ] && [ "${t1:-0}" -eq "$half" ] && [ "${t2:-0}" -eq "$half" ] &&
         [ "${msgs:-0}" -gt 0 ]; then
         record 5 "$expect" "$observed" PASS "$original"
