@@ -1,0 +1,209 @@
+//! What the forwarder's integration tests share: start the real binary on a rules file, find
+//! its worker processes, and backends (echo servers that can tag their replies) on loopback.
+
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use testbed::testing::{free_port, wait_until, ChildGuard};
+
+pub const WAIT: Duration = Duration::from_secs(20);
+
+/// A running forwarder and its rules file.
+pub struct Forwarder {
+    pub process: ChildGuard,
+    pub rules: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Forwarder {
+    /// Starts the forwarder on `rules` text with `workers` workers and extra flags; waits until
+    /// every listen port in `ports` accepts connections.
+    pub fn start(rules: &str, workers: usize, extra: &[&str], ports: &[u16]) -> Forwarder {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("entries.csv");
+        std::fs::write(&path, rules).unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_forwarder"));
+        cmd.arg("--rules")
+            .arg(&path)
+            .arg("--no-web")
+            .arg("--workers")
+            .arg(workers.to_string())
+            .arg("--log-level")
+            .arg("info")
+            .args(extra);
+        let process = ChildGuard::spawn(cmd);
+        for &port in ports {
+            assert!(
+                wait_until(WAIT, || is_listening(port)),
+                "forwarder never listened on {port}:\n{}",
+                process.output()
+            );
+        }
+        Forwarder {
+            process,
+            rules: path,
+            _dir: dir,
+        }
+    }
+
+    /// Replaces the rules file (atomically, as an editor would) and waits for the forwarder to
+    /// log that it reloaded.
+    pub fn rewrite_rules(&self, text: &str) {
+        let before = self.process.output().matches("reloading").count();
+        let tmp = self.rules.with_extension("tmp");
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, &self.rules).unwrap();
+        assert!(
+            wait_until(WAIT, || self.process.output().matches("reloading").count()
+                > before),
+            "no reload noticed:\n{}",
+            self.process.output()
+        );
+    }
+
+    /// Pids of the worker processes (children of the supervisor).
+    pub fn worker_pids(&self) -> Vec<u32> {
+        children_of(self.process.pid())
+    }
+
+    /// Sum of VmRSS of the supervisor and its workers, in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        let mut pids = self.worker_pids();
+        pids.push(self.process.pid());
+        pids.iter().map(|&p| rss_kib(p)).sum()
+    }
+}
+
+/// True when a socket listens on `port` (IPv4 or IPv6). Read from /proc rather than by
+/// connecting, so no probe connection reaches a test's backend.
+pub fn is_listening(port: u16) -> bool {
+    let hex = format!(":{port:04X} ");
+    ["/proc/net/tcp", "/proc/net/tcp6"].iter().any(|table| {
+        std::fs::read_to_string(table).is_ok_and(|text| {
+            text.lines().skip(1).any(|line| {
+                let mut fields = line.split_whitespace();
+                let local = fields.nth(1).unwrap_or("");
+                let state = fields.nth(1).unwrap_or("");
+                format!("{local} ").ends_with(&hex) && state == "0A"
+            })
+        })
+    })
+}
+
+pub fn local(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+pub fn children_of(parent: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // Fields after the ")" of the command name: state, ppid, ...
+        let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
+            continue;
+        };
+        let mut fields = rest.split_whitespace();
+        let state = fields.next();
+        let ppid = fields.next().and_then(|p| p.parse::<u32>().ok());
+        if ppid == Some(parent) && state != Some("Z") {
+            out.push(pid);
+        }
+    }
+    out.sort();
+    out
+}
+
+pub fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// An echo server on loopback, one thread per connection. When `tag` is set, each connection
+/// first receives the tag, so a test can tell which backend served it.
+pub struct Backend {
+    pub port: u16,
+    pub accepted: Arc<AtomicUsize>,
+}
+
+impl Backend {
+    pub fn echo(tag: Option<&str>) -> Backend {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = Arc::clone(&accepted);
+        let tag = tag.map(|t| t.as_bytes().to_vec());
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { continue };
+                count.fetch_add(1, Ordering::SeqCst);
+                let tag = tag.clone();
+                std::thread::spawn(move || {
+                    if let Some(tag) = tag {
+                        if stream.write_all(&tag).is_err() {
+                            return;
+                        }
+                    }
+                    let mut buf = vec![0u8; 64 * 1024];
+                    loop {
+                        match stream.read(&mut buf) {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => {
+                                if stream.write_all(&buf[..n]).is_err() {
+                                    break;
+                                }
+                            }
+                        }
+                    }
+                    // Echo the half-close: our FIN follows the client's.
+                    let _ = stream.shutdown(std::net::Shutdown::Write);
+                });
+            }
+        });
+        Backend { port, accepted }
+    }
+}
+
+/// A port with nothing listening on it.
+pub fn dead_port() -> u16 {
+    free_port()
+}
+
+/// Connects through the forwarder and reads the backend's tag (`len` bytes).
+pub fn read_tag(port: u16, len: usize) -> String {
+    let mut s = TcpStream::connect(local(port)).unwrap();
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    let mut tag = vec![0u8; len];
+    s.read_exact(&mut tag).unwrap();
+    String::from_utf8(tag).unwrap()
+}
+
+/// Sends `msg` and reads the same number of bytes back.
+pub fn round_trip(s: &mut TcpStream, msg: &[u8]) -> Vec<u8> {
+    s.write_all(msg).unwrap();
+    let mut back = vec![0u8; msg.len()];
+    s.read_exact(&mut back).unwrap();
+    back
+}
+
+pub fn rules_file(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap()
+}

@@ -1,0 +1,200 @@
+//! Bytes through the real forwarder: exact in both directions at once, half-close passed on,
+//! resets passed on, backpressure against a stalled reader, thousands of connections.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::time::Duration;
+
+use common::*;
+use testbed::testing::{free_port, wait_until};
+
+fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
+    let mut rng = fastrand::Rng::with_seed(seed);
+    (0..len).map(|_| rng.u8(..)).collect()
+}
+
+fn transfer_exact(extra: &[&str]) {
+    let backend = Backend::echo(None);
+    let port = free_port();
+    let fwd = Forwarder::start(
+        &format!("echo,{port},127.0.0.1,{}\n", backend.port),
+        2,
+        extra,
+        &[port],
+    );
+    const LEN: usize = 32 << 20;
+    let data = random_bytes(LEN, 7);
+    let mut client = TcpStream::connect(local(port)).unwrap();
+    client.set_read_timeout(Some(WAIT)).unwrap();
+    let mut writer = client.try_clone().unwrap();
+    let sent = data.clone();
+    // Write and read at once: both directions carry 32 MiB simultaneously.
+    let send = std::thread::spawn(move || {
+        for chunk in sent.chunks(100_003) {
+            writer.write_all(chunk).unwrap();
+        }
+        writer.shutdown(Shutdown::Write).unwrap();
+    });
+    let mut back = Vec::with_capacity(LEN);
+    client.read_to_end(&mut back).unwrap();
+    send.join().unwrap();
+    assert_eq!(back.len(), LEN, "bytes echoed");
+    assert!(back == data, "echoed bytes differ from the sent bytes");
+    drop(fwd);
+}
+
+#[test]
+fn thirty_two_mib_both_ways_exact_with_splice() {
+    transfer_exact(&[]);
+}
+
+#[test]
+fn thirty_two_mib_both_ways_exact_with_copying() {
+    transfer_exact(&["--no-splice"]);
+}
+
+#[test]
+fn half_close_is_passed_on_while_the_other_direction_flows() {
+    // Backend: reads the request to EOF, then answers with 1 MiB and closes.
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let bport = listener.local_addr().unwrap().port();
+    let answer = random_bytes(1 << 20, 3);
+    let reply = answer.clone();
+    let server = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        let mut request = Vec::new();
+        s.read_to_end(&mut request).unwrap(); // returns only once our FIN arrived
+        s.write_all(&reply).unwrap();
+        request
+    });
+    let port = free_port();
+    let _fwd = Forwarder::start(&format!("hc,{port},127.0.0.1,{bport}\n"), 1, &[], &[port]);
+    let mut c = TcpStream::connect(local(port)).unwrap();
+    c.set_read_timeout(Some(WAIT)).unwrap();
+    c.write_all(b"request body").unwrap();
+    c.shutdown(Shutdown::Write).unwrap();
+    let mut got = Vec::new();
+    c.read_to_end(&mut got).unwrap();
+    assert_eq!(server.join().unwrap(), b"request body");
+    assert!(got == answer, "answer after half-close arrived intact");
+
+    // The other way round: the backend closes its side first, the client keeps sending.
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let bport2 = listener.local_addr().unwrap().port();
+    let server = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        s.write_all(b"bye").unwrap();
+        s.shutdown(Shutdown::Write).unwrap();
+        let mut rest = Vec::new();
+        s.read_to_end(&mut rest).unwrap();
+        rest
+    });
+    let port2 = free_port();
+    let _fwd2 = Forwarder::start(
+        &format!("hc2,{port2},127.0.0.1,{bport2}\n"),
+        1,
+        &[],
+        &[port2],
+    );
+    let mut c = TcpStream::connect(local(port2)).unwrap();
+    c.set_read_timeout(Some(WAIT)).unwrap();
+    let mut got = Vec::new();
+    c.read_to_end(&mut got).unwrap(); // the backend's FIN reached us...
+    assert_eq!(got, b"bye");
+    let late = random_bytes(300_000, 9);
+    c.write_all(&late).unwrap(); // ...and we can still send
+    c.shutdown(Shutdown::Write).unwrap();
+    assert!(server.join().unwrap() == late);
+}
+
+#[test]
+fn backend_reset_is_passed_to_the_client() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let bport = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let (s, _) = listener.accept().unwrap();
+        let mut buf = [0u8; 5];
+        (&s).read_exact(&mut buf).unwrap();
+        socket2::SockRef::from(&s)
+            .set_linger(Some(Duration::ZERO))
+            .unwrap();
+        drop(s); // RST
+    });
+    let port = free_port();
+    let _fwd = Forwarder::start(&format!("rst,{port},127.0.0.1,{bport}\n"), 1, &[], &[port]);
+    let mut c = TcpStream::connect(local(port)).unwrap();
+    c.set_read_timeout(Some(WAIT)).unwrap();
+    c.write_all(b"hello").unwrap();
+    let mut buf = [0u8; 16];
+    let err = c.read(&mut buf).expect_err("a reset, not an orderly close");
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset);
+}
+
+#[test]
+fn stalled_backend_keeps_memory_bounded_and_loses_nothing() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let bport = listener.local_addr().unwrap().port();
+    let port = free_port();
+    let fwd = Forwarder::start(&format!("slow,{port},127.0.0.1,{bport}\n"), 1, &[], &[port]);
+    let baseline = fwd.rss_kib();
+    const LEN: usize = 64 << 20;
+    let data = random_bytes(LEN, 11);
+    let sent = data.clone();
+    let mut c = TcpStream::connect(local(port)).unwrap();
+    let (mut backend, _) = listener.accept().unwrap();
+    let writer = std::thread::spawn(move || {
+        c.write_all(&sent).unwrap(); // blocks while the backend does not read
+        c.shutdown(Shutdown::Write).unwrap();
+        c
+    });
+    // Let the client push until every buffer on the way is full.
+    std::thread::sleep(Duration::from_millis(1500));
+    let stalled = fwd.rss_kib();
+    assert!(
+        stalled < baseline + 8 * 1024,
+        "forwarder RSS grew from {baseline} KiB to {stalled} KiB behind a stalled reader"
+    );
+    backend.set_read_timeout(Some(WAIT)).unwrap();
+    let mut got = Vec::with_capacity(LEN);
+    backend.read_to_end(&mut got).unwrap();
+    let _client = writer.join().unwrap();
+    assert_eq!(got.len(), LEN);
+    assert!(got == data, "bytes lost or reordered behind backpressure");
+}
+
+#[test]
+fn five_thousand_concurrent_connections() {
+    testbed::fdlimit::raise_nofile().unwrap();
+    let backend = Backend::echo(None);
+    let port = free_port();
+    let fwd = Forwarder::start(
+        &format!("many,{port},127.0.0.1,{}\n", backend.port),
+        2,
+        &[],
+        &[port],
+    );
+    const N: usize = 5000;
+    let mut conns = Vec::with_capacity(N);
+    for _ in 0..N {
+        let s = TcpStream::connect(local(port)).unwrap();
+        s.set_read_timeout(Some(WAIT)).unwrap();
+        conns.push(s);
+    }
+    // All open at once; every one still carries its own bytes.
+    for (i, s) in conns.iter_mut().enumerate() {
+        s.write_all(format!("conn {i:05}\n").as_bytes()).unwrap();
+    }
+    for (i, s) in conns.iter_mut().enumerate() {
+        let mut buf = [0u8; 11];
+        s.read_exact(&mut buf).unwrap();
+        assert_eq!(&buf, format!("conn {i:05}\n").as_bytes());
+    }
+    assert!(wait_until(WAIT, || backend
+        .accepted
+        .load(std::sync::atomic::Ordering::SeqCst)
+        == N));
+    drop(conns);
+    drop(fwd);
+}
