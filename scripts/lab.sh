@@ -62,6 +62,10 @@ lab_run() {
     for c in "${cases[@]}"; do
         [[ "$c" =~ ^[1-5]$ ]] || die "unknown case \"$c\" (cases are 1 to 5)"
     done
+    local conns=${LAB_CONNECTIONS:-20000}
+    if ! [[ "$conns" =~ ^[0-9]+$ ]] || [ "$conns" -lt 2 ] || [ $((conns % 2)) -ne 0 ]; then
+        die "LAB_CONNECTIONS=\"$conns\" must be an even number of at least 2 (case 5 splits it over two servers)"
+    fi
     if [ "${LAB_KEEP:-0}" != 1 ]; then
         # shellcheck disable=SC2154  # status is assigned inside the trap
         trap 'status=$?; trap - EXIT INT TERM; log "cleaning up"; lab_down; exit $status' EXIT

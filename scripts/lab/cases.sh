@@ -134,6 +134,12 @@ chat_pair() {
     return "$rc"
 }
 
+# load_ready NAME NS PORT N — true once N connections are established on PORT in NS, or once the
+# load client NAME has exited (nothing more will come).
+load_ready() {
+    [ "$(established_count "$2" "$3")" -ge "$4" ] || ! proc_alive "$1"
+}
+
 case_2() {
     local conns=${LAB_CASE2_CONNECTIONS:-1000} seconds=${LAB_CASE2_SECONDS:-20} msgs=${LAB_CHAT_MESSAGES:-50}
     local expect="$conns TLS connections all succeed while every chat message ($msgs each way) arrives"
@@ -152,8 +158,8 @@ case_2() {
         --ca "$LAB_DIR/certs/ca.crt" --message "case 2 load from client1" --connections "$conns" \
         --duration "$seconds" --report "$out/load-report.xlsx" --json
     local loaded=0
-    wait_until $((seconds + 30)) "$conns TLS connections on server1" \
-        bash -c "[ \$(ip netns exec $NS_S1 ss -Htn state established 'sport = :$PORT_TLS_ECHO' | wc -l) -ge $conns ]" && loaded=1
+    wait_until 60 "$conns TLS connections on server1" load_ready case2-load "$NS_S1" "$PORT_TLS_ECHO" "$conns"
+    [ "$(established_count "$NS_S1" "$PORT_TLS_ECHO")" -ge "$conns" ] && loaded=1
     local during_before
     during_before=$(established_count "$NS_S1" "$PORT_TLS_ECHO")
 
