@@ -11,7 +11,7 @@ use chrono::{DateTime, Local};
 use hdrhistogram::Histogram;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, ChildStdin, Command};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::config::{split, RunConfig, ShardPlan};
 use crate::connector::Connector;
@@ -20,7 +20,7 @@ use crate::live::Display;
 use crate::recorder::{merge_timeline, new_histogram, LiveSnapshot, Second};
 use crate::session::ConnectionRecord;
 use crate::shard::{self, WorkerMsg};
-use crate::worker::{GO, WORKER_FLAG};
+use crate::worker::{GO, STOP, WORKER_FLAG};
 
 /// Everything a run produced, joined across processes.
 pub struct Outcome {
@@ -45,10 +45,43 @@ enum Event {
     Ended(Option<String>),
 }
 
-/// How to start a shard's phase 2.
-enum GoSignal {
-    Local(oneshot::Sender<Instant>),
+/// How the parent starts and stops a shard's phase 2.
+enum Control {
+    Local {
+        go: Option<oneshot::Sender<Instant>>,
+        stop: watch::Sender<bool>,
+    },
+    /// A worker's stdin; kept open until the run ends, because its end tells the worker the
+    /// parent is gone.
     Worker(ChildStdin),
+}
+
+impl Control {
+    async fn go(&mut self, at: Instant) {
+        match self {
+            Control::Local { go, .. } => {
+                if let Some(tx) = go.take() {
+                    let _ = tx.send(at);
+                }
+            }
+            Control::Worker(stdin) => send_line(stdin, GO).await,
+        }
+    }
+
+    async fn stop(&mut self) {
+        match self {
+            Control::Local { stop, .. } => {
+                let _ = stop.send(true);
+            }
+            Control::Worker(stdin) => send_line(stdin, STOP).await,
+        }
+    }
+}
+
+async fn send_line(stdin: &mut ChildStdin, line: &str) {
+    // A worker that died already has reported (or will report) its end; nothing to do.
+    let _ = stdin.write_all(format!("{line}\n").as_bytes()).await;
+    let _ = stdin.flush().await;
 }
 
 #[derive(Default)]
@@ -68,12 +101,12 @@ pub async fn run(config: RunConfig, processes: u64, show: bool) -> anyhow::Resul
     let (tx, mut rx) = mpsc::unbounded_channel::<(usize, Event)>();
     let started_at = Local::now();
     let started = Instant::now();
-    let mut goes = Vec::with_capacity(plans.len());
+    let mut controls = Vec::with_capacity(plans.len());
     if plans.len() == 1 {
-        goes.push(start_local(plans[0].clone(), connector, tx.clone()));
+        controls.push(start_local(plans[0].clone(), connector, tx.clone()));
     } else {
         for (i, plan) in plans.iter().enumerate() {
-            goes.push(start_worker(i, plan, tx.clone())?);
+            controls.push(start_worker(i, plan, tx.clone())?);
         }
     }
     drop(tx);
@@ -88,8 +121,7 @@ pub async fn run(config: RunConfig, processes: u64, show: bool) -> anyhow::Resul
     let mut phase2 = false;
     let mut connect_s = 0.0;
     let mut tick = tokio::time::interval(Duration::from_millis(100));
-    // Workers' stdin stays open until the run ends: its end tells a worker the parent is gone.
-    let mut held_stdin: Vec<ChildStdin> = Vec::new();
+    let mut stopping = false;
 
     loop {
         if !phase2 && shards.iter().all(|s| s.connected || s.ended) {
@@ -98,8 +130,8 @@ pub async fn run(config: RunConfig, processes: u64, show: bool) -> anyhow::Resul
             connect_s = started.elapsed().as_secs_f64();
             display.connected(&total, started.elapsed());
             let go_at = Instant::now();
-            for go in goes.drain(..) {
-                held_stdin.extend(send_go(go, go_at).await);
+            for control in &mut controls {
+                control.go(go_at).await;
             }
             phase2 = true;
         }
@@ -130,6 +162,21 @@ pub async fn run(config: RunConfig, processes: u64, show: bool) -> anyhow::Resul
                     }
                 }
             }
+            _ = tokio::signal::ctrl_c() => {
+                if !phase2 || stopping {
+                    // Nothing measured yet, or asked twice: leave now. Workers see their stdin
+                    // close and end on their own.
+                    display.finish();
+                    eprintln!("interrupted");
+                    std::process::exit(130);
+                }
+                stopping = true;
+                display.finish();
+                eprintln!("stopping: finishing the messages in flight (Ctrl-C again to quit at once)");
+                for control in &mut controls {
+                    control.stop().await;
+                }
+            }
             _ = tick.tick() => {
                 let total = sum(&shards);
                 if phase2 { display.exchanging(&total) } else { display.connecting(&total) }
@@ -137,7 +184,7 @@ pub async fn run(config: RunConfig, processes: u64, show: bool) -> anyhow::Resul
         }
     }
     display.finish();
-    drop(held_stdin);
+    drop(controls);
     if !phase2 {
         connect_s = started.elapsed().as_secs_f64();
     }
@@ -195,37 +242,25 @@ fn fill_missing(records: &mut Vec<ConnectionRecord>, plans: &[ShardPlan]) {
     records.sort_by_key(|r| r.id);
 }
 
-/// Starts phase 2 of one shard; returns a worker's stdin, to be kept open.
-async fn send_go(go: GoSignal, at: Instant) -> Option<ChildStdin> {
-    match go {
-        GoSignal::Local(tx) => {
-            let _ = tx.send(at);
-            None
-        }
-        GoSignal::Worker(mut stdin) => {
-            // A worker that died already has reported (or will report) its end; nothing to do.
-            let _ = stdin.write_all(format!("{GO}\n").as_bytes()).await;
-            let _ = stdin.flush().await;
-            Some(stdin)
-        }
-    }
-}
-
 fn start_local(
     plan: ShardPlan,
     connector: Connector,
     tx: mpsc::UnboundedSender<(usize, Event)>,
-) -> GoSignal {
+) -> Control {
     let (go_tx, go_rx) = oneshot::channel();
+    let (stop_tx, stop_rx) = watch::channel(false);
     let emit_tx = tx.clone();
     let emit: shard::Emit = Arc::new(move |msg| {
         let _ = emit_tx.send((0, Event::Msg(msg)));
     });
     tokio::spawn(async move {
-        shard::drive(plan, connector, emit, async { go_rx.await.ok() }).await;
+        shard::drive(plan, connector, emit, async { go_rx.await.ok() }, stop_rx).await;
         let _ = tx.send((0, Event::Ended(None)));
     });
-    GoSignal::Local(go_tx)
+    Control::Local {
+        go: Some(go_tx),
+        stop: stop_tx,
+    }
 }
 
 /// Re-executes this binary as worker `i`; a task forwards its stdout lines as events.
@@ -233,7 +268,7 @@ fn start_worker(
     i: usize,
     plan: &ShardPlan,
     tx: mpsc::UnboundedSender<(usize, Event)>,
-) -> anyhow::Result<GoSignal> {
+) -> anyhow::Result<Control> {
     let exe = std::env::current_exe().context("finding this program to start worker processes")?;
     let plan_json = serde_json::to_string(plan)?;
     let mut child: Child = Command::new(&exe)
@@ -281,5 +316,5 @@ fn start_worker(
         }
         let _ = tx.send((i, Event::Ended(problem)));
     });
-    Ok(GoSignal::Worker(stdin))
+    Ok(Control::Worker(stdin))
 }

@@ -31,7 +31,7 @@ impl Display {
             // The template is a constant that indicatif accepts.
             bar.set_style(
                 ProgressStyle::with_template(
-                    "connecting {bar:40} {pos}/{len} ({per_sec}, {elapsed}) {msg}",
+                    "connecting {bar:40} {pos}/{len} [{elapsed_precise}] {msg}",
                 )
                 .expect("valid progress template"),
             );

@@ -74,6 +74,9 @@ pub struct Shared {
     pub connector: Connector,
     pub recorder: Arc<Recorder>,
     pub process: u32,
+    /// Becomes true when the user asked to stop early (Ctrl-C): connections finish the message
+    /// in flight and close.
+    pub stop: watch::Receiver<bool>,
 }
 
 fn ms(d: Duration) -> f64 {
@@ -158,15 +161,19 @@ async fn exchange(
     let schedule_start =
         interval.map(|iv| go + iv.mul_f64((record.id as f64 * 0.618_033_988_75).fract()));
     let timeout = config.timeout();
+    let mut stop = shared.stop.clone();
     let mut k: u64 = 0;
-    while k < count {
+    while k < count && !*stop.borrow() {
         let intended = match (interval, schedule_start) {
             (Some(iv), Some(start)) => {
                 let at = start + iv * u32::try_from(k).unwrap_or(u32::MAX);
                 if deadline.is_some_and(|d| at >= d) {
                     break;
                 }
-                tokio::time::sleep_until(at.into()).await;
+                tokio::select! {
+                    _ = tokio::time::sleep_until(at.into()) => {}
+                    _ = stop.changed() => break,
+                }
                 Some(at)
             }
             _ => {

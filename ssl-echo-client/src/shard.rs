@@ -48,11 +48,14 @@ pub type Emit = Arc<dyn Fn(WorkerMsg) + Send + Sync>;
 
 /// Runs the shard to the end. `go` resolves to the barrier instant, or `None` if the run is
 /// abandoned (the parent went away): then open connections are closed without sending.
+///
+/// `stop` turning true ends phase 2 early: each connection finishes its message in flight.
 pub async fn drive(
     plan: ShardPlan,
     connector: Connector,
     emit: Emit,
     go: impl Future<Output = Option<Instant>>,
+    stop: watch::Receiver<bool>,
 ) {
     let recorder = Arc::new(Recorder::default());
     let shared = Arc::new(Shared {
@@ -60,6 +63,7 @@ pub async fn drive(
         connector,
         recorder: Arc::clone(&recorder),
         process: plan.index,
+        stop,
     });
     let (go_tx, go_rx) = watch::channel(None);
 

@@ -1,14 +1,15 @@
 //! The worker-process side of a multi-process run. The parent re-executes this binary with a
 //! hidden `--worker-plan JSON`; the worker runs its shard, writes [`WorkerMsg`]s to stdout as JSON
-//! lines, and waits for the line `go` on stdin before phase 2. End of stdin before `go` means the
-//! parent is gone: the worker closes its connections and exits.
+//! lines, and waits for the line `go` on stdin before phase 2; `stop` (or the end of stdin: the
+//! parent is gone) ends phase 2 early. Workers ignore SIGINT: a Ctrl-C on the terminal reaches the
+//! whole process group, and it is the parent that decides how the run ends.
 
 use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::Context;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::config::ShardPlan;
 use crate::connector::Connector;
@@ -17,14 +18,20 @@ use crate::shard::{self, WorkerMsg};
 /// The hidden flag that turns the binary into a worker.
 pub const WORKER_FLAG: &str = "--worker-plan";
 
-/// The word the parent sends on stdin to start phase 2.
+/// The line the parent sends on stdin to start phase 2.
 pub const GO: &str = "go";
+/// The line the parent sends on stdin to end phase 2 early.
+pub const STOP: &str = "stop";
 
 /// Runs one worker process to the end.
 pub fn main(plan_json: &str) -> anyhow::Result<()> {
     let plan: ShardPlan =
         serde_json::from_str(plan_json).context("worker plan is not valid JSON")?;
     testbed::fdlimit::raise_nofile().context("raising the open-file limit")?;
+    // SAFETY: setting a signal disposition to SIG_IGN has no handler to race with.
+    unsafe {
+        libc::signal(libc::SIGINT, libc::SIG_IGN);
+    }
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     let threads = (cpus / plan.processes.max(1) as usize).max(1);
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -32,7 +39,11 @@ pub fn main(plan_json: &str) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    runtime.block_on(run(plan))
+    let result = runtime.block_on(run(plan));
+    // Not a plain drop: that would wait for the blocking thread still reading stdin, which the
+    // parent keeps open until this process has exited.
+    runtime.shutdown_background();
+    result
 }
 
 async fn run(plan: ShardPlan) -> anyhow::Result<()> {
@@ -56,15 +67,26 @@ async fn run(plan: ShardPlan) -> anyhow::Result<()> {
     let emit: shard::Emit = Arc::new(move |msg| {
         let _ = tx.send(msg);
     });
-    let go = async {
-        let mut line = String::new();
-        let mut stdin = BufReader::new(tokio::io::stdin());
-        match stdin.read_line(&mut line).await {
-            Ok(_) if line.trim() == GO => Some(Instant::now()),
-            _ => None,
+    let (go_tx, go_rx) = oneshot::channel();
+    let (stop_tx, stop_rx) = watch::channel(false);
+    tokio::spawn(async move {
+        let mut go_tx = Some(go_tx);
+        let mut lines = BufReader::new(tokio::io::stdin()).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            match line.trim() {
+                GO => {
+                    if let Some(tx) = go_tx.take() {
+                        let _ = tx.send(Instant::now());
+                    }
+                }
+                STOP => break,
+                other => tracing::warn!("ignoring {other:?} from the parent"),
+            }
         }
-    };
-    shard::drive(plan, connector, emit, go).await;
+        // `stop`, or the parent is gone. Before `go` the dropped sender abandons the run.
+        let _ = stop_tx.send(true);
+    });
+    shard::drive(plan, connector, emit, async { go_rx.await.ok() }, stop_rx).await;
     // `emit` (and with it the sender) is dropped by drive; the writer drains and ends.
     writer.await.context("stdout writer")?;
     Ok(())

@@ -413,3 +413,56 @@ fn a_missing_ca_file_is_one_clear_error() {
     );
     assert!(run.stdout.is_empty());
 }
+
+#[test]
+fn ctrl_c_ends_the_exchange_early_with_a_full_report() {
+    let certs = certs();
+    let work = tempfile::tempdir().unwrap();
+    let server = Server::start(Some(&certs), work.path());
+    let report = work.path().join("interrupted.xlsx");
+    let port = server.addr.port().to_string();
+    let client = ClientProcess::start(&[
+        "--port",
+        &port,
+        "--ca",
+        certs.paths.ca_cert.to_str().unwrap(),
+        "--connections",
+        "30",
+        "--duration",
+        "600",
+        "--processes",
+        "2",
+        "--message",
+        "abcd",
+        "--report",
+        report.to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(
+        wait_until(LIMIT, || server.stat("bytes_echoed") >= 4 * 300),
+        "the server never echoed 300 messages"
+    );
+    // Ctrl-C on a terminal reaches the whole group: the workers must leave the decision to the
+    // parent, which stops them and still writes the report.
+    client.signal_group(libc::SIGINT);
+    let run = client.finish(LIMIT);
+    assert!(run.status.success(), "{}", run.stderr);
+    assert!(
+        run.stderr
+            .contains("stopping: finishing the messages in flight"),
+        "{}",
+        run.stderr
+    );
+    let j = run.json();
+    assert_eq!(j["processes"], 2);
+    assert_eq!(j["connections_ok"], 30);
+    assert_eq!(j["errors_total"], 0, "{}", j["errors"]);
+    assert!(j["duration_s"].as_f64().unwrap() < 300.0);
+    let messages = j["messages"].as_u64().unwrap();
+    assert!(messages >= 300, "{messages}");
+    assert_eq!(j["bytes_received"].as_u64().unwrap(), 4 * messages);
+    let rows = sheet(&report, "Connections");
+    assert_eq!(rows.height(), 31);
+    let counted: f64 = (1..=30).map(|r| num(&rows, r, 5)).sum();
+    assert_eq!(counted as u64, messages);
+}

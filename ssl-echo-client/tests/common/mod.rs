@@ -153,6 +153,15 @@ impl ClientProcess {
         }
     }
 
+    /// Sends `sig` to the client's process group, as a terminal does for Ctrl-C.
+    pub fn signal_group(&self, sig: i32) {
+        let pid = self.child.as_ref().expect("running").id() as i32;
+        // SAFETY: kill(2) on the process group we created with process_group(0).
+        unsafe {
+            libc::kill(-pid, sig);
+        }
+    }
+
     /// Waits for the client to end; panics (after killing it) if it takes longer than `limit`.
     pub fn finish(mut self, limit: Duration) -> Run {
         let mut child = self.child.take().unwrap();
