@@ -133,3 +133,28 @@ fn all_backends_down_still_tries_them() {
     std::io::Read::read_exact(&mut s, &mut buf).unwrap();
     assert_eq!(&buf, b"up");
 }
+
+#[test]
+fn active_health_checks_bring_a_backend_back_without_traffic() {
+    let port = free_port();
+    let down = dead_port();
+    let fwd = Forwarder::start(
+        &format!("later,{port},127.0.0.1,{down}\n"),
+        1,
+        &["--health-interval-s", "1"],
+        &[port],
+    );
+    assert!(
+        fwd.process
+            .wait_for_output("backend down (health check)", WAIT),
+        "{}",
+        fwd.process.output()
+    );
+    let _revived = std::net::TcpListener::bind(("127.0.0.1", down)).unwrap();
+    assert!(
+        fwd.process
+            .wait_for_output("backend up (health check)", WAIT),
+        "{}",
+        fwd.process.output()
+    );
+}

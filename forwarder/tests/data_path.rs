@@ -198,3 +198,69 @@ fn five_thousand_concurrent_connections() {
     drop(conns);
     drop(fwd);
 }
+
+/// CPU seconds (user + system) used so far by a process.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let rest = stat.rsplit_once(')').unwrap().1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of stat; 12 and 13 after the command name.
+    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+    ticks / 100.0
+}
+
+#[test]
+fn a_full_worker_waits_without_spinning_and_resumes() {
+    // Open-file limit 520 leaves room for 32 connections in one worker (2 sockets each, after
+    // the descriptors kept for listeners and pipes).
+    use std::os::unix::process::CommandExt;
+    let backend = Backend::echo(None);
+    let port = free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let rules = dir.path().join("r.csv");
+    std::fs::write(&rules, format!("full,{port},127.0.0.1,{}\n", backend.port)).unwrap();
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_forwarder"));
+    cmd.arg("--rules")
+        .arg(&rules)
+        .args(["--no-web", "--workers", "1"]);
+    // SAFETY: setrlimit between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            let lim = libc::rlimit {
+                rlim_cur: 520,
+                rlim_max: 520,
+            };
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+            Ok(())
+        });
+    }
+    let fwd = testbed::testing::ChildGuard::spawn(cmd);
+    assert!(wait_until(WAIT, || is_listening(port)), "{}", fwd.output());
+    assert!(
+        fwd.output()
+            .contains("capacity ≈ 32 connections with 1 workers"),
+        "{}",
+        fwd.output()
+    );
+    let mut held: Vec<TcpStream> = (0..40)
+        .map(|_| {
+            let s = TcpStream::connect(local(port)).unwrap();
+            s.set_read_timeout(Some(WAIT)).unwrap();
+            s
+        })
+        .collect();
+    for s in held.iter_mut().take(32) {
+        assert_eq!(round_trip(s, b"ping"), b"ping");
+    }
+    // The 8 beyond capacity wait in the kernel's queue; the worker must not spin meanwhile.
+    let worker = children_of(fwd.pid())[0];
+    let before = cpu_seconds(worker);
+    std::thread::sleep(Duration::from_secs(1));
+    let used = cpu_seconds(worker) - before;
+    assert!(used < 0.3, "worker used {used} s of CPU while full");
+    // Closing some lets the waiting ones in.
+    held.drain(..8);
+    for s in held.iter_mut() {
+        assert_eq!(round_trip(s, b"pong"), b"pong");
+    }
+}

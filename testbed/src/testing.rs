@@ -26,12 +26,35 @@ pub fn bin_path(name: &str) -> PathBuf {
     path
 }
 
-/// A free loopback port (bound then released; good enough for tests that start a server on it).
+/// A port that is free now, below the kernel's ephemeral range (32768 and up), so it cannot
+/// collide with the local port of some outgoing connection of a load test running at the same
+/// time. Never the same port twice in one process.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free loopback port")
+    use std::collections::HashSet;
+    use std::sync::OnceLock;
+    static GIVEN: OnceLock<Mutex<HashSet<u16>>> = OnceLock::new();
+    let given = GIVEN.get_or_init(|| Mutex::new(HashSet::new()));
+    let mut given = given.lock().unwrap_or_else(|p| p.into_inner());
+    // Start somewhere different in each process so parallel test binaries rarely meet.
+    let seed = std::process::id() as usize * 7919
+        + std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos() as usize)
+            .unwrap_or(0);
+    const LOW: usize = 12_000;
+    const SPAN: usize = 20_000;
+    for i in 0..SPAN {
+        let port = (LOW + (seed + i * 37) % SPAN) as u16;
+        if given.contains(&port) {
+            continue;
+        }
+        // Free on every address (a 0.0.0.0 bind conflicts with any holder of the port).
+        if TcpListener::bind(("0.0.0.0", port)).is_ok() {
+            given.insert(port);
+            return port;
+        }
+    }
+    panic!("no free port between {LOW} and {}", LOW + SPAN);
 }
 
 /// Polls `cond` every 20 ms until it returns true or `timeout` passes.
