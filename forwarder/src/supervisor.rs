@@ -683,3 +683,11 @@ pub fn describe_pool(p: &rules::Pool) -> String {
         .collect::<Vec<_>>()
         .join(", ")
 }
+
+/// What the web page needs beyond the rules and figures (kept apart from the engine's code).
+impl Supervisor {
+    /// The rules file this supervisor reads, and the only file the web page may write.
+    pub fn rules_path(&self) -> &Path {
+        &self.config.rules_path
+    }
+}

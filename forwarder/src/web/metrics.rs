@@ -1,0 +1,246 @@
+//! `GET /metrics`: the same figures in Prometheus text format, per pool and per backend, so the
+//! forwarder can be scraped next to HAProxy or nginx.
+
+use std::fmt::Write;
+
+use axum::extract::State;
+use axum::http::{header, HeaderValue};
+use axum::response::{IntoResponse, Response};
+
+use super::api::ApiError;
+use super::{call, AppState};
+use crate::supervisor::StatsSnapshot;
+
+pub async fn get_metrics(State(state): State<AppState>) -> Result<Response, ApiError> {
+    let sup = state.sup.clone();
+    let stats = call(move || sup.stats()).await?;
+    let mut response = render(&stats).into_response();
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
+    Ok(response)
+}
+
+/// A label value with `\`, `"` and newlines escaped as the format requires.
+fn escape(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for c in value.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+struct Family<'a> {
+    name: &'a str,
+    kind: &'a str,
+    help: &'a str,
+}
+
+pub fn render(stats: &StatsSnapshot) -> String {
+    let mut out = String::new();
+    // Writing to a String cannot fail.
+    let head = |out: &mut String, f: &Family| {
+        let _ = writeln!(out, "# HELP {} {}", f.name, f.help);
+        let _ = writeln!(out, "# TYPE {} {}", f.name, f.kind);
+    };
+    let process: [(Family, u64); 5] = [
+        (
+            Family {
+                name: "forwarder_workers",
+                kind: "gauge",
+                help: "Worker processes.",
+            },
+            stats.workers as u64,
+        ),
+        (
+            Family {
+                name: "forwarder_capacity_connections",
+                kind: "gauge",
+                help: "Connections the workers can hold within the open-file limit.",
+            },
+            stats.capacity as u64,
+        ),
+        (
+            Family {
+                name: "forwarder_active_connections",
+                kind: "gauge",
+                help: "Connections open now, all rules.",
+            },
+            stats.active,
+        ),
+        (
+            Family {
+                name: "forwarder_accept_pauses_total",
+                kind: "counter",
+                help: "Accepts refused for lack of file descriptors.",
+            },
+            stats.accept_pauses,
+        ),
+        (
+            Family {
+                name: "forwarder_uptime_seconds",
+                kind: "gauge",
+                help: "Seconds since the forwarder started.",
+            },
+            stats.uptime_ms / 1000,
+        ),
+    ];
+    for (family, value) in &process {
+        head(&mut out, family);
+        let _ = writeln!(out, "{} {value}", family.name);
+    }
+
+    type PoolGet = fn(&crate::supervisor::PoolStats) -> u64;
+    let pool_families: [(Family, PoolGet); 2] = [
+        (
+            Family {
+                name: "forwarder_pool_accepted_total",
+                kind: "counter",
+                help: "Connections accepted on the listening address.",
+            },
+            |p| p.accepted,
+        ),
+        (
+            Family {
+                name: "forwarder_pool_unrouted_total",
+                kind: "counter",
+                help: "Connections closed because no backend of the pool could be reached.",
+            },
+            |p| p.unrouted,
+        ),
+    ];
+    for (family, get) in &pool_families {
+        head(&mut out, family);
+        for p in &stats.pools {
+            let _ = writeln!(
+                out,
+                "{}{{listen=\"{}\"}} {}",
+                family.name,
+                escape(&p.listen.to_string()),
+                get(p)
+            );
+        }
+    }
+
+    type BackendGet = fn(&crate::supervisor::BackendStats) -> u64;
+    let backend_families: [(Family, BackendGet); 6] = [
+        (
+            Family {
+                name: "forwarder_backend_up",
+                kind: "gauge",
+                help: "1 when the backend takes connections, 0 while it is marked down.",
+            },
+            |b| u64::from(b.state == "up"),
+        ),
+        (
+            Family {
+                name: "forwarder_backend_active_connections",
+                kind: "gauge",
+                help: "Connections open now to the backend.",
+            },
+            |b| b.active,
+        ),
+        (
+            Family {
+                name: "forwarder_backend_connections_total",
+                kind: "counter",
+                help: "Connections sent to the backend.",
+            },
+            |b| b.total,
+        ),
+        (
+            Family {
+                name: "forwarder_backend_bytes_up_total",
+                kind: "counter",
+                help: "Bytes from clients to the backend.",
+            },
+            |b| b.bytes_up,
+        ),
+        (
+            Family {
+                name: "forwarder_backend_bytes_down_total",
+                kind: "counter",
+                help: "Bytes from the backend to clients.",
+            },
+            |b| b.bytes_down,
+        ),
+        (
+            Family {
+                name: "forwarder_backend_connect_failures_total",
+                kind: "counter",
+                help: "Connects to the backend that failed or timed out.",
+            },
+            |b| b.connect_failures,
+        ),
+    ];
+    for (family, get) in &backend_families {
+        head(&mut out, family);
+        for p in &stats.pools {
+            for b in &p.backends {
+                let _ = writeln!(
+                    out,
+                    "{}{{listen=\"{}\",name=\"{}\",backend=\"{}\"}} {}",
+                    family.name,
+                    escape(&p.listen.to_string()),
+                    escape(&b.name),
+                    escape(&b.addr.to_string()),
+                    get(b)
+                );
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::supervisor::{BackendStats, PoolStats};
+
+    #[test]
+    fn names_are_escaped_and_every_family_is_typed() {
+        let stats = StatsSnapshot {
+            workers: 2,
+            capacity: 9000,
+            active: 1,
+            uptime_ms: 5500,
+            accept_pauses: 0,
+            pools: vec![PoolStats {
+                listen: "0.0.0.0:8080".parse().unwrap(),
+                accepted: 7,
+                unrouted: 1,
+                backends: vec![BackendStats {
+                    name: "a\"b\\c".into(),
+                    dest_ip: "127.0.0.1".into(),
+                    dest_port: "9001".into(),
+                    addr: "127.0.0.1:9001".parse().unwrap(),
+                    state: "up".into(),
+                    active: 1,
+                    total: 6,
+                    bytes_up: 10,
+                    bytes_down: 20,
+                    connect_failures: 1,
+                    last_error: String::new(),
+                    last_error_ms: 0,
+                    down_since_ms: 0,
+                    retry_at_ms: 0,
+                    last_check_ms: 0,
+                }],
+            }],
+        };
+        let text = render(&stats);
+        assert!(text.contains("forwarder_uptime_seconds 5\n"));
+        assert!(text.contains("forwarder_pool_accepted_total{listen=\"0.0.0.0:8080\"} 7\n"));
+        assert!(text.contains(
+            "forwarder_backend_bytes_down_total{listen=\"0.0.0.0:8080\",name=\"a\\\"b\\\\c\",backend=\"127.0.0.1:9001\"} 20\n"
+        ));
+        assert_eq!(text.matches("# TYPE ").count(), 13);
+        assert_eq!(text.matches("# HELP ").count(), 13);
+    }
+}

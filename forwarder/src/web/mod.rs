@@ -1,0 +1,154 @@
+//! The web page and its JSON API, served from the supervisor process on a small tokio runtime of
+//! its own thread. Forwarding happens in the worker processes, so a slow, hung or panicking web
+//! side never stops traffic; every call into the supervisor runs on a blocking thread with a
+//! deadline, so the page never holds the supervisor's lock across an await.
+
+mod api;
+mod assets;
+mod auth;
+mod entries;
+mod history;
+mod metrics;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context;
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{delete, get};
+use axum::Router;
+
+use crate::supervisor::Supervisor;
+
+pub use auth::Auth;
+
+/// Largest request body accepted: a rule is well under 1 KiB.
+const BODY_LIMIT_BYTES: usize = 16 * 1024;
+
+/// Longest a request waits for the supervisor (it may be busy applying rules to the workers).
+const SUPERVISOR_DEADLINE: Duration = Duration::from_secs(10);
+
+/// Blocking threads for supervisor calls: enough for a few browsers, bounded so a stuck
+/// supervisor cannot make the web side pile up threads.
+const MAX_BLOCKING_THREADS: usize = 8;
+
+/// What every request handler shares.
+#[derive(Clone)]
+struct AppState {
+    sup: Supervisor,
+    auth: Arc<Auth>,
+    history: Arc<Mutex<history::History>>,
+    /// Serialises the page's read-modify-write of the rules file (taken on a blocking thread).
+    write_lock: Arc<Mutex<()>>,
+}
+
+/// Starts the web page for `supervisor` on `addr` and returns once it listens, so a port in use
+/// is reported at start. Binding outside loopback requires a token: `token`, or one generated
+/// here and printed on stderr.
+pub fn start(
+    supervisor: Supervisor,
+    addr: SocketAddr,
+    token: Option<String>,
+) -> anyhow::Result<()> {
+    let auth = Auth::for_bind(addr, token)?;
+    let listener = std::net::TcpListener::bind(addr).with_context(|| {
+        format!("cannot serve the web page on {addr} (choose another with --web ADDR:PORT, or --no-web)")
+    })?;
+    listener.set_nonblocking(true)?;
+    let local = listener.local_addr()?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .max_blocking_threads(MAX_BLOCKING_THREADS)
+        .thread_name("web-blocking")
+        .build()
+        .context("starting the web page's runtime")?;
+    let state = AppState {
+        sup: supervisor,
+        auth: Arc::new(auth),
+        history: Arc::new(Mutex::new(history::History::new(history::KEEP_SECONDS))),
+        write_lock: Arc::new(Mutex::new(())),
+    };
+    announce(local, &state.auth);
+    std::thread::Builder::new()
+        .name("web".into())
+        .spawn(move || {
+            runtime.block_on(async move {
+                let listener = match tokio::net::TcpListener::from_std(listener) {
+                    Ok(l) => l,
+                    Err(e) => {
+                        tracing::error!("web page stopped: {e}");
+                        return;
+                    }
+                };
+                tokio::spawn(history::sample_forever(
+                    state.sup.clone(),
+                    Arc::clone(&state.history),
+                ));
+                if let Err(e) = axum::serve(listener, router(state)).await {
+                    tracing::error!("web page stopped: {e}");
+                }
+            })
+        })
+        .context("starting the web page's thread")?;
+    Ok(())
+}
+
+/// Tells the operator where the page is and, when one is needed, the token.
+fn announce(addr: SocketAddr, auth: &Auth) {
+    let shown = if addr.ip().is_unspecified() {
+        format!("http://<this host>:{}/", addr.port())
+    } else {
+        format!("http://{addr}/")
+    };
+    match auth.token() {
+        Some(token) if auth.generated() => eprintln!(
+            "web page on {shown} (token {token}; open {shown}#token={token} or pass --web-token to choose one)"
+        ),
+        Some(_) => eprintln!("web page on {shown} (changes need the --web-token)"),
+        None => eprintln!("web page on {shown}"),
+    }
+}
+
+fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/", get(assets::index))
+        .route("/app.js", get(assets::script))
+        .route("/style.css", get(assets::style))
+        .route("/favicon.svg", get(assets::icon))
+        .route("/api/rules", get(api::get_rules).post(api::add_rule))
+        .route(
+            "/api/rules/{id}",
+            get(api::get_rule)
+                .put(api::edit_rule)
+                .delete(api::delete_rules),
+        )
+        .route("/api/stats", get(api::get_stats))
+        .route("/api/history", get(api::get_history))
+        .route("/api/connections", get(api::get_connections))
+        .route("/api/connections/{id}", delete(api::close_connection))
+        .route("/metrics", get(metrics::get_metrics))
+        .fallback(api::not_found)
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            auth::guard,
+        ))
+        .layer(DefaultBodyLimit::max(BODY_LIMIT_BYTES))
+        .with_state(state)
+}
+
+/// Runs a supervisor call on a blocking thread with a deadline.
+async fn call<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, api::ApiError> {
+    match tokio::time::timeout(SUPERVISOR_DEADLINE, tokio::task::spawn_blocking(f)).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(api::ApiError::internal(format!(
+            "supervisor call failed: {e}"
+        ))),
+        Err(_) => Err(api::ApiError::unavailable(format!(
+            "the supervisor did not answer within {} s",
+            SUPERVISOR_DEADLINE.as_secs()
+        ))),
+    }
+}

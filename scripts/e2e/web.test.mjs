@@ -1,0 +1,283 @@
+// End-to-end test of the forwarder's web page in headless Chromium (Debian's /usr/bin/chromium
+// driven by playwright-core). scripts/test.d/web.sh starts the forwarder and the echo backends
+// and passes their addresses in the environment; this script only drives the page and sockets.
+//
+// It opens the page, refuses an invalid entry with the reason next to the field, adds a rule
+// through the form, sends real traffic through the new port, watches its connection count rise
+// on the page, closes a connection from the page, checks a hostile rule name is shown as text,
+// saves a screenshot, deletes the rules through the page (the port closes, an established
+// connection stays), and checks a hand edit of the file shows after a reload.
+
+import { chromium } from 'playwright-core';
+import fs from 'node:fs';
+import net from 'node:net';
+import os from 'node:os';
+import path from 'node:path';
+
+const env = (name) => {
+  const v = process.env[name];
+  if (!v) throw new Error(`${name} is not set (run scripts/test.d/web.sh)`);
+  return v;
+};
+const WEB_URL = env('WEB_URL');
+const RULES_FILE = env('RULES_FILE');
+const BACKEND_PORT = Number(env('BACKEND_PORT'));
+const POOL_PORT = Number(env('POOL_PORT'));
+const DEAD_POOL_PORT = Number(env('DEAD_POOL_PORT'));
+const NEW_PORT = Number(env('NEW_PORT'));
+const XSS_PORT = Number(env('XSS_PORT'));
+const HAND_PORT = Number(env('HAND_PORT'));
+const SCREENSHOT = env('SCREENSHOT');
+const WAIT_MS = 15_000;
+
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+let step = 'start';
+const log = (msg) => console.error(`web e2e: ${msg}`);
+const begin = (name) => {
+  step = name;
+  log(name);
+};
+
+function assert(cond, message) {
+  if (!cond) throw new Error(message);
+}
+
+/** Polls `fn` until it returns a truthy value or the time is up. */
+async function until(what, fn, timeoutMs = WAIT_MS) {
+  const deadline = Date.now() + timeoutMs;
+  let last;
+  for (;;) {
+    try {
+      last = await fn();
+      if (last) return last;
+    } catch (e) {
+      last = e;
+    }
+    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what} (last: ${last})`);
+    await sleep(100);
+  }
+}
+
+/** A client connection with a queue of received bytes. */
+function connect(port) {
+  return new Promise((resolve, reject) => {
+    const socket = net.connect({ host: '127.0.0.1', port });
+    const client = { socket, received: Buffer.alloc(0), closed: false };
+    socket.on('data', (d) => {
+      client.received = Buffer.concat([client.received, d]);
+    });
+    socket.on('close', () => {
+      client.closed = true;
+    });
+    socket.once('connect', () => {
+      socket.removeListener('error', reject);
+      socket.on('error', () => {});
+      resolve(client);
+    });
+    socket.once('error', reject);
+  });
+}
+
+/** Sends `text` and waits for exactly the same bytes back (the backends echo). */
+async function echo(client, text) {
+  const before = client.received.length;
+  client.socket.write(text);
+  await until(`echo of ${JSON.stringify(text)}`, () => client.received.length >= before + Buffer.byteLength(text));
+  const got = client.received.subarray(before, before + Buffer.byteLength(text)).toString();
+  assert(got === text, `echoed ${JSON.stringify(got)}, sent ${JSON.stringify(text)}`);
+}
+
+/** Resolves to the connect error code, or 'connected'. */
+function tryConnect(port) {
+  return new Promise((resolve) => {
+    const s = net.connect({ host: '127.0.0.1', port });
+    s.once('connect', () => {
+      s.destroy();
+      resolve('connected');
+    });
+    s.once('error', (e) => resolve(e.code));
+  });
+}
+
+async function rowText(page, name, cls) {
+  const cell = page.locator(`tr.entry[data-name="${name}"] td.${cls}`);
+  return (await cell.count()) ? (await cell.innerText()).trim() : null;
+}
+
+const profile = fs.mkdtempSync(path.join(os.tmpdir(), 'forwarder-e2e-profile-'));
+const clients = [];
+const streams = [];
+let context;
+let page;
+const pageErrors = [];
+const dialogs = [];
+
+try {
+  begin('launching chromium');
+  context = await chromium.launchPersistentContext(profile, {
+    executablePath: '/usr/bin/chromium',
+    headless: true,
+    viewport: { width: 1440, height: 900 },
+    args: [
+      '--headless',
+      '--no-sandbox',
+      '--disable-gpu',
+      '--no-first-run',
+      '--disable-background-networking',
+      '--disable-component-update',
+      '--disable-sync',
+    ],
+  });
+  page = context.pages()[0] || (await context.newPage());
+  page.on('pageerror', (e) => pageErrors.push(String(e)));
+  page.on('console', (m) => {
+    // The browser logs every 4xx answer; the refused entry is one on purpose.
+    if (m.type() === 'error' && !m.text().startsWith('Failed to load resource')) pageErrors.push(m.text());
+  });
+  page.on('dialog', async (d) => {
+    dialogs.push(d.message());
+    await d.dismiss();
+  });
+
+  begin('opening the page');
+  await page.goto(WEB_URL);
+  await page.locator('tr.entry[data-name="echo-a"]').waitFor({ timeout: WAIT_MS });
+  await until('the live indicator', async () => (await page.locator('#live-text').innerText()) === 'live');
+
+  begin('traffic through the existing pool (round robin over two backends)');
+  for (let i = 0; i < 6; i += 1) {
+    const c = await connect(POOL_PORT);
+    await echo(c, `pool ${i}\n`);
+    clients.push(c);
+  }
+  // Two attempts at the pool whose backend is down: the forwarder closes them (unrouted).
+  for (let i = 0; i < 2; i += 1) {
+    const c = await connect(DEAD_POOL_PORT).catch(() => null);
+    if (c) await until('the dead pool to close the connection', () => c.closed);
+  }
+  await until('the down backend on the page', async () => (await rowText(page, 'legacy-db', 'health'))?.startsWith('DOWN'));
+  const reason = await rowText(page, 'legacy-db', 'health');
+  assert(/refused/i.test(reason), `the down backend shows its reason, got ${JSON.stringify(reason)}`);
+  await until('pool shares of 50% each', async () => {
+    const a = await page.locator('tr.entry[data-name="echo-a"] .share-text').innerText();
+    const b = await page.locator('tr.entry[data-name="echo-b"] .share-text').innerText();
+    return a === '50%' && b === '50%';
+  });
+
+  begin('invalid entry: refused with the reason next to the field');
+  await page.getByRole('button', { name: '+ Add entry' }).click();
+  await page.getByLabel('Name').fill('new-web');
+  await page.getByLabel('Listening port').fill('99999');
+  await page.getByLabel('Destination IP or host').fill('127.0.0.1');
+  await page.getByLabel('Destination port').fill(String(BACKEND_PORT));
+  await page.getByRole('button', { name: 'Save' }).click();
+  const fieldError = page.locator('.field-error[data-for="listen_port"]');
+  await until('the listen_port error', async () => (await fieldError.innerText()).includes('out of range'));
+  assert(
+    (await fieldError.innerText()) === 'port 99999 is out of range 1-65535',
+    `field error text: ${await fieldError.innerText()}`,
+  );
+  assert((await page.locator('.field-error[data-for="name"]').innerText()) === '', 'no error on the name');
+  assert(!fs.readFileSync(RULES_FILE, 'utf8').includes('new-web'), 'an invalid entry must not reach the file');
+
+  begin('adding the rule through the form');
+  await page.getByLabel('Listening port').fill(String(NEW_PORT));
+  await page.getByRole('button', { name: 'Save' }).click();
+  await page.locator('tr.entry[data-name="new-web"]').waitFor({ timeout: WAIT_MS });
+  assert(!(await page.locator('#entry-dialog').evaluate((d) => d.open)), 'the dialog closes after saving');
+  assert(
+    fs.readFileSync(RULES_FILE, 'utf8').includes(`new-web,${NEW_PORT},127.0.0.1,${BACKEND_PORT}`),
+    'the rules file holds the new rule',
+  );
+  assert(fs.existsSync(`${RULES_FILE}.bak`), 'the previous rules file is kept as .bak');
+
+  begin('the new port forwards real traffic');
+  const fresh = [];
+  for (let i = 0; i < 3; i += 1) {
+    const c = await until(`a connection to the new port ${NEW_PORT}`, () => connect(NEW_PORT).catch(() => null), 5000);
+    await echo(c, `hello through the new rule ${i}\n`);
+    fresh.push(c);
+    clients.push(c);
+  }
+
+  begin('watching its connection count rise on the page');
+  await until('3 active connections on the new rule', async () => (await rowText(page, 'new-web', 'active')) === '3');
+  await until('3 rows in the connection table', async () => (await page.locator('#conns-body tr[data-rule="new-web"]').count()) === 3);
+  assert((await rowText(page, 'new-web', 'total')) === '3', 'total connections of the new rule');
+
+  begin('closing one connection from the page');
+  await page.locator('#conns-body tr[data-rule="new-web"]').first().getByRole('button', { name: 'Close' }).click();
+  await until('a client to see its connection closed', () => fresh.some((c) => c.closed));
+  await until('2 active connections on the new rule', async () => (await rowText(page, 'new-web', 'active')) === '2');
+
+  begin('a hostile rule name is shown as text');
+  const hostile = '<img src=x onerror="window.__xss=1">';
+  const status = await page.evaluate(async ([name, port, dest]) => {
+    const rules = await fetch('/api/rules');
+    const res = await fetch('/api/rules', {
+      method: 'POST',
+      headers: { 'Content-Type': 'application/json', 'If-Match': rules.headers.get('ETag') },
+      body: JSON.stringify({ name, listen_port: String(port), dest_ip: '127.0.0.1', dest_port: String(dest) }),
+    });
+    return res.status;
+  }, [hostile, XSS_PORT, BACKEND_PORT]);
+  assert(status === 201, `adding the hostile name from the page's origin: HTTP ${status}`);
+  const hostileRow = page.locator('tr.entry').filter({ hasText: 'onerror' });
+  await hostileRow.waitFor({ timeout: WAIT_MS });
+  const shown = await hostileRow.locator('td.name').evaluate((td) => td.firstChild.textContent);
+  assert(shown === hostile, `the name is shown verbatim, got ${JSON.stringify(shown)}`);
+  assert((await page.locator('#rules-table img').count()) === 0, 'no element was created from the name');
+  assert((await page.evaluate(() => window.__xss)) === undefined, 'no script ran from the name');
+
+  begin('throughput for the charts');
+  for (const c of clients.filter((x) => !x.closed)) {
+    streams.push(setInterval(() => c.socket.write(Buffer.alloc(48 * 1024, 120)), 200));
+  }
+  await sleep(8000);
+  for (const s of streams.splice(0)) clearInterval(s);
+  await until('received bytes on the page', async () => (await rowText(page, 'new-web', 'bytes-down')) !== '0 B');
+
+  begin(`screenshot to ${SCREENSHOT}`);
+  await page.evaluate(() => window.scrollTo(0, 0));
+  await page.screenshot({ path: SCREENSHOT, fullPage: true });
+
+  begin('deleting the new rules through the page');
+  const keep = fresh.find((c) => !c.closed);
+  await page.locator('tr.entry[data-name="new-web"] input[type="checkbox"]').check();
+  await hostileRow.locator('td.name').click();
+  await page.getByRole('button', { name: 'Delete selected (2)' }).click();
+  await page.locator('#confirm-dialog').getByRole('button', { name: 'Delete' }).click();
+  await until('the rows to disappear', async () => (await page.locator('tr.entry[data-name="new-web"]').count()) === 0 && (await hostileRow.count()) === 0);
+  assert(!fs.readFileSync(RULES_FILE, 'utf8').includes('new-web'), 'the rules file no longer holds the rule');
+
+  begin('the deleted port is closed; the established connection stays');
+  await until(`port ${NEW_PORT} to refuse connections`, async () => (await tryConnect(NEW_PORT)) === 'ECONNREFUSED', 5000);
+  assert((await tryConnect(XSS_PORT)) === 'ECONNREFUSED', 'the hostile rule\'s port is closed too');
+  await echo(keep, 'still here after the delete\n');
+  assert((await tryConnect(POOL_PORT)) === 'connected', 'the other rules keep listening');
+
+  begin('a hand edit of the file shows after a reload');
+  fs.appendFileSync(RULES_FILE, `hand-edit,${HAND_PORT},127.0.0.1,${BACKEND_PORT}\n`);
+  await until('the forwarder to pick up the hand edit', async () => (await tryConnect(HAND_PORT)) === 'connected', 10_000);
+  await page.reload();
+  await page.locator('tr.entry[data-name="hand-edit"]').waitFor({ timeout: WAIT_MS });
+  assert((await page.locator('#file-text').textContent()).includes(`hand-edit,${HAND_PORT}`), 'the file text on the page');
+
+  assert(dialogs.length === 0, `unexpected browser dialogs: ${dialogs.join(', ')}`);
+  assert(pageErrors.length === 0, `errors in the page: ${pageErrors.join('\n')}`);
+  log('all checks passed');
+} catch (e) {
+  console.error(`web e2e FAILED at "${step}": ${e.stack || e}`);
+  if (pageErrors.length) console.error(`page errors:\n${pageErrors.join('\n')}`);
+  if (page) {
+    const failed = SCREENSHOT.replace(/\.png$/, '') + '-failed.png';
+    await page.screenshot({ path: failed, fullPage: true }).catch(() => {});
+    console.error(`screenshot of the failure: ${failed}`);
+  }
+  process.exitCode = 1;
+} finally {
+  for (const s of streams) clearInterval(s);
+  for (const c of clients) c.socket.destroy();
+  if (context) await context.close().catch(() => {});
+  fs.rmSync(profile, { recursive: true, force: true });
+}

@@ -1,0 +1,122 @@
+#!/usr/bin/env bash
+# CI step: the forwarder's web page end to end in headless Chromium (scripts/e2e/web.test.mjs).
+# Starts echo backends and the forwarder (target/debug) on free loopback ports, runs the browser
+# test, and always stops what it started. The screenshot goes to a temp file, or to
+# $WEB_SCREENSHOT when set (WEB_SCREENSHOT=docs/img/web.png refreshes the README's picture).
+set -euo pipefail
+cd "$(dirname "$0")/../.." || exit 1
+root=$PWD
+
+# shellcheck source=scripts/lib/apt.sh
+source scripts/lib/apt.sh
+ensure_apt_packages chromium fonts-dejavu-core
+# nodesource's nodejs provides npm itself (and conflicts with Debian's npm package).
+if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
+    ensure_apt_packages nodejs npm
+fi
+
+bin=${WEB_FORWARDER_BIN:-${CARGO_TARGET_DIR:-$root/target}/debug/forwarder}
+if [ ! -x "$bin" ]; then
+    echo "web: $bin not found: build the workspace first (cargo build --workspace)" >&2
+    exit 1
+fi
+
+# playwright-core from npm, installed once (npm ci again only when the lock file changed).
+(
+    cd scripts/e2e
+    if ! node -e '
+        const want = require("./package-lock.json").packages["node_modules/playwright-core"].version;
+        const have = require("./node_modules/playwright-core/package.json").version;
+        process.exit(want === have ? 0 : 1);' 2>/dev/null; then
+        npm ci --no-audit --no-fund --loglevel=error >&2
+    fi
+)
+
+work=$(mktemp -d)
+pids=()
+cleanup() {
+    local pid
+    for pid in "${pids[@]}"; do
+        # Each was started with setsid: the group holds the forwarder's workers too.
+        kill -TERM -- "-$pid" 2>/dev/null || true
+    done
+    sleep 0.3
+    for pid in "${pids[@]}"; do
+        kill -KILL -- "-$pid" 2>/dev/null || true
+    done
+    rm -rf "$work"
+}
+trap cleanup EXIT
+
+# Free loopback ports, all distinct (held open together, then released).
+read -r web_port backend_a backend_b dead_port pool_port dead_pool_port new_port xss_port hand_port < <(
+    node -e '
+        const net = require("net");
+        const servers = [];
+        let left = 9;
+        for (let i = 0; i < 9; i++) {
+            const s = net.createServer().listen(0, "127.0.0.1", () => {
+                if (--left === 0) {
+                    console.log(servers.map((x) => x.address().port).join(" "));
+                    servers.forEach((x) => x.close());
+                }
+            });
+            servers.push(s);
+        }'
+)
+
+wait_for_port() {
+    local port=$1 i
+    for i in $(seq 1 150); do
+        if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+            return 0
+        fi
+        sleep 0.1
+    done
+    echo "web: nothing listens on $port" >&2
+    return 1
+}
+
+setsid node scripts/e2e/backend.mjs "$backend_a" "$backend_b" >"$work/backend.log" 2>&1 &
+pids+=($!)
+wait_for_port "$backend_a"
+wait_for_port "$backend_b"
+
+rules="$work/entries.csv"
+cat >"$rules" <<EOF
+# name,listen_port,dest_ip,dest_port
+echo-a,$pool_port,127.0.0.1,$backend_a
+echo-b,$pool_port,127.0.0.1,$backend_b
+legacy-db,$dead_pool_port,127.0.0.1,$dead_port
+EOF
+
+setsid "$bin" --rules "$rules" --web "127.0.0.1:$web_port" --workers 2 --health-interval-s 2 --log-level info \
+    >"$work/forwarder.log" 2>&1 &
+pids+=($!)
+if ! wait_for_port "$web_port"; then
+    cat "$work/forwarder.log" >&2
+    exit 1
+fi
+
+screenshot=${WEB_SCREENSHOT:-$work/web.png}
+case "$screenshot" in /*) ;; *) screenshot="$root/$screenshot" ;; esac
+status=0
+WEB_URL="http://127.0.0.1:$web_port/" \
+    RULES_FILE="$rules" \
+    BACKEND_PORT="$backend_a" \
+    POOL_PORT="$pool_port" \
+    DEAD_POOL_PORT="$dead_pool_port" \
+    NEW_PORT="$new_port" \
+    XSS_PORT="$xss_port" \
+    HAND_PORT="$hand_port" \
+    SCREENSHOT="$screenshot" \
+    timeout --kill-after=10 "${WEB_E2E_TIMEOUT:-240}" node scripts/e2e/web.test.mjs || status=$?
+
+if [ "$status" -ne 0 ]; then
+    echo "--- forwarder log ---" >&2
+    cat "$work/forwarder.log" >&2
+    [ -z "${WEB_SCREENSHOT:-}" ] && cp -f "$work"/web*.png /tmp/ 2>/dev/null && echo "web: screenshots copied to /tmp" >&2
+    echo "web: end-to-end test failed (exit $status)" >&2
+    exit "$status"
+fi
+echo "web: end-to-end test passed (screenshot: $screenshot)" >&2
