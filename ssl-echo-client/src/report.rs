@@ -12,6 +12,7 @@ use rust_xlsxwriter::{Chart, ChartType, Format, FormatAlign, Workbook, Worksheet
 
 use crate::config::Workload;
 use crate::coordinator::Outcome;
+use crate::failure::Cause;
 use crate::summary::Summary;
 
 pub const SUMMARY: &str = "Summary";
@@ -43,6 +44,12 @@ pub const TIMELINE_COLUMNS: [&str; 5] = [
     "avg response ms",
     "max response ms",
 ];
+
+/// Chart size in pixels: two charts stacked beside the tables fill a landscape page at about
+/// the same height as the tables (rows are 20 px).
+const CHART_WIDTH: u32 = 660;
+const CHART_HEIGHT: u32 = 420;
+const SECOND_CHART_ROW: u32 = 23;
 
 struct Formats {
     title: Format,
@@ -140,12 +147,8 @@ pub fn distribution(h: &Histogram<u64>) -> Vec<Bar> {
 }
 
 fn bar_label(upper_ms: f64) -> String {
-    if upper_ms >= 1.0 {
-        format!("≤{upper_ms:.0}")
-    } else {
-        let s = format!("{upper_ms:.3}");
-        format!("≤{}", s.trim_end_matches('0'))
-    }
+    let s = format!("{upper_ms:.3}");
+    format!("≤{}", s.trim_end_matches('0').trim_end_matches('.'))
 }
 
 fn summary_sheet(outcome: &Outcome, s: &Summary, f: &Formats) -> Result<Worksheet, XlsxError> {
@@ -315,8 +318,9 @@ fn summary_sheet(outcome: &Outcome, s: &Summary, f: &Formats) -> Result<Workshee
 
     row += 1;
     heading(&mut ws, &mut row, "Failures by cause")?;
-    for (cause, n) in &s.errors {
-        num(&mut ws, &mut row, cause, *n as f64, &f.int)?;
+    for cause in Cause::ALL {
+        let n = s.errors.get(cause.name()).copied().unwrap_or(0);
+        num(&mut ws, &mut row, cause.name(), n as f64, &f.int)?;
     }
     num(&mut ws, &mut row, "total", s.errors_total as f64, &f.int)?;
 
@@ -341,7 +345,7 @@ fn summary_sheet(outcome: &Outcome, s: &Summary, f: &Formats) -> Result<Workshee
         chart.x_axis().set_name("response time (ms, upper bound)");
         chart.y_axis().set_name("messages");
         chart.legend().set_hidden();
-        chart.set_width(620).set_height(300);
+        chart.set_width(CHART_WIDTH).set_height(CHART_HEIGHT);
         ws.insert_chart(1, 7, &chart)?;
     }
     let seconds = outcome.timeline.len() as u32;
@@ -355,8 +359,8 @@ fn summary_sheet(outcome: &Outcome, s: &Summary, f: &Formats) -> Result<Workshee
         chart.x_axis().set_name("second of the exchange phase");
         chart.y_axis().set_name("messages/s");
         chart.legend().set_hidden();
-        chart.set_width(620).set_height(300);
-        ws.insert_chart(17, 7, &chart)?;
+        chart.set_width(CHART_WIDTH).set_height(CHART_HEIGHT);
+        ws.insert_chart(SECOND_CHART_ROW, 7, &chart)?;
     }
     Ok(ws)
 }
@@ -459,6 +463,8 @@ mod tests {
         assert_eq!(bar_label(0.2), "≤0.2");
         assert_eq!(bar_label(0.15), "≤0.15");
         assert_eq!(bar_label(10.0), "≤10");
+        assert_eq!(bar_label(1.5), "≤1.5");
+        assert_eq!(bar_label(1500.0), "≤1500");
     }
 
     #[test]

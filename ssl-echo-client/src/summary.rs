@@ -133,8 +133,12 @@ impl Summary {
             rate: c.rate,
             connect_rate: c.connect_rate,
             processes: outcome.processes,
-            started_at: outcome.started_at.to_rfc3339(),
-            ended_at: outcome.ended_at.to_rfc3339(),
+            started_at: outcome
+                .started_at
+                .to_rfc3339_opts(chrono::SecondsFormat::Millis, false),
+            ended_at: outcome
+                .ended_at
+                .to_rfc3339_opts(chrono::SecondsFormat::Millis, false),
             connections: records.len() as u64,
             connections_ok,
             connections_failed: records.len() as u64 - connections_ok,
