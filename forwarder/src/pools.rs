@@ -8,9 +8,9 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 /// Copy buffer size: one read of a typical burst; a read that fills it marks the direction bulk.
 pub const BUFFER_BYTES: usize = 16 * 1024;
 
-/// Kernel pipe capacity used for splicing (the default pipe size; larger pipes eat the per-user
-/// pipe budget faster for little gain on loopback).
-pub const PIPE_BYTES: usize = 64 * 1024;
+/// Kernel pipe capacity asked for when splicing: fewer, larger splices per megabyte. The kernel
+/// may refuse (per-user pipe memory is capped); the pipe then keeps its default 64 KiB.
+pub const PIPE_BYTES: usize = 256 * 1024;
 
 /// Free copy buffers, kept up to a small number so a burst does not allocate every time.
 pub struct BufferPool {
@@ -43,6 +43,7 @@ impl BufferPool {
 pub struct Pipe {
     read: OwnedFd,
     write: OwnedFd,
+    capacity: usize,
 }
 
 impl Pipe {
@@ -53,12 +54,30 @@ impl Pipe {
             return Err(io::Error::last_os_error());
         }
         // SAFETY: both descriptors are new and ours.
-        Ok(unsafe {
-            Pipe {
-                read: OwnedFd::from_raw_fd(fds[0]),
-                write: OwnedFd::from_raw_fd(fds[1]),
-            }
+        let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        // SAFETY: fcntl on our own pipe; returns the new size or -1.
+        let resized = unsafe {
+            libc::fcntl(
+                write.as_raw_fd(),
+                libc::F_SETPIPE_SZ,
+                PIPE_BYTES as libc::c_int,
+            )
+        };
+        let capacity = if resized > 0 {
+            resized as usize
+        } else {
+            64 * 1024
+        };
+        Ok(Pipe {
+            read,
+            write,
+            capacity,
         })
+    }
+
+    /// Bytes the pipe holds at most.
+    pub fn capacity(&self) -> usize {
+        self.capacity
     }
 
     /// Moves up to `len` bytes from socket `from` into the pipe. `Ok(0)` is EOF on the socket.

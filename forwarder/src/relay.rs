@@ -13,7 +13,7 @@ use std::time::Instant;
 use mio::net::TcpStream;
 
 use crate::control::PoolSpec;
-use crate::pools::{BufferPool, Pipe, PipePool, PIPE_BYTES};
+use crate::pools::{BufferPool, Pipe, PipePool};
 
 /// Most bytes one direction moves per event before yielding to other connections.
 pub const FAIR_SHARE_BYTES: u64 = 1 << 20;
@@ -163,7 +163,7 @@ impl Direction {
         }
         match &mut self.in_flight {
             InFlight::Pipe { pipe, len } => {
-                let n = pipe.fill_from(src.as_raw_fd(), PIPE_BYTES)?;
+                let n = pipe.fill_from(src.as_raw_fd(), pipe.capacity())?;
                 *len = n;
                 Ok(n)
             }
