@@ -110,12 +110,16 @@ echo_start() {
 }
 
 # The forwarder sizes its worker processes for --max-connections (each forwarded connection holds two
-# descriptors); LAB_FORWARDER_WORKERS overrides its choice.
+# descriptors); LAB_FORWARDER_WORKERS overrides its choice. Its backend connect timeout is raised
+# from 3 s to 10 s: during case 5's burst on a busy 2-core machine a server's accept queue can
+# overflow, a dropped SYN is retried after 1 s and 3 s, and a timed-out connect would mark a healthy
+# backend down and move its share to the other one (the lab checks the exact split).
 forwarder_start() {
     write_rules
     local conns=${LAB_CONNECTIONS:-20000}
     [ "$conns" -ge 2000 ] || conns=2000
     local args=(--rules "$LAB_DIR/rules.csv" --no-web --max-connections "$conns" --drain-timeout-s 2
+        --connect-timeout-ms "${LAB_CONNECT_TIMEOUT_MS:-10000}"
         --log-level "${LAB_FORWARDER_LOG:-info}")
     [ -n "${LAB_FORWARDER_WORKERS:-}" ] && args+=(--workers "$LAB_FORWARDER_WORKERS")
     lab_spawn forwarder "$NS_GW" gateway "$(bin forwarder)" "${args[@]}"
