@@ -118,15 +118,16 @@ case_1() {
     fi
 }
 
-# chat_pair PREFIX COUNT — client1 and client2 (each in its namespace) chat through the forwarder,
-# COUNT timestamped messages each way; PREFIX-clientN.json holds each side's delays.
+# chat_pair PREFIX COUNT [SUFFIX] — client1 and client2 (each in its namespace) chat through the
+# forwarder as nicknames client1SUFFIX and client2SUFFIX, COUNT timestamped messages each way;
+# PREFIX-clientN.json holds each side's delays.
 chat_pair() {
-    local prefix=$1 count=$2 peer=$REPO/scripts/lab/chat_peer.py session
+    local prefix=$1 count=$2 suffix=${3:-} peer=$REPO/scripts/lab/chat_peer.py session
     session=$(od -An -N4 -tx1 /dev/urandom | tr -d ' \n')
-    in_ns "$NS_C1" "$PYTHON" "$peer" --host "$GW_FRONT" --port "$PORT_CHAT" --nick client1 --peer client2 \
+    in_ns "$NS_C1" "$PYTHON" "$peer" --host "$GW_FRONT" --port "$PORT_CHAT" --nick "client1$suffix" --peer "client2$suffix" \
         --session "$session" --count "$count" --timeout 60 --transcript "$prefix-client1.txt" >"$prefix-client1.json" 2>"$prefix-client1.log" &
     local p1=$!
-    in_ns "$NS_C2" "$PYTHON" "$peer" --host "$GW_FRONT" --port "$PORT_CHAT" --nick client2 --peer client1 \
+    in_ns "$NS_C2" "$PYTHON" "$peer" --host "$GW_FRONT" --port "$PORT_CHAT" --nick "client2$suffix" --peer "client1$suffix" \
         --session "$session" --count "$count" --timeout 60 --transcript "$prefix-client2.txt" >"$prefix-client2.json" 2>"$prefix-client2.log" &
     local p2=$! rc=0
     wait "$p1" || rc=1
@@ -149,7 +150,7 @@ case_2() {
     mkdir -p "$out"
 
     # The same exchange on an idle lab first, as the baseline for the delay under load.
-    chat_pair "$out/idle-chat" 10
+    chat_pair "$out/idle-chat" 10 -idle
     local idle1 idle2
     idle1=$(json_get "$out/idle-chat-client1.json" delay_ms.avg)
     idle2=$(json_get "$out/idle-chat-client2.json" delay_ms.avg)
