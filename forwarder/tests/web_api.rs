@@ -831,3 +831,44 @@ fn a_web_port_in_use_is_reported_at_start() {
         process.output()
     );
 }
+
+#[test]
+fn a_broken_hand_edit_is_shown_and_can_be_fixed_from_the_page() {
+    let backend = echo_backend();
+    let (p1, p2) = (free_port(), free_port());
+    let fwd = Forwarder::loopback(&format!("good,{p1},127.0.0.1,{backend}\n"));
+    assert!(wait_for_listen(local(p1), WAIT));
+    std::fs::write(
+        &fwd.rules,
+        format!("good,{p1},127.0.0.1,{backend}\nbad,{p2},127.0.0.1,70000\n"),
+    )
+    .unwrap();
+    assert!(fwd.process.wait_for_output("rules not reloaded", WAIT));
+
+    let doc = fwd.get("/api/rules").json();
+    assert_eq!(doc["in_force"], false);
+    assert_eq!(doc["entries"].as_array().unwrap().len(), 2);
+    let bad_id = doc["entries"][1]["id"].as_str().unwrap();
+    assert_eq!(
+        doc["errors"],
+        serde_json::json!([{
+            "line": 2,
+            "field": "dest_port",
+            "message": "port 70000 is out of range 1-65535",
+            "id": bad_id,
+        }])
+    );
+    assert!(refused(p2), "the broken row must not be in force");
+
+    // Fixing the row from the page writes a valid file and applies it.
+    let fixed = fwd.send(
+        "PUT",
+        &format!("/api/rules/{bad_id}"),
+        &[],
+        Some(&rule_json("bad", p2, backend)),
+    );
+    assert_eq!(fixed.status, 200, "{}", fixed.body);
+    assert_eq!(fixed.json()["in_force"], true);
+    assert_eq!(fixed.json()["errors"], serde_json::json!([]));
+    echo_through(p2, "fixed from the page");
+}

@@ -5,8 +5,9 @@
 // It opens the page, refuses an invalid entry with the reason next to the field, adds a rule
 // through the form, sends real traffic through the new port, watches its connection count rise
 // on the page, closes a connection from the page, checks a hostile rule name is shown as text,
-// saves a screenshot, deletes the rules through the page (the port closes, an established
-// connection stays), and checks a hand edit of the file shows after a reload.
+// edits a rule through the form, saves a screenshot, deletes the rules through the page (the
+// port closes, an established connection stays), checks that a save over a hand edit made
+// meanwhile is refused, and that the hand edit shows after a reload.
 
 import { chromium } from 'playwright-core';
 import fs from 'node:fs';
@@ -25,10 +26,9 @@ const BACKEND_PORT = Number(env('BACKEND_PORT'));
 const POOL_PORT = Number(env('POOL_PORT'));
 const DEAD_POOL_PORT = Number(env('DEAD_POOL_PORT'));
 const NEW_PORT = Number(env('NEW_PORT'));
-const XSS_PORT = Number(env('XSS_PORT'));
-const HAND_PORT = Number(env('HAND_PORT'));
 const SCREENSHOT = env('SCREENSHOT');
 const WAIT_MS = 15_000;
+const TRAFFIC_S = Number(process.env.WEB_E2E_TRAFFIC_S || 8);
 
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 let step = 'start';
@@ -85,6 +85,21 @@ async function echo(client, text) {
   await until(`echo of ${JSON.stringify(text)}`, () => client.received.length >= before + Buffer.byteLength(text));
   const got = client.received.subarray(before, before + Buffer.byteLength(text)).toString();
   assert(got === text, `echoed ${JSON.stringify(got)}, sent ${JSON.stringify(text)}`);
+}
+
+/**
+ * A port free on every address right now. Ports used late in the test are picked when they are
+ * needed: picked at the start, a port could meanwhile become some client's ephemeral port.
+ */
+function freePort() {
+  return new Promise((resolve, reject) => {
+    const server = net.createServer();
+    server.once('error', reject);
+    server.listen(0, '0.0.0.0', () => {
+      const { port } = server.address();
+      server.close(() => resolve(port));
+    });
+  });
 }
 
 /** Resolves to the connect error code, or 'connected'. */
@@ -210,7 +225,34 @@ try {
   await until('a client to see its connection closed', () => fresh.some((c) => c.closed));
   await until('2 active connections on the new rule', async () => (await rowText(page, 'new-web', 'active')) === '2');
 
+  begin(`throughput for the charts (${TRAFFIC_S} s)`);
+  // Varying load: every open client sends a chunk whose size swings over time, and short
+  // connections come and go on the pool, so the charts and rates have something to show.
+  const t0 = Date.now();
+  for (const c of clients.filter((x) => !x.closed)) {
+    streams.push(setInterval(() => {
+      const swing = 1 + 0.8 * Math.sin((Date.now() - t0) / 4000);
+      c.socket.write(Buffer.alloc(Math.round(24 * 1024 * swing), 120));
+    }, 200));
+  }
+  const shortLived = [];
+  streams.push(setInterval(() => {
+    connect(POOL_PORT).then((c) => {
+      shortLived.push(c);
+      c.socket.write('short\n');
+      setTimeout(() => c.socket.end(), 1500 + Math.random() * 2500);
+    }).catch(() => {});
+  }, 400));
+  await sleep(TRAFFIC_S * 1000);
+  for (const s of streams.splice(0)) clearInterval(s);
+  await until('received bytes on the page', async () => (await rowText(page, 'new-web', 'bytes-down')) !== '0 B');
+
+  begin(`screenshot to ${SCREENSHOT}`);
+  await page.evaluate(() => window.scrollTo(0, 0));
+  await page.screenshot({ path: SCREENSHOT, fullPage: true });
+
   begin('a hostile rule name is shown as text');
+  const XSS_PORT = await freePort();
   const hostile = '<img src=x onerror="window.__xss=1">';
   const status = await page.evaluate(async ([name, port, dest]) => {
     const rules = await fetch('/api/rules');
@@ -229,36 +271,47 @@ try {
   assert((await page.locator('#rules-table img').count()) === 0, 'no element was created from the name');
   assert((await page.evaluate(() => window.__xss)) === undefined, 'no script ran from the name');
 
-  begin('throughput for the charts');
-  for (const c of clients.filter((x) => !x.closed)) {
-    streams.push(setInterval(() => c.socket.write(Buffer.alloc(48 * 1024, 120)), 200));
-  }
-  await sleep(8000);
-  for (const s of streams.splice(0)) clearInterval(s);
-  await until('received bytes on the page', async () => (await rowText(page, 'new-web', 'bytes-down')) !== '0 B');
-
-  begin(`screenshot to ${SCREENSHOT}`);
-  await page.evaluate(() => window.scrollTo(0, 0));
-  await page.screenshot({ path: SCREENSHOT, fullPage: true });
+  begin('editing a rule through the form');
+  await hostileRow.getByRole('button', { name: 'Edit' }).click();
+  assert((await page.locator('#entry-title').textContent()) === `Edit “${hostile}”`, 'the dialog names the rule as text');
+  assert((await page.getByLabel('Listening port').inputValue()) === String(XSS_PORT), 'the form holds the rule');
+  await page.getByLabel('Name').fill('was-hostile');
+  await page.getByRole('button', { name: 'Save' }).click();
+  const renamed = page.locator('tr.entry[data-name="was-hostile"]');
+  await renamed.waitFor({ timeout: WAIT_MS });
+  assert((await hostileRow.count()) === 0, 'the old name is gone');
+  assert(fs.readFileSync(RULES_FILE, 'utf8').includes(`was-hostile,${XSS_PORT},`), 'the edit reached the file');
 
   begin('deleting the new rules through the page');
   const keep = fresh.find((c) => !c.closed);
   await page.locator('tr.entry[data-name="new-web"] input[type="checkbox"]').check();
-  await hostileRow.locator('td.name').click();
+  await renamed.locator('td.name').click();
   await page.getByRole('button', { name: 'Delete selected (2)' }).click();
   await page.locator('#confirm-dialog').getByRole('button', { name: 'Delete' }).click();
-  await until('the rows to disappear', async () => (await page.locator('tr.entry[data-name="new-web"]').count()) === 0 && (await hostileRow.count()) === 0);
+  await until('the rows to disappear', async () => (await page.locator('tr.entry[data-name="new-web"]').count()) === 0 && (await renamed.count()) === 0);
   assert(!fs.readFileSync(RULES_FILE, 'utf8').includes('new-web'), 'the rules file no longer holds the rule');
 
   begin('the deleted port is closed; the established connection stays');
   await until(`port ${NEW_PORT} to refuse connections`, async () => (await tryConnect(NEW_PORT)) === 'ECONNREFUSED', 5000);
-  assert((await tryConnect(XSS_PORT)) === 'ECONNREFUSED', 'the hostile rule\'s port is closed too');
+  assert((await tryConnect(XSS_PORT)) === 'ECONNREFUSED', 'the edited rule\'s port is closed too');
   await echo(keep, 'still here after the delete\n');
   assert((await tryConnect(POOL_PORT)) === 'connected', 'the other rules keep listening');
 
-  begin('a hand edit of the file shows after a reload');
+  begin('a save over a hand edit made meanwhile is refused (412), not silently merged');
+  const HAND_PORT = await freePort();
+  await page.getByRole('button', { name: '+ Add entry' }).click();
   fs.appendFileSync(RULES_FILE, `hand-edit,${HAND_PORT},127.0.0.1,${BACKEND_PORT}\n`);
   await until('the forwarder to pick up the hand edit', async () => (await tryConnect(HAND_PORT)) === 'connected', 10_000);
+  await page.getByLabel('Name').fill('late');
+  await page.getByLabel('Listening port').fill(String(NEW_PORT));
+  await page.getByLabel('Destination IP or host').fill('127.0.0.1');
+  await page.getByLabel('Destination port').fill(String(BACKEND_PORT));
+  await page.getByRole('button', { name: 'Save' }).click();
+  await until('the stale-write message', async () => (await page.locator('#form-error').innerText()).includes('the rules changed since you loaded them'));
+  assert(!fs.readFileSync(RULES_FILE, 'utf8').includes('late,'), 'the stale save must not reach the file');
+  await page.getByRole('button', { name: 'Cancel' }).click();
+
+  begin('a hand edit of the file shows after a reload');
   await page.reload();
   await page.locator('tr.entry[data-name="hand-edit"]').waitFor({ timeout: WAIT_MS });
   assert((await page.locator('#file-text').textContent()).includes(`hand-edit,${HAND_PORT}`), 'the file text on the page');

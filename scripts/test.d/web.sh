@@ -49,12 +49,12 @@ cleanup() {
 trap cleanup EXIT
 
 # Free loopback ports, all distinct (held open together, then released).
-read -r web_port backend_a backend_b dead_port pool_port dead_pool_port new_port xss_port hand_port < <(
+read -r web_port backend_a backend_b dead_port pool_port dead_pool_port new_port < <(
     node -e '
         const net = require("net");
         const servers = [];
-        let left = 9;
-        for (let i = 0; i < 9; i++) {
+        let left = 7;
+        for (let i = 0; i < 7; i++) {
             const s = net.createServer().listen(0, "127.0.0.1", () => {
                 if (--left === 0) {
                     console.log(servers.map((x) => x.address().port).join(" "));
@@ -90,9 +90,12 @@ echo-b,$pool_port,127.0.0.1,$backend_b
 legacy-db,$dead_pool_port,127.0.0.1,$dead_port
 EOF
 
-setsid "$bin" --rules "$rules" --web "127.0.0.1:$web_port" --workers 2 --health-interval-s 2 --log-level info \
-    >"$work/forwarder.log" 2>&1 &
+# Started in the temp dir with a relative path, so the page shows "entries.csv".
+cd "$work"
+setsid "$bin" --rules entries.csv --web "127.0.0.1:$web_port" --workers 2 --health-interval-s 2 \
+    --log-level info >"$work/forwarder.log" 2>&1 &
 pids+=($!)
+cd "$root"
 if ! wait_for_port "$web_port"; then
     cat "$work/forwarder.log" >&2
     exit 1
@@ -107,8 +110,6 @@ WEB_URL="http://127.0.0.1:$web_port/" \
     POOL_PORT="$pool_port" \
     DEAD_POOL_PORT="$dead_pool_port" \
     NEW_PORT="$new_port" \
-    XSS_PORT="$xss_port" \
-    HAND_PORT="$hand_port" \
     SCREENSHOT="$screenshot" \
     timeout --kill-after=10 "${WEB_E2E_TIMEOUT:-240}" node scripts/e2e/web.test.mjs || status=$?
 
