@@ -75,8 +75,10 @@ lab_run() {
     mkdir -p "$LAB_RESULTS"
     rm -rf "$LAB_RESULTS"/case[1-5] "$LAB_RESULTS"/logs "$LAB_RESULTS"/results.tsv "$LAB_RESULTS"/summary.* "$LAB_RESULTS"/results.json
     : >"$LAB_RESULTS/results.tsv"
-    local started
+    local started load
     started=$(date -u +%Y-%m-%dT%H:%M:%SZ)
+    # Figures depend on what else the machine runs; the header records it.
+    load=$(cut -d' ' -f1-3 /proc/loadavg)
     for c in "${cases[@]}"; do
         log "case $c: ${CASE_TITLES[$c]}"
         "case_$c" || record "$c" "-" "the case script itself failed (exit $?)" FAIL "-"
@@ -85,7 +87,7 @@ lab_run() {
     cp "$LAB_DIR"/logs/* "$LAB_DIR/rules.csv" "$LAB_RESULTS/logs/" 2>/dev/null || true
     echo >&2
     "$PYTHON" "$REPO/scripts/lab/table.py" "$LAB_RESULTS" \
-        "Lab run $started, cases ${cases[*]}, programs from $BIN_DIR, case 5 with ${LAB_CONNECTIONS:-20000} connections"
+        "Lab run $started, cases ${cases[*]}, programs from $BIN_DIR, case 5 with ${LAB_CONNECTIONS:-20000} connections; $(nproc) cores, load average $load at start"
     log "results in $LAB_RESULTS"
     local fails skips
     fails=$(cut -f5 "$LAB_RESULTS/results.tsv" | grep -c '^FAIL' || true)
