@@ -14,6 +14,8 @@
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# Every program the lab starts inherits the raised open-file limit (lab_spawn raises it again).
+ulimit -n "$(ulimit -Hn)"
 # shellcheck source=scripts/lab/common.sh
 source "$REPO/scripts/lab/common.sh"
 # shellcheck source=scripts/lab/net.sh
