@@ -256,10 +256,23 @@ impl Relay {
         self.up.finished() && self.down.finished()
     }
 
-    /// Pumps both directions; returns the bytes moved each way and whether either yielded.
-    pub fn pump(&mut self, res: &mut Resources) -> Result<(Progress, Progress), PumpError> {
-        let up = self.up.pump(&mut self.client, &mut self.backend, res)?;
-        let down = self.down.pump(&mut self.backend, &mut self.client, res)?;
+    /// Pumps the chosen directions; returns the bytes moved each way and whether either yielded.
+    pub fn pump(
+        &mut self,
+        res: &mut Resources,
+        up: bool,
+        down: bool,
+    ) -> Result<(Progress, Progress), PumpError> {
+        let up = if up {
+            self.up.pump(&mut self.client, &mut self.backend, res)?
+        } else {
+            Progress::default()
+        };
+        let down = if down {
+            self.down.pump(&mut self.backend, &mut self.client, res)?
+        } else {
+            Progress::default()
+        };
         Ok((up, down))
     }
 

@@ -62,7 +62,7 @@ pub struct Worker {
     /// Connect deadlines: (deadline, relay key, attempt).
     timers: BinaryHeap<Reverse<(Instant, usize, u64)>>,
     /// Relays that yielded their fair share and must be pumped again without an event.
-    again: VecDeque<usize>,
+    again: VecDeque<(usize, Sides)>,
     next_attempt: u64,
     next_id: u64,
     accept_paused_until: Option<Instant>,
@@ -137,7 +137,7 @@ impl Worker {
                         }
                     }
                     Token(t) if t >= LISTENER_BASE => self.accept_ready(t - LISTENER_BASE, now),
-                    Token(t) => self.relay_ready(t / 2, t % 2 == 1, now),
+                    Token(t) => self.relay_ready(t / 2, t % 2 == 1, Wake::from(event), now),
                 }
             }
             self.run_again(now);
@@ -308,7 +308,7 @@ impl Worker {
 
     // ---- relaying --------------------------------------------------------------------------
 
-    fn relay_ready(&mut self, key: usize, backend_side: bool, now: Instant) {
+    fn relay_ready(&mut self, key: usize, backend_side: bool, wake: Wake, now: Instant) {
         let Some(relay) = self.relays.get_mut(key) else {
             return; // stale event for a relay closed earlier in this batch
         };
@@ -336,18 +336,34 @@ impl Worker {
                     return;
                 }
             }
+            // Bytes may be waiting on either side: run both directions once.
+            return self.pump(key, Sides::BOTH);
         }
-        self.pump(key);
+        // A socket's readability drives the direction it is the source of, its writability the
+        // direction it is the sink of; errors and hang-ups wake both. This saves a read that
+        // would only return EAGAIN on every event.
+        let sides = match (backend_side, wake) {
+            (_, Wake::Error) => Sides::BOTH,
+            (false, Wake::Io { readable, writable }) => Sides {
+                up: readable,
+                down: writable,
+            },
+            (true, Wake::Io { readable, writable }) => Sides {
+                up: writable,
+                down: readable,
+            },
+        };
+        self.pump(key, sides);
     }
 
-    fn pump(&mut self, key: usize) {
+    fn pump(&mut self, key: usize, sides: Sides) {
         let Some(relay) = self.relays.get_mut(key) else {
             return;
         };
         if !matches!(relay.phase, Phase::Relaying) {
             return;
         }
-        let result = relay.pump(&mut self.res);
+        let result = relay.pump(&mut self.res, sides.up, sides.down);
         let slot = self.shared.backend(relay.backend_slot());
         match result {
             Ok((up, down)) => {
@@ -360,7 +376,13 @@ impl Worker {
                 if relay.finished() {
                     self.close(key, false);
                 } else if up.yielded || down.yielded {
-                    self.again.push_back(key);
+                    self.again.push_back((
+                        key,
+                        Sides {
+                            up: up.yielded,
+                            down: down.yielded,
+                        },
+                    ));
                 }
             }
             Err(e) => {
@@ -372,8 +394,8 @@ impl Worker {
 
     fn run_again(&mut self, _now: Instant) {
         for _ in 0..self.again.len() {
-            if let Some(key) = self.again.pop_front() {
-                self.pump(key);
+            if let Some((key, sides)) = self.again.pop_front() {
+                self.pump(key, sides);
             }
         }
     }
@@ -666,6 +688,46 @@ impl Worker {
             let _ = self.poll.registry().deregister(&mut l.socket);
         }
         self.by_addr.clear();
+    }
+}
+
+/// Which directions of a relay an event concerns.
+#[derive(Debug, Clone, Copy)]
+struct Sides {
+    /// client → backend
+    up: bool,
+    /// backend → client
+    down: bool,
+}
+
+impl Sides {
+    const BOTH: Sides = Sides {
+        up: true,
+        down: true,
+    };
+}
+
+/// What an event reported about one socket.
+#[derive(Debug, Clone, Copy)]
+enum Wake {
+    Io {
+        readable: bool,
+        writable: bool,
+    },
+    /// Error or hang-up: look at everything.
+    Error,
+}
+
+impl From<&mio::event::Event> for Wake {
+    fn from(e: &mio::event::Event) -> Self {
+        if e.is_error() || e.is_read_closed() || e.is_write_closed() {
+            Wake::Error
+        } else {
+            Wake::Io {
+                readable: e.is_readable(),
+                writable: e.is_writable(),
+            }
+        }
     }
 }
 
