@@ -232,3 +232,29 @@ fn sigterm_drains_established_connections_then_exits_zero() {
     assert!(status.success(), "{status}");
     let _ = live.write_all(b"x");
 }
+
+#[test]
+fn idle_connections_are_closed_after_the_idle_timeout() {
+    let a = Backend::echo(None);
+    let p1 = free_port();
+    let _fwd = Forwarder::start(
+        &format!("one,{p1},127.0.0.1,{}\n", a.port),
+        1,
+        &["--idle-timeout-s", "1"],
+        &[p1],
+    );
+    let mut busy = TcpStream::connect(local(p1)).unwrap();
+    let mut idle = TcpStream::connect(local(p1)).unwrap();
+    idle.set_read_timeout(Some(WAIT)).unwrap();
+    busy.set_read_timeout(Some(WAIT)).unwrap();
+    assert_eq!(round_trip(&mut idle, b"hi"), b"hi");
+    // Keep one connection busy for 3 s while the other sits idle.
+    for _ in 0..12 {
+        assert_eq!(round_trip(&mut busy, b"tick"), b"tick");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let mut buf = [0u8; 1];
+    let n = idle.read(&mut buf).unwrap_or(0);
+    assert_eq!(n, 0, "the idle connection was closed");
+    assert_eq!(round_trip(&mut busy, b"still"), b"still");
+}
