@@ -17,7 +17,7 @@ use crate::config::{split, RunConfig, ShardPlan};
 use crate::connector::Connector;
 use crate::failure::{Cause, Failure, Phase};
 use crate::live::Display;
-use crate::recorder::{merge_timeline, new_histogram, LiveSnapshot, Second};
+use crate::recorder::{merge_timeline, new_histogram, LiveSnapshot, Recorder, Second};
 use crate::session::ConnectionRecord;
 use crate::shard::{self, WorkerMsg};
 use crate::worker::{GO, STOP, WORKER_FLAG};
@@ -86,6 +86,8 @@ async fn send_line(stdin: &mut ChildStdin, line: &str) {
 
 #[derive(Default)]
 struct ShardState {
+    /// The in-process shard's counters, read directly on every tick.
+    local: Option<Arc<Recorder>>,
     progress: LiveSnapshot,
     connected: bool,
     finished: bool,
@@ -102,8 +104,16 @@ pub async fn run(config: RunConfig, processes: u64, show: bool) -> anyhow::Resul
     let started_at = Local::now();
     let started = Instant::now();
     let mut controls = Vec::with_capacity(plans.len());
+    let mut shards: Vec<ShardState> = plans.iter().map(|_| ShardState::default()).collect();
     if plans.len() == 1 {
-        controls.push(start_local(plans[0].clone(), connector, tx.clone()));
+        let recorder = Arc::new(Recorder::default());
+        shards[0].local = Some(Arc::clone(&recorder));
+        controls.push(start_local(
+            plans[0].clone(),
+            connector,
+            recorder,
+            tx.clone(),
+        ));
     } else {
         for (i, plan) in plans.iter().enumerate() {
             controls.push(start_worker(i, plan, tx.clone())?);
@@ -111,7 +121,6 @@ pub async fn run(config: RunConfig, processes: u64, show: bool) -> anyhow::Resul
     }
     drop(tx);
 
-    let mut shards: Vec<ShardState> = plans.iter().map(|_| ShardState::default()).collect();
     let mut display = Display::new(config.connections, show);
     let mut records: Vec<ConnectionRecord> = Vec::with_capacity(config.connections as usize);
     let mut response = new_histogram();
@@ -126,6 +135,11 @@ pub async fn run(config: RunConfig, processes: u64, show: bool) -> anyhow::Resul
     loop {
         if !phase2 && shards.iter().all(|s| s.connected || s.ended) {
             // The barrier: every connection of every shard is up or has failed.
+            for s in &mut shards {
+                if let Some(r) = &s.local {
+                    s.progress = r.snapshot();
+                }
+            }
             let total = sum(&shards);
             connect_s = started.elapsed().as_secs_f64();
             display.connected(&total, started.elapsed());
@@ -178,6 +192,11 @@ pub async fn run(config: RunConfig, processes: u64, show: bool) -> anyhow::Resul
                 }
             }
             _ = tick.tick() => {
+                for s in &mut shards {
+                    if let Some(r) = &s.local {
+                        s.progress = r.snapshot();
+                    }
+                }
                 let total = sum(&shards);
                 if phase2 { display.exchanging(&total) } else { display.connecting(&total) }
             }
@@ -245,6 +264,7 @@ fn fill_missing(records: &mut Vec<ConnectionRecord>, plans: &[ShardPlan]) {
 fn start_local(
     plan: ShardPlan,
     connector: Connector,
+    recorder: Arc<Recorder>,
     tx: mpsc::UnboundedSender<(usize, Event)>,
 ) -> Control {
     let (go_tx, go_rx) = oneshot::channel();
@@ -254,7 +274,8 @@ fn start_local(
         let _ = emit_tx.send((0, Event::Msg(msg)));
     });
     tokio::spawn(async move {
-        shard::drive(plan, connector, emit, async { go_rx.await.ok() }, stop_rx).await;
+        let go = async { go_rx.await.ok() };
+        shard::drive(plan, connector, recorder, emit, go, stop_rx).await;
         let _ = tx.send((0, Event::Ended(None)));
     });
     Control::Local {

@@ -21,11 +21,12 @@ use crate::session::{self, ConnectionRecord, Shared};
 /// listen backlog (which turns into 1 s, 3 s, 7 s SYN retries and looks like a slow server).
 pub const MAX_CONNECTING: usize = 500;
 
-/// How often a shard reports its live counters.
+/// How often a worker process reports its live counters.
 pub const PROGRESS_EVERY: Duration = Duration::from_millis(250);
 
-/// What a shard tells its parent, in order: progress (repeatedly), `Connected` once phase 1 is
-/// over, then one `Connection` per connection, then `Finished`.
+/// What a shard tells its parent, in order: `Connected` once phase 1 is over, then one
+/// `Connection` per connection, then `Finished`. A worker process also sends `Progress` every
+/// [`PROGRESS_EVERY`] from its own thread (in-process, the parent reads the counters directly).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum WorkerMsg {
@@ -46,18 +47,18 @@ pub enum WorkerMsg {
 /// Where a shard's messages go (a channel in-process, stdout in a worker process).
 pub type Emit = Arc<dyn Fn(WorkerMsg) + Send + Sync>;
 
-/// Runs the shard to the end. `go` resolves to the barrier instant, or `None` if the run is
+/// Runs the shard to the end, counting into `recorder`. `go` resolves to the barrier instant, or `None` if the run is
 /// abandoned (the parent went away): then open connections are closed without sending.
 ///
 /// `stop` turning true ends phase 2 early: each connection finishes its message in flight.
 pub async fn drive(
     plan: ShardPlan,
     connector: Connector,
+    recorder: Arc<Recorder>,
     emit: Emit,
     go: impl Future<Output = Option<Instant>>,
     stop: watch::Receiver<bool>,
 ) {
-    let recorder = Arc::new(Recorder::default());
     let shared = Arc::new(Shared {
         config: plan.config.clone(),
         connector,
@@ -66,18 +67,6 @@ pub async fn drive(
         stop,
     });
     let (go_tx, go_rx) = watch::channel(None);
-
-    let ticker = {
-        let recorder = Arc::clone(&recorder);
-        let emit = Arc::clone(&emit);
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(PROGRESS_EVERY);
-            loop {
-                tick.tick().await;
-                emit(WorkerMsg::Progress(recorder.snapshot()));
-            }
-        })
-    };
 
     let ramp = tokio::spawn(open_all(plan.clone(), shared, go_rx));
     recorder.wait_phase1(plan.connections).await;
@@ -112,7 +101,6 @@ pub async fn drive(
         });
         emit(WorkerMsg::Connection(record));
     }
-    ticker.abort();
     let exchange_s = go_at.map_or(0.0, |at| at.elapsed().as_secs_f64());
     let tallies = recorder.take();
     emit(WorkerMsg::Progress(recorder.snapshot()));

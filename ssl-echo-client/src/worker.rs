@@ -8,12 +8,13 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::Context;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::sync::{oneshot, watch};
 
 use crate::config::ShardPlan;
 use crate::connector::Connector;
-use crate::shard::{self, WorkerMsg};
+use crate::recorder::Recorder;
+use crate::shard::{self, WorkerMsg, PROGRESS_EVERY};
 
 /// The hidden flag that turns the binary into a worker.
 pub const WORKER_FLAG: &str = "--worker-plan";
@@ -48,22 +49,15 @@ pub fn main(plan_json: &str) -> anyhow::Result<()> {
 
 async fn run(plan: ShardPlan) -> anyhow::Result<()> {
     let connector = Connector::new(&plan.config)?;
-    let (tx, mut rx) = mpsc::unbounded_channel::<WorkerMsg>();
-    let writer = tokio::spawn(async move {
-        let mut out = tokio::io::BufWriter::new(tokio::io::stdout());
-        while let Some(msg) = rx.recv().await {
-            // Serialising our own plain data types cannot fail.
-            let mut line = serde_json::to_vec(&msg).expect("worker messages serialise");
-            line.push(b'\n');
-            // Records are batched; everything the parent waits on is flushed at once.
-            let urgent = !matches!(msg, WorkerMsg::Connection(_));
-            if out.write_all(&line).await.is_err() || (urgent && out.flush().await.is_err()) {
-                // The parent is gone; nobody is left to tell.
-                return;
-            }
-        }
-        let _ = out.flush().await;
-    });
+    let recorder = Arc::new(Recorder::default());
+    let (tx, rx) = std::sync::mpsc::channel::<WorkerMsg>();
+    let writer = {
+        let recorder = Arc::clone(&recorder);
+        std::thread::Builder::new()
+            .name("stdout".into())
+            .spawn(move || write_messages(rx, &recorder))
+            .context("starting the stdout thread")?
+    };
     let emit: shard::Emit = Arc::new(move |msg| {
         let _ = tx.send(msg);
     });
@@ -86,8 +80,53 @@ async fn run(plan: ShardPlan) -> anyhow::Result<()> {
         // `stop`, or the parent is gone. Before `go` the dropped sender abandons the run.
         let _ = stop_tx.send(true);
     });
-    shard::drive(plan, connector, emit, async { go_rx.await.ok() }, stop_rx).await;
-    // `emit` (and with it the sender) is dropped by drive; the writer drains and ends.
-    writer.await.context("stdout writer")?;
+    let go = async { go_rx.await.ok() };
+    shard::drive(plan, connector, recorder, emit, go, stop_rx).await;
+    // `emit` (and with it the sender) was dropped by drive; the writer drains and ends.
+    let _ = writer.join();
     Ok(())
+}
+
+/// The stdout thread: forwards the shard's messages as JSON lines and adds a `Progress` line
+/// every [`PROGRESS_EVERY`]. A thread of its own, so the live counters reach the parent on time
+/// even when thousands of busy connections keep the async runtime's one thread saturated.
+fn write_messages(rx: std::sync::mpsc::Receiver<WorkerMsg>, recorder: &Recorder) {
+    use std::io::Write;
+    use std::sync::mpsc::RecvTimeoutError;
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    let mut last_progress = Instant::now();
+    loop {
+        let msg = match rx.recv_timeout(PROGRESS_EVERY) {
+            Ok(msg) => Some(msg),
+            Err(RecvTimeoutError::Timeout) => None,
+            Err(RecvTimeoutError::Disconnected) => break,
+        };
+        let mut urgent = false;
+        if let Some(msg) = &msg {
+            urgent = !matches!(msg, WorkerMsg::Connection(_));
+            if write_line(&mut out, msg).is_err() {
+                return; // The parent is gone; nobody is left to tell.
+            }
+        }
+        if last_progress.elapsed() >= PROGRESS_EVERY {
+            last_progress = Instant::now();
+            urgent = true;
+            if write_line(&mut out, &WorkerMsg::Progress(recorder.snapshot())).is_err() {
+                return;
+            }
+        }
+        // Records are batched; everything the parent waits on is flushed at once.
+        if urgent && out.flush().is_err() {
+            return;
+        }
+    }
+    let _ = out.flush();
+}
+
+fn write_line(out: &mut impl std::io::Write, msg: &WorkerMsg) -> std::io::Result<()> {
+    // Serialising our own plain data types cannot fail.
+    let mut line = serde_json::to_vec(msg).expect("worker messages serialise");
+    line.push(b'\n');
+    out.write_all(&line)
 }
