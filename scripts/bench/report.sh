@@ -1,0 +1,112 @@
+# shellcheck shell=bash
+# The result table of scripts/bench-forwarder.sh: medians over rounds, ratios, and the targets'
+# verdicts, from the JSON results and meta.env in a work directory. Sourced; needs lib.sh.
+
+# report WORKDIR: prints the markdown table and verdicts.
+report() {
+    local dir=$1
+    # shellcheck disable=SC1091
+    source "$dir/meta.env"
+    local -A V
+    local t load errs targets=(direct ours haproxy nginx)
+
+    # Median over rounds of one figure: m LOAD TARGET JQ-EXPR.
+    m() {
+        local f
+        for f in "$dir"/res/"$1"-"$2"-*.json; do
+            [ -e "$f" ] || continue
+            jq -r "($3) // null" "$f" 2>/dev/null || echo null
+        done | median
+    }
+    # Failed runs and wrong echoes of one load, summed over rounds.
+    errors_of() {
+        local f total=0 e
+        for f in "$dir"/res/"$1"-"$2"-*.json; do
+            [ -e "$f" ] || continue
+            e=$(jq -r 'if .error then 1 else (.errors // 0) end' "$f" 2>/dev/null || echo 1)
+            total=$((total + e))
+        done
+        echo "$total"
+    }
+
+    for t in "${targets[@]}"; do
+        V[bulk1,$t]=$(m bulk1 "$t" .gbps)
+        V[bulk1cpu,$t]=$(m bulk1 "$t" .cpu_us_per_mb)
+        V[bulk8,$t]=$(m bulk8 "$t" .gbps)
+        V[bulk8cpu,$t]=$(m bulk8 "$t" .cpu_us_per_mb)
+        V[p50,$t]=$(m ping "$t" .p50_us)
+        V[p99,$t]=$(m ping "$t" .p99_us)
+        V[pingcpu,$t]=$(m ping "$t" '.proxy_cpu_ns_per_message / 1000')
+        V[sp50,$t]=$(m sockperf "$t" .p50_us)
+        V[sp99,$t]=$(m sockperf "$t" .p99_us)
+        V[conn,$t]=$(m conn "$t" .per_second)
+        V[conncpu,$t]=$(m conn "$t" '.proxy_cpu_ns_per_connection / 1000')
+        V[rr,$t]=$(m rr "$t" .per_second)
+        V[rrcpu,$t]=$(m rr "$t" '.proxy_cpu_ns_per_message / 1000')
+        V[idle,$t]=$(m idle "$t" .bytes_per_connection)
+        V[idlen,$t]=$(m idle "$t" .connections)
+        errs=0
+        for load in bulk1 bulk8 ping sockperf conn rr idle; do
+            errs=$((errs + $(errors_of "$load" "$t")))
+        done
+        V[errors,$t]=$errs
+    done
+    for t in "${targets[@]}"; do
+        V[a50,$t]=$(awk -v a="${V[p50,$t]}" -v d="${V[p50,direct]}" 'BEGIN { print a - d }')
+        V[a99,$t]=$(awk -v a="${V[p99,$t]}" -v d="${V[p99,direct]}" 'BEGIN { print a - d }')
+    done
+    # Proxy-only figures have no direct value.
+    for k in idle idlen bulk1cpu bulk8cpu pingcpu conncpu rrcpu a50 a99; do V[$k,direct]=""; done
+
+    row() { # label key decimals
+        local k=$2 d=$3
+        printf '| %s | %s | %s | %s | %s | %s | %s | %s |\n' "$1" \
+            "$(fmt "${V[$k,direct]}" "$d")" "$(fmt "${V[$k,ours]}" "$d")" "$(fmt "${V[$k,haproxy]}" "$d")" \
+            "$(fmt "${V[$k,nginx]}" "$d")" "$(ratio "${V[$k,ours]}" "${V[$k,direct]}")" \
+            "$(ratio "${V[$k,ours]}" "${V[$k,haproxy]}")" "$(ratio "${V[$k,ours]}" "${V[$k,nginx]}")"
+    }
+    verdict() { if "$@"; then echo PASS; else echo FAIL; fi; }
+    cheaper() { less_than "${V[$1,ours]}" "${V[$1,haproxy]}" && less_than "${V[$1,ours]}" "${V[$1,nginx]}"; }
+    no_more() { at_most "${V[$1,ours]}" "${V[$1,haproxy]}" && at_most "${V[$1,ours]}" "${V[$1,nginx]}"; }
+    local tenth
+    tenth=$(awk -v d="${V[bulk1,direct]}" 'BEGIN { print 0.9 * d }')
+
+    echo "Run $START: ${ELAPSED} s, $ROUNDS round(s) of ${SECS} s loads (median kept), $CORES cores, kernel $KERNEL,"
+    echo "load average before/after: $LOAD_BEFORE / $LOAD_AFTER. $VERSIONS; forwarder at $COMMIT ($CAPACITY)."
+    echo
+    echo "| load | direct | forwarder | HAProxy | nginx | ours/direct | ours/HAProxy | ours/nginx |"
+    echo "|---|---:|---:|---:|---:|---:|---:|---:|"
+    row "bulk 1 stream, Gbit/s (iperf3)" bulk1 2
+    row "  proxy CPU µs per MB" bulk1cpu 1
+    row "bulk 8 streams, Gbit/s (iperf3)" bulk8 2
+    row "  proxy CPU µs per MB" bulk8cpu 1
+    row "ping-pong 64 B round trip p50, µs" p50 1
+    row "ping-pong 64 B round trip p99, µs" p99 1
+    row "  added p50 over direct, µs" a50 1
+    row "  added p99 over direct, µs" a99 1
+    row "  proxy CPU µs per round trip" pingcpu 1
+    row "sockperf ping-pong p50 (half round trip), µs" sp50 1
+    row "sockperf ping-pong p99 (half round trip), µs" sp99 1
+    row "new connections/s (64 B echo, 32 in flight)" conn 0
+    row "  proxy CPU µs per connection" conncpu 1
+    row "request/response msg/s ($RR_CONNS conns, 64 B)" rr 0
+    row "  proxy CPU µs per message" rrcpu 1
+    row "RSS per idle connection, bytes" idle 0
+    row "  idle connections held" idlen 0
+    row "failed loads + wrong echoes" errors 0
+    echo
+    echo "Targets (forwarder):"
+    echo "- single-stream throughput ≥ 0.9× direct: $(verdict at_most "$tenth" "${V[bulk1,ours]}") ($(ratio "${V[bulk1,ours]}" "${V[bulk1,direct]}"))"
+    echo "- less CPU per MB than HAProxy and nginx: 1 stream $(verdict cheaper bulk1cpu), 8 streams $(verdict cheaper bulk8cpu)"
+    echo "- less CPU per connection than HAProxy and nginx: $(verdict cheaper conncpu)"
+    echo "- less CPU per message than HAProxy and nginx: request/response $(verdict cheaper rrcpu), ping-pong $(verdict cheaper pingcpu)"
+    echo "- latency added no more than theirs: p50 $(verdict no_more a50), p99 $(verdict no_more a99)"
+    echo "- ≤ 8 KiB RSS per idle connection: $(verdict at_most "${V[idle,ours]}" 8192) ($(fmt "${V[idle,ours]}" 0) B at $(fmt "${V[idlen,ours]}" 0) connections)"
+    echo "- no failed load, every echo exact: $(verdict test "${V[errors,ours]}" -eq 0)"
+    echo
+    echo "HAProxy: maxconn $HA_MAXCONN, maxpipes $HA_MAXPIPES (the most its descriptor check allows under the 20,000"
+    echo "limit), so it held $(fmt "${V[idlen,haproxy]}" 0) idle connections; nginx: 2 workers × 19,000 worker_connections, reuseport;"
+    echo "forwarder: --workers 2. Proxy CPU = all its processes and threads (/proc/PID/task/*/schedstat), per unit of work."
+    local h
+    for h in "${HEALTH[@]}"; do echo "- WARNING: $h"; done
+}
