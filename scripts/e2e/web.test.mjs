@@ -7,13 +7,16 @@
 // on the page, closes a connection from the page, checks a hostile rule name is shown as text,
 // edits a rule through the form, saves a screenshot, deletes the rules through the page (the
 // port closes, an established connection stays), checks that a save over a hand edit made
-// meanwhile is refused, and that the hand edit shows after a reload.
+// meanwhile is refused, and that the hand edit shows after a reload. On a second forwarder
+// whose changes need a token, the page asks for it once, or takes it from a #token= link.
 
 import { chromium } from 'playwright-core';
 import fs from 'node:fs';
 import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
+
+import { freePort } from './ports.mjs';
 
 const env = (name) => {
   const v = process.env[name];
@@ -27,6 +30,9 @@ const POOL_PORT = Number(env('POOL_PORT'));
 const DEAD_POOL_PORT = Number(env('DEAD_POOL_PORT'));
 const NEW_PORT = Number(env('NEW_PORT'));
 const SCREENSHOT = env('SCREENSHOT');
+const TOKEN_URL = env('TOKEN_URL');
+const TOKEN_RULES_FILE = env('TOKEN_RULES_FILE');
+const WEB_TOKEN = env('WEB_TOKEN');
 const WAIT_MS = 15_000;
 const TRAFFIC_S = Number(process.env.WEB_E2E_TRAFFIC_S || 8);
 
@@ -85,21 +91,6 @@ async function echo(client, text) {
   await until(`echo of ${JSON.stringify(text)}`, () => client.received.length >= before + Buffer.byteLength(text));
   const got = client.received.subarray(before, before + Buffer.byteLength(text)).toString();
   assert(got === text, `echoed ${JSON.stringify(got)}, sent ${JSON.stringify(text)}`);
-}
-
-/**
- * A port free on every address right now. Ports used late in the test are picked when they are
- * needed: picked at the start, a port could meanwhile become some client's ephemeral port.
- */
-function freePort() {
-  return new Promise((resolve, reject) => {
-    const server = net.createServer();
-    server.once('error', reject);
-    server.listen(0, '0.0.0.0', () => {
-      const { port } = server.address();
-      server.close(() => resolve(port));
-    });
-  });
 }
 
 /** Resolves to the connect error code, or 'connected'. */
@@ -315,6 +306,42 @@ try {
   await page.reload();
   await page.locator('tr.entry[data-name="hand-edit"]').waitFor({ timeout: WAIT_MS });
   assert((await page.locator('#file-text').textContent()).includes(`hand-edit,${HAND_PORT}`), 'the file text on the page');
+
+  begin('a forwarder with a token: the page asks for it once');
+  await page.goto(TOKEN_URL);
+  await until('the live indicator', async () => (await page.locator('#live-text').innerText()) === 'live');
+  const TOKEN_RULE_PORT = await freePort();
+  await page.getByRole('button', { name: '+ Add entry' }).click();
+  await page.getByLabel('Name').fill('with-token');
+  await page.getByLabel('Listening port').fill(`127.0.0.1:${TOKEN_RULE_PORT}`);
+  await page.getByLabel('Destination IP or host').fill('localhost');
+  await page.getByLabel('Destination port').fill(String(BACKEND_PORT));
+  await page.getByRole('button', { name: 'Save' }).click();
+  await page.locator('#token-dialog').waitFor({ state: 'visible', timeout: WAIT_MS });
+  await page.getByLabel('Token', { exact: true }).fill(WEB_TOKEN);
+  await page.getByRole('button', { name: 'Use token' }).click();
+  await page.locator('tr.entry[data-name="with-token"]').waitFor({ timeout: WAIT_MS });
+  assert(fs.readFileSync(TOKEN_RULES_FILE, 'utf8').includes(`with-token,127.0.0.1:${TOKEN_RULE_PORT},localhost,`), 'the token page wrote its file');
+  const viaToken = await until('the token rule to forward', () => connect(TOKEN_RULE_PORT).catch(() => null), 5000);
+  clients.push(viaToken);
+  await echo(viaToken, 'through a rule added with the token\n');
+
+  begin('a token in the link is taken and removed from the address bar');
+  const second = await context.newPage();
+  second.on('dialog', async (d) => {
+    dialogs.push(d.message());
+    await d.dismiss();
+  });
+  await second.goto(`${TOKEN_URL}#token=${WEB_TOKEN}`);
+  await second.locator('tr.entry[data-name="with-token"]').waitFor({ timeout: WAIT_MS });
+  assert(!second.url().includes('token'), `the token stays in the address bar: ${second.url()}`);
+  await second.locator('tr.entry[data-name="with-token"] td.name').click();
+  await second.getByRole('button', { name: 'Delete selected (1)' }).click();
+  await second.locator('#confirm-dialog').getByRole('button', { name: 'Delete' }).click();
+  await until('the token rule to disappear', async () => (await second.locator('tr.entry').count()) === 0);
+  assert(!(await second.locator('#token-dialog').evaluate((d) => d.open)), 'no token prompt with the link\'s token');
+  await until(`port ${TOKEN_RULE_PORT} to close`, async () => (await tryConnect(TOKEN_RULE_PORT)) === 'ECONNREFUSED', 5000);
+  await second.close();
 
   assert(dialogs.length === 0, `unexpected browser dialogs: ${dialogs.join(', ')}`);
   assert(pageErrors.length === 0, `errors in the page: ${pageErrors.join('\n')}`);

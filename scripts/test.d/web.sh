@@ -48,21 +48,9 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# Free loopback ports, all distinct (held open together, then released).
-read -r web_port backend_a backend_b dead_port pool_port dead_pool_port new_port < <(
-    node -e '
-        const net = require("net");
-        const servers = [];
-        let left = 7;
-        for (let i = 0; i < 7; i++) {
-            const s = net.createServer().listen(0, "127.0.0.1", () => {
-                if (--left === 0) {
-                    console.log(servers.map((x) => x.address().port).join(" "));
-                    servers.forEach((x) => x.close());
-                }
-            });
-            servers.push(s);
-        }'
+# Free ports, all distinct, below the ephemeral range (see scripts/e2e/ports.mjs).
+read -r web_port backend_a backend_b dead_port pool_port dead_pool_port new_port token_port < <(
+    node scripts/e2e/ports.mjs 8
 )
 
 wait_for_port() {
@@ -101,6 +89,19 @@ if ! wait_for_port "$web_port"; then
     exit 1
 fi
 
+# A second forwarder whose changes need a token (a page not bound to 127.0.0.1 needs one; here
+# the token is given, so it may stay on loopback: 127.0.0.2).
+token=$(od -An -tx1 -N12 /dev/urandom | tr -d ' \n')
+mkdir "$work/token"
+: >"$work/token/entries.csv"
+setsid "$bin" --rules "$work/token/entries.csv" --web "127.0.0.2:$token_port" --web-token "$token" \
+    --workers 1 --log-level info >"$work/forwarder-token.log" 2>&1 &
+pids+=($!)
+for i in $(seq 1 150); do
+    (exec 3<>"/dev/tcp/127.0.0.2/$token_port") 2>/dev/null && break
+    sleep 0.1
+done
+
 screenshot=${WEB_SCREENSHOT:-$work/web.png}
 case "$screenshot" in /*) ;; *) screenshot="$root/$screenshot" ;; esac
 status=0
@@ -111,11 +112,16 @@ WEB_URL="http://127.0.0.1:$web_port/" \
     DEAD_POOL_PORT="$dead_pool_port" \
     NEW_PORT="$new_port" \
     SCREENSHOT="$screenshot" \
+    TOKEN_URL="http://127.0.0.2:$token_port/" \
+    TOKEN_RULES_FILE="$work/token/entries.csv" \
+    WEB_TOKEN="$token" \
     timeout --kill-after=10 "${WEB_E2E_TIMEOUT:-240}" node scripts/e2e/web.test.mjs || status=$?
 
 if [ "$status" -ne 0 ]; then
     echo "--- forwarder log ---" >&2
     cat "$work/forwarder.log" >&2
+    echo "--- forwarder (token) log ---" >&2
+    cat "$work/forwarder-token.log" >&2
     [ -z "${WEB_SCREENSHOT:-}" ] && cp -f "$work"/web*.png /tmp/ 2>/dev/null && echo "web: screenshots copied to /tmp" >&2
     echo "web: end-to-end test failed (exit $status)" >&2
     exit "$status"

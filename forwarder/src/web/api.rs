@@ -14,6 +14,7 @@ use serde_json::{json, Value};
 
 use super::entries::{self, Change, FieldError, FileView};
 use super::{call, AppState};
+use crate::control::ConnectionInfo;
 use crate::rules::{self, Entry, RuleError};
 use crate::supervisor::{StatsSnapshot, Supervisor, WriteError};
 
@@ -467,8 +468,9 @@ pub async fn get_connections(
     State(state): State<AppState>,
     Query(q): Query<ConnectionsQuery>,
 ) -> Result<Response, ApiError> {
-    let sup = state.sup.clone();
-    let mut list = call(move || sup.connections()).await?;
+    let mut list: Vec<&ConnectionInfo> = Vec::new();
+    let all = state.connections().await?;
+    list.extend(all.iter());
     let total = list.len();
     list.sort_by(|a, b| b.age_ms.cmp(&a.age_ms).then(a.id.cmp(&b.id)));
     if let Some(limit) = q.limit {
@@ -481,9 +483,9 @@ pub async fn get_connections(
             worker: c.worker,
             client: c.client.to_string(),
             listen: c.listen.to_string(),
-            rule: c.rule,
+            rule: c.rule.clone(),
             backend: c.backend.to_string(),
-            state: c.state,
+            state: c.state.clone(),
             bytes_up: c.bytes_up,
             bytes_down: c.bytes_down,
             age_ms: c.age_ms,
@@ -509,7 +511,9 @@ pub async fn close_connection(
         )
     })?;
     let sup = state.sup.clone();
-    if call(move || sup.close_connection(number)).await? {
+    let closed = call(move || sup.close_connection(number)).await?;
+    state.forget_connections();
+    if closed {
         Ok(Json(json!({ "closed": id })).into_response())
     } else {
         Err(ApiError::not_found(format!(

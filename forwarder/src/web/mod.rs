@@ -12,13 +12,14 @@ mod metrics;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{delete, get};
 use axum::Router;
 
+use crate::control::ConnectionInfo;
 use crate::supervisor::Supervisor;
 
 pub use auth::Auth;
@@ -41,7 +42,16 @@ struct AppState {
     history: Arc<Mutex<history::History>>,
     /// Serialises the page's read-modify-write of the rules file (taken on a blocking thread).
     write_lock: Arc<Mutex<()>>,
+    /// The last connection list, shared by every browser for [`CONNECTIONS_FRESH`]: listing
+    /// asks every worker to describe all its connections, which is not free at 20,000.
+    connections: Arc<Mutex<Option<ConnectionList>>>,
 }
+
+/// A connection list and when it was taken.
+type ConnectionList = (Instant, Arc<Vec<ConnectionInfo>>);
+
+/// How long one connection list is reused.
+const CONNECTIONS_FRESH: Duration = Duration::from_millis(900);
 
 /// Starts the web page for `supervisor` on `addr` and returns once it listens, so a port in use
 /// is reported at start. Binding outside loopback requires a token: `token`, or one generated
@@ -68,6 +78,7 @@ pub fn start(
         auth: Arc::new(auth),
         history: Arc::new(Mutex::new(history::History::new(history::KEEP_SECONDS))),
         write_lock: Arc::new(Mutex::new(())),
+        connections: Arc::new(Mutex::new(None)),
     };
     announce(local, &state.auth);
     std::thread::Builder::new()
@@ -150,5 +161,31 @@ async fn call<T: Send + 'static>(
             "the supervisor did not answer within {} s",
             SUPERVISOR_DEADLINE.as_secs()
         ))),
+    }
+}
+
+impl AppState {
+    /// Every live connection, from the cache when it is fresh. Concurrent callers wait for one
+    /// listing instead of each asking the workers.
+    async fn connections(&self) -> Result<Arc<Vec<ConnectionInfo>>, api::ApiError> {
+        let sup = self.sup.clone();
+        let cache = Arc::clone(&self.connections);
+        call(move || {
+            let mut cached = cache.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some((at, list)) = cached.as_ref() {
+                if at.elapsed() < CONNECTIONS_FRESH {
+                    return Arc::clone(list);
+                }
+            }
+            let list = Arc::new(sup.connections());
+            *cached = Some((Instant::now(), Arc::clone(&list)));
+            list
+        })
+        .await
+    }
+
+    /// Forgets the cached connection list (after a connection was closed).
+    fn forget_connections(&self) {
+        *self.connections.lock().unwrap_or_else(|p| p.into_inner()) = None;
     }
 }

@@ -9,6 +9,7 @@
   const CHART_MAX_SPAN_MS = 300_000;
   const CHART_MIN_SPAN_MS = 60_000;
   const CONNECTION_ROWS = 200;
+  const LIST_EVERY_SECOND_UP_TO = 5000;
 
   const $ = (id) => document.getElementById(id);
 
@@ -176,17 +177,22 @@
   // ---- the refresh loop ---------------------------------------------------------------------
 
   async function tick() {
+    // Listing connections asks every worker for all of them: with thousands open, every 5 s.
+    state.ticks = (state.ticks || 0) + 1;
+    const listConnections = state.connTotal <= LIST_EVERY_SECOND_UP_TO || state.ticks % 5 === 1;
     try {
       const [stats, hist, conns] = await Promise.all([
         getJSON('/api/stats'),
         getJSON('/api/history'),
-        getJSON(`/api/connections?limit=${CONNECTION_ROWS}`),
+        listConnections ? getJSON(`/api/connections?limit=${CONNECTION_ROWS}`) : null,
         refreshRules(false),
       ]);
       state.stats = stats.data;
       state.history = hist.data;
-      state.conns = conns.data;
-      state.connTotal = Number(conns.res.headers.get('X-Total-Count') || conns.data.length);
+      if (conns) {
+        state.conns = conns.data;
+        state.connTotal = Number(conns.res.headers.get('X-Total-Count') || conns.data.length);
+      }
       setOnline(true);
     } catch (e) {
       setOnline(false, e);
