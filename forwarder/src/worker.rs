@@ -347,10 +347,12 @@ impl Worker {
             (false, Wake::Io { readable, writable }) => Sides {
                 up: readable,
                 down: writable,
+                until_eagain: false,
             },
             (true, Wake::Io { readable, writable }) => Sides {
                 up: writable,
                 down: readable,
+                until_eagain: false,
             },
         };
         self.pump(key, sides);
@@ -363,7 +365,7 @@ impl Worker {
         if !matches!(relay.phase, Phase::Relaying) {
             return;
         }
-        let result = relay.pump(&mut self.res, sides.up, sides.down);
+        let result = relay.pump(&mut self.res, sides.up, sides.down, sides.until_eagain);
         let slot = self.shared.backend(relay.backend_slot());
         match result {
             Ok((up, down)) => {
@@ -381,6 +383,7 @@ impl Worker {
                         Sides {
                             up: up.yielded,
                             down: down.yielded,
+                            until_eagain: true,
                         },
                     ));
                 }
@@ -698,12 +701,15 @@ struct Sides {
     up: bool,
     /// backend → client
     down: bool,
+    /// Read until EAGAIN even after a short read (the socket's state is not known).
+    until_eagain: bool,
 }
 
 impl Sides {
     const BOTH: Sides = Sides {
         up: true,
         down: true,
+        until_eagain: true,
     };
 }
 

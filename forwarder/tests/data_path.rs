@@ -134,10 +134,24 @@ fn backend_reset_is_passed_to_the_client() {
 
 #[test]
 fn stalled_backend_keeps_memory_bounded_and_loses_nothing() {
+    stalled_backend(&[]);
+}
+
+#[test]
+fn stalled_backend_keeps_memory_bounded_and_loses_nothing_when_copying() {
+    stalled_backend(&["--no-splice"]);
+}
+
+fn stalled_backend(extra: &[&str]) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let bport = listener.local_addr().unwrap().port();
     let port = free_port();
-    let fwd = Forwarder::start(&format!("slow,{port},127.0.0.1,{bport}\n"), 1, &[], &[port]);
+    let fwd = Forwarder::start(
+        &format!("slow,{port},127.0.0.1,{bport}\n"),
+        1,
+        extra,
+        &[port],
+    );
     let baseline = fwd.rss_kib();
     const LEN: usize = 64 << 20;
     let data = random_bytes(LEN, 11);

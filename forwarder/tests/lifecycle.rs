@@ -168,8 +168,8 @@ fn check_names_file_line_and_field() {
 
 #[test]
 fn port_taken_by_another_program_is_named() {
-    let squatter = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
-    let port = squatter.local_addr().unwrap().port();
+    let port = free_port();
+    let _squatter = std::net::TcpListener::bind(("0.0.0.0", port)).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("r.csv");
     std::fs::write(&path, format!("x,{port},127.0.0.1,80\n")).unwrap();
