@@ -1,5 +1,107 @@
-//! Stub: chat-server is built in its own issue; this binary only says so.
+//! chat-server command line: parse flags, raise the open-file limit, bind, serve until a signal.
+
+use std::net::SocketAddr;
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use tracing::{info, warn};
+
+use chat_server::server::{Config, Server};
+
+/// Descriptors kept back for the listener, the poll, signals, logs.
+const FD_RESERVE: u64 = 64;
+
+/// Bytes a server line adds around a message's text (kind, timestamp, nickname, spaces).
+const LINE_OVERHEAD: usize = 64;
+
+/// A chat room for the testbed: nc-friendly line protocol, one thread, thousands of clients.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// Address to listen on.
+    #[arg(long, default_value = "0.0.0.0:7000")]
+    listen: SocketAddr,
+    /// Messages replayed to each newcomer.
+    #[arg(long, default_value_t = 50)]
+    history: usize,
+    /// Longest line a client may send, in bytes (without the newline).
+    #[arg(long, default_value_t = 4096)]
+    max_line_bytes: usize,
+    /// Outgoing bytes queued for one client before it counts as not reading and is dropped.
+    #[arg(long, default_value_t = 256 * 1024)]
+    max_queue_bytes: usize,
+    /// Most clients at once [default: the open-file limit minus 64].
+    #[arg(long)]
+    max_clients: Option<usize>,
+    /// Log filter (RUST_LOG overrides), e.g. info or chat_server=debug.
+    #[arg(long, default_value = "info")]
+    log_level: String,
+}
+
 fn main() {
-    eprintln!("chat-server: not built yet (see the project's open issues)");
-    std::process::exit(2);
+    if let Err(e) = run() {
+        eprintln!("chat-server: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run() -> Result<()> {
+    let args = Args::parse();
+    testbed::logging::init(&args.log_level);
+    if args.max_line_bytes == 0 || args.max_line_bytes > 1024 * 1024 {
+        bail!(
+            "--max-line-bytes {} is out of range (1 to 1048576)",
+            args.max_line_bytes
+        );
+    }
+    if args.max_queue_bytes < args.max_line_bytes + LINE_OVERHEAD {
+        bail!(
+            "--max-queue-bytes {} cannot hold one line: it must be at least --max-line-bytes + {LINE_OVERHEAD} = {}",
+            args.max_queue_bytes,
+            args.max_line_bytes + LINE_OVERHEAD
+        );
+    }
+    if args.history > 100_000 {
+        bail!("--history {} is too large (at most 100000)", args.history);
+    }
+    let fd_soft = match testbed::fdlimit::raise_nofile() {
+        Ok(lim) => {
+            if lim.soft != lim.soft_before {
+                info!(
+                    "open-file limit raised from {} to {}",
+                    lim.soft_before, lim.soft
+                );
+            }
+            lim.soft
+        }
+        Err(e) => {
+            warn!("cannot raise the open-file limit: {e}");
+            1024
+        }
+    };
+    let fd_clients = fd_soft.saturating_sub(FD_RESERVE) as usize;
+    let max_clients = match args.max_clients {
+        Some(0) => bail!("--max-clients must be at least 1"),
+        Some(n) if n > fd_clients => {
+            warn!("--max-clients {n} is more than the open-file limit allows; using {fd_clients}");
+            fd_clients
+        }
+        Some(n) => n,
+        None => fd_clients,
+    };
+    let config = Config {
+        listen: args.listen,
+        history: args.history,
+        max_line_bytes: args.max_line_bytes,
+        max_queue_bytes: args.max_queue_bytes,
+        max_clients,
+    };
+    let server = Server::bind(config).context("starting chat-server")?;
+    let addr = server.local_addr().context("reading the bound address")?;
+    info!(
+        "listening on {addr}: up to {max_clients} clients, history {} messages, lines up to {} bytes, {} bytes queued per client at most",
+        args.history, args.max_line_bytes, args.max_queue_bytes
+    );
+    server.run()?;
+    Ok(())
 }
