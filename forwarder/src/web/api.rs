@@ -303,9 +303,10 @@ fn write_change(
             return Err(ApiError::stale(view.version));
         }
     }
-    let (planned, target) = entries::plan(&view.rows, change).map_err(ApiError::not_found)?;
-    let ids = entries::assign_ids(planned.iter());
-    let refuse = |errors: Vec<RuleError>| {
+    let plan = entries::plan(&view.rows, change).map_err(ApiError::not_found)?;
+    let ids = entries::assign_ids(plan.entries.iter());
+    // Errors name the entry by its line; `index_of` finds it in the plan.
+    let refuse = |errors: Vec<RuleError>, index_of: &dyn Fn(usize) -> Option<usize>| {
         let message = errors
             .iter()
             .map(|e| e.to_string())
@@ -314,10 +315,12 @@ fn write_change(
         let errors = errors
             .into_iter()
             .map(|e| {
-                let index = entries::index_of_line(e.line).filter(|&i| i < planned.len());
+                let index = index_of(e.line).filter(|&i| i < plan.entries.len());
                 FieldError {
-                    id: index.filter(|&i| Some(i) != target).map(|i| ids[i].clone()),
-                    line: e.line,
+                    id: index
+                        .filter(|&i| Some(i) != plan.target)
+                        .map(|i| ids[i].clone()),
+                    line: index.map_or(e.line, |i| plan.lines[i]),
                     field: e.field,
                     message: e.message,
                 }
@@ -325,18 +328,21 @@ fn write_change(
             .collect();
         ApiError::invalid(message, errors)
     };
-    if let Err(e) = entries::validate(&planned, &view.path) {
-        return Err(refuse(e.0));
+    if let Err(e) = plan.validate(&view.path) {
+        return Err(refuse(e.0, &|line| plan.index_of_line(line)));
     }
-    match sup.write_entries(&planned, Some(&view.version)) {
+    match sup.write_entries(&plan.entries, Some(&view.version)) {
         Ok(_) => {}
         Err(WriteError::Stale { current }) => return Err(ApiError::stale(current)),
-        Err(WriteError::Invalid(e)) => return Err(refuse(e.0)),
+        // Numbered as written: the comment header, then one row per line.
+        Err(WriteError::Invalid(e)) => {
+            return Err(refuse(e.0, &entries::index_of_written_line));
+        }
         Err(e @ WriteError::Io { .. }) => return Err(ApiError::internal(e.to_string())),
     }
     let view = FileView::read(path)
         .map_err(|e| ApiError::internal(format!("cannot read {}: {e}", path.display())))?;
-    Ok(rules_doc(sup, view, target.map(|i| ids[i].clone())))
+    Ok(rules_doc(sup, view, plan.target.map(|i| ids[i].clone())))
 }
 
 /// The four fields of a rule from a JSON object; ports may be numbers. Every problem is

@@ -75,37 +75,77 @@ pub enum Change {
     Delete(Vec<String>),
 }
 
-/// The entries after `change`, and the index of the added or edited one.
-pub fn plan(rows: &[Row], change: &Change) -> Result<(Vec<Entry>, Option<usize>), String> {
+/// The rules as they will be written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Plan {
+    pub entries: Vec<Entry>,
+    /// Each entry's line in the file as it is now (an added one: after the last), so messages
+    /// that cite a line agree with what the page shows.
+    pub lines: Vec<usize>,
+    /// The index of the added or edited entry.
+    pub target: Option<usize>,
+}
+
+/// The entries after `change`.
+pub fn plan(rows: &[Row], change: &Change) -> Result<Plan, String> {
     let mut entries: Vec<Entry> = rows.iter().map(|r| r.entry.clone()).collect();
+    let mut lines: Vec<usize> = rows.iter().map(|r| r.line).collect();
     let index_of = |id: &str| {
         rows.iter()
             .position(|r| r.id == id)
             .ok_or_else(|| format!("no rule with id \"{id}\" (the rules changed? reload them)"))
     };
-    match change {
+    let target = match change {
         Change::Add(entry) => {
             entries.push(entry.clone());
-            Ok((entries, Some(rows.len())))
+            lines.push(lines.iter().max().map_or(1, |l| l + 1));
+            Some(rows.len())
         }
         Change::Edit(id, entry) => {
             let i = index_of(id)?;
             entries[i] = entry.clone();
-            Ok((entries, Some(i)))
+            Some(i)
         }
         Change::Delete(ids) => {
             let mut doomed = Vec::new();
             for id in ids {
                 doomed.push(index_of(id)?);
             }
-            let kept = entries
-                .into_iter()
-                .enumerate()
-                .filter(|(i, _)| !doomed.contains(i))
-                .map(|(_, e)| e)
-                .collect();
-            Ok((kept, None))
+            let mut i = 0;
+            entries.retain(|_| {
+                i += 1;
+                !doomed.contains(&(i - 1))
+            });
+            let mut i = 0;
+            lines.retain(|_| {
+                i += 1;
+                !doomed.contains(&(i - 1))
+            });
+            None
         }
+    };
+    Ok(Plan {
+        entries,
+        lines,
+        target,
+    })
+}
+
+impl Plan {
+    /// Validates the entries exactly as the rules file is validated.
+    pub fn validate(&self, file: &str) -> Result<(), RulesError> {
+        let numbered: Vec<(usize, Entry)> = self
+            .lines
+            .iter()
+            .copied()
+            .zip(self.entries.iter().cloned())
+            .collect();
+        rules::validate(&numbered, file).map(|_| ())
+    }
+
+    /// The entry a validation error of [`Plan::validate`] is about.
+    pub fn index_of_line(&self, line: usize) -> Option<usize> {
+        self.lines.iter().position(|&l| l == line)
     }
 }
 
@@ -115,25 +155,9 @@ fn header_lines() -> usize {
     rules::EXAMPLE_FILE.lines().count()
 }
 
-/// The line `entries[index]` will have in the written file.
-pub fn line_of_index(index: usize) -> usize {
-    header_lines() + index + 1
-}
-
 /// The index in the written entries of a line of the written file.
-pub fn index_of_line(line: usize) -> Option<usize> {
+pub fn index_of_written_line(line: usize) -> Option<usize> {
     line.checked_sub(header_lines() + 1)
-}
-
-/// Validates entries exactly as the rules file is validated, numbered as they will be written,
-/// so messages that cite a line agree with the file afterwards.
-pub fn validate(entries: &[Entry], file: &str) -> Result<(), RulesError> {
-    let numbered: Vec<(usize, Entry)> = entries
-        .iter()
-        .enumerate()
-        .map(|(i, e)| (line_of_index(i), e.clone()))
-        .collect();
-    rules::validate(&numbered, file).map(|_| ())
 }
 
 /// The id of an entry: a hash of its four fields, so it does not depend on the row's position.
@@ -282,31 +306,52 @@ mod tests {
     }
 
     #[test]
-    fn plan_adds_edits_and_deletes_by_id() {
+    fn plan_adds_edits_and_deletes_by_id_keeping_file_lines() {
         let view = FileView::from_text(
             "f".into(),
-            "a,8080,127.0.0.1,9001\nb,8081,127.0.0.1,9002\nc,8082,127.0.0.1,9003\n".into(),
+            "# c\na,8080,127.0.0.1,9001\nb,8081,127.0.0.1,9002\n\nc,8082,127.0.0.1,9003\n".into(),
         );
         let ids: Vec<String> = view.rows.iter().map(|r| r.id.clone()).collect();
-        let (added, at) = plan(&view.rows, &Change::Add(e("d", "1", "h", "2"))).unwrap();
-        assert_eq!((added.len(), at), (4, Some(3)));
-        let (edited, at) = plan(
+        let added = plan(&view.rows, &Change::Add(e("d", "1", "h", "2"))).unwrap();
+        assert_eq!((added.entries.len(), added.target), (4, Some(3)));
+        assert_eq!(added.lines, vec![2, 3, 5, 6]);
+        let edited = plan(
             &view.rows,
             &Change::Edit(ids[1].clone(), e("B", "1", "h", "2")),
         )
         .unwrap();
-        assert_eq!((edited[1].name.as_str(), at), ("B", Some(1)));
-        let (left, _) = plan(
+        assert_eq!(
+            (edited.entries[1].name.as_str(), edited.target),
+            ("B", Some(1))
+        );
+        let left = plan(
             &view.rows,
             &Change::Delete(vec![ids[0].clone(), ids[2].clone()]),
         )
         .unwrap();
-        assert_eq!(left, vec![e("b", "8081", "127.0.0.1", "9002")]);
+        assert_eq!(left.entries, vec![e("b", "8081", "127.0.0.1", "9002")]);
+        assert_eq!(left.lines, vec![3]);
         let missing = plan(&view.rows, &Change::Delete(vec!["nope".into()])).unwrap_err();
         assert_eq!(
             missing,
             "no rule with id \"nope\" (the rules changed? reload them)"
         );
+    }
+
+    #[test]
+    fn messages_cite_the_lines_the_page_shows() {
+        let view = FileView::from_text("f".into(), "# c\n\na,8080,127.0.0.1,9001\n".into());
+        let p = plan(
+            &view.rows,
+            &Change::Add(e("b", "8080", "127.0.0.1", "9001")),
+        )
+        .unwrap();
+        let errs = p.validate("f").unwrap_err();
+        assert_eq!(
+            errs.to_string(),
+            "f:4: dest_ip: duplicate destination 127.0.0.1:9001 for listen port 8080 (already on line 3)"
+        );
+        assert_eq!(p.index_of_line(4), Some(1));
     }
 
     #[test]
@@ -317,17 +362,7 @@ mod tests {
         ];
         let text = rules::to_csv(&entries);
         let rows = read_rows(&text);
-        assert_eq!(rows[1].0, line_of_index(1));
-        assert_eq!(index_of_line(line_of_index(1)), Some(1));
-        let errs = validate(
-            &[
-                e("a", "8080", "127.0.0.1", "9001"),
-                e("b", "99999", "127.0.0.1", "1"),
-            ],
-            "f",
-        )
-        .unwrap_err();
-        assert_eq!(errs.0[0].line, line_of_index(1));
-        assert_eq!(errs.0[0].field, "listen_port");
+        assert_eq!(index_of_written_line(rows[1].0), Some(1));
+        assert_eq!(index_of_written_line(rows[0].0), Some(0));
     }
 }

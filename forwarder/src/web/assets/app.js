@@ -443,7 +443,7 @@
         for (const c of Object.values(row.cells)) setText(c, '–');
         row.shareFill.style.width = '0';
         setText(row.shareText, '');
-        drawChart(row.spark, [], { width: 96, height: 26 });
+        drawChart(row.spark, [], { width: 80, height: 24 });
         continue;
       }
       row.badge.className = `badge ${b.state === 'down' ? 'down' : 'up'}`;
@@ -464,7 +464,7 @@
       row.shareFill.style.width = `${pct}%`;
       setText(row.shareText, sum ? `${pct.toFixed(0)}%` : '–');
       row.shareText.parentElement.title = sum ? `${fmtInt(b.total)} of ${fmtInt(sum)} connections of this pool` : 'no connections yet';
-      drawChart(row.spark, historyOf(row.entry.listen, b), { width: 96, height: 26 });
+      drawChart(row.spark, historyOf(row.entry.listen, b), { width: 80, height: 24 });
     }
     for (const pool of state.pools.values()) {
       const g = pool.group;
@@ -719,6 +719,7 @@
         general.push(`${other ? `“${other.name}” (line ${e.line})` : `line ${e.line}`}: ${e.field}: ${e.message}`);
       }
     }
+    if (general.length && errors.some((e) => e.id)) general.unshift('Other rules in the file must be fixed or deleted first:');
     if (!errors.length) general.push((res.data && res.data.error) || `HTTP ${res.status}`);
     if (general.length) {
       setText($('form-error'), general.join('\n'));
