@@ -126,7 +126,16 @@ impl Failure {
     }
 
     pub fn io(phase: Phase, err: &io::Error) -> Failure {
-        Failure::new(Cause::of_io(err), phase, err)
+        let cause = Cause::of_io(err);
+        if cause == Cause::Eof && err.to_string().contains("close_notify") {
+            // rustls's text for this ends in a long manual URL; say it plainly.
+            return Failure::new(
+                cause,
+                phase,
+                "peer closed the connection without TLS close_notify",
+            );
+        }
+        Failure::new(cause, phase, err)
     }
 
     pub fn timeout(phase: Phase, timeout_ms: u64) -> Failure {
@@ -179,6 +188,18 @@ mod tests {
         assert_eq!(Cause::of_io(&tls), Cause::Tls);
         let emfile = io::Error::from_raw_os_error(libc::EMFILE);
         assert_eq!(Cause::of_io(&emfile), Cause::Other);
+    }
+
+    #[test]
+    fn a_missing_close_notify_is_said_plainly() {
+        let e = io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "peer closed connection without sending TLS close_notify: https://docs.rs/rustls/x",
+        );
+        assert_eq!(
+            Failure::io(Phase::Exchange, &e).to_string(),
+            "eof during exchange: peer closed the connection without TLS close_notify"
+        );
     }
 
     #[test]

@@ -243,6 +243,15 @@ fn killing_the_server_midway_ends_the_run_with_every_connection_counted() {
     assert_eq!(rows.height(), 41);
     let counted: f64 = (1..=40).map(|r| num(&rows, r, 5)).sum();
     assert_eq!(counted as u64, messages);
+    for row in 1..=40 {
+        let error = text(&rows, row, 12);
+        assert!(
+            error == "eof during exchange: peer closed the connection without TLS close_notify"
+                || error.starts_with("reset during exchange: "),
+            "row {row}: {error}"
+        );
+        assert_eq!(num(&rows, row, 11), 1.0);
+    }
     assert_eq!(summary_value(&report, "messages"), messages as f64);
     assert_eq!(summary_value(&report, "total"), 40.0);
 }
