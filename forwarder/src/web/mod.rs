@@ -8,6 +8,7 @@ mod assets;
 mod auth;
 mod entries;
 mod history;
+mod limit;
 mod metrics;
 
 use std::net::SocketAddr;
@@ -96,6 +97,8 @@ pub fn start(
                     state.sup.clone(),
                     Arc::clone(&state.history),
                 ));
+                let listener =
+                    limit::CappedListener::new(listener, limit::MAX_CONNECTIONS, limit::IDLE);
                 if let Err(e) = axum::serve(listener, router(state)).await {
                     tracing::error!("web page stopped: {e}");
                 }
