@@ -872,3 +872,34 @@ fn a_broken_hand_edit_is_shown_and_can_be_fixed_from_the_page() {
     assert_eq!(fixed.json()["errors"], serde_json::json!([]));
     echo_through(p2, "fixed from the page");
 }
+
+#[test]
+fn a_flood_of_idle_page_connections_does_not_stop_forwarding_or_reloads() {
+    let backend = echo_backend();
+    let (p1, p2) = (free_port(), free_port());
+    let fwd = Forwarder::loopback(&format!("r1,{p1},127.0.0.1,{backend}\n"));
+    assert!(wait_for_listen(local(p1), WAIT));
+    // More idle connections than the page serves at once: the page stalls, nothing else does.
+    let idle: Vec<TcpStream> = (0..300)
+        .map(|_| TcpStream::connect(fwd.web).unwrap())
+        .collect();
+    echo_through(p1, "forwarding goes on");
+    std::fs::write(
+        &fwd.rules,
+        format!("r1,{p1},127.0.0.1,{backend}\nr2,{p2},127.0.0.1,{backend}\n"),
+    )
+    .unwrap();
+    assert!(
+        wait_until(WAIT, || TcpStream::connect(local(p2)).is_ok()),
+        "a hand edit was not applied while the page was flooded"
+    );
+    echo_through(p2, "and reloads too");
+    drop(idle);
+    assert_eq!(
+        fwd.get("/api/rules").json()["entries"]
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
+}
