@@ -293,10 +293,51 @@ case_5() {
     fi
     local observed
     observed="client: $(pretty "$ok") ok, $(pretty "$failed") failed, $(pretty "$msgs") messages ($(pretty "$rate" 0)/s), response avg $(pretty "$avg") ms, p99 $(pretty "$p99") ms ($vs); servers: server1 $(pretty "$t1"), server2 $(pretty "$t2") connections, $(pretty "$e1") + $(pretty "$e2") messages echoed"
+    if [ "${LAB_CASE5_DIRECT:-0}" = 1 ]; then
+        observed="$observed; $(case5_direct "$out" "$half" "$seconds" "$msgs")"
+    fi
     if [ "${ok:-0}" -eq "$conns" ] && [ "${failed:-1}" -eq 0 ] && [ "${t1:-0}" -eq "$half" ] && [ "${t2:-0}" -eq "$half" ] &&
         [ "${msgs:-0}" -gt 0 ]; then
         record 5 "$expect" "$observed" PASS "$original"
     else
         record 5 "$expect" "$observed" FAIL "$original"
     fi
+}
+
+# case5_direct OUT HALF SECONDS FORWARDED_MESSAGES — the same load without the forwarder, for scale:
+# two clients on the gateway machine (the only one that reaches the servers) each open HALF
+# connections straight to one fresh echo server. Prints one sentence for the table.
+case5_direct() {
+    local out=$1 half=$2 seconds=$3 forwarded=$4 n
+    for n in 1 2; do
+        local addr
+        addr=$([ "$n" = 1 ] && echo "$S1_ADDR" || echo "$S2_ADDR")
+        echo_start "direct-server$n" "$LAB_PREFIX-server$n" "server$n" "$addr:$PORT_HEAVY" 2 plain >&2 ||
+            { echo "direct comparison: echo server $n did not start"; return 0; }
+    done
+    for n in 1 2; do
+        local addr
+        addr=$([ "$n" = 1 ] && echo "$S1_ADDR" || echo "$S2_ADDR")
+        lab_spawn "direct-load$n" "$NS_GW" gateway "$(bin ssl-echo-client)" --host "$addr" --port "$PORT_HEAVY" \
+            --plain --message "case 5 heavy load" --connections "$half" --duration "$seconds" \
+            --report "$out/direct-report$n.xlsx" --json >&2
+    done
+    for n in 1 2; do
+        wait_exit "direct-load$n" $((seconds + 300)) >&2 || stop_proc "direct-load$n" >&2
+        cp "$LAB_DIR/logs/direct-load$n.out" "$out/direct-client$n.json"
+        stop_proc "direct-server$n" >&2
+    done
+    "$PYTHON" - "$out/direct-client1.json" "$out/direct-client2.json" "${forwarded:-0}" <<'PY'
+import json, sys
+try:
+    a, b = (json.load(open(p)) for p in sys.argv[1:3])
+except Exception as e:
+    print(f"direct comparison: no client summary ({e})")
+    sys.exit()
+msgs = a["messages"] + b["messages"]
+avg = (a["response_ms"]["avg"] * a["messages"] + b["response_ms"]["avg"] * b["messages"]) / max(msgs, 1)
+fwd = float(sys.argv[3])
+print(f"without the forwarder (clients on the gateway): {msgs:,} messages, response avg {avg:,.1f} ms; "
+      f"forwarded/direct = {fwd / max(msgs, 1):.2f}")
+PY
 }
