@@ -28,7 +28,7 @@ source "$REPO/scripts/lab/cases.sh"
 source "$REPO/scripts/lib/apt.sh"
 
 usage() {
-    sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//' >&2
+    sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//' >&2
     exit 2
 }
 
@@ -45,8 +45,11 @@ lab_down() {
     rm -rf "$LAB_DIR"
 }
 
+need_root() {
+    [ "$(id -u)" -eq 0 ] || die "the lab needs root (network namespaces); run: sudo $0 $cmd"
+}
+
 lab_up() {
-    [ "$(id -u)" -eq 0 ] || die "the lab needs root (network namespaces)"
     ensure_apt_packages apache2 openssh-server tshark curl python3 iproute2
     pick_bin_dir
     log "programs from $BIN_DIR ($BIN_DIR_WHY)"
@@ -109,15 +112,18 @@ cmd=$1
 shift
 case "$cmd" in
 up)
+    need_root
     take_lock
     lab_up
     log "lab is up; state in $LAB_DIR; stop it with: $0 down"
     ;;
 down)
+    need_root
     lab_down
     log "lab is down"
     ;;
 run)
+    need_root
     take_lock
     lab_run "$@"
     ;;
