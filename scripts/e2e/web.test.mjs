@@ -350,7 +350,7 @@ try {
   console.error(`web e2e FAILED at "${step}": ${e.stack || e}`);
   if (pageErrors.length) console.error(`page errors:\n${pageErrors.join('\n')}`);
   if (page) {
-    const failed = SCREENSHOT.replace(/\.png$/, '') + '-failed.png';
+    const failed = path.join(os.tmpdir(), 'forwarder-web-failed.png');
     await page.screenshot({ path: failed, fullPage: true }).catch(() => {});
     console.error(`screenshot of the failure: ${failed}`);
   }

@@ -54,21 +54,21 @@ read -r web_port backend_a backend_b dead_port pool_port dead_pool_port new_port
 )
 
 wait_for_port() {
-    local port=$1 i
-    for i in $(seq 1 150); do
-        if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+    local host=$1 port=$2 _
+    for _ in $(seq 1 150); do
+        if (exec 3<>"/dev/tcp/$host/$port") 2>/dev/null; then
             return 0
         fi
         sleep 0.1
     done
-    echo "web: nothing listens on $port" >&2
+    echo "web: nothing listens on $host:$port" >&2
     return 1
 }
 
 setsid node scripts/e2e/backend.mjs "$backend_a" "$backend_b" >"$work/backend.log" 2>&1 &
 pids+=($!)
-wait_for_port "$backend_a"
-wait_for_port "$backend_b"
+wait_for_port 127.0.0.1 "$backend_a"
+wait_for_port 127.0.0.1 "$backend_b"
 
 rules="$work/entries.csv"
 cat >"$rules" <<EOF
@@ -84,7 +84,7 @@ setsid "$bin" --rules entries.csv --web "127.0.0.1:$web_port" --workers 2 --heal
     --log-level info >"$work/forwarder.log" 2>&1 &
 pids+=($!)
 cd "$root"
-if ! wait_for_port "$web_port"; then
+if ! wait_for_port 127.0.0.1 "$web_port"; then
     cat "$work/forwarder.log" >&2
     exit 1
 fi
@@ -97,10 +97,10 @@ mkdir "$work/token"
 setsid "$bin" --rules "$work/token/entries.csv" --web "127.0.0.2:$token_port" --web-token "$token" \
     --workers 1 --log-level info >"$work/forwarder-token.log" 2>&1 &
 pids+=($!)
-for i in $(seq 1 150); do
-    (exec 3<>"/dev/tcp/127.0.0.2/$token_port") 2>/dev/null && break
-    sleep 0.1
-done
+if ! wait_for_port 127.0.0.2 "$token_port"; then
+    cat "$work/forwarder-token.log" >&2
+    exit 1
+fi
 
 screenshot=${WEB_SCREENSHOT:-$work/web.png}
 case "$screenshot" in /*) ;; *) screenshot="$root/$screenshot" ;; esac
@@ -122,7 +122,6 @@ if [ "$status" -ne 0 ]; then
     cat "$work/forwarder.log" >&2
     echo "--- forwarder (token) log ---" >&2
     cat "$work/forwarder-token.log" >&2
-    [ -z "${WEB_SCREENSHOT:-}" ] && cp -f "$work"/web*.png /tmp/ 2>/dev/null && echo "web: screenshots copied to /tmp" >&2
     echo "web: end-to-end test failed (exit $status)" >&2
     exit "$status"
 fi
