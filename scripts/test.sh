@@ -4,9 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# shellcheck source=scripts/lib/apt.sh
-source scripts/lib/apt.sh
-ensure_apt_packages xvfb xdotool imagemagick chromium chromium-driver nodejs npm
+# Each step under scripts/test.d installs the Debian packages it needs (scripts/lib/apt.sh).
 
 step() { printf '\n== %s ==\n' "$*" >&2; }
 

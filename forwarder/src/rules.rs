@@ -288,7 +288,11 @@ pub fn to_csv(entries: &[Entry]) -> String {
 /// where it started looking, before the blank and comment lines it skipped, so skip them too.
 fn line_at(text: &str, byte: u64) -> usize {
     let mut start = (byte as usize).min(text.len());
-    let mut line = text.as_bytes()[..start].iter().filter(|&&b| b == b'\n').count() + 1;
+    let mut line = text.as_bytes()[..start]
+        .iter()
+        .filter(|&&b| b == b'\n')
+        .count()
+        + 1;
     while let Some(rest) = text.get(start..) {
         let this = rest.split('\n').next().unwrap_or("");
         let skipped = this.trim().is_empty() || this.starts_with('#');

@@ -60,6 +60,8 @@ struct Inner {
 #[derive(Clone)]
 pub struct Supervisor {
     config: Arc<SupervisorConfig>,
+    /// Held from the If-Match check to the rename, so two writers cannot both pass the check.
+    write_lock: Arc<Mutex<()>>,
     shared: Arc<Shared>,
     inner: Arc<Mutex<Inner>>,
 }
@@ -149,6 +151,7 @@ impl Supervisor {
         };
         Ok(Supervisor {
             config: Arc::new(config),
+            write_lock: Arc::new(Mutex::new(())),
             shared: Arc::new(shared),
             inner: Arc::new(Mutex::new(inner)),
         })
@@ -405,6 +408,7 @@ impl Supervisor {
         entries: &[Entry],
         if_match: Option<&str>,
     ) -> Result<RuleSet, WriteError> {
+        let _writing = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
         let path = self.config.rules_path.clone();
         let label = path.display().to_string();
         let text = rules::to_csv(entries);
@@ -662,7 +666,7 @@ fn log_changes(old: &RuleSet, new: &RuleSet) {
     for p in &new.pools {
         match old.pools.iter().find(|o| o.listen == p.listen) {
             None => tracing::info!(listen = %p.listen, "new port: {}", describe_pool(p)),
-            Some(o) if o != p => {
+            Some(o) if destinations(o) != destinations(p) => {
                 tracing::info!(listen = %p.listen, "pool changed: {}", describe_pool(p))
             }
             Some(_) => {}
@@ -673,6 +677,11 @@ fn log_changes(old: &RuleSet, new: &RuleSet) {
             tracing::info!(listen = %o.listen, "port removed (established connections stay)");
         }
     }
+}
+
+/// What a pool forwards to, without the line numbers a rewrite of the file shifts.
+fn destinations(p: &rules::Pool) -> Vec<(&Entry, SocketAddr)> {
+    p.rules.iter().map(|r| (&r.entry, r.dest)).collect()
 }
 
 /// `a 127.0.0.1:9001, b 127.0.0.1:9002`

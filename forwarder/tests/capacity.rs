@@ -129,7 +129,7 @@ fn backend_role() {
                 continue;
             };
             accepted += 1;
-            if accepted % 1000 == 0 {
+            if accepted.is_multiple_of(1000) {
                 println!("accepted {accepted}");
             }
             tokio::spawn(async move {
