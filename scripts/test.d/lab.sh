@@ -5,6 +5,10 @@
 set -uo pipefail
 cd "$(dirname "$0")/../.." || exit 1
 
+# shellcheck source=scripts/lib/apt.sh
+source scripts/lib/apt.sh
+ensure_apt_packages apache2 openssh-server tshark curl python3 iproute2
+
 export LAB_CONNECTIONS=${LAB_CONNECTIONS:-2000}
 export LAB_REQUIRE_ALL=${LAB_REQUIRE_ALL:-1}
 export LAB_BIN_DIR=${LAB_BIN_DIR:-${CARGO_TARGET_DIR:-$PWD/target}/debug}
