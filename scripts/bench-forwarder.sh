@@ -4,9 +4,9 @@
 #
 # Loads (each bounded in count and time, run for every target in turn, repeated --rounds times with
 # the median kept): bulk throughput with 1 and 8 streams (iperf3); ping-pong latency p50/p99 (our
-# bench-load tool, and sockperf as a cross-check); new connections per second (connect, 64-byte
-# request, echo, close); closed-loop 64-byte request/response over 1,000 connections; RSS per idle
-# connection at 10,000 connections. For every load, the proxy's own CPU time (all its processes
+# bench-load tool, all targets alternating in 200 ms slices; sockperf as a cross-check); new
+# connections per second (connect, 64-byte request, echo, close); closed-loop 64-byte
+# request/response over 1,000 connections; RSS per idle connection at 10,000 connections. For every load, the proxy's own CPU time (all its processes
 # and threads, from /proc/<pid>/task/*/schedstat) per MB, per connection, per message.
 #
 # Usage: scripts/bench-forwarder.sh [--quick] [--rounds N] [--seconds S] [--idle-connections N]
@@ -162,10 +162,21 @@ run_bulk() { # target streams out
         "$raw" >"$out" 2>/dev/null || echo '{"error":"iperf3 gave no JSON"}' >"$out"
 }
 
-run_ping() { # target out
-    local pid=${PID[$1]}
-    "$LOAD" pingpong --target "127.0.0.1:$(port_of "$1" echo)" --seconds "$SECS" \
-        ${pid:+--proxy-pid "$pid"} >"$2" 2>"$2.err" || echo "{\"error\":$(jq -Rs . <"$2.err")}" >"$2"
+# All targets in one run, alternating in 200 ms slices so they see the same background noise.
+run_ping_all() { # round
+    local args=() t i=0 lines
+    for t in "${TARGETS[@]}"; do
+        args+=(--target "127.0.0.1:$(port_of "$t" echo)" --proxy-pid "${PID[$t]:-0}")
+    done
+    lines=$WORK/raw/ping-$1.jsonl
+    if ! "$LOAD" pingpong "${args[@]}" --seconds "$SECS" --slice-ms 200 >"$lines" 2>"$lines.err"; then
+        for t in "${TARGETS[@]}"; do echo "{\"error\":$(jq -Rs . <"$lines.err")}" >"$WORK/res/ping-$t-$1.json"; done
+        return
+    fi
+    for t in "${TARGETS[@]}"; do
+        i=$((i + 1))
+        sed -n "${i}p" "$lines" >"$WORK/res/ping-$t-$1.json"
+    done
 }
 
 run_sockperf() { # target out
@@ -212,6 +223,16 @@ done
 LOADS=(bulk1 bulk8 ping sockperf conn rr)
 for r in $(seq "$ROUNDS"); do
     for load in "${LOADS[@]}"; do
+        if [ "$load" = ping ]; then
+            say "round $r/$ROUNDS: ping-pong, all targets in alternating 200 ms slices"
+            run_ping_all "$r"
+            for t in "${TARGETS[@]}"; do
+                if jq -e '.error // .warning' "$WORK/res/ping-$t-$r.json" >/dev/null 2>&1; then
+                    say "  problem: ${LABEL[$t]} $(jq -c '{error, warning}' "$WORK/res/ping-$t-$r.json")"
+                fi
+            done
+            continue
+        fi
         # Rotate the order each round so no target always runs right after another's load.
         for i in 0 1 2 3; do
             t=${TARGETS[$(((i + r - 1) % 4))]}
@@ -220,7 +241,6 @@ for r in $(seq "$ROUNDS"); do
             case $load in
             bulk1) run_bulk "$t" 1 "$out" ;;
             bulk8) run_bulk "$t" 8 "$out" ;;
-            ping) run_ping "$t" "$out" ;;
             sockperf) run_sockperf "$t" "$out" ;;
             conn) run_conn "$t" "$out" ;;
             rr) run_rr "$t" "$out" ;;
@@ -252,7 +272,7 @@ done
     printf 'LOAD_BEFORE=%q\nLOAD_AFTER=%q\nCAPACITY=%q\n' "$LOAD_BEFORE" "$LOAD_AFTER" "$CAPACITY"
     printf 'HA_MAXCONN=%q\nHA_MAXPIPES=%q\nCORES=%q\nKERNEL=%q\n' "$HA_MAXCONN" "$HA_MAXPIPES" "$(nproc)" "$(uname -r)"
     printf 'VERSIONS=%q\n' "$(haproxy -v 2>/dev/null | head -1 | cut -d' ' -f1-3), nginx $(nginx -v 2>&1 | cut -d/ -f2), $(iperf3 --version 2>/dev/null | head -1 | cut -d' ' -f1-2), $(sockperf --version 2>/dev/null | head -1 | cut -d, -f2 | xargs)"
-    printf 'COMMIT=%q\n' "$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?')"
+    printf 'COMMIT=%q\n' "${BENCH_COMMIT:-$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?')}"
     if [ ${#HEALTH[@]} -gt 0 ]; then printf 'HEALTH=(%s)\n' "$(printf '%q ' "${HEALTH[@]}")"; else echo 'HEALTH=()'; fi
 } >"$WORK/meta.env"
 report "$WORK" | tee "$WORK/table.md"
