@@ -48,8 +48,8 @@ pub const TIMELINE_COLUMNS: [&str; 5] = [
 /// Chart size in pixels: two charts stacked beside the tables fill a landscape page at about
 /// the same height as the tables (rows are 20 px).
 const CHART_WIDTH: u32 = 660;
-const CHART_HEIGHT: u32 = 420;
-const SECOND_CHART_ROW: u32 = 23;
+const CHART_HEIGHT: u32 = 500;
+const SECOND_CHART_ROW: u32 = 27;
 
 struct Formats {
     title: Format,
@@ -105,15 +105,18 @@ pub struct Bar {
 /// Bar bounds per decade, in tenths of the decade, so a typical run gets 10 to 20 bars.
 const STEPS: [u64; 6] = [10, 15, 20, 30, 50, 70];
 
-/// Buckets the histogram (µs) into bars from just above its minimum to its maximum.
+/// Buckets the histogram (µs) into bars up to its maximum. The first bar ("≤ bound") starts at
+/// the 0.1th percentile and also holds the few faster outliers, so a handful of them does not
+/// spread the chart over a decade of empty bars.
 pub fn distribution(h: &Histogram<u64>) -> Vec<Bar> {
     let values: Vec<(u64, u64)> = h
         .iter_recorded()
         .map(|v| (v.value_iterated_to(), v.count_at_value()))
         .collect();
-    let (Some(&(min_us, _)), Some(&(max_us, _))) = (values.first(), values.last()) else {
+    let Some(&(max_us, _)) = values.last() else {
         return Vec::new();
     };
+    let min_us = h.highest_equivalent(h.value_at_quantile(0.001));
     // Bounds in whole microseconds (exact, unlike multiplying floats), 10 µs and up.
     let mut bounds: Vec<u64> = Vec::new();
     let mut decade = 10u64;
@@ -123,8 +126,8 @@ pub fn distribution(h: &Histogram<u64>) -> Vec<Bar> {
     }
     let first = bounds
         .iter()
-        .rposition(|&b| b < min_us)
-        .map_or(0, |i| i + 1);
+        .position(|&b| b >= min_us)
+        .unwrap_or(bounds.len() - 1);
     let last = bounds
         .iter()
         .position(|&b| b >= max_us)
@@ -465,6 +468,17 @@ mod tests {
         assert_eq!(bar_label(10.0), "≤10");
         assert_eq!(bar_label(1.5), "≤1.5");
         assert_eq!(bar_label(1500.0), "≤1500");
+    }
+
+    #[test]
+    fn a_few_fast_outliers_join_the_first_bar() {
+        let mut h = new_histogram();
+        h.record_n(10, 1).unwrap(); // 0.01 ms, one in 10,001
+        h.record_n(4_000, 10_000).unwrap(); // 4 ms
+        let bars = distribution(&h);
+        assert_eq!(bars.len(), 1, "{bars:?}");
+        assert_eq!(bars[0].upper_ms, 5.0);
+        assert_eq!(bars[0].messages, 10_001);
     }
 
     #[test]
