@@ -17,7 +17,8 @@ heavy-server2,$GW_FRONT:$PORT_HEAVY,$S2_ADDR,$PORT_HEAVY
 CSV
 }
 
-# apache_start N ADDR — an Apache with its own ServerRoot-free config, page "server N".
+# apache_start N ADDR — an Apache with a config of its own (absolute module paths, no /etc/apache2),
+# serving "Page N".
 apache_start() {
     local n=$1 addr=$2 ns=$LAB_PREFIX-server$1
     local dir=$LAB_DIR/apache-server$n mods=/usr/lib/apache2/modules
