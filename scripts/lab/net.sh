@@ -3,7 +3,7 @@
 # servers) and one namespace per machine of the original lab, each with a veth onto its bridge.
 # The gateway has one leg on each bridge and no IP forwarding.
 
-# ns_add NS HOSTNAME-ish — a namespace with loopback up and socket limits sized for 20,000 connections
+# ns_add NS — a namespace with loopback up and socket limits sized for 20,000 connections
 # (these sysctls are per network namespace; the host's own values are not changed).
 ns_add() {
     local ns=$1
