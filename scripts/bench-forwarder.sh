@@ -4,7 +4,7 @@
 #
 # Loads (each bounded in count and time, run for every target in turn, repeated --rounds times with
 # the median kept): bulk throughput with 1 and 8 streams (iperf3); ping-pong latency p50/p99 (our
-# bench-load tool, all targets alternating in 200 ms slices; sockperf as a cross-check); new
+# bench-load tool, all targets alternating in 50 ms slices; sockperf as a cross-check); new
 # connections per second (connect, 64-byte request, echo, close); closed-loop 64-byte
 # request/response over 1,000 connections; RSS per idle connection at 10,000 connections. For every load, the proxy's own CPU time (all its processes
 # and threads, from /proc/<pid>/task/*/schedstat) per MB, per connection, per message.
@@ -162,14 +162,14 @@ run_bulk() { # target streams out
         "$raw" >"$out" 2>/dev/null || echo '{"error":"iperf3 gave no JSON"}' >"$out"
 }
 
-# All targets in one run, alternating in 200 ms slices so they see the same background noise.
+# All targets in one run, alternating in 50 ms slices so they see the same background noise.
 run_ping_all() { # round
     local args=() t i=0 lines
     for t in "${TARGETS[@]}"; do
         args+=(--target "127.0.0.1:$(port_of "$t" echo)" --proxy-pid "${PID[$t]:-0}")
     done
     lines=$WORK/raw/ping-$1.jsonl
-    if ! "$LOAD" pingpong "${args[@]}" --seconds "$SECS" --slice-ms 200 >"$lines" 2>"$lines.err"; then
+    if ! "$LOAD" pingpong "${args[@]}" --seconds "$SECS" --slice-ms 50 >"$lines" 2>"$lines.err"; then
         for t in "${TARGETS[@]}"; do echo "{\"error\":$(jq -Rs . <"$lines.err")}" >"$WORK/res/ping-$t-$1.json"; done
         return
     fi
@@ -224,7 +224,7 @@ LOADS=(bulk1 bulk8 ping sockperf conn rr)
 for r in $(seq "$ROUNDS"); do
     for load in "${LOADS[@]}"; do
         if [ "$load" = ping ]; then
-            say "round $r/$ROUNDS: ping-pong, all targets in alternating 200 ms slices"
+            say "round $r/$ROUNDS: ping-pong, all targets in alternating 50 ms slices"
             run_ping_all "$r"
             for t in "${TARGETS[@]}"; do
                 if jq -e '.error // .warning' "$WORK/res/ping-$t-$r.json" >/dev/null 2>&1; then
