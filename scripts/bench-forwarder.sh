@@ -34,6 +34,8 @@ Usage: scripts/bench-forwarder.sh [options]
   --keep                  keep the work directory (configs, logs, raw results)
   --no-build              use the release binaries already built
   --from DIR              print the table again from a kept work directory, run nothing
+Environment: CARGO_TARGET_DIR (where the release binaries are), BENCH_COMMIT (the commit named in
+the table when the tree is not a git checkout).
 EOF
 }
 
