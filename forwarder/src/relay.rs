@@ -101,6 +101,7 @@ impl Direction {
         dst: &mut TcpStream,
         res: &mut Resources,
         until_eagain: bool,
+        other_finished: bool,
     ) -> Result<Progress, PumpError> {
         let mut progress = Progress::default();
         let mut drained = false;
@@ -111,8 +112,13 @@ impl Direction {
             self.release(res);
             if self.read_eof {
                 if !self.write_shut {
-                    // NotConnected: the peer is already gone; the other direction will notice.
-                    let _ = dst.shutdown(Shutdown::Write);
+                    // When the other direction is over too, the connection closes right after
+                    // this and close() sends the FIN (nothing unread remains, or it would be an
+                    // RST): skip the shutdown call.
+                    if !other_finished {
+                        // NotConnected: the peer is already gone; the other direction will notice.
+                        let _ = dst.shutdown(Shutdown::Write);
+                    }
                     self.write_shut = true;
                 }
                 return Ok(progress);
@@ -281,14 +287,26 @@ impl Relay {
         until_eagain: bool,
     ) -> Result<(Progress, Progress), PumpError> {
         let up = if up {
-            self.up
-                .pump(&mut self.client, &mut self.backend, res, until_eagain)?
+            let other = self.down.finished();
+            self.up.pump(
+                &mut self.client,
+                &mut self.backend,
+                res,
+                until_eagain,
+                other,
+            )?
         } else {
             Progress::default()
         };
         let down = if down {
-            self.down
-                .pump(&mut self.backend, &mut self.client, res, until_eagain)?
+            let other = self.up.finished();
+            self.down.pump(
+                &mut self.backend,
+                &mut self.client,
+                res,
+                until_eagain,
+                other,
+            )?
         } else {
             Progress::default()
         };

@@ -146,7 +146,7 @@ pub struct Backend {
 
 impl Backend {
     pub fn echo(tag: Option<&str>) -> Backend {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let listener = listen_any();
         let port = listener.local_addr().unwrap().port();
         let accepted = Arc::new(AtomicUsize::new(0));
         let count = Arc::clone(&accepted);
@@ -180,6 +180,16 @@ impl Backend {
         });
         Backend { port, accepted }
     }
+}
+
+/// A blocking listener on a free loopback port with a deep accept queue (std's 128 overflows
+/// when thousands connect at once, and dropped SYNs then look like a slow backend).
+pub fn listen_any() -> TcpListener {
+    let addr = local(0);
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket.bind(&addr.into()).unwrap();
+    socket.listen(4096).unwrap();
+    socket.into()
 }
 
 /// A port with nothing listening on it.
