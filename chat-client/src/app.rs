@@ -115,13 +115,15 @@ impl ChatApp {
         let Some(conn) = &self.conn else {
             return;
         };
+        let before = self.state.phase;
         while let Some(event) = conn.poll() {
             for reply in self.state.apply(event, Utc::now()) {
                 conn.send(&reply);
             }
         }
         match self.state.phase {
-            Phase::Chatting if self.screen == Screen::Dialog => {
+            // Just joined (from the dialog, --connect or Reconnect): ready to type.
+            Phase::Chatting if before != Phase::Chatting => {
                 self.screen = Screen::Chat;
                 self.focus_input = true;
             }

@@ -373,12 +373,23 @@ fn entry_row(ui: &mut Ui, entry: &Entry, own: &str) {
         EntryKind::Problem(text) => add(text, theme::ERROR_RED, false),
     }
     ui.horizontal_top(|ui| {
-        ui.label(
-            RichText::new(time)
-                .monospace()
-                .color(theme::TEXT_WEAK.gamma_multiply(0.8)),
-        )
-        .on_hover_text(
+        // The time is smaller than the text; painted by hand on the text's baseline, since a
+        // top-aligned row would lift it above the name next to it.
+        let galley = ui.painter().layout_no_wrap(
+            time,
+            FontId::monospace(13.0),
+            theme::TEXT_WEAK.gamma_multiply(0.8),
+        );
+        let row_height = ui.fonts_mut(|f| f.row_height(&body));
+        let size = egui::vec2(galley.size().x, row_height);
+        let (rect, response) = ui.allocate_exact_size(size, egui::Sense::hover());
+        let drop = (row_height - galley.size().y) * 0.7;
+        ui.painter().galley(
+            rect.left_top() + egui::vec2(0.0, drop),
+            galley,
+            theme::TEXT_WEAK,
+        );
+        response.on_hover_text(
             entry
                 .at
                 .with_timezone(&Local)
@@ -390,7 +401,7 @@ fn entry_row(ui: &mut Ui, entry: &Entry, own: &str) {
 }
 
 fn divider(ui: &mut Ui, text: &str) {
-    ui.add_space(2.0);
+    ui.add_space(6.0);
     let width = ui.available_width();
     let (rect, _) = ui.allocate_exact_size(egui::vec2(width, 14.0), egui::Sense::hover());
     let mut x = rect.left();

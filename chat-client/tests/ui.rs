@@ -227,6 +227,11 @@ fn server_down_shows_the_error_and_reconnect_works() {
         h.state().state.phase == Phase::Chatting
     });
     assert!(h.query_by_label("Reconnect").is_none());
+    h.run();
+    assert!(
+        h.get_by_role(Role::TextInput).is_focused(),
+        "ready to type after joining"
+    );
 
     // The server going away while chatting is shown, with its goodbye.
     server.signal(SIGTERM);

@@ -208,10 +208,11 @@ impl Room {
         self.members.insert(id, Member::Named(nick.clone()));
         self.stats.joined += 1;
         let online = self.holders.len();
-        let text = format!(
-            "welcome, {nick}: {online} online, {} earlier messages follow; /help lists the commands",
-            self.history.len()
-        );
+        let earlier = match self.history.len() {
+            1 => "1 earlier message follows".to_string(),
+            n => format!("{n} earlier messages follow"),
+        };
+        let text = format!("welcome, {nick}: {online} online, {earlier}; /help lists the commands");
         out.push(Effect::To(
             id,
             ServerLine::Ok {

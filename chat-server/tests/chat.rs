@@ -269,8 +269,7 @@ fn sigterm_says_goodbye_and_exits_zero() {
     assert_eq!(status.code(), Some(0), "{}", server.guard.output());
     assert!(server
         .guard
-        .output()
-        .contains("shutting down: told 2 connected clients"));
+        .wait_for_output("shutting down: told 2 connected clients", PATIENCE));
 }
 
 #[test]
