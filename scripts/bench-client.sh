@@ -32,8 +32,17 @@ mkdir -p "$OUT"
 work=$(mktemp -d)
 pids=()
 cleanup() {
+    # SIGTERM to each supervisor only (it stops its own workers; a signal to the whole group
+    # would make it restart workers it sees exit), then SIGKILL to whatever is left of the group.
     for pid in "${pids[@]}"; do
-        kill -TERM -- "-$pid" 2>/dev/null || true
+        kill -TERM "$pid" 2>/dev/null || true
+    done
+    for pid in "${pids[@]}"; do
+        for _ in $(seq 1 50); do
+            kill -0 "$pid" 2>/dev/null || break
+            sleep 0.1
+        done
+        kill -KILL -- "-$pid" 2>/dev/null || true
     done
     wait 2>/dev/null || true
     rm -rf "$work"
