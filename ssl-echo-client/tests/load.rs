@@ -238,7 +238,16 @@ fn killing_the_server_midway_ends_the_run_with_every_connection_counted() {
     assert_eq!(j["errors_total"], 40);
     let messages = j["messages"].as_u64().unwrap();
     assert!((500..40 * 100_000).contains(&messages), "{messages}");
-    assert!(j["corrected_response_ms"]["p50"].as_f64().unwrap() > 0.0);
+    // Measured from the intended send time, each message takes at least as long as measured
+    // from the actual send, so every statistic is at least as high.
+    for stat in ["p50", "p90", "p99", "max"] {
+        let corrected = j["corrected_response_ms"][stat].as_f64().unwrap();
+        let measured = j["response_ms"][stat].as_f64().unwrap();
+        assert!(
+            corrected >= measured && corrected > 0.0,
+            "{stat}: {corrected} < {measured}"
+        );
+    }
     let rows = sheet(&report, "Connections");
     assert_eq!(rows.height(), 41);
     let counted: f64 = (1..=40).map(|r| num(&rows, r, 5)).sum();
@@ -474,4 +483,52 @@ fn ctrl_c_ends_the_exchange_early_with_a_full_report() {
     assert_eq!(rows.height(), 31);
     let counted: f64 = (1..=30).map(|r| num(&rows, r, 5)).sum();
     assert_eq!(counted as u64, messages);
+}
+
+#[test]
+fn a_send_rate_schedules_exactly_rate_times_duration_messages_per_connection() {
+    let work = tempfile::tempdir().unwrap();
+    let server = Server::start(None, work.path());
+    let report = work.path().join("rate.xlsx");
+    let port = server.addr.port().to_string();
+    // 20 messages/s for 2 s: the schedule has exactly 40 send times before the deadline for every
+    // connection (late sends are still sent), so the count does not depend on timing.
+    let run = run_client(
+        &[
+            "--plain",
+            "--port",
+            &port,
+            "--connections",
+            "10",
+            "--duration",
+            "2",
+            "--rate",
+            "20",
+            "--message",
+            "tick",
+            "--report",
+            report.to_str().unwrap(),
+            "--json",
+        ],
+        LIMIT,
+    );
+    assert!(run.status.success(), "{}", run.stderr);
+    let j = run.json();
+    assert_eq!(j["rate"], 20.0);
+    assert_eq!(j["messages"], 400);
+    assert_eq!(j["errors_total"], 0);
+    assert!(
+        j["corrected_response_ms"]["max"].as_f64().unwrap()
+            >= j["response_ms"]["max"].as_f64().unwrap()
+    );
+    let rows = sheet(&report, "Connections");
+    for row in 1..=10 {
+        assert_eq!(num(&rows, row, 5), 40.0, "row {row}");
+    }
+    let summary = sheet(&report, "Summary");
+    assert_eq!(text(&summary, 0, 0), "ssl-echo-client run");
+    assert_eq!(
+        summary_value(&report, "send rate (/s per connection)"),
+        20.0
+    );
 }
