@@ -34,14 +34,17 @@ pids=()
 cleanup() {
     # SIGTERM to each supervisor only (it stops its own workers; a signal to the whole group
     # would make it restart workers it sees exit), then SIGKILL to whatever is left of the group.
-    for pid in "${pids[@]}"; do
+    # Last started first: the forwarder goes before its backends.
+    local i pid
+    for ((i = ${#pids[@]} - 1; i >= 0; i--)); do
+        pid=${pids[i]}
         kill -TERM "$pid" 2>/dev/null || true
-    done
-    for pid in "${pids[@]}"; do
         for _ in $(seq 1 50); do
             kill -0 "$pid" 2>/dev/null || break
             sleep 0.1
         done
+    done
+    for pid in "${pids[@]}"; do
         kill -KILL -- "-$pid" 2>/dev/null || true
     done
     wait 2>/dev/null || true
