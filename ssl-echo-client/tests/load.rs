@@ -532,3 +532,68 @@ fn a_send_rate_schedules_exactly_rate_times_duration_messages_per_connection() {
         20.0
     );
 }
+
+#[test]
+fn a_worker_process_that_dies_is_counted_not_fatal() {
+    let certs = certs();
+    let work = tempfile::tempdir().unwrap();
+    let server = Server::start(Some(&certs), work.path());
+    let report = work.path().join("lost-worker.xlsx");
+    let port = server.addr.port().to_string();
+    let client = ClientProcess::start(&[
+        "--port",
+        &port,
+        "--ca",
+        certs.paths.ca_cert.to_str().unwrap(),
+        "--connections",
+        "40",
+        "--processes",
+        "2",
+        "--duration",
+        "600",
+        "--message",
+        "ping",
+        "--report",
+        report.to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(
+        wait_until(LIMIT, || server.stat("bytes_echoed") >= 4 * 200),
+        "the server never echoed 200 messages"
+    );
+    let workers = client.workers();
+    assert_eq!(workers.len(), 2, "{workers:?}");
+    // SAFETY: kill(2) on a worker process of the client we started.
+    unsafe {
+        libc::kill(workers[1] as i32, libc::SIGKILL);
+    }
+    // The other worker keeps going until told to stop (Ctrl-C to the parent alone).
+    assert!(wait_until(LIMIT, || client.workers().len() == 1));
+    client.signal(libc::SIGINT);
+    let run = client.finish(LIMIT);
+    assert!(run.status.success(), "{}", run.stderr);
+    assert!(
+        run.stderr
+            .contains("worker process 1: exited with signal: 9"),
+        "{}",
+        run.stderr
+    );
+    let j = run.json();
+    assert_eq!(j["connections"], 40);
+    assert_eq!(j["errors"]["other"], 20, "{}", j["errors"]);
+    assert_eq!(j["errors_total"], 20);
+    let rows = sheet(&report, "Connections");
+    assert_eq!(rows.height(), 41);
+    for row in 1..=40 {
+        let error = text(&rows, row, 12);
+        if num(&rows, row, 1) == 1.0 {
+            assert_eq!(
+                error,
+                "other during exchange: worker process ended without reporting this connection"
+            );
+        } else {
+            assert_eq!(error, "", "row {row}");
+            assert!(num(&rows, row, 5) > 0.0, "row {row} sent nothing");
+        }
+    }
+}

@@ -153,6 +153,43 @@ impl ClientProcess {
         }
     }
 
+    /// The client's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    /// Process ids of the client's worker processes (its children).
+    pub fn workers(&self) -> Vec<u32> {
+        let parent = self.pid();
+        let mut found = Vec::new();
+        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+                continue;
+            };
+            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+                continue;
+            };
+            // Fields after the ")" that closes the command name: state, ppid, ...
+            let ppid = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+                .and_then(|p| p.parse::<u32>().ok());
+            if ppid == Some(parent) {
+                found.push(pid);
+            }
+        }
+        found.sort();
+        found
+    }
+
+    /// Sends `sig` to the client process only.
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on our own child.
+        unsafe {
+            libc::kill(self.pid() as i32, sig);
+        }
+    }
+
     /// Sends `sig` to the client's process group, as a terminal does for Ctrl-C.
     pub fn signal_group(&self, sig: i32) {
         let pid = self.child.as_ref().expect("running").id() as i32;
