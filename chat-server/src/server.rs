@@ -301,12 +301,7 @@ impl Server {
                             queue_line(conns, dirty, overflowed, id, &line);
                         }
                     }
-                    Effect::Close(id) => {
-                        if let Some(conn) = self.conns.get_mut(id) {
-                            let _ = conn.out.flush(&mut conn.socket);
-                        }
-                        self.remove(id);
-                    }
+                    Effect::Close(id) => self.remove(id),
                 }
             }
             for id in std::mem::take(&mut self.overflowed) {
@@ -365,12 +360,15 @@ impl Server {
         self.remove(id);
     }
 
-    /// Forgets a connection the room no longer knows, and closes its socket.
+    /// Forgets a connection the room no longer knows, and closes its socket. What is still queued
+    /// gets one last non-blocking write: a client that half-closed after its last line
+    /// (`printf 'bob\n/who\n' | nc -N ...`) still reads the answers.
     fn remove(&mut self, id: ClientId) {
         if !self.conns.contains(id) {
             return;
         }
         let mut conn = self.conns.remove(id);
+        let _ = conn.out.flush(&mut conn.socket);
         let _ = self.poll.registry().deregister(&mut conn.socket);
         debug!(peer = %conn.peer, id, "disconnected");
     }

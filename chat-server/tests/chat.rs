@@ -299,3 +299,28 @@ fn bad_flags_and_busy_port_are_clear_errors() {
         "{stderr}"
     );
 }
+
+#[test]
+fn a_client_that_half_closes_still_gets_its_answers() {
+    use std::io::{Read, Write};
+    let server = start(&[]);
+    let mut stream = std::net::TcpStream::connect(server.addr).unwrap();
+    stream.set_read_timeout(Some(PATIENCE)).unwrap();
+    // Like `printf 'solo\n/who\nbye' | nc -N`: the last line has no newline.
+    stream.write_all(b"solo\n/who\nbye").unwrap();
+    stream.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut all = String::new();
+    stream.read_to_string(&mut all).unwrap();
+    let kinds: Vec<&str> = all.lines().map(|l| l.split(' ').next().unwrap()).collect();
+    assert_eq!(
+        kinds,
+        vec!["HELLO", "OK", "USERS", "JOIN", "USERS", "MSG"],
+        "{all}"
+    );
+    let lines: Vec<&str> = all.lines().collect();
+    assert_eq!((lines[2], lines[4]), ("USERS 1 solo", "USERS 1 solo"));
+    assert_eq!(
+        msg(all.lines().last().unwrap()),
+        Some(("solo".into(), "bye".into()))
+    );
+}
