@@ -123,6 +123,8 @@ fn plaintext_mode_counts_the_same_way() {
             "50",
             "--count",
             "10",
+            "--connect-rate",
+            "200",
             "--message",
             "abc",
             "--report",
@@ -135,6 +137,13 @@ fn plaintext_mode_counts_the_same_way() {
     let j = run.json();
     assert_eq!(j["tls"], false);
     assert_eq!(j["messages"], 500);
+    // The ramp: the 50th connection starts 49/200 s after the first, so phase 1 cannot be shorter.
+    assert!(
+        j["connect_s"].as_f64().unwrap() >= 49.0 / 200.0,
+        "{}",
+        j["connect_s"]
+    );
+    assert_eq!(summary_value(&report, "connect rate (/s)"), 200.0);
     assert_eq!(j["bytes_received"], 1500);
     assert_eq!(j["errors_total"], 0);
     let rows = sheet(&report, "Connections");
