@@ -30,7 +30,8 @@ pub enum NetEvent {
 /// Called from the network threads when an event is waiting.
 pub type Wake = Arc<dyn Fn() + Send + Sync>;
 
-/// A connection in progress or established. Dropping it closes the socket.
+/// A connection in progress or established. Dropping it ends the connection politely: the writer
+/// sends what was queued (a last `/quit`, say), then shuts the socket down, which ends the reader.
 pub struct Connection {
     outgoing: Sender<String>,
     events: Receiver<NetEvent>,
@@ -112,17 +113,11 @@ impl Connection {
         self.events.try_recv().ok()
     }
 
-    /// Closes the socket; the threads notice and end.
+    /// Closes the socket at once, dropping anything not yet sent; the threads notice and end.
     pub fn close(&self) {
         if let Some(s) = self.socket.lock().unwrap_or_else(|p| p.into_inner()).take() {
             let _ = s.shutdown(Shutdown::Both);
         }
-    }
-}
-
-impl Drop for Connection {
-    fn drop(&mut self) {
-        self.close();
     }
 }
 
@@ -179,8 +174,10 @@ fn write_lines(mut stream: TcpStream, lines: Receiver<String>) {
         let mut bytes = line.into_bytes();
         bytes.push(b'\n');
         if stream.write_all(&bytes).is_err() {
-            return;
+            break;
         }
     }
-    let _ = stream.shutdown(Shutdown::Write);
+    // The UI dropped the connection: queued lines are in the kernel's buffer and still go out
+    // before the FIN; shutting down reading too ends the reader thread.
+    let _ = stream.shutdown(Shutdown::Both);
 }

@@ -181,6 +181,12 @@ fn dialog_connects_and_a_sent_message_comes_back() {
     bob.say("welcome, kitty");
     step_until(&mut h, "saw bob's message", |h| shows(h, "welcome, kitty"));
 
+    // Leaving says /quit (the others see why), and the dialog comes back.
+    h.get_by_label("Change server").click();
+    h.run();
+    assert_eq!(h.state().screen, Screen::Dialog);
+    assert!(bob.until("LEAVE ").ends_with(" kitty quit\n"));
+
     // The dialog's values were remembered, and a new start offers them.
     let saved = std::fs::read_to_string(settings_in(&dir)).unwrap();
     let saved: serde_json::Value = serde_json::from_str(&saved).unwrap();
