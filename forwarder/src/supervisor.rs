@@ -62,6 +62,9 @@ pub struct Supervisor {
     config: Arc<SupervisorConfig>,
     /// Held from the If-Match check to the rename, so two writers cannot both pass the check.
     write_lock: Arc<Mutex<()>>,
+    /// Set the moment SIGTERM/SIGINT arrives: workers exiting from then on (a signal to the
+    /// whole process group reaches them too) are not restarted.
+    stopping: Arc<std::sync::atomic::AtomicBool>,
     shared: Arc<Shared>,
     inner: Arc<Mutex<Inner>>,
 }
@@ -152,6 +155,7 @@ impl Supervisor {
         Ok(Supervisor {
             config: Arc::new(config),
             write_lock: Arc::new(Mutex::new(())),
+            stopping: Arc::default(),
             shared: Arc::new(shared),
             inner: Arc::new(Mutex::new(inner)),
         })
@@ -204,6 +208,7 @@ impl Supervisor {
     fn watch_signals(&self, tx: mpsc::Sender<Event>) -> anyhow::Result<()> {
         use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
         let mut signals = signal_hook::iterator::Signals::new([SIGHUP, SIGINT, SIGTERM])?;
+        let stopping = Arc::clone(&self.stopping);
         std::thread::Builder::new()
             .name("signals".into())
             .spawn(move || {
@@ -211,6 +216,7 @@ impl Supervisor {
                     let event = if sig == SIGHUP {
                         Event::Reload
                     } else {
+                        stopping.store(true, Relaxed);
                         Event::Shutdown
                     };
                     if tx.send(event).is_err() {
@@ -271,6 +277,9 @@ impl Supervisor {
     }
 
     fn restart_dead_workers(&self) {
+        if self.stopping.load(Relaxed) {
+            return;
+        }
         let mut inner = self.lock();
         let specs = inner.specs.clone();
         for i in 0..inner.workers.len() {

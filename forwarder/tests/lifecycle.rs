@@ -258,3 +258,23 @@ fn idle_connections_are_closed_after_the_idle_timeout() {
     assert_eq!(n, 0, "the idle connection was closed");
     assert_eq!(round_trip(&mut busy, b"still"), b"still");
 }
+
+#[test]
+fn sigterm_to_the_whole_process_group_stops_without_restarts() {
+    let a = Backend::echo(None);
+    let p1 = free_port();
+    let mut fwd = Forwarder::start(&format!("one,{p1},127.0.0.1,{}\n", a.port), 2, &[], &[p1]);
+    assert!(wait_until(WAIT, || fwd.worker_pids().len() == 2));
+    // As `kill -TERM -PGID` or Ctrl-C in a terminal: every process gets the signal at once.
+    // SAFETY: kill(2) on the process group the test's ChildGuard created.
+    unsafe {
+        libc::kill(-(fwd.process.pid() as i32), libc::SIGTERM);
+    }
+    let status = fwd.process.wait_exit(WAIT).expect("exits");
+    assert!(status.success(), "{status}");
+    assert!(
+        !fwd.process.output().contains("restarting"),
+        "{}",
+        fwd.process.output()
+    );
+}
