@@ -57,6 +57,8 @@ pub struct ChatApp {
     server: Option<(String, u16)>,
     connect_on_start: bool,
     pub(crate) focus_input: bool,
+    /// Put the cursor in the nickname field (the dialog just appeared): Enter connects.
+    pub(crate) focus_nick: bool,
     pub(crate) styled: bool,
 }
 
@@ -93,6 +95,7 @@ impl ChatApp {
             server: None,
             connect_on_start: options.connect,
             focus_input: false,
+            focus_nick: !options.connect,
             styled: false,
         }
     }
@@ -131,6 +134,7 @@ impl ChatApp {
                 // Ask for another name in the dialog; the connection stays open meanwhile.
                 if self.screen == Screen::Chat {
                     self.form.nick = self.state.nick.clone();
+                    self.focus_nick = true;
                 }
                 self.screen = Screen::Dialog;
             }
@@ -199,6 +203,7 @@ impl ChatApp {
         self.state = ChatState::new();
         self.server = None;
         self.screen = Screen::Dialog;
+        self.focus_nick = true;
     }
 
     /// Sends the input line (Enter or the Send button).

@@ -73,6 +73,9 @@ fn dialog_contents(app: &mut ChatApp, ui: &mut Ui, busy: bool) {
                 if edit.lost_focus() && ui.input(|i| i.key_pressed(Key::Enter)) {
                     submit = true;
                 }
+                if name == "Nickname" && std::mem::take(&mut app.focus_nick) {
+                    edit.request_focus();
+                }
                 ui.end_row();
             }
         });

@@ -258,6 +258,10 @@ fn dialog_shows_connection_errors_and_bad_fields() {
         ..Options::default()
     });
     h.run();
+    assert!(
+        h.get_by_label("Nickname").is_focused(),
+        "the dialog starts in the nickname field"
+    );
     fill(&mut h, "Port", "70000");
     h.get_by_label("Connect").click();
     h.run();
@@ -291,6 +295,8 @@ fn taken_nickname_is_asked_again_in_the_dialog() {
         shows(h, "Nickname \"Kitty\" is taken; send another one")
     });
     assert_eq!(h.state().screen, Screen::Dialog);
+    h.run();
+    assert!(h.get_by_label("Nickname").is_focused());
     fill(&mut h, "Nickname", "kitty2");
     h.get_by_label("Connect").click();
     step_until(&mut h, "joined with the second name", |h| {
