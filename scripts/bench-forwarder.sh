@@ -273,7 +273,7 @@ done
     printf 'START=%q\nELAPSED=%q\nROUNDS=%q\nSECS=%q\nRR_CONNS=%q\n' "$START" "$ELAPSED" "$ROUNDS" "$SECS" "$RR_CONNS"
     printf 'LOAD_BEFORE=%q\nLOAD_AFTER=%q\nCAPACITY=%q\n' "$LOAD_BEFORE" "$LOAD_AFTER" "$CAPACITY"
     printf 'HA_MAXCONN=%q\nHA_MAXPIPES=%q\nCORES=%q\nKERNEL=%q\n' "$HA_MAXCONN" "$HA_MAXPIPES" "$(nproc)" "$(uname -r)"
-    printf 'VERSIONS=%q\n' "$(haproxy -v 2>/dev/null | head -1 | cut -d' ' -f1-3), nginx $(nginx -v 2>&1 | cut -d/ -f2), $(iperf3 --version 2>/dev/null | head -1 | cut -d' ' -f1-2), $(sockperf --version 2>/dev/null | head -1 | cut -d, -f2 | xargs)"
+    printf 'VERSIONS=%q\n' "$(haproxy -v 2>/dev/null | head -1 | cut -d' ' -f1-3), nginx $(nginx -v 2>&1 | cut -d/ -f2), $(iperf3 --version 2>/dev/null | head -1 | cut -d' ' -f1-2), sockperf $(sockperf --version 2>/dev/null | head -1 | sed 's/.*version \([0-9.]*\).*/\1/')"
     commit=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?')
     [ -z "$(git -C "$ROOT" status --porcelain -- forwarder 2>/dev/null)" ] || commit="$commit + uncommitted forwarder changes"
     printf 'COMMIT=%q\n' "${BENCH_COMMIT:-$commit}"
