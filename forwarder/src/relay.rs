@@ -82,6 +82,15 @@ impl Default for Direction {
 }
 
 impl Direction {
+    /// True while bytes read from the source wait for room in the sink.
+    pub fn holds_bytes(&self) -> bool {
+        match &self.in_flight {
+            InFlight::Nothing => false,
+            InFlight::Buffer { start, end, .. } => start < end,
+            InFlight::Pipe { len, .. } => *len > 0,
+        }
+    }
+
     /// True once the FIN has been passed on and nothing is left to deliver.
     pub fn finished(&self) -> bool {
         self.write_shut

@@ -343,13 +343,15 @@ impl Worker {
         // would only return EAGAIN on every event.
         let sides = match (backend_side, wake) {
             (_, Wake::Error) => Sides::BOTH,
+            // Room in a sink matters only to a direction holding bytes for it; a writable edge
+            // after every ACK would otherwise cost a read that returns EAGAIN.
             (false, Wake::Io { readable, writable }) => Sides {
                 up: readable,
-                down: writable,
+                down: writable && relay.down.holds_bytes(),
                 until_eagain: false,
             },
             (true, Wake::Io { readable, writable }) => Sides {
-                up: writable,
+                up: writable && relay.up.holds_bytes(),
                 down: readable,
                 until_eagain: false,
             },
