@@ -160,7 +160,10 @@ run_bulk() { # target streams out
         (.end.sum_received.bytes // null) as $rx
         | { gbps: (if $rx then .end.sum_received.bits_per_second / 1e9 else null end),
             sent: (.end.sum_sent.bytes // null), received: $rx, error: (.error // null),
-            cpu_us_per_mb: (if $before != null and $rx then ($after - $before) / 1000 / ($rx / 1e6) else null end) }' \
+            cpu_us_per_mb: (if $before != null and $rx then ($after - $before) / 1000 / ($rx / 1e6) else null end),
+            endpoints_cpu_us_per_mb: (if $rx then (.end.cpu_utilization_percent.host_total
+                + .end.cpu_utilization_percent.remote_total) / 100 * .end.sum_received.seconds * 1e6 / ($rx / 1e6)
+                else null end) }' \
         "$raw" >"$out" 2>/dev/null || echo '{"error":"iperf3 gave no JSON"}' >"$out"
 }
 
