@@ -286,7 +286,7 @@ pub fn to_csv(entries: &[Entry]) -> String {
 
 /// 1-based line number of the record that the csv reader reports at `byte`. The reader reports
 /// where it started looking, before the blank and comment lines it skipped, so skip them too.
-fn line_at(text: &str, byte: u64) -> usize {
+pub(crate) fn line_at(text: &str, byte: u64) -> usize {
     let mut start = (byte as usize).min(text.len());
     let mut line = text.as_bytes()[..start]
         .iter()

@@ -3,9 +3,11 @@
 //! the supervisor assigns. Cheap on the hot path: a worker only does `fetch_add` on its slots.
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{SystemTime, UNIX_EPOCH};
+
+use testbed::shm::SharedMemory;
 
 /// How many distinct pools and backends a forwarder can have over its life (slots are reused once
 /// their rule is gone and they carry no connection).
@@ -68,8 +70,8 @@ struct Layout {
 /// The shared mapping. Created by the supervisor before it starts workers; a worker maps the
 /// inherited descriptor.
 pub struct Shared {
-    ptr: *mut Layout,
-    fd: OwnedFd,
+    mem: SharedMemory,
+    ptr: *const Layout,
 }
 
 // SAFETY: the mapping holds only atomics, which are safe to share between threads and processes.
@@ -79,19 +81,10 @@ unsafe impl Sync for Shared {}
 impl Shared {
     /// Makes a zeroed shared mapping backed by a memfd (zero is a valid value for every atomic).
     pub fn create() -> io::Result<Shared> {
-        // SAFETY: plain syscalls; the name is a NUL-terminated literal.
-        let raw = unsafe { libc::memfd_create(c"forwarder-stats".as_ptr(), 0) };
-        if raw < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: memfd_create returned a new descriptor we now own.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        let len = std::mem::size_of::<Layout>();
-        // SAFETY: ftruncate on our own memfd.
-        if unsafe { libc::ftruncate(fd.as_raw_fd(), len as libc::off_t) } != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let shared = Self::map(fd)?;
+        let shared = Self::wrap(SharedMemory::create(
+            c"forwarder-stats",
+            std::mem::size_of::<Layout>(),
+        )?)?;
         shared.header().started_ms.store(now_ms(), Relaxed);
         Ok(shared)
     }
@@ -101,34 +94,28 @@ impl Shared {
     /// # Safety
     /// `raw` must be the stats memfd passed down by the supervisor, owned by this process now.
     pub unsafe fn from_inherited(raw: RawFd) -> io::Result<Shared> {
-        Self::map(OwnedFd::from_raw_fd(raw))
+        // SAFETY: as the caller promised.
+        Self::wrap(unsafe { SharedMemory::from_inherited(raw) }?)
     }
 
-    fn map(fd: OwnedFd) -> io::Result<Shared> {
-        let len = std::mem::size_of::<Layout>();
-        // SAFETY: a shared read-write mapping of a file of exactly `len` bytes.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                fd.as_raw_fd(),
-                0,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
+    fn wrap(mem: SharedMemory) -> io::Result<Shared> {
+        if mem.len() < std::mem::size_of::<Layout>() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "stats mapping of {} bytes is smaller than the {} this build needs",
+                    mem.len(),
+                    std::mem::size_of::<Layout>()
+                ),
+            ));
         }
-        Ok(Shared {
-            ptr: ptr.cast(),
-            fd,
-        })
+        let ptr = mem.as_ptr().cast::<Layout>().cast_const();
+        Ok(Shared { mem, ptr })
     }
 
     /// The descriptor to pass to a worker.
     pub fn raw_fd(&self) -> RawFd {
-        self.fd.as_raw_fd()
+        self.mem.raw_fd()
     }
 
     pub fn header(&self) -> &Header {
@@ -144,15 +131,6 @@ impl Shared {
     pub fn backend(&self, slot: usize) -> &BackendSlot {
         // SAFETY: as above; indexing is bounds-checked.
         unsafe { &(*self.ptr).backends[slot] }
-    }
-}
-
-impl Drop for Shared {
-    fn drop(&mut self) {
-        // SAFETY: unmapping the mapping made in map().
-        unsafe {
-            libc::munmap(self.ptr.cast(), std::mem::size_of::<Layout>());
-        }
     }
 }
 

@@ -181,7 +181,10 @@ fn run_worker(args: &Args, index: usize) -> anyhow::Result<()> {
     let fd = args
         .stats_fd
         .context("--worker-index needs --stats-fd (workers are started by the supervisor)")?;
-    let shared = shared::SharedStats::open(fd).context("cannot map the shared counters")?;
+    // SAFETY: the supervisor passed this descriptor down for exactly this, and nothing else in
+    // this process uses it.
+    let shared =
+        unsafe { shared::SharedStats::open(fd) }.context("cannot map the shared counters")?;
     if index >= shared.slots() {
         bail!("--worker-index {index}: only {} slots", shared.slots());
     }

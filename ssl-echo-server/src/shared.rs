@@ -8,8 +8,10 @@
 //! A slot's counters are cumulative over every process that ran in it.
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
+
+use testbed::shm::SharedMemory;
 
 use crate::stats::{WorkerCounters, COUNTER_WORDS};
 
@@ -19,83 +21,47 @@ const _: () = assert!(COUNTER_WORDS < SLOT_WORDS);
 
 /// A shared mapping of counter slots.
 pub struct SharedStats {
-    fd: OwnedFd,
-    base: *mut AtomicU64,
+    mem: SharedMemory,
+    base: *const AtomicU64,
     slots: usize,
 }
 
 // SAFETY: the mapping is only accessed through AtomicU64, which is Sync; the pointer stays valid
-// until Drop unmaps it.
+// as long as `mem` lives.
 unsafe impl Send for SharedStats {}
 unsafe impl Sync for SharedStats {}
 
 impl SharedStats {
-    /// Creates the mapping (supervisor). The descriptor is inheritable on purpose: workers are
-    /// exec'ed children and find it by number (`--stats-fd`).
+    /// Creates the mapping (supervisor). Workers are exec'ed children and find its descriptor by
+    /// number (`--stats-fd`).
     pub fn create(slots: usize) -> io::Result<SharedStats> {
-        let name = c"ssl-echo-server-stats";
-        // SAFETY: memfd_create with a valid C string and no flags (no MFD_CLOEXEC, see above).
-        let raw = unsafe { libc::memfd_create(name.as_ptr(), 0) };
-        if raw < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: raw is a new descriptor we own.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        let len = slots * SLOT_WORDS * 8;
-        // SAFETY: ftruncate on our memfd; a fresh memfd reads as zeros.
-        if unsafe { libc::ftruncate(fd.as_raw_fd(), len as libc::off_t) } != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Self::map(fd, slots)
+        let mem = SharedMemory::create(c"ssl-echo-server-stats", slots * SLOT_WORDS * 8)?;
+        Self::wrap(mem)
     }
 
     /// Maps the supervisor's memfd, inherited as descriptor `raw` (worker).
-    pub fn open(raw: RawFd) -> io::Result<SharedStats> {
-        // SAFETY: fstat into a struct we own; fails cleanly on a bad descriptor.
-        let mut st: libc::stat = unsafe { std::mem::zeroed() };
-        if unsafe { libc::fstat(raw, &mut st) } != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let slots = st.st_size as usize / (SLOT_WORDS * 8);
+    ///
+    /// # Safety
+    /// `raw` must be the inherited stats descriptor, owned by nothing else in this process.
+    pub unsafe fn open(raw: RawFd) -> io::Result<SharedStats> {
+        // SAFETY: as the caller promised.
+        Self::wrap(unsafe { SharedMemory::from_inherited(raw) }?)
+    }
+
+    fn wrap(mem: SharedMemory) -> io::Result<SharedStats> {
+        let slots = mem.len() / (SLOT_WORDS * 8);
         if slots == 0 {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
-                format!("descriptor {raw} is not a stats mapping"),
+                format!("descriptor {} is not a stats mapping", mem.raw_fd()),
             ));
         }
-        // SAFETY: the descriptor was inherited for us and nothing else in this process owns it.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        // Workers must not pass it on.
-        // SAFETY: fcntl on a descriptor we own.
-        unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) };
-        Self::map(fd, slots)
-    }
-
-    fn map(fd: OwnedFd, slots: usize) -> io::Result<SharedStats> {
-        let len = slots * SLOT_WORDS * 8;
-        // SAFETY: shared read-write mapping of a file at least `len` bytes long.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                fd.as_raw_fd(),
-                0,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(SharedStats {
-            fd,
-            base: ptr.cast(),
-            slots,
-        })
+        let base = mem.as_ptr().cast::<AtomicU64>().cast_const();
+        Ok(SharedStats { mem, base, slots })
     }
 
     pub fn raw_fd(&self) -> RawFd {
-        self.fd.as_raw_fd()
+        self.mem.raw_fd()
     }
 
     pub fn slots(&self) -> usize {
@@ -143,15 +109,6 @@ impl SharedStats {
     }
 }
 
-impl Drop for SharedStats {
-    fn drop(&mut self) {
-        // SAFETY: unmapping exactly what map() mapped; no references outlive self.
-        unsafe {
-            libc::munmap(self.base.cast(), self.slots * SLOT_WORDS * 8);
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -159,9 +116,8 @@ mod tests {
     #[test]
     fn a_second_mapping_of_the_same_memfd_sees_the_writes() {
         let a = SharedStats::create(3).unwrap();
-        // SAFETY: dup of our own descriptor, handed to open() which takes ownership.
-        let dup = unsafe { libc::dup(a.raw_fd()) };
-        let b = SharedStats::open(dup).unwrap();
+        // SAFETY: a dup of our own descriptor, owned by `b` from here on.
+        let b = unsafe { SharedStats::open(libc::dup(a.raw_fd())) }.unwrap();
         assert_eq!(b.slots(), 3);
         let c = WorkerCounters {
             connections_now: 4,

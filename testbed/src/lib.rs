@@ -1,9 +1,10 @@
 //! What several testbed programs really share: raising the open-file limit, SO_REUSEPORT
-//! listeners, rustls configs built on the `ring` provider, logging set-up, and (for tests) starting
-//! real binaries and always killing them.
+//! listeners, memory shared with worker processes, rustls configs built on the `ring` provider,
+//! logging set-up, and (for tests) starting real binaries and always killing them.
 
 pub mod fdlimit;
 pub mod listener;
 pub mod logging;
+pub mod shm;
 pub mod testing;
 pub mod tls;

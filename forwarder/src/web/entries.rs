@@ -214,7 +214,7 @@ pub fn read_rows(text: &str) -> Vec<(usize, Entry)> {
         }
         let line = record
             .position()
-            .map(|p| line_at(text, p.byte()))
+            .map(|p| rules::line_at(text, p.byte()))
             .unwrap_or(0);
         let field = |i: usize| record.get(i).unwrap_or("").to_string();
         rows.push((
@@ -228,27 +228,6 @@ pub fn read_rows(text: &str) -> Vec<(usize, Entry)> {
         ));
     }
     rows
-}
-
-/// 1-based line of the record the csv reader reports at `byte` (it reports where it started
-/// looking, before the blank and comment lines it skipped).
-fn line_at(text: &str, byte: u64) -> usize {
-    let mut start = (byte as usize).min(text.len());
-    let mut line = text.as_bytes()[..start]
-        .iter()
-        .filter(|&&b| b == b'\n')
-        .count()
-        + 1;
-    while let Some(rest) = text.get(start..) {
-        let this = rest.split('\n').next().unwrap_or("");
-        let skipped = this.trim().is_empty() || this.starts_with('#');
-        if !skipped || this.len() == rest.len() {
-            break;
-        }
-        start += this.len() + 1;
-        line += 1;
-    }
-    line
 }
 
 /// One validation problem as the page shows it: next to `field` of the row `id`.
