@@ -143,15 +143,7 @@ pub fn parse(text: &str, file: &str) -> Result<RuleSet, RulesError> {
             .position()
             .map(|p| line_at(text, p.byte()))
             .unwrap_or(0);
-        if record.iter().all(|f| f.is_empty()) {
-            continue;
-        }
-        let is_header = first
-            && record
-                .get(1)
-                .is_some_and(|f| f.eq_ignore_ascii_case("listen_port"));
-        first = false;
-        if is_header {
+        if skipped_row(&record, &mut first) {
             continue;
         }
         if record.len() != 4 {
@@ -282,6 +274,20 @@ pub fn to_csv(entries: &[Entry]) -> String {
     let bytes = w.into_inner().unwrap_or_default();
     out.push_str(&String::from_utf8_lossy(&bytes));
     out
+}
+
+/// A row that is no rule: an empty one, or the header row (allowed as the first row only).
+/// `first` tracks whether a row has been seen yet.
+pub(crate) fn skipped_row(record: &csv::StringRecord, first: &mut bool) -> bool {
+    if record.iter().all(|f| f.is_empty()) {
+        return true;
+    }
+    let is_header = *first
+        && record
+            .get(1)
+            .is_some_and(|f| f.eq_ignore_ascii_case("listen_port"));
+    *first = false;
+    is_header
 }
 
 /// 1-based line number of the record that the csv reader reports at `byte`. The reader reports

@@ -201,15 +201,7 @@ pub fn read_rows(text: &str) -> Vec<(usize, Entry)> {
     let mut first = true;
     for record in reader.records() {
         let Ok(record) = record else { continue };
-        if record.iter().all(|f| f.is_empty()) {
-            continue;
-        }
-        let is_header = first
-            && record
-                .get(1)
-                .is_some_and(|f| f.eq_ignore_ascii_case("listen_port"));
-        first = false;
-        if is_header {
+        if rules::skipped_row(&record, &mut first) {
             continue;
         }
         let line = record
