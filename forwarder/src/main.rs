@@ -171,6 +171,13 @@ fn run_supervisor(args: &Args) -> anyhow::Result<ExitCode> {
         );
     }
 
+    if plan.workers > 1 && read_sysctl("net/ipv4/tcp_migrate_req").as_deref() == Some("0") {
+        tracing::info!(
+            "net.ipv4.tcp_migrate_req is 0: should a worker die, connections still waiting in its \
+             accept queue are reset; `sysctl -w net.ipv4.tcp_migrate_req=1` hands them to the other workers"
+        );
+    }
+
     let config = SupervisorConfig {
         rules_path: rules_path.clone(),
         workers: plan.workers,
@@ -237,4 +244,11 @@ fn worker_args(args: &Args) -> Vec<String> {
         v.push("--no-splice".into());
     }
     v
+}
+
+/// A kernel setting from /proc/sys (path with slashes), trimmed; `None` when it cannot be read.
+fn read_sysctl(path: &str) -> Option<String> {
+    std::fs::read_to_string(format!("/proc/sys/{path}"))
+        .ok()
+        .map(|s| s.trim().to_string())
 }
