@@ -45,23 +45,21 @@ die() { log "error: $*"; exit 1; }
 
 in_ns() { local ns=$1; shift; ip netns exec "$ns" "$@"; }
 
-# Picks the directory with the workspace binaries: LAB_BIN_DIR if given, else target/release when it
-# holds a forwarder newer than target/debug's, else target/debug. Sets BIN_DIR and BIN_DIR_WHY.
+# Picks the directory with the workspace binaries: LAB_BIN_DIR if given (used as it is), else the
+# release build, brought up to date here so that every case runs the current programs. Sets BIN_DIR
+# and BIN_DIR_WHY.
 pick_bin_dir() {
     if [ -n "${LAB_BIN_DIR:-}" ]; then
         BIN_DIR=$LAB_BIN_DIR
         BIN_DIR_WHY="LAB_BIN_DIR"
         return
     fi
-    local base=${CARGO_TARGET_DIR:-$REPO/target}
-    local rel=$base/release dbg=$base/debug
-    if [ -x "$rel/forwarder" ] && { [ ! -x "$dbg/forwarder" ] || [ "$rel/forwarder" -nt "$dbg/forwarder" ]; }; then
-        BIN_DIR=$rel
-        BIN_DIR_WHY="release build is present and newer"
-    else
-        BIN_DIR=$dbg
-        BIN_DIR_WHY="no newer release build"
-    fi
+    command -v cargo >/dev/null || die "cargo not found: install Rust, or set LAB_BIN_DIR to a directory with the built programs"
+    log "building the lab's programs (cargo build --release)"
+    (cd "$REPO" && cargo build --release -q -p forwarder -p ssl-echo-server -p ssl-echo-client \
+        -p chat-server -p certs --bins) || die "cargo build --release failed"
+    BIN_DIR=${CARGO_TARGET_DIR:-$REPO/target}/release
+    BIN_DIR_WHY="release build, just brought up to date"
 }
 
 bin() { printf '%s/%s' "$BIN_DIR" "$1"; }
