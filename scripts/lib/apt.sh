@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Installs Debian packages that are missing, with one `apt-get update` at most. Idempotent.
 ensure_apt_packages() {
     local missing=()
