@@ -275,23 +275,34 @@ impl Worker {
         }
     }
 
-    /// Closes connections whose handshake is past its deadline.
+    /// Closes connections whose handshake is past its deadline. Each gets one last turn first: on
+    /// a worker that fell behind, the client's last handshake message may already be waiting in
+    /// the socket, and the client, which considers the handshake done, would see the close as a
+    /// lost connection.
     fn expire_handshakes(&mut self, now: Instant) {
         while let Some(&(deadline, key, id)) = self.deadlines.front() {
             if deadline > now {
                 break;
             }
             self.deadlines.pop_front();
-            let Some(conn) = self.conns.get_mut(key) else {
+            if !self.still_handshaking(key, id) {
                 continue;
-            };
-            if conn.id == id && matches!(conn.state(), State::Handshaking { .. }) {
+            }
+            self.connection_ready(key);
+            if self.still_handshaking(key, id) {
+                let conn = &mut self.conns[key];
                 debug!(id, "handshake timed out");
                 self.counters.handshake_timeouts += 1;
                 conn.abort();
                 self.close(key);
             }
         }
+    }
+
+    fn still_handshaking(&self, key: usize, id: u64) -> bool {
+        self.conns
+            .get(key)
+            .is_some_and(|c| c.id == id && matches!(c.state(), State::Handshaking { .. }))
     }
 
     /// The one way a connection ends: deregister, free, count, and accept again if we were full.
