@@ -92,6 +92,15 @@ impl Connector {
             }
         };
         let connect = started.elapsed();
+        // tokio's timeout polls the step before its timer, so a starved process can finish a step
+        // long after its limit; the limit is what the report promises (and what the echo server's
+        // own handshake deadline is set against), so a late step is a timeout all the same.
+        if connect > timeout {
+            return Err(not_established(
+                Failure::timeout(Phase::Connect, timeout_ms),
+                Some(connect),
+            ));
+        }
         // Small request/response messages: without NODELAY, Nagle plus delayed ACKs add up to
         // 40 ms to an echo whenever a write is split.
         let _ = tcp.set_nodelay(true);
@@ -117,6 +126,9 @@ impl Connector {
             connect: Some(connect),
         };
         match tokio::time::timeout(timeout, connector.connect(server_name, tcp)).await {
+            Ok(Ok(_late)) if shaking.elapsed() > timeout => {
+                Err(failed(Failure::timeout(Phase::Handshake, timeout_ms)))
+            }
             Ok(Ok(tls)) => Ok(Established {
                 stream: Stream::Tls(Box::new(tls)),
                 local_port,
