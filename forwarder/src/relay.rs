@@ -67,6 +67,10 @@ pub struct Direction {
     pub bytes: u64,
     /// Reads have filled whole buffers: move bytes with splice from now on.
     bulk: bool,
+    /// The source reported closing or an error: read until EAGAIN or EOF from now on. Its FIN
+    /// raises no further edge, and the event that reported it may have come while the sink was
+    /// full, so no read happened then.
+    source_closing: bool,
 }
 
 impl Default for Direction {
@@ -77,6 +81,7 @@ impl Default for Direction {
             write_shut: false,
             bytes: 0,
             bulk: false,
+            source_closing: false,
         }
     }
 }
@@ -96,14 +101,19 @@ impl Direction {
         self.write_shut
     }
 
+    /// The source socket reported a hang-up or an error: never again stop at a short read.
+    pub fn source_closing(&mut self) {
+        self.source_closing = true;
+    }
+
     /// Moves bytes from `src` to `dst` until one would block, EOF is passed on, or the fair share
     /// is used up.
     ///
     /// Unless `until_eagain`, a short read ends the pump once its bytes are delivered: a TCP read
     /// that returns less than asked for emptied the receive queue, and bytes arriving later raise
     /// a new edge. That saves the read that would only return EAGAIN, a third of the system calls
-    /// per small message. A FIN that came with the bytes raises no new edge, so an event that
-    /// reports the peer closing sets `until_eagain`.
+    /// per small message. A FIN that came with the bytes raises no new edge, so once an event
+    /// reported the peer closing ([`Direction::source_closing`]) every pump reads to the end.
     pub fn pump(
         &mut self,
         src: &mut TcpStream,
@@ -112,6 +122,7 @@ impl Direction {
         until_eagain: bool,
         other_finished: bool,
     ) -> Result<Progress, PumpError> {
+        let until_eagain = until_eagain || self.source_closing;
         let mut progress = Progress::default();
         let mut drained = false;
         loop {

@@ -341,6 +341,13 @@ impl Worker {
         // A socket's readability drives the direction it is the source of, its writability the
         // direction it is the sink of; errors and hang-ups wake both. This saves a read that
         // would only return EAGAIN on every event.
+        if matches!(wake, Wake::Error) {
+            if backend_side {
+                relay.down.source_closing();
+            } else {
+                relay.up.source_closing();
+            }
+        }
         let sides = match (backend_side, wake) {
             (_, Wake::Error) => Sides::BOTH,
             // Room in a sink matters only to a direction holding bytes for it; a writable edge
