@@ -29,7 +29,8 @@ trap cleanup EXIT
 
 "$bin/certs" --out "$tmp/certs" >/dev/null
 
-# start_server NAME [--plain]: starts on a free loopback port, prints the address.
+# start_server NAME [--plain]: starts on a free loopback port and sets SERVER_ADDR. Not run in a
+# command substitution: that subshell's pids+=() would be lost and the server never stopped.
 start_server() {
     local name=$1; shift
     "$bin/ssl-echo-server" --listen 127.0.0.1:0 --cert "$tmp/certs/server.crt" \
@@ -38,7 +39,7 @@ start_server() {
     pids+=($!)
     for _ in $(seq 100); do
         if [ -s "$tmp/$name.json" ]; then
-            sed -n 's/.*"listen": "\(.*\)".*/\1/p' "$tmp/$name.json"
+            SERVER_ADDR=$(sed -n 's/.*"listen": "\(.*\)".*/\1/p' "$tmp/$name.json")
             return
         fi
         sleep 0.1
@@ -48,8 +49,10 @@ start_server() {
     exit 1
 }
 
-tls_addr=$(start_server tls)
-plain_addr=$(start_server plain --plain)
+start_server tls
+tls_addr=$SERVER_ADDR
+start_server plain --plain
+plain_addr=$SERVER_ADDR
 
 # load ADDR MODE CONCURRENCY SIZE [--plain] -> "rate p99_us errors"
 load() {
