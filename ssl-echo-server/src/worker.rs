@@ -275,34 +275,23 @@ impl Worker {
         }
     }
 
-    /// Closes connections whose handshake is past its deadline. Each gets one last turn first: on
-    /// a worker that fell behind, the client's last handshake message may already be waiting in
-    /// the socket, and the client, which considers the handshake done, would see the close as a
-    /// lost connection.
+    /// Closes connections whose handshake is past its deadline.
     fn expire_handshakes(&mut self, now: Instant) {
         while let Some(&(deadline, key, id)) = self.deadlines.front() {
             if deadline > now {
                 break;
             }
             self.deadlines.pop_front();
-            if !self.still_handshaking(key, id) {
+            let Some(conn) = self.conns.get_mut(key) else {
                 continue;
-            }
-            self.connection_ready(key);
-            if self.still_handshaking(key, id) {
-                let conn = &mut self.conns[key];
+            };
+            if conn.id == id && matches!(conn.state(), State::Handshaking { .. }) {
                 debug!(id, "handshake timed out");
                 self.counters.handshake_timeouts += 1;
                 conn.abort();
                 self.close(key);
             }
         }
-    }
-
-    fn still_handshaking(&self, key: usize, id: u64) -> bool {
-        self.conns
-            .get(key)
-            .is_some_and(|c| c.id == id && matches!(c.state(), State::Handshaking { .. }))
     }
 
     /// The one way a connection ends: deregister, free, count, and accept again if we were full.
