@@ -133,13 +133,8 @@ fn check_names_file_line_and_field() {
         "ok,8080,127.0.0.1,80\n\nx,8081,127.0.0.1,0\ny,abc,127.0.0.1,80\n",
     )
     .unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_forwarder"))
-        .args(["--check", "--rules"])
-        .arg(&path)
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
+    let (passed, stderr) = check(&path);
+    assert!(!passed);
     let shown = path.display();
     assert!(
         stderr.contains(&format!("{shown}:3: dest_port: port 0 is not allowed")),
@@ -153,13 +148,8 @@ fn check_names_file_line_and_field() {
     );
 
     std::fs::write(&path, "\"web1\",\"18080\",\"127.0.0.1\",\"9001\"\n").unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_forwarder"))
-        .args(["--check", "--rules"])
-        .arg(&path)
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stderr}");
+    let (passed, stderr) = check(&path);
+    assert!(passed, "{stderr}");
     assert!(
         stderr.contains("0.0.0.0:18080") && stderr.contains("web1 127.0.0.1:9001"),
         "{stderr}"
@@ -173,13 +163,8 @@ fn port_taken_by_another_program_is_named() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("r.csv");
     std::fs::write(&path, format!("x,{port},127.0.0.1,80\n")).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_forwarder"))
-        .args(["--check", "--rules"])
-        .arg(&path)
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
+    let (passed, stderr) = check(&path);
+    assert!(!passed);
     assert!(
         stderr.contains(&format!(
             "r.csv:1: listen_port: cannot listen on 0.0.0.0:{port}"
@@ -277,4 +262,17 @@ fn sigterm_to_the_whole_process_group_stops_without_restarts() {
         "{}",
         fwd.process.output()
     );
+}
+
+/// Runs `forwarder --check --rules PATH`: whether it passed, and what it printed on stderr.
+fn check(path: &std::path::Path) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_forwarder"))
+        .args(["--check", "--rules"])
+        .arg(path)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
