@@ -5,11 +5,9 @@
 pub mod balance;
 pub mod capacity;
 pub mod control;
-pub mod pools;
-pub mod relay;
 pub mod rules;
-pub mod slots;
 pub mod stats;
 pub mod supervisor;
+pub mod tcp;
 pub mod web;
 pub mod worker;

@@ -20,7 +20,7 @@ use serde::Serialize;
 
 use crate::control::{ConnectionInfo, PoolSpec, Reply, Request};
 use crate::rules::{self, Entry, RuleError, RuleSet, RulesError};
-use crate::slots::Slots;
+use crate::stats::slots::Slots;
 use crate::stats::{describe_error, now_ms, Shared};
 
 /// How the supervisor runs its workers.

@@ -20,9 +20,9 @@ use slab::Slab;
 
 use crate::balance::{next_backend, pick_backend};
 use crate::control::{ConnectionInfo, PoolSpec, Reply, Request, ID_WORKER_SHIFT};
-use crate::pools::{BufferPool, PipePool};
-use crate::relay::{Direction, Phase, Relay, Resources};
 use crate::stats::{now_ms, Shared, ERR_TIMEOUT};
+use crate::tcp::buffers::{BufferPool, PipePool};
+use crate::tcp::relay::{Direction, Phase, Relay, Resources};
 
 const CONTROL: Token = Token(usize::MAX - 1);
 const SIGNALS: Token = Token(usize::MAX - 2);

@@ -2,6 +2,8 @@
 //! mapping (a memfd, inherited by the workers), slots of relaxed atomics indexed by a slot number
 //! the supervisor assigns. Cheap on the hot path: a worker only does `fetch_add` on its slots.
 
+pub mod slots;
+
 use std::io;
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};

@@ -13,7 +13,7 @@ use std::time::Instant;
 use mio::net::TcpStream;
 
 use crate::control::PoolSpec;
-use crate::pools::{BufferPool, Pipe, PipePool};
+use crate::tcp::buffers::{BufferPool, Pipe, PipePool};
 
 /// Most bytes one direction moves per event before yielding to other connections.
 pub const FAIR_SHARE_BYTES: u64 = 1 << 20;
