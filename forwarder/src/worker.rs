@@ -18,11 +18,11 @@ use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook_mio::v1_0::Signals;
 use slab::Slab;
 
-use crate::balance::{next_backend, pick_backend};
 use crate::control::{ConnectionInfo, PoolSpec, Reply, Request, ID_WORKER_SHIFT};
-use crate::stats::{now_ms, Shared, ERR_TIMEOUT};
+use crate::stats::Shared;
 use crate::tcp::buffers::{BufferPool, PipePool};
-use crate::tcp::relay::{Direction, Phase, Relay, Resources};
+use crate::tcp::direction::Resources;
+use crate::tcp::relay::{self, Ending, Next, Relay, Side, Sides, Wake};
 
 const CONTROL: Token = Token(usize::MAX - 1);
 const SIGNALS: Token = Token(usize::MAX - 2);
@@ -59,11 +59,11 @@ pub struct Worker {
     by_addr: HashMap<SocketAddr, usize>,
     relays: Slab<Relay>,
     res: Resources,
-    /// Connect deadlines: (deadline, relay key, attempt).
-    timers: BinaryHeap<Reverse<(Instant, usize, u64)>>,
+    /// Connect deadlines: (deadline, relay key). Never cancelled: a relay ignores a timer that
+    /// is not its current one.
+    timers: BinaryHeap<Reverse<(Instant, usize)>>,
     /// Relays that yielded their fair share and must be pumped again without an event.
     again: VecDeque<(usize, Sides)>,
-    next_attempt: u64,
     next_id: u64,
     accept_paused_until: Option<Instant>,
     /// Accepting stopped because this worker holds its share of the capacity.
@@ -106,7 +106,6 @@ pub fn run(config: WorkerConfig, stats_fd: i32, control_fd: i32) -> anyhow::Resu
         res,
         timers: BinaryHeap::new(),
         again: VecDeque::new(),
-        next_attempt: 0,
         next_id: 0,
         accept_paused_until: None,
         at_capacity: false,
@@ -137,7 +136,15 @@ impl Worker {
                         }
                     }
                     Token(t) if t >= LISTENER_BASE => self.accept_ready(t - LISTENER_BASE, now),
-                    Token(t) => self.relay_ready(t / 2, t % 2 == 1, Wake::from(event), now),
+                    Token(t) => {
+                        let side = if t % 2 == 1 {
+                            Side::Backend
+                        } else {
+                            Side::Client
+                        };
+                        let wake = Wake::from(event);
+                        self.drive(t / 2, now, |relay, ctx| relay.ready(side, wake, ctx));
+                    }
                 }
             }
             self.run_again(now);
@@ -167,7 +174,7 @@ impl Worker {
         }
         let now = Instant::now();
         let mut next = now + Duration::from_secs(1);
-        if let Some(Reverse((deadline, _, _))) = self.timers.peek() {
+        if let Some(Reverse((deadline, _))) = self.timers.peek() {
             next = next.min(*deadline);
         }
         if let Some(until) = self.accept_paused_until {
@@ -245,257 +252,53 @@ impl Worker {
         pool: Rc<PoolSpec>,
         now: Instant,
     ) {
-        self.shared.pool(pool.slot).accepted.fetch_add(1, Relaxed);
-        let Some(index) = pick_backend(&pool, &self.shared, now_ms()) else {
-            self.shared.pool(pool.slot).unrouted.fetch_add(1, Relaxed);
-            return;
-        };
-        let entry = self.relays.vacant_entry();
-        let key = entry.key();
-        let backend_addr = pool.backends[index].addr;
-        let backend = match connect(backend_addr) {
-            Ok(s) => s,
-            Err(e) => {
-                // Socket creation failed (descriptors): this client cannot be served now.
-                tracing::warn!("cannot open a socket to {backend_addr}: {e}");
-                if is_out_of_descriptors(&e) {
-                    self.pause_accepting(now, &e);
-                }
-                self.shared.pool(pool.slot).unrouted.fetch_add(1, Relaxed);
-                return;
-            }
-        };
-        self.next_attempt += 1;
         self.next_id += 1;
         let id = ((self.config.index as u64) << ID_WORKER_SHIFT) | self.next_id;
-        let deadline = now + self.config.connect_timeout;
-        let mut relay = Relay {
-            id,
-            client,
-            client_addr,
-            backend,
-            pool,
-            backend_index: index,
-            phase: Phase::Connecting {
-                deadline,
-                tried: vec![index],
-                attempt: self.next_attempt,
-            },
-            up: Direction::default(),
-            down: Direction::default(),
-            started: now,
-            last_active: now,
-        };
-        let registry = self.poll.registry();
-        let both = Interest::READABLE | Interest::WRITABLE;
-        if let Err(e) = registry
-            .register(&mut relay.client, Token(key * 2), both)
-            .and_then(|_| registry.register(&mut relay.backend, Token(key * 2 + 1), both))
-        {
-            tracing::warn!("cannot register connection: {e}");
-            return;
-        }
-        tracing::debug!(id, client = %client_addr, backend = %backend_addr, "connecting");
-        self.timers
-            .push(Reverse((deadline, key, self.next_attempt)));
-        entry.insert(relay);
+        let entry = self.relays.vacant_entry();
+        let key = entry.key();
+        entry.insert(Relay::new(id, key, client, client_addr, pool, now));
         if self.relays.len() >= self.config.max_connections {
             self.at_capacity = true;
         }
+        self.drive(key, now, |relay, ctx| relay.start(ctx));
     }
 
     // ---- relaying --------------------------------------------------------------------------
 
-    fn relay_ready(&mut self, key: usize, backend_side: bool, wake: Wake, now: Instant) {
+    /// Runs one step of relay `key` (gone already: nothing to do) and acts on what it returns.
+    fn drive(
+        &mut self,
+        key: usize,
+        now: Instant,
+        step: impl FnOnce(&mut Relay, &mut relay::Context) -> Next,
+    ) {
         let Some(relay) = self.relays.get_mut(key) else {
-            return; // stale event for a relay closed earlier in this batch
+            return; // a stale event or timer for a relay closed earlier
         };
-        relay.last_active = now;
-        if let Phase::Connecting { .. } = relay.phase {
-            if !backend_side {
-                return; // client bytes wait in the kernel until the backend is up
-            }
-            let writable = matches!(wake, Wake::Io { writable: true, .. });
-            match connect_result(&relay.backend, writable) {
-                None => return, // spurious wake-up, still connecting
-                Some(Ok(())) => {
-                    relay.phase = Phase::Relaying;
-                    let slot = self.shared.backend(relay.backend_slot());
-                    slot.active.fetch_add(1, Relaxed);
-                    slot.total.fetch_add(1, Relaxed);
-                    if slot.record_success() {
-                        tracing::info!(backend = %relay.backend_addr(), "backend up");
-                    }
-                    let _ = relay.backend.set_nodelay(true);
-                    let _ = socket2::SockRef::from(&relay.backend).set_keepalive(true);
-                }
-                Some(Err(e)) => {
-                    let code = e.raw_os_error().unwrap_or(libc::ECONNREFUSED) as u64;
-                    self.fail_over(key, code, &e.to_string(), now);
-                    return;
-                }
-            }
-            // Bytes may be waiting on either side: run both directions once.
-            return self.pump(key, Sides::BOTH);
-        }
-        // A socket's readability drives the direction it is the source of, its writability the
-        // direction it is the sink of; errors and hang-ups wake both. This saves a read that
-        // would only return EAGAIN on every event.
-        if matches!(wake, Wake::Error) {
-            if backend_side {
-                relay.down.source_closing();
-            } else {
-                relay.up.source_closing();
-            }
-        }
-        let sides = match (backend_side, wake) {
-            (_, Wake::Error) => Sides::BOTH,
-            // Room in a sink matters only to a direction holding bytes for it; a writable edge
-            // after every ACK would otherwise cost a read that returns EAGAIN.
-            (false, Wake::Io { readable, writable }) => Sides {
-                up: readable,
-                down: writable && relay.down.holds_bytes(),
-                until_eagain: false,
-            },
-            (true, Wake::Io { readable, writable }) => Sides {
-                up: writable && relay.up.holds_bytes(),
-                down: readable,
-                until_eagain: false,
-            },
-        };
-        self.pump(key, sides);
-    }
-
-    fn pump(&mut self, key: usize, sides: Sides) {
-        let Some(relay) = self.relays.get_mut(key) else {
-            return;
-        };
-        if !matches!(relay.phase, Phase::Relaying) {
-            return;
-        }
-        let result = relay.pump(&mut self.res, sides.up, sides.down, sides.until_eagain);
-        let slot = self.shared.backend(relay.backend_slot());
-        match result {
-            Ok((up, down)) => {
-                if up.moved > 0 {
-                    slot.bytes_up.fetch_add(up.moved, Relaxed);
-                }
-                if down.moved > 0 {
-                    slot.bytes_down.fetch_add(down.moved, Relaxed);
-                }
-                if relay.finished() {
-                    self.close(key, false);
-                } else if up.yielded || down.yielded {
-                    self.again.push_back((
-                        key,
-                        Sides {
-                            up: up.yielded,
-                            down: down.yielded,
-                            until_eagain: true,
-                        },
-                    ));
-                }
-            }
-            Err(e) => {
-                tracing::debug!(id = relay.id, "connection reset: {e:?}");
-                self.close(key, true);
-            }
+        let mut ctx = relay_context(&self.poll, &self.shared, &mut self.res, &self.config, now);
+        match step(relay, &mut ctx) {
+            Next::Wait => {}
+            Next::Again(sides) => self.again.push_back((key, sides)),
+            Next::Timer(deadline) => self.timers.push(Reverse((deadline, key))),
+            Next::Close(ending) => self.close(key, ending, now),
         }
     }
 
-    fn run_again(&mut self, _now: Instant) {
+    fn run_again(&mut self, now: Instant) {
         for _ in 0..self.again.len() {
             if let Some((key, sides)) = self.again.pop_front() {
-                self.pump(key, sides);
+                self.drive(key, now, |relay, ctx| relay.pump_again(sides, ctx));
             }
         }
-    }
-
-    /// The backend being connected failed: mark it, then try the next backend of the pool, or
-    /// give up when every backend was tried.
-    fn fail_over(&mut self, key: usize, code: u64, why: &str, now: Instant) {
-        let Some(relay) = self.relays.get_mut(key) else {
-            return;
-        };
-        let Phase::Connecting { tried, .. } = &mut relay.phase else {
-            return;
-        };
-        let failed = relay.pool.backends[relay.backend_index].clone();
-        if self
-            .shared
-            .backend(failed.slot)
-            .record_failure(code, now_ms())
-        {
-            tracing::warn!(backend = %failed.addr, name = %failed.name, "backend down: {why}");
-        }
-        let next = next_backend(&relay.pool, &self.shared, now_ms(), tried);
-        let Some(index) = next else {
-            tracing::debug!(
-                id = relay.id,
-                "no backend of {} reachable",
-                relay.pool.listen
-            );
-            self.shared
-                .pool(relay.pool.slot)
-                .unrouted
-                .fetch_add(1, Relaxed);
-            self.close(key, true);
-            return;
-        };
-        tried.push(index);
-        let addr = relay.pool.backends[index].addr;
-        let mut backend = match connect(addr) {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!("cannot open a socket to {addr}: {e}");
-                self.close(key, true);
-                return;
-            }
-        };
-        let _ = self.poll.registry().deregister(&mut relay.backend);
-        if self
-            .poll
-            .registry()
-            .register(
-                &mut backend,
-                Token(key * 2 + 1),
-                Interest::READABLE | Interest::WRITABLE,
-            )
-            .is_err()
-        {
-            self.close(key, true);
-            return;
-        }
-        relay.backend = backend;
-        relay.backend_index = index;
-        self.next_attempt += 1;
-        let deadline = now + self.config.connect_timeout;
-        if let Phase::Connecting {
-            deadline: d,
-            attempt,
-            ..
-        } = &mut relay.phase
-        {
-            *d = deadline;
-            *attempt = self.next_attempt;
-        }
-        self.timers
-            .push(Reverse((deadline, key, self.next_attempt)));
     }
 
     fn expire_timers(&mut self, now: Instant) {
-        while let Some(Reverse((deadline, key, attempt))) = self.timers.peek().copied() {
+        while let Some(Reverse((deadline, key))) = self.timers.peek().copied() {
             if deadline > now {
                 return;
             }
             self.timers.pop();
-            let current = matches!(
-                self.relays.get(key).map(|r| &r.phase),
-                Some(Phase::Connecting { attempt: a, .. }) if *a == attempt
-            );
-            if current {
-                self.fail_over(key, ERR_TIMEOUT, "connect timed out", now);
-            }
+            self.drive(key, now, |relay, ctx| relay.timer_expired(ctx));
         }
     }
 
@@ -506,37 +309,28 @@ impl Worker {
         let idle: Vec<usize> = self
             .relays
             .iter()
-            .filter(|(_, r)| now.duration_since(r.last_active) >= limit)
+            .filter(|(_, r)| r.idle_for(limit, now))
             .map(|(k, _)| k)
             .collect();
         for key in idle {
-            tracing::debug!("closing idle connection");
-            self.close(key, false);
+            self.close(key, Ending::Idle, now);
         }
     }
 
-    /// The one way a connection ends: free, count, close. No epoll deregistration: closing a
-    /// socket's only descriptor removes it from the epoll set, and an event of this batch that
-    /// still names the token finds either nothing or a new relay, which copes with a spurious wake.
-    fn close(&mut self, key: usize, reset: bool) {
-        if !self.relays.contains(key) {
+    /// Ends relay `key` through [`Relay::close`]. No epoll deregistration: closing a socket's
+    /// only descriptor removes it from the epoll set, and an event of this batch that still names
+    /// the token finds either nothing or a new relay, which copes with a spurious wake.
+    fn close(&mut self, key: usize, ending: Ending, now: Instant) {
+        let Some(relay) = self.relays.try_remove(key) else {
             return;
+        };
+        if let Ending::NoSocket(e) = &ending {
+            if is_out_of_descriptors(e) {
+                self.pause_accepting(now, e);
+            }
         }
-        let mut relay = self.relays.remove(key);
-        relay.shut(&mut self.res, reset);
-        if matches!(relay.phase, Phase::Relaying) {
-            self.shared
-                .backend(relay.backend_slot())
-                .active
-                .fetch_sub(1, Relaxed);
-        }
-        tracing::debug!(
-            id = relay.id,
-            up = relay.up.bytes,
-            down = relay.down.bytes,
-            reset,
-            "closed"
-        );
+        let mut ctx = relay_context(&self.poll, &self.shared, &mut self.res, &self.config, now);
+        relay.close(&ending, &mut ctx);
     }
 
     // ---- control ---------------------------------------------------------------------------
@@ -593,9 +387,13 @@ impl Worker {
                 list: self.connections(),
             },
             Request::Close { id } => {
-                let key = self.relays.iter().find(|(_, r)| r.id == id).map(|(k, _)| k);
+                let key = self
+                    .relays
+                    .iter()
+                    .find(|(_, r)| r.id() == id)
+                    .map(|(k, _)| k);
                 if let Some(key) = key {
-                    self.close(key, true);
+                    self.close(key, Ending::Closed, Instant::now());
                 }
                 Reply::Closed {
                     found: key.is_some(),
@@ -664,26 +462,7 @@ impl Worker {
         let now = Instant::now();
         self.relays
             .iter()
-            .map(|(_, r)| {
-                let b = &r.pool.backends[r.backend_index];
-                ConnectionInfo {
-                    id: r.id,
-                    worker: self.config.index,
-                    client: r.client_addr,
-                    listen: r.pool.listen,
-                    rule: b.name.clone(),
-                    backend: b.addr,
-                    state: match r.phase {
-                        Phase::Connecting { .. } => "connecting".into(),
-                        Phase::Relaying => "relaying".into(),
-                    },
-                    bytes_up: r.up.bytes,
-                    bytes_down: r.down.bytes,
-                    age_ms: now.duration_since(r.started).as_millis() as u64,
-                    client_half_closed: r.up.read_eof,
-                    backend_half_closed: r.down.read_eof,
-                }
-            })
+            .map(|(_, r)| r.info(self.config.index, now))
             .collect()
     }
 
@@ -706,67 +485,21 @@ impl Worker {
     }
 }
 
-/// Which directions of a relay an event concerns.
-#[derive(Debug, Clone, Copy)]
-struct Sides {
-    /// client → backend
-    up: bool,
-    /// backend → client
-    down: bool,
-    /// Read until EAGAIN even after a short read (the socket's state is not known).
-    until_eagain: bool,
-}
-
-impl Sides {
-    const BOTH: Sides = Sides {
-        up: true,
-        down: true,
-        until_eagain: true,
-    };
-}
-
-/// What an event reported about one socket.
-#[derive(Debug, Clone, Copy)]
-enum Wake {
-    Io {
-        readable: bool,
-        writable: bool,
-    },
-    /// Error or hang-up: look at everything.
-    Error,
-}
-
-impl From<&mio::event::Event> for Wake {
-    fn from(e: &mio::event::Event) -> Self {
-        if e.is_error() || e.is_read_closed() || e.is_write_closed() {
-            Wake::Error
-        } else {
-            Wake::Io {
-                readable: e.is_readable(),
-                writable: e.is_writable(),
-            }
-        }
-    }
-}
-
-/// Starts a non-blocking connect.
-fn connect(addr: SocketAddr) -> io::Result<TcpStream> {
-    TcpStream::connect(addr)
-}
-
-/// The outcome of a non-blocking connect after an event on the socket: None while it is still in
-/// progress. An edge-triggered writable event without a pending error means connected; anything
-/// else is checked with getpeername.
-fn connect_result(stream: &TcpStream, writable: bool) -> Option<io::Result<()>> {
-    match stream.take_error() {
-        Ok(Some(e)) | Err(e) => return Some(Err(e)),
-        Ok(None) if writable => return Some(Ok(())),
-        Ok(None) => {}
-    }
-    match stream.peer_addr() {
-        Ok(_) => Some(Ok(())),
-        Err(e) if e.kind() == io::ErrorKind::NotConnected => None,
-        Err(e) => Some(Err(e)),
+/// What a relay borrows from its worker for one step (split borrows: the relay itself is borrowed
+/// from the worker's slab at the same time).
+fn relay_context<'a>(
+    poll: &'a Poll,
+    shared: &'a Shared,
+    res: &'a mut Resources,
+    config: &WorkerConfig,
+    now: Instant,
+) -> relay::Context<'a> {
+    relay::Context {
+        registry: poll.registry(),
+        shared,
+        res,
+        connect_timeout: config.connect_timeout,
+        now,
     }
 }
 

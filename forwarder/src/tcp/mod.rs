@@ -1,5 +1,7 @@
-//! TCP forwarding: one connection's state machine ([`relay`]) and the buffers and pipes its two
-//! directions borrow while bytes are in flight ([`buffers`]).
+//! TCP forwarding: one connection's state machine ([`relay`]), the two directions of bytes it
+//! moves ([`direction`]), and the buffers and pipes a direction borrows while bytes are in flight
+//! ([`buffers`]).
 
 pub mod buffers;
+pub mod direction;
 pub mod relay;

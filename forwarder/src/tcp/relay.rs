@@ -1,347 +1,494 @@
-//! One forwarded connection: the client socket, the backend socket, and the two directions of
-//! bytes between them. A direction moves bytes until the source would block or the sink is full,
-//! holding at most one buffer or pipe of bytes in flight (backpressure: a slow reader stops us
-//! reading from the fast writer). A FIN is passed on as `shutdown(Write)` once the bytes before it
-//! are delivered; the other direction keeps flowing.
+//! One forwarded connection's whole life, as a state machine: accepted, connecting to a backend
+//! (falling over to the next one on refusal or timeout), relaying both directions, closed. The
+//! worker only hands it readiness events and timer expiries through [`Relay::ready`] and acts on
+//! the [`Next`] it returns; every way a connection ends comes back as [`Next::Close`] and goes
+//! through [`Relay::close`], which frees and counts.
 
-use std::io::{self, Read, Write};
-use std::net::{Shutdown, SocketAddr};
-use std::os::fd::AsRawFd;
+use std::io;
+use std::net::SocketAddr;
 use std::rc::Rc;
-use std::time::Instant;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::{Duration, Instant};
 
 use mio::net::TcpStream;
+use mio::{Interest, Registry, Token};
 
-use crate::control::PoolSpec;
-use crate::tcp::buffers::{BufferPool, Pipe, PipePool};
+use crate::balance::{next_backend, pick_backend};
+use crate::control::{ConnectionInfo, PoolSpec};
+use crate::stats::{now_ms, Shared, ERR_TIMEOUT};
+use crate::tcp::direction::{Direction, Progress, PumpError, Resources};
 
-/// Most bytes one direction moves per event before yielding to other connections.
-pub const FAIR_SHARE_BYTES: u64 = 1 << 20;
-
-/// The reusable resources a direction borrows while it has bytes in flight.
-pub struct Resources {
-    pub buffers: BufferPool,
-    pub pipes: PipePool,
-    /// Whether bulk transfers may use splice(2).
-    pub splice: bool,
+/// What a relay needs from its worker while it handles one event.
+pub struct Context<'a> {
+    pub registry: &'a Registry,
+    pub shared: &'a Shared,
+    pub res: &'a mut Resources,
+    /// How long one backend connect may take before the next backend is tried.
+    pub connect_timeout: Duration,
+    pub now: Instant,
 }
 
-/// Bytes read from the source and not yet written to the sink.
-enum InFlight {
-    Nothing,
-    Buffer {
-        buf: Box<[u8]>,
-        start: usize,
-        end: usize,
-    },
-    Pipe {
-        pipe: Pipe,
-        len: usize,
-    },
-}
-
-/// What a pump achieved.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct Progress {
-    /// Bytes delivered to the sink.
-    pub moved: u64,
-    /// Stopped at the fair share with more to do: pump again without waiting for an event.
-    pub yielded: bool,
-}
-
-/// Why a direction failed; the connection is then reset on both sides.
+/// What the worker does after a relay handled an event.
 #[derive(Debug)]
-pub enum PumpError {
-    Read(io::Error),
-    Write(io::Error),
+pub enum Next {
+    /// Nothing until the next event.
+    Wait,
+    /// A direction stopped at its fair share with more to move: call [`Relay::pump_again`] soon,
+    /// without waiting for an event (edge-triggered readiness will not report it again).
+    Again(Sides),
+    /// A backend connect started: call [`Relay::timer_expired`] at `deadline`.
+    Timer(Instant),
+    /// The connection is over: call [`Relay::close`].
+    Close(Ending),
 }
 
-/// One direction of a connection (client→backend or backend→client).
-pub struct Direction {
-    in_flight: InFlight,
-    /// The source has sent its FIN.
-    pub read_eof: bool,
-    /// The FIN has been passed on to the sink.
-    pub write_shut: bool,
-    /// Bytes delivered to the sink.
-    pub bytes: u64,
-    /// Reads have filled whole buffers: move bytes with splice from now on.
-    bulk: bool,
-    /// The source reported closing or an error: read until EAGAIN or EOF from now on. Its FIN
-    /// raises no further edge, and the event that reported it may have come while the sink was
-    /// full, so no read happened then.
-    source_closing: bool,
+/// How a connection ended.
+#[derive(Debug)]
+pub enum Ending {
+    /// Both FINs passed on and every byte delivered.
+    Finished,
+    /// A read or write failed (a peer reset, mostly); the other side is reset too.
+    Failed(PumpError),
+    /// No backend of the pool answered.
+    NoBackend,
+    /// A socket could not be opened or registered (often: out of descriptors).
+    NoSocket(io::Error),
+    /// Idle longer than the idle timeout.
+    Idle,
+    /// Closed on request (the web page's close button).
+    Closed,
 }
 
-impl Default for Direction {
-    fn default() -> Self {
-        Direction {
-            in_flight: InFlight::Nothing,
-            read_eof: false,
-            write_shut: false,
-            bytes: 0,
-            bulk: false,
-            source_closing: false,
-        }
+impl Ending {
+    /// Whether both sockets are closed with RST rather than FIN: a failure on one side is passed
+    /// on to the other, and a refused client must not think its request was answered.
+    fn resets(&self) -> bool {
+        !matches!(self, Ending::Finished | Ending::Idle)
     }
 }
 
-impl Direction {
-    /// True while bytes read from the source wait for room in the sink.
-    pub fn holds_bytes(&self) -> bool {
-        match &self.in_flight {
-            InFlight::Nothing => false,
-            InFlight::Buffer { start, end, .. } => start < end,
-            InFlight::Pipe { len, .. } => *len > 0,
-        }
-    }
+/// Which socket of a relay an event is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    Client,
+    Backend,
+}
 
-    /// True once the FIN has been passed on and nothing is left to deliver.
-    pub fn finished(&self) -> bool {
-        self.write_shut
-    }
+/// What an event reported about one socket.
+#[derive(Debug, Clone, Copy)]
+pub enum Wake {
+    Io {
+        readable: bool,
+        writable: bool,
+    },
+    /// Error or hang-up: look at everything.
+    Error,
+}
 
-    /// The source socket reported a hang-up or an error: never again stop at a short read.
-    pub fn source_closing(&mut self) {
-        self.source_closing = true;
-    }
-
-    /// Moves bytes from `src` to `dst` until one would block, EOF is passed on, or the fair share
-    /// is used up.
-    ///
-    /// Unless `until_eagain`, a short read ends the pump once its bytes are delivered: a TCP read
-    /// that returns less than asked for emptied the receive queue, and bytes arriving later raise
-    /// a new edge. That saves the read that would only return EAGAIN, a third of the system calls
-    /// per small message. A FIN that came with the bytes raises no new edge, so once an event
-    /// reported the peer closing ([`Direction::source_closing`]) every pump reads to the end.
-    pub fn pump(
-        &mut self,
-        src: &mut TcpStream,
-        dst: &mut TcpStream,
-        res: &mut Resources,
-        until_eagain: bool,
-        other_finished: bool,
-    ) -> Result<Progress, PumpError> {
-        let until_eagain = until_eagain || self.source_closing;
-        let mut progress = Progress::default();
-        let mut drained = false;
-        loop {
-            if !self.flush(dst, &mut progress)? {
-                return Ok(progress); // sink full: its writable event resumes us
-            }
-            self.release(res);
-            if self.read_eof {
-                if !self.write_shut {
-                    // When the other direction is over too, the connection closes right after
-                    // this and close() sends the FIN (nothing unread remains, or it would be an
-                    // RST): skip the shutdown call.
-                    if !other_finished {
-                        // NotConnected: the peer is already gone; the other direction will notice.
-                        let _ = dst.shutdown(Shutdown::Write);
-                    }
-                    self.write_shut = true;
-                }
-                return Ok(progress);
-            }
-            if drained {
-                return Ok(progress);
-            }
-            if progress.moved >= FAIR_SHARE_BYTES {
-                progress.yielded = true;
-                return Ok(progress);
-            }
-            match self.fill(src, res) {
-                Ok((0, _)) => self.read_eof = true,
-                Ok((_, short)) => drained = short && !until_eagain,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    self.release(res);
-                    return Ok(progress);
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(PumpError::Read(e)),
+impl From<&mio::event::Event> for Wake {
+    fn from(e: &mio::event::Event) -> Self {
+        if e.is_error() || e.is_read_closed() || e.is_write_closed() {
+            Wake::Error
+        } else {
+            Wake::Io {
+                readable: e.is_readable(),
+                writable: e.is_writable(),
             }
         }
     }
+}
 
-    /// Writes what is in flight. Returns false when the sink would block with bytes left.
-    fn flush(&mut self, dst: &mut TcpStream, progress: &mut Progress) -> Result<bool, PumpError> {
-        loop {
-            let result = match &mut self.in_flight {
-                InFlight::Nothing => return Ok(true),
-                InFlight::Buffer { start, end, .. } if start == end => return Ok(true),
-                InFlight::Pipe { len: 0, .. } => return Ok(true),
-                InFlight::Buffer { buf, start, end } => {
-                    dst.write(&buf[*start..*end]).inspect(|&n| *start += n)
-                }
-                InFlight::Pipe { pipe, len } => {
-                    pipe.drain_to(dst.as_raw_fd(), *len).inspect(|&n| *len -= n)
-                }
-            };
-            match result {
-                Ok(0) => return Err(PumpError::Write(io::ErrorKind::WriteZero.into())),
-                Ok(n) => {
-                    self.bytes += n as u64;
-                    progress.moved += n as u64;
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(PumpError::Write(e)),
-            }
-        }
-    }
+/// Which directions of a relay to pump.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sides {
+    /// client → backend
+    pub up: bool,
+    /// backend → client
+    pub down: bool,
+    /// Read until EAGAIN even after a short read (the socket's state is not known).
+    pub until_eagain: bool,
+}
 
-    /// Reads one batch from the source into a buffer or pipe; returns the bytes and whether the
-    /// read was short (less than room). Only called with nothing in flight, so with a pipe,
-    /// EAGAIN can only mean the socket is empty.
-    fn fill(&mut self, src: &mut TcpStream, res: &mut Resources) -> io::Result<(usize, bool)> {
-        if self.bulk && res.splice && matches!(self.in_flight, InFlight::Nothing) {
-            if let Some(pipe) = res.pipes.take() {
-                self.in_flight = InFlight::Pipe { pipe, len: 0 };
-            }
-        }
-        match &mut self.in_flight {
-            InFlight::Pipe { pipe, len } => {
-                let n = pipe.fill_from(src.as_raw_fd(), pipe.capacity())?;
-                *len = n;
-                // A splice can return less than room while bytes are still queued (the pipe runs
-                // out of slots before bytes), so it never counts as short.
-                Ok((n, false))
-            }
-            InFlight::Nothing | InFlight::Buffer { .. } => {
-                let mut buf = match std::mem::replace(&mut self.in_flight, InFlight::Nothing) {
-                    InFlight::Buffer { buf, .. } => buf,
-                    _ => res.buffers.take(),
-                };
-                match src.read(&mut buf) {
-                    Ok(n) => {
-                        let short = n < buf.len();
-                        self.bulk |= !short;
-                        self.in_flight = InFlight::Buffer {
-                            buf,
-                            start: 0,
-                            end: n,
-                        };
-                        Ok((n, short))
-                    }
-                    Err(e) => {
-                        res.buffers.give(buf);
-                        Err(e)
-                    }
-                }
-            }
-        }
-    }
-
-    /// Gives an empty buffer or pipe back, so an idle direction holds nothing.
-    fn release(&mut self, res: &mut Resources) {
-        match std::mem::replace(&mut self.in_flight, InFlight::Nothing) {
-            InFlight::Buffer { buf, start, end } if start == end => res.buffers.give(buf),
-            InFlight::Pipe { pipe, len: 0 } => res.pipes.give(pipe),
-            InFlight::Nothing => {}
-            other => self.in_flight = other,
-        }
-    }
-
-    /// Drops whatever is in flight when the connection goes away.
-    pub fn discard(&mut self, res: &mut Resources) {
-        match std::mem::replace(&mut self.in_flight, InFlight::Nothing) {
-            InFlight::Buffer { buf, .. } => res.buffers.give(buf),
-            InFlight::Pipe { pipe, len: 0 } => res.pipes.give(pipe),
-            InFlight::Pipe { pipe, .. } => res.pipes.discard(pipe),
-            InFlight::Nothing => {}
-        }
-    }
+impl Sides {
+    pub const BOTH: Sides = Sides {
+        up: true,
+        down: true,
+        until_eagain: true,
+    };
 }
 
 /// Where a connection is in its life.
-pub enum Phase {
-    /// Waiting for the backend's non-blocking connect; `tried` holds the pool indices tried so
-    /// far (the last one is in progress), `attempt` identifies this connect's timer.
+enum Phase {
+    /// Accepted; no backend chosen yet.
+    Accepted,
+    /// Waiting for the backend's non-blocking connect. `tried` holds the pool indices tried so
+    /// far (the last one is in progress).
     Connecting {
+        backend: TcpStream,
         deadline: Instant,
         tried: Vec<usize>,
-        attempt: u64,
     },
-    Relaying,
+    Relaying {
+        backend: TcpStream,
+    },
 }
 
 /// One client connection and its backend.
 pub struct Relay {
-    pub id: u64,
-    pub client: TcpStream,
-    pub client_addr: SocketAddr,
-    pub backend: TcpStream,
-    pub pool: Rc<PoolSpec>,
-    /// Index into `pool.backends` of the backend in use (or being connected).
-    pub backend_index: usize,
-    pub phase: Phase,
+    /// Unique across workers (worker index in the top bits), for the page and the logs.
+    id: u64,
+    /// The slab key: the client's token is `2 * key`, the backend's `2 * key + 1`.
+    key: usize,
+    client: TcpStream,
+    client_addr: SocketAddr,
+    /// The pool as it was when the connection arrived (a reload does not move it).
+    pool: Rc<PoolSpec>,
+    /// Index into `pool.backends` of the backend in use or being connected.
+    backend_index: usize,
+    phase: Phase,
     /// client → backend
-    pub up: Direction,
+    up: Direction,
     /// backend → client
-    pub down: Direction,
-    pub started: Instant,
-    pub last_active: Instant,
+    down: Direction,
+    started: Instant,
+    last_active: Instant,
 }
 
 impl Relay {
+    /// A relay for a just-accepted client; [`Relay::start`] begins its life.
+    pub fn new(
+        id: u64,
+        key: usize,
+        client: TcpStream,
+        client_addr: SocketAddr,
+        pool: Rc<PoolSpec>,
+        now: Instant,
+    ) -> Relay {
+        Relay {
+            id,
+            key,
+            client,
+            client_addr,
+            pool,
+            backend_index: 0,
+            phase: Phase::Accepted,
+            up: Direction::default(),
+            down: Direction::default(),
+            started: now,
+            last_active: now,
+        }
+    }
+
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// Counts the client, registers it, and starts connecting to the pool's next backend.
+    pub fn start(&mut self, ctx: &mut Context) -> Next {
+        ctx.shared
+            .pool(self.pool.slot)
+            .accepted
+            .fetch_add(1, Relaxed);
+        let both = Interest::READABLE | Interest::WRITABLE;
+        if let Err(e) = ctx
+            .registry
+            .register(&mut self.client, Token(self.key * 2), both)
+        {
+            return Next::Close(Ending::NoSocket(e));
+        }
+        match pick_backend(&self.pool, ctx.shared, now_ms()) {
+            Some(index) => self.connect(index, Vec::new(), ctx),
+            None => Next::Close(Ending::NoBackend),
+        }
+    }
+
+    /// Handles a readiness event on one of the relay's sockets.
+    pub fn ready(&mut self, side: Side, wake: Wake, ctx: &mut Context) -> Next {
+        self.last_active = ctx.now;
+        match &self.phase {
+            Phase::Accepted => Next::Wait,
+            // Client bytes wait in the kernel until the backend is up.
+            Phase::Connecting { .. } if side == Side::Client => Next::Wait,
+            Phase::Connecting { backend, .. } => {
+                let writable = matches!(wake, Wake::Io { writable: true, .. });
+                match connect_result(backend, writable) {
+                    None => Next::Wait, // spurious wake-up, still connecting
+                    Some(Ok(())) => self.connected(ctx),
+                    Some(Err(e)) => {
+                        let code = e.raw_os_error().unwrap_or(libc::ECONNREFUSED) as u64;
+                        self.fail_over(code, &e.to_string(), ctx)
+                    }
+                }
+            }
+            Phase::Relaying { .. } => {
+                let sides = self.sides_for(side, wake);
+                self.pump(sides, ctx)
+            }
+        }
+    }
+
+    /// Continues a direction that yielded its fair share.
+    pub fn pump_again(&mut self, sides: Sides, ctx: &mut Context) -> Next {
+        self.pump(sides, ctx)
+    }
+
+    /// A connect timer fired. Timers are never cancelled: one set for an earlier attempt finds a
+    /// later deadline (or another phase) and is ignored.
+    pub fn timer_expired(&mut self, ctx: &mut Context) -> Next {
+        match &self.phase {
+            Phase::Connecting { deadline, .. } if *deadline <= ctx.now => {
+                self.fail_over(ERR_TIMEOUT, "connect timed out", ctx)
+            }
+            _ => Next::Wait,
+        }
+    }
+
+    /// True when nothing happened on the connection for `limit`.
+    pub fn idle_for(&self, limit: Duration, now: Instant) -> bool {
+        now.duration_since(self.last_active) >= limit
+    }
+
+    /// The one way a connection ends: frees what the directions hold, closes both sockets (with
+    /// RST when `ending` says so), and takes the connection off the counters.
+    pub fn close(mut self, ending: &Ending, ctx: &mut Context) {
+        self.up.discard(ctx.res);
+        self.down.discard(ctx.res);
+        let backend = match &self.phase {
+            Phase::Connecting { backend, .. } | Phase::Relaying { backend } => Some(backend),
+            Phase::Accepted => None,
+        };
+        if ending.resets() {
+            for s in std::iter::once(&self.client).chain(backend) {
+                let _ = socket2::SockRef::from(s).set_linger(Some(Duration::ZERO));
+            }
+        }
+        if let Phase::Relaying { .. } = self.phase {
+            ctx.shared
+                .backend(self.backend_slot())
+                .active
+                .fetch_sub(1, Relaxed);
+        }
+        if matches!(ending, Ending::NoBackend | Ending::NoSocket(_)) {
+            ctx.shared
+                .pool(self.pool.slot)
+                .unrouted
+                .fetch_add(1, Relaxed);
+        }
+        tracing::debug!(
+            id = self.id,
+            up = self.up.bytes(),
+            down = self.down.bytes(),
+            ?ending,
+            "closed"
+        );
+        // Dropping the sockets closes them, which also takes them out of the epoll set.
+    }
+
+    /// One line of the web page's connection table.
+    pub fn info(&self, worker: usize, now: Instant) -> ConnectionInfo {
+        let b = &self.pool.backends[self.backend_index];
+        ConnectionInfo {
+            id: self.id,
+            worker,
+            client: self.client_addr,
+            listen: self.pool.listen,
+            rule: b.name.clone(),
+            backend: b.addr,
+            state: match self.phase {
+                Phase::Accepted | Phase::Connecting { .. } => "connecting".into(),
+                Phase::Relaying { .. } => "relaying".into(),
+            },
+            bytes_up: self.up.bytes(),
+            bytes_down: self.down.bytes(),
+            age_ms: now.duration_since(self.started).as_millis() as u64,
+            client_half_closed: self.up.source_done(),
+            backend_half_closed: self.down.source_done(),
+        }
+    }
+
+    // ---- connecting ------------------------------------------------------------------------
+
+    /// Starts a non-blocking connect to backend `index`; `tried` are the ones already tried.
+    fn connect(&mut self, index: usize, mut tried: Vec<usize>, ctx: &mut Context) -> Next {
+        let addr = self.pool.backends[index].addr;
+        let mut backend = match TcpStream::connect(addr) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!("cannot open a socket to {addr}: {e}");
+                return Next::Close(Ending::NoSocket(e));
+            }
+        };
+        let token = Token(self.key * 2 + 1);
+        if let Err(e) =
+            ctx.registry
+                .register(&mut backend, token, Interest::READABLE | Interest::WRITABLE)
+        {
+            return Next::Close(Ending::NoSocket(e));
+        }
+        tracing::debug!(id = self.id, client = %self.client_addr, backend = %addr, "connecting");
+        tried.push(index);
+        self.backend_index = index;
+        let deadline = ctx.now + ctx.connect_timeout;
+        // The previous attempt's socket (if any) is dropped here, which deregisters it.
+        self.phase = Phase::Connecting {
+            backend,
+            deadline,
+            tried,
+        };
+        Next::Timer(deadline)
+    }
+
+    /// The backend answered: count the connection and move both directions once, since bytes
+    /// may already wait on either side.
+    fn connected(&mut self, ctx: &mut Context) -> Next {
+        let Phase::Connecting { backend, .. } = std::mem::replace(&mut self.phase, Phase::Accepted)
+        else {
+            return Next::Wait;
+        };
+        let _ = backend.set_nodelay(true);
+        let _ = socket2::SockRef::from(&backend).set_keepalive(true);
+        self.phase = Phase::Relaying { backend };
+        let slot = ctx.shared.backend(self.backend_slot());
+        slot.active.fetch_add(1, Relaxed);
+        slot.total.fetch_add(1, Relaxed);
+        if slot.record_success() {
+            tracing::info!(backend = %self.backend_addr(), "backend up");
+        }
+        self.pump(Sides::BOTH, ctx)
+    }
+
+    /// The backend being connected failed: mark it, then try the next backend of the pool, or
+    /// give up when every backend was tried.
+    fn fail_over(&mut self, code: u64, why: &str, ctx: &mut Context) -> Next {
+        let Phase::Connecting { tried, .. } = &mut self.phase else {
+            return Next::Wait;
+        };
+        let tried = std::mem::take(tried);
+        let failed = &self.pool.backends[self.backend_index];
+        if ctx
+            .shared
+            .backend(failed.slot)
+            .record_failure(code, now_ms())
+        {
+            tracing::warn!(backend = %failed.addr, name = %failed.name, "backend down: {why}");
+        }
+        match next_backend(&self.pool, ctx.shared, now_ms(), &tried) {
+            Some(index) => self.connect(index, tried, ctx),
+            None => {
+                tracing::debug!(id = self.id, "no backend of {} reachable", self.pool.listen);
+                Next::Close(Ending::NoBackend)
+            }
+        }
+    }
+
+    // ---- relaying --------------------------------------------------------------------------
+
+    /// A socket's readability drives the direction it is the source of, its writability the
+    /// direction it is the sink of; errors and hang-ups wake both. This saves a read that would
+    /// only return EAGAIN on every event.
+    fn sides_for(&mut self, side: Side, wake: Wake) -> Sides {
+        match (side, wake) {
+            (Side::Client, Wake::Error) => {
+                self.up.source_closing();
+                Sides::BOTH
+            }
+            (Side::Backend, Wake::Error) => {
+                self.down.source_closing();
+                Sides::BOTH
+            }
+            // Room in a sink matters only to a direction holding bytes for it; a writable edge
+            // after every ACK would otherwise cost a read that returns EAGAIN.
+            (Side::Client, Wake::Io { readable, writable }) => Sides {
+                up: readable,
+                down: writable && self.down.holds_bytes(),
+                until_eagain: false,
+            },
+            (Side::Backend, Wake::Io { readable, writable }) => Sides {
+                up: writable && self.up.holds_bytes(),
+                down: readable,
+                until_eagain: false,
+            },
+        }
+    }
+
+    fn pump(&mut self, sides: Sides, ctx: &mut Context) -> Next {
+        let Phase::Relaying { backend } = &mut self.phase else {
+            return Next::Wait;
+        };
+        let mut up = Progress::default();
+        let mut down = Progress::default();
+        let mut result = Ok(());
+        if sides.up {
+            let other = self.down.finished();
+            result = self
+                .up
+                .pump(
+                    &mut self.client,
+                    backend,
+                    ctx.res,
+                    sides.until_eagain,
+                    other,
+                )
+                .map(|p| up = p);
+        }
+        if sides.down && result.is_ok() {
+            let other = self.up.finished();
+            result = self
+                .down
+                .pump(
+                    backend,
+                    &mut self.client,
+                    ctx.res,
+                    sides.until_eagain,
+                    other,
+                )
+                .map(|p| down = p);
+        }
+        let slot = ctx.shared.backend(self.backend_slot());
+        if up.moved > 0 {
+            slot.bytes_up.fetch_add(up.moved, Relaxed);
+        }
+        if down.moved > 0 {
+            slot.bytes_down.fetch_add(down.moved, Relaxed);
+        }
+        if let Err(e) = result {
+            return Next::Close(Ending::Failed(e));
+        }
+        if self.up.finished() && self.down.finished() {
+            Next::Close(Ending::Finished)
+        } else if up.yielded || down.yielded {
+            Next::Again(Sides {
+                up: up.yielded,
+                down: down.yielded,
+                until_eagain: true,
+            })
+        } else {
+            Next::Wait
+        }
+    }
+
     /// The backend slot counting this connection.
-    pub fn backend_slot(&self) -> usize {
+    fn backend_slot(&self) -> usize {
         self.pool.backends[self.backend_index].slot
     }
 
-    pub fn backend_addr(&self) -> SocketAddr {
+    fn backend_addr(&self) -> SocketAddr {
         self.pool.backends[self.backend_index].addr
     }
+}
 
-    /// Both FINs passed on and nothing in flight: the connection is over.
-    pub fn finished(&self) -> bool {
-        self.up.finished() && self.down.finished()
+/// The outcome of a non-blocking connect after an event on the socket: None while it is still in
+/// progress. An edge-triggered writable event without a pending error means connected; anything
+/// else is checked with getpeername.
+fn connect_result(stream: &TcpStream, writable: bool) -> Option<io::Result<()>> {
+    match stream.take_error() {
+        Ok(Some(e)) | Err(e) => return Some(Err(e)),
+        Ok(None) if writable => return Some(Ok(())),
+        Ok(None) => {}
     }
-
-    /// Pumps the chosen directions; returns the bytes moved each way and whether either yielded.
-    pub fn pump(
-        &mut self,
-        res: &mut Resources,
-        up: bool,
-        down: bool,
-        until_eagain: bool,
-    ) -> Result<(Progress, Progress), PumpError> {
-        let up = if up {
-            let other = self.down.finished();
-            self.up.pump(
-                &mut self.client,
-                &mut self.backend,
-                res,
-                until_eagain,
-                other,
-            )?
-        } else {
-            Progress::default()
-        };
-        let down = if down {
-            let other = self.up.finished();
-            self.down.pump(
-                &mut self.backend,
-                &mut self.client,
-                res,
-                until_eagain,
-                other,
-            )?
-        } else {
-            Progress::default()
-        };
-        Ok((up, down))
-    }
-
-    /// Frees what the directions hold. With `reset`, both sockets are closed with RST (linger 0),
-    /// so a reset on one side is passed on to the other.
-    pub fn shut(&mut self, res: &mut Resources, reset: bool) {
-        self.up.discard(res);
-        self.down.discard(res);
-        if reset {
-            for s in [&self.client, &self.backend] {
-                let _ = socket2::SockRef::from(s).set_linger(Some(std::time::Duration::ZERO));
-            }
-        }
+    match stream.peer_addr() {
+        Ok(_) => Some(Ok(())),
+        Err(e) if e.kind() == io::ErrorKind::NotConnected => None,
+        Err(e) => Some(Err(e)),
     }
 }
