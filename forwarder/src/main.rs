@@ -4,12 +4,14 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::Parser;
 
 use forwarder::capacity;
+use forwarder::rules::file::RulesFile;
 use forwarder::rules::{self, RuleSet};
 use forwarder::supervisor::{self, Supervisor, SupervisorConfig};
 use forwarder::worker::{self, WorkerConfig};
@@ -123,8 +125,12 @@ fn run_supervisor(args: &Args) -> anyhow::Result<ExitCode> {
         None => default_rules_file()?,
     };
     let label = rules_path.display().to_string();
-    let set = match rules::load(&rules_path) {
-        Ok(set) => set,
+    let file = RulesFile::open(&rules_path).map_err(|e| {
+        eprintln!("{e}");
+        anyhow::anyhow!("{label}: cannot be read; nothing started")
+    })?;
+    let set = match &file.current().rules {
+        Ok(set) => set.clone(),
         Err(e) => {
             eprintln!("{e}");
             bail!("{label}: {} error(s); nothing started", e.0.len());
@@ -179,7 +185,7 @@ fn run_supervisor(args: &Args) -> anyhow::Result<ExitCode> {
     }
 
     let config = SupervisorConfig {
-        rules_path: rules_path.clone(),
+        rules: Arc::new(file),
         workers: plan.workers,
         per_worker_connections: plan.per_worker,
         capacity: plan.total,

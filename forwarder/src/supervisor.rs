@@ -6,10 +6,8 @@
 use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, RawFd};
-use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{mpsc, Arc, Mutex, MutexGuard};
@@ -19,14 +17,16 @@ use anyhow::Context;
 use serde::Serialize;
 
 use crate::control::{ConnectionInfo, PoolSpec, Reply, Request};
+use crate::rules::file::{RulesFile, Snapshot, WriteError};
 use crate::rules::{self, Entry, RuleError, RuleSet, RulesError};
 use crate::stats::slots::Slots;
 use crate::stats::{describe_error, now_ms, Shared};
 
 /// How the supervisor runs its workers.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct SupervisorConfig {
-    pub rules_path: PathBuf,
+    /// The rules file (the only file the web page may write).
+    pub rules: Arc<RulesFile>,
     pub workers: usize,
     /// Connections each worker takes before it stops accepting.
     pub per_worker_connections: usize,
@@ -47,40 +47,23 @@ struct WorkerHandle {
 }
 
 struct Inner {
+    /// The rules in force.
     rules: RuleSet,
+    /// The same rules as the workers get them: with the shared slots that count them.
     specs: Vec<PoolSpec>,
     slots: Slots,
     workers: Vec<WorkerHandle>,
-    /// What the rules file looked like when last read, to notice edits.
-    file_stamp: Option<(i64, i64, u64, u64)>,
-    file_text: String,
 }
 
 /// The supervisor, shared with the web page (cheap to clone).
 #[derive(Clone)]
 pub struct Supervisor {
     config: Arc<SupervisorConfig>,
-    /// Held from the If-Match check to the rename, so two writers cannot both pass the check.
-    write_lock: Arc<Mutex<()>>,
     /// Set the moment SIGTERM/SIGINT arrives: workers exiting from then on (a signal to the
     /// whole process group reaches them too) are not restarted.
     stopping: Arc<std::sync::atomic::AtomicBool>,
     shared: Arc<Shared>,
     inner: Arc<Mutex<Inner>>,
-}
-
-/// Why the web page's write of the rules was refused.
-#[derive(Debug, thiserror::Error)]
-pub enum WriteError {
-    #[error("the rules changed since you loaded them (current version {current})")]
-    Stale { current: String },
-    #[error("{0}")]
-    Invalid(RulesError),
-    #[error("cannot write {path}: {source}")]
-    Io {
-        path: String,
-        source: std::io::Error,
-    },
 }
 
 /// Everything the web page shows about the forwarder, read from the shared counters.
@@ -143,18 +126,14 @@ impl Supervisor {
             .store(config.capacity as u64, Relaxed);
         let mut slots = Slots::default();
         let specs = slots.assign(&rules, &shared)?;
-        let file_text = std::fs::read_to_string(&config.rules_path).unwrap_or_default();
         let inner = Inner {
             rules,
             specs,
             slots,
             workers: Vec::new(),
-            file_stamp: stamp(&config.rules_path),
-            file_text,
         };
         Ok(Supervisor {
             config: Arc::new(config),
-            write_lock: Arc::new(Mutex::new(())),
             stopping: Arc::default(),
             shared: Arc::new(shared),
             inner: Arc::new(Mutex::new(inner)),
@@ -184,8 +163,8 @@ impl Supervisor {
         loop {
             match rx.recv_timeout(Duration::from_millis(200)) {
                 Ok(Event::Reload) => {
-                    tracing::info!("SIGHUP: reloading {}", self.config.rules_path.display());
-                    let _ = self.reload_from_file();
+                    tracing::info!("SIGHUP: reloading {}", self.config.rules.label());
+                    let _ = self.reload_from_file(true);
                 }
                 Ok(Event::Shutdown) => return self.shutdown(),
                 Err(_) => {}
@@ -193,14 +172,7 @@ impl Supervisor {
             self.restart_dead_workers();
             if last_file_check.elapsed() >= Duration::from_millis(500) {
                 last_file_check = Instant::now();
-                let changed = {
-                    let inner = self.lock();
-                    stamp(&self.config.rules_path) != inner.file_stamp
-                };
-                if changed {
-                    tracing::info!("{} changed: reloading", self.config.rules_path.display());
-                    let _ = self.reload_from_file();
-                }
+                let _ = self.reload_from_file(false);
             }
         }
     }
@@ -333,16 +305,19 @@ impl Supervisor {
 
     // ---- reloads ---------------------------------------------------------------------------
 
-    /// Reads the rules file again and applies it; on any error the old rules stay in force.
-    pub fn reload_from_file(&self) -> Result<(), RulesError> {
-        let path = &self.config.rules_path;
-        let stamp_now = stamp(path);
-        let text = std::fs::read_to_string(path).unwrap_or_default();
-        let result = rules::load(path).and_then(|set| self.apply(set));
-        let mut inner = self.lock();
-        inner.file_stamp = stamp_now;
-        inner.file_text = text;
-        drop(inner);
+    /// Applies the rules file if it changed since it was last applied (or, with `force`, in any
+    /// case); on any error the old rules stay in force.
+    pub fn reload_from_file(&self, force: bool) -> Result<(), RulesError> {
+        let Some(file) = self.config.rules.take_change(force) else {
+            return Ok(());
+        };
+        if !force {
+            tracing::info!("{} changed: reloading", self.config.rules.label());
+        }
+        let result = match &file.rules {
+            Ok(set) => self.apply(set.clone()),
+            Err(e) => Err(e.clone()),
+        };
         if let Err(e) = &result {
             tracing::error!("rules not reloaded, the previous rules stay in force:\n{e}");
         }
@@ -359,7 +334,7 @@ impl Supervisor {
             if let Err(e) = probe_bind(pool.listen) {
                 let line = pool.rules.first().map(|r| r.line).unwrap_or(0);
                 errors.push(RuleError {
-                    file: self.config.rules_path.display().to_string(),
+                    file: self.config.rules.label().to_string(),
                     line,
                     field: "listen_port".into(),
                     message: format!("cannot listen on {}: {e}", pool.listen),
@@ -373,7 +348,7 @@ impl Supervisor {
             Ok(s) => s,
             Err(e) => {
                 return Err(RulesError(vec![RuleError {
-                    file: self.config.rules_path.display().to_string(),
+                    file: self.config.rules.label().to_string(),
                     line: 0,
                     field: "row".into(),
                     message: e.to_string(),
@@ -399,46 +374,26 @@ impl Supervisor {
         Ok(())
     }
 
-    /// The rules in force, the rules file's text as last read, and its version (for If-Match).
-    pub fn rules(&self) -> (RuleSet, String, String) {
-        let inner = self.lock();
-        (
-            inner.rules.clone(),
-            inner.file_text.clone(),
-            version(&inner.file_text),
-        )
+    /// The rules in force.
+    pub fn rules_in_force(&self) -> RuleSet {
+        self.lock().rules.clone()
     }
 
-    /// Validates `entries`, writes them to the rules file atomically (the previous file kept as
-    /// `<file>.bak`), and applies them live. With `if_match`, refuses when the file changed since
-    /// that version was read.
+    /// The rules file.
+    pub fn rules_file(&self) -> &RulesFile {
+        &self.config.rules
+    }
+
+    /// Writes `entries` to the rules file and applies them live, all or nothing (see
+    /// [`RulesFile::replace`]).
     pub fn write_entries(
         &self,
-        entries: &[Entry],
+        entries: &[(usize, Entry)],
         if_match: Option<&str>,
-    ) -> Result<RuleSet, WriteError> {
-        let _writing = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
-        let path = self.config.rules_path.clone();
-        let label = path.display().to_string();
-        let text = rules::to_csv(entries);
-        let set = rules::parse(&text, &label).map_err(WriteError::Invalid)?;
-        let current_text = std::fs::read_to_string(&path).unwrap_or_default();
-        let current = version(&current_text);
-        if let Some(expected) = if_match {
-            if expected.trim_matches('"') != current {
-                return Err(WriteError::Stale { current });
-            }
-        }
-        self.apply(set.clone()).map_err(WriteError::Invalid)?;
-        write_atomically(&path, &text).map_err(|source| WriteError::Io {
-            path: label.clone(),
-            source,
-        })?;
-        let mut inner = self.lock();
-        inner.file_stamp = stamp(&path);
-        inner.file_text = text;
-        tracing::info!("rules written to {label} ({} entries)", entries.len());
-        Ok(set)
+    ) -> Result<Arc<Snapshot>, WriteError> {
+        self.config
+            .rules
+            .replace(entries, if_match, |set| self.apply(set.clone()))
     }
 
     // ---- figures ---------------------------------------------------------------------------
@@ -633,44 +588,6 @@ fn keep_across_exec(fd: RawFd) -> std::io::Result<()> {
     Ok(())
 }
 
-fn stamp(path: &Path) -> Option<(i64, i64, u64, u64)> {
-    let m = std::fs::metadata(path).ok()?;
-    Some((m.mtime(), m.mtime_nsec(), m.size(), m.ino()))
-}
-
-/// A short version tag of the rules file's content, for ETag / If-Match.
-pub fn version(text: &str) -> String {
-    // FNV-1a: stable across runs, unlike the std hasher.
-    let mut h: u64 = 0xcbf29ce484222325;
-    for b in text.bytes() {
-        h ^= b as u64;
-        h = h.wrapping_mul(0x100000001b3);
-    }
-    format!("{h:016x}")
-}
-
-/// Writes `text` to a temp file beside `path`, keeps the old file as `<path>.bak`, then renames.
-fn write_atomically(path: &Path, text: &str) -> std::io::Result<()> {
-    let dir = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp"));
-    {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(text.as_bytes())?;
-        f.sync_all()?;
-    }
-    if path.exists() {
-        std::fs::copy(path, dir.join(format!("{name}.bak")))?;
-    }
-    std::fs::rename(&tmp, path)
-}
-
 fn log_changes(old: &RuleSet, new: &RuleSet) {
     for p in &new.pools {
         match old.pools.iter().find(|o| o.listen == p.listen) {
@@ -700,12 +617,4 @@ pub fn describe_pool(p: &rules::Pool) -> String {
         .map(|r| format!("{} {}", r.entry.name, r.dest))
         .collect::<Vec<_>>()
         .join(", ")
-}
-
-/// What the web page needs beyond the rules and figures (kept apart from the engine's code).
-impl Supervisor {
-    /// The rules file this supervisor reads, and the only file the web page may write.
-    pub fn rules_path(&self) -> &Path {
-        &self.config.rules_path
-    }
 }

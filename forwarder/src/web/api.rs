@@ -1,6 +1,6 @@
 //! The JSON API behind the page: the rules file (read, add, edit, delete, guarded by ETag /
 //! If-Match), the live figures, the per-second history and the connection table. Every change
-//! goes through `Supervisor::write_entries`, which writes only the rules file.
+//! goes through `Supervisor::write_entries` (`rules::file`), which writes only the rules file.
 
 use std::collections::HashMap;
 
@@ -12,11 +12,12 @@ use axum::Json;
 use serde::Serialize;
 use serde_json::{json, Value};
 
-use super::entries::{self, Change, FieldError, FileView};
+use super::entries::{self, Change, FieldError};
 use super::{call, AppState};
 use crate::control::ConnectionInfo;
+use crate::rules::file::{Snapshot, WriteError};
 use crate::rules::{self, Entry, RuleError};
-use crate::supervisor::{StatsSnapshot, Supervisor, WriteError};
+use crate::supervisor::{StatsSnapshot, Supervisor};
 
 /// An error answer: a status and `{"error": "...", ...}`.
 #[derive(Debug)]
@@ -128,29 +129,34 @@ pub struct RowDoc {
     pub listen: Option<String>,
 }
 
-fn rules_doc(sup: &Supervisor, view: FileView, id: Option<String>) -> RulesDoc {
-    let (running, _, _) = sup.rules();
-    let in_force = view.errors.is_empty() && running.entries() == view.entries();
-    let errors = view
-        .errors
-        .iter()
+fn rules_doc(sup: &Supervisor, file: &Snapshot, id: Option<String>) -> RulesDoc {
+    let running = sup.rules_in_force();
+    let ids = entries::assign_ids(file.rows.iter().map(|r| &r.entry));
+    let file_errors: Vec<RuleError> = match &file.rules {
+        Ok(_) => Vec::new(),
+        Err(e) => e.0.clone(),
+    };
+    let in_force = file_errors.is_empty() && running.entries() == file.entries();
+    let errors = file_errors
+        .into_iter()
         .map(|e| FieldError {
-            line: e.line,
-            field: e.field.clone(),
-            message: e.message.clone(),
-            id: view
+            id: file
                 .rows
                 .iter()
-                .find(|r| r.line == e.line)
-                .map(|r| r.id.clone()),
+                .position(|r| r.line == e.line)
+                .map(|i| ids[i].clone()),
+            line: e.line,
+            field: e.field,
+            message: e.message,
         })
         .collect();
     RulesDoc {
-        entries: view
+        entries: file
             .rows
             .iter()
-            .map(|r| RowDoc {
-                id: r.id.clone(),
+            .zip(ids)
+            .map(|(r, id)| RowDoc {
+                id,
                 line: r.line,
                 name: r.entry.name.clone(),
                 listen_port: r.entry.listen_port.clone(),
@@ -161,9 +167,9 @@ fn rules_doc(sup: &Supervisor, view: FileView, id: Option<String>) -> RulesDoc {
                     .map(|a| a.to_string()),
             })
             .collect(),
-        file: view.path,
-        version: view.version,
-        text: view.text,
+        file: sup.rules_file().label().to_string(),
+        version: file.version.clone(),
+        text: file.text.clone(),
         in_force,
         errors,
         id,
@@ -171,10 +177,7 @@ fn rules_doc(sup: &Supervisor, view: FileView, id: Option<String>) -> RulesDoc {
 }
 
 fn read_doc(sup: &Supervisor) -> Result<RulesDoc, ApiError> {
-    let path = sup.rules_path();
-    let view = FileView::read(path)
-        .map_err(|e| ApiError::internal(format!("cannot read {}: {e}", path.display())))?;
-    Ok(rules_doc(sup, view, None))
+    Ok(rules_doc(sup, &sup.rules_file().current(), None))
 }
 
 /// True when an If-Match / If-None-Match header names `version` (or is `*`).
@@ -272,9 +275,7 @@ pub async fn delete_rules(
     Ok(with_etag(StatusCode::OK, doc))
 }
 
-/// Reads the file, checks If-Match, applies `change`, validates, writes and applies the rules.
-/// One change at a time: the read-modify-write holds the page's write lock throughout (on the
-/// blocking thread, so an abandoned request cannot release it early).
+/// Checks If-Match, applies `change` to the rows, and writes and applies the result.
 async fn change(
     state: &AppState,
     headers: &HeaderMap,
@@ -282,67 +283,69 @@ async fn change(
 ) -> Result<RulesDoc, ApiError> {
     let if_match = header_string(headers, header::IF_MATCH);
     let sup = state.sup.clone();
-    let lock = state.write_lock.clone();
-    call(move || {
-        let _one_at_a_time = lock.lock().unwrap_or_else(|p| p.into_inner());
-        write_change(&sup, if_match.as_deref(), &change)
-    })
-    .await?
+    call(move || write_change(&sup, if_match.as_deref(), &change)).await?
 }
 
+/// Tries a change on the rows as they are now. Without If-Match the client asked for no
+/// particular version: a write that slipped in between reading and writing is not its
+/// conflict, so the change is planned again on the new rows.
 fn write_change(
     sup: &Supervisor,
     if_match: Option<&str>,
     change: &Change,
 ) -> Result<RulesDoc, ApiError> {
-    let path = sup.rules_path();
-    let view = FileView::read(path)
-        .map_err(|e| ApiError::internal(format!("cannot read {}: {e}", path.display())))?;
-    if let Some(expected) = if_match {
-        if !etag_matches(expected, &view.version) {
-            return Err(ApiError::stale(view.version));
+    const TRIES: usize = 3;
+    for _ in 0..TRIES {
+        let file = sup.rules_file().current();
+        if let Some(expected) = if_match {
+            if !etag_matches(expected, &file.version) {
+                return Err(ApiError::stale(file.version.clone()));
+            }
+        }
+        let ids = entries::assign_ids(file.rows.iter().map(|r| &r.entry));
+        let plan = entries::plan(&file.rows, &ids, change).map_err(ApiError::not_found)?;
+        match sup.write_entries(&plan.numbered(), Some(&file.version)) {
+            Ok(written) => {
+                let target = plan
+                    .target
+                    .map(|i| entries::assign_ids(plan.entries.iter())[i].clone());
+                return Ok(rules_doc(sup, &written, target));
+            }
+            Err(WriteError::Stale { current }) if if_match.is_some() => {
+                return Err(ApiError::stale(current))
+            }
+            Err(WriteError::Stale { .. }) => continue,
+            Err(WriteError::Invalid(e)) => return Err(refuse(&plan, e.0)),
+            Err(e @ WriteError::Io { .. }) => return Err(ApiError::internal(e.to_string())),
         }
     }
-    let plan = entries::plan(&view.rows, change).map_err(ApiError::not_found)?;
+    Err(ApiError::unavailable(
+        "the rules file kept changing while this change was written; try again",
+    ))
+}
+
+/// A refused change: every error next to the row it names (the changed row itself has no id
+/// yet, or a new one), citing the lines the page shows.
+fn refuse(plan: &entries::Plan, errors: Vec<RuleError>) -> ApiError {
     let ids = entries::assign_ids(plan.entries.iter());
-    // Errors name the entry by its line; `index_of` finds it in the plan.
-    let refuse = |errors: Vec<RuleError>, index_of: &dyn Fn(usize) -> Option<usize>| {
-        let message = errors
-            .iter()
-            .map(|e| e.to_string())
-            .collect::<Vec<_>>()
-            .join("\n");
-        let errors = errors
-            .into_iter()
-            .map(|e| {
-                let index = index_of(e.line).filter(|&i| i < plan.entries.len());
-                FieldError {
-                    id: index
-                        .filter(|&i| Some(i) != plan.target)
-                        .map(|i| ids[i].clone()),
-                    line: index.map_or(e.line, |i| plan.lines[i]),
-                    field: e.field,
-                    message: e.message,
-                }
-            })
-            .collect();
-        ApiError::invalid(message, errors)
-    };
-    if let Err(e) = plan.validate(&view.path) {
-        return Err(refuse(e.0, &|line| plan.index_of_line(line)));
-    }
-    match sup.write_entries(&plan.entries, Some(&view.version)) {
-        Ok(_) => {}
-        Err(WriteError::Stale { current }) => return Err(ApiError::stale(current)),
-        // Numbered as written: the comment header, then one row per line.
-        Err(WriteError::Invalid(e)) => {
-            return Err(refuse(e.0, &entries::index_of_written_line));
-        }
-        Err(e @ WriteError::Io { .. }) => return Err(ApiError::internal(e.to_string())),
-    }
-    let view = FileView::read(path)
-        .map_err(|e| ApiError::internal(format!("cannot read {}: {e}", path.display())))?;
-    Ok(rules_doc(sup, view, plan.target.map(|i| ids[i].clone())))
+    let message = errors
+        .iter()
+        .map(|e| e.to_string())
+        .collect::<Vec<_>>()
+        .join("\n");
+    let errors = errors
+        .into_iter()
+        .map(|e| FieldError {
+            id: plan
+                .index_of_line(e.line)
+                .filter(|&i| Some(i) != plan.target)
+                .map(|i| ids[i].clone()),
+            line: e.line,
+            field: e.field,
+            message: e.message,
+        })
+        .collect();
+    ApiError::invalid(message, errors)
 }
 
 /// The four fields of a rule from a JSON object; ports may be numbers. Every problem is

@@ -41,8 +41,6 @@ struct AppState {
     sup: Supervisor,
     auth: Arc<Auth>,
     history: Arc<Mutex<history::History>>,
-    /// Serialises the page's read-modify-write of the rules file (taken on a blocking thread).
-    write_lock: Arc<Mutex<()>>,
     /// The last connection list, shared by every browser for [`CONNECTIONS_FRESH`]: listing
     /// asks every worker to describe all its connections, which is not free at 20,000.
     connections: Arc<Mutex<Option<ConnectionList>>>,
@@ -78,7 +76,6 @@ pub fn start(
         sup: supervisor,
         auth: Arc::new(auth),
         history: Arc::new(Mutex::new(history::History::new(history::KEEP_SECONDS))),
-        write_lock: Arc::new(Mutex::new(())),
         connections: Arc::new(Mutex::new(None)),
     };
     announce(local, &state.auth);

@@ -1,0 +1,423 @@
+//! The one reader and the one writer of the rules CSV: rows read with their line numbers (kept
+//! even when malformed, so the page can show them), each field checked, host names resolved once,
+//! pools formed; and entries written back as rows.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs};
+
+use super::{Entry, Pool, Rule, RuleError, RuleSet, RulesError, EXAMPLE_FILE};
+
+/// One row of a rules file as written, valid or not.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Row {
+    /// 1-based line in the file.
+    pub line: usize,
+    /// The fields, padded or cut to the columns a rule has when the row had another number.
+    pub entry: Entry,
+    /// Why the row is not a rule whatever its fields say (wrong field count, bad CSV).
+    pub malformed: Option<RuleError>,
+}
+
+/// Parses and validates rules text; `file` labels the errors.
+pub fn parse(text: &str, file: &str) -> Result<RuleSet, RulesError> {
+    let rows = read_rows(text, file);
+    let mut errors: Vec<RuleError> = rows.iter().filter_map(|r| r.malformed.clone()).collect();
+    let entries: Vec<(usize, Entry)> = rows
+        .into_iter()
+        .filter(|r| r.malformed.is_none())
+        .map(|r| (r.line, r.entry))
+        .collect();
+    match validate(&entries, file) {
+        Ok(set) if errors.is_empty() => Ok(set),
+        Ok(_) => Err(RulesError(errors)),
+        Err(RulesError(more)) => {
+            errors.extend(more);
+            errors.sort_by_key(|e| e.line);
+            Err(RulesError(errors))
+        }
+    }
+}
+
+/// Every row of a rules file with its line: comments, blank lines and a header row skipped,
+/// fields trimmed. A row with the wrong number of fields is kept, with its error, so the page
+/// can show it and let it be fixed.
+pub fn read_rows(text: &str, file: &str) -> Vec<Row> {
+    let mut reader = csv::ReaderBuilder::new()
+        .has_headers(false)
+        .flexible(true)
+        .comment(Some(b'#'))
+        .trim(csv::Trim::All)
+        .from_reader(text.as_bytes());
+    let mut rows = Vec::new();
+    let mut first = true;
+    for record in reader.records() {
+        let record = match record {
+            Ok(r) => r,
+            Err(e) => {
+                let line = e.position().map(|p| line_at(text, p.byte())).unwrap_or(0);
+                rows.push(Row {
+                    line,
+                    entry: Entry::default(),
+                    malformed: Some(err(file, line, "row", format!("not valid CSV: {e}"))),
+                });
+                continue;
+            }
+        };
+        if skipped_row(&record, &mut first) {
+            continue;
+        }
+        // The csv crate's own line count skips comments and blank lines; count from the offset.
+        let line = record
+            .position()
+            .map(|p| line_at(text, p.byte()))
+            .unwrap_or(0);
+        let malformed = (record.len() != 4).then(|| {
+            err(
+                file,
+                line,
+                "row",
+                format!(
+                    "expected 4 fields (name,listen_port,dest_ip,dest_port), found {}",
+                    record.len()
+                ),
+            )
+        });
+        let field = |i: usize| record.get(i).unwrap_or("").to_string();
+        rows.push(Row {
+            line,
+            entry: Entry {
+                name: field(0),
+                listen_port: field(1),
+                dest_ip: field(2),
+                dest_port: field(3),
+            },
+            malformed,
+        });
+    }
+    rows
+}
+
+/// Validates entries (with their line numbers) into pools: each field checked, destinations
+/// resolved, duplicates and conflicting listen addresses refused.
+pub fn validate(entries: &[(usize, Entry)], file: &str) -> Result<RuleSet, RulesError> {
+    let mut errors = Vec::new();
+    let mut pools: Vec<Pool> = Vec::new();
+    // port -> (listen address, first line), to refuse one port bound on two different addresses.
+    let mut ports: HashMap<u16, (SocketAddr, usize)> = HashMap::new();
+    for (line, entry) in entries {
+        let line = *line;
+        let before = errors.len();
+        check_name(&entry.name).unwrap_or_else(|m| errors.push(err(file, line, "name", m)));
+        let listen = parse_listen(&entry.listen_port)
+            .map_err(|m| errors.push(err(file, line, "listen_port", m)))
+            .ok();
+        let port = parse_port(&entry.dest_port)
+            .map_err(|m| errors.push(err(file, line, "dest_port", m)))
+            .ok();
+        let dest = match port {
+            Some(port) => resolve(&entry.dest_ip, port)
+                .map_err(|m| errors.push(err(file, line, "dest_ip", m)))
+                .ok(),
+            None => None,
+        };
+        if errors.len() > before {
+            continue;
+        }
+        let (Some(listen), Some(dest)) = (listen, dest) else {
+            continue;
+        };
+        match ports.get(&listen.port()) {
+            Some((addr, first_line)) if *addr != listen => {
+                errors.push(err(
+                    file,
+                    line,
+                    "listen_port",
+                    format!(
+                        "port {} is already bound to {addr} by line {first_line}; one port takes one listen address",
+                        listen.port()
+                    ),
+                ));
+                continue;
+            }
+            Some(_) => {}
+            None => {
+                ports.insert(listen.port(), (listen, line));
+            }
+        }
+        let rule = Rule {
+            entry: entry.clone(),
+            line,
+            listen,
+            dest,
+        };
+        match pools.iter_mut().find(|p| p.listen == listen) {
+            Some(pool) => {
+                if let Some(dup) = pool.rules.iter().find(|r| r.dest == dest) {
+                    errors.push(err(
+                        file,
+                        line,
+                        "dest_ip",
+                        format!(
+                            "duplicate destination {dest} for listen port {} (already on line {})",
+                            listen.port(),
+                            dup.line
+                        ),
+                    ));
+                    continue;
+                }
+                pool.rules.push(rule);
+            }
+            None => pools.push(Pool {
+                listen,
+                rules: vec![rule],
+            }),
+        }
+    }
+    if errors.is_empty() {
+        Ok(RuleSet { pools })
+    } else {
+        Err(RulesError(errors))
+    }
+}
+
+/// Serialises entries back to the file format (one row each, quoted only where needed), after
+/// the comment header.
+pub fn to_csv(entries: &[Entry]) -> String {
+    let mut out = String::from(EXAMPLE_FILE);
+    let mut w = csv::WriterBuilder::new()
+        .has_headers(false)
+        .from_writer(Vec::new());
+    for e in entries {
+        // Writing to a Vec cannot fail.
+        let _ = w.write_record([&e.name, &e.listen_port, &e.dest_ip, &e.dest_port]);
+    }
+    let bytes = w.into_inner().unwrap_or_default();
+    out.push_str(&String::from_utf8_lossy(&bytes));
+    out
+}
+
+/// A row that is no rule: an empty one, or the header row (allowed as the first row only).
+/// `first` tracks whether a row has been seen yet.
+fn skipped_row(record: &csv::StringRecord, first: &mut bool) -> bool {
+    if record.iter().all(|f| f.is_empty()) {
+        return true;
+    }
+    let is_header = *first
+        && record
+            .get(1)
+            .is_some_and(|f| f.eq_ignore_ascii_case("listen_port"));
+    *first = false;
+    is_header
+}
+
+/// 1-based line number of the record that the csv reader reports at `byte`. The reader reports
+/// where it started looking, before the blank and comment lines it skipped, so skip them too.
+fn line_at(text: &str, byte: u64) -> usize {
+    let mut start = (byte as usize).min(text.len());
+    let mut line = text.as_bytes()[..start]
+        .iter()
+        .filter(|&&b| b == b'\n')
+        .count()
+        + 1;
+    while let Some(rest) = text.get(start..) {
+        let this = rest.split('\n').next().unwrap_or("");
+        let skipped = this.trim().is_empty() || this.starts_with('#');
+        if !skipped || this.len() == rest.len() {
+            break;
+        }
+        start += this.len() + 1;
+        line += 1;
+    }
+    line
+}
+
+fn err(file: &str, line: usize, field: &str, message: String) -> RuleError {
+    RuleError {
+        file: file.to_string(),
+        line,
+        field: field.to_string(),
+        message,
+    }
+}
+
+fn check_name(name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Err("name is empty".into());
+    }
+    if name.chars().count() > 64 {
+        return Err("name is longer than 64 characters".into());
+    }
+    if name.chars().any(char::is_control) {
+        return Err("name contains control characters".into());
+    }
+    Ok(())
+}
+
+/// `PORT` (all IPv4 addresses), `ADDR:PORT`, or `[V6]:PORT`.
+pub fn parse_listen(field: &str) -> Result<SocketAddr, String> {
+    if field.is_empty() {
+        return Err("listen port is empty".into());
+    }
+    if field.bytes().all(|b| b.is_ascii_digit()) || !field.contains(':') {
+        let port = parse_port(field)?;
+        return Ok(SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port));
+    }
+    field
+        .parse::<SocketAddr>()
+        .map_err(|_| {
+            format!("\"{field}\" is neither a port nor ADDR:PORT (use [v6addr]:PORT for IPv6)")
+        })
+        .and_then(|a| {
+            if a.port() == 0 {
+                Err("port 0 is not allowed".into())
+            } else {
+                Ok(a)
+            }
+        })
+}
+
+/// A TCP port 1..=65535.
+pub fn parse_port(field: &str) -> Result<u16, String> {
+    if field.is_empty() {
+        return Err("port is empty".into());
+    }
+    match field.parse::<u32>() {
+        Ok(0) => Err("port 0 is not allowed".into()),
+        Ok(p) if p <= 65535 => Ok(p as u16),
+        Ok(p) => Err(format!("port {p} is out of range 1-65535")),
+        Err(_) => Err(format!("\"{field}\" is not a port number")),
+    }
+}
+
+/// An IP literal (IPv6 with or without brackets) or a host name, resolved now.
+pub fn resolve(host: &str, port: u16) -> Result<SocketAddr, String> {
+    if host.is_empty() {
+        return Err("destination is empty".into());
+    }
+    let bare = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    if let Ok(ip) = bare.parse::<IpAddr>() {
+        if ip.is_unspecified() {
+            return Err(format!("{ip} is not a destination address"));
+        }
+        return Ok(SocketAddr::new(ip, port));
+    }
+    if !bare
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.' || c == '_')
+    {
+        return Err(format!("\"{host}\" is not an IP address or host name"));
+    }
+    match (bare, port).to_socket_addrs() {
+        Ok(mut addrs) => addrs
+            .next()
+            .ok_or_else(|| format!("unknown host \"{host}\"")),
+        Err(e) => Err(format!("unknown host \"{host}\": {e}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn errors(text: &str) -> Vec<String> {
+        parse(text, "entries.csv")
+            .unwrap_err()
+            .0
+            .iter()
+            .map(|e| e.to_string())
+            .collect()
+    }
+
+    #[test]
+    fn original_quoted_format_loads_unchanged() {
+        let set = parse(
+            "\"web1\",\"8080\",\"127.0.0.1\",\"9001\"\n\"web2\",\"8080\",\"127.0.0.1\",\"9002\"\n\"ssh\",\"22222\",\"10.0.0.3\",\"22\"\n",
+            "entries.csv",
+        )
+        .unwrap();
+        assert_eq!(set.pools.len(), 2);
+        assert_eq!(set.pools[0].listen, "0.0.0.0:8080".parse().unwrap());
+        assert_eq!(set.pools[0].rules.len(), 2);
+        assert_eq!(
+            set.pools[0].rules[1].dest,
+            "127.0.0.1:9002".parse().unwrap()
+        );
+        assert_eq!(set.pools[1].rules[0].entry.name, "ssh");
+    }
+
+    #[test]
+    fn header_comments_blank_lines_hosts_and_v6_are_allowed() {
+        let text = "name,listen_port,dest_ip,dest_port\n\n# a comment\n a , 127.0.0.1:7000 , localhost , 7001\nb,[::1]:7002,::1,7003\nc,7004,[::1],7005\n";
+        let set = parse(text, "f").unwrap();
+        assert_eq!(set.pools.len(), 3);
+        assert_eq!(set.pools[0].listen, "127.0.0.1:7000".parse().unwrap());
+        assert_eq!(set.pools[0].rules[0].line, 4);
+        assert_eq!(set.pools[1].listen, "[::1]:7002".parse().unwrap());
+        assert_eq!(set.pools[2].rules[0].dest, "[::1]:7005".parse().unwrap());
+    }
+
+    #[test]
+    fn errors_name_file_line_field_and_why() {
+        let e = errors("ok,8080,127.0.0.1,80\nbad,70000,127.0.0.1,80\nx,8081,127.0.0.1,abc\n");
+        assert_eq!(
+            e,
+            vec![
+                "entries.csv:2: listen_port: port 70000 is out of range 1-65535",
+                "entries.csv:3: dest_port: \"abc\" is not a port number",
+            ]
+        );
+    }
+
+    #[test]
+    fn duplicate_destination_and_wrong_field_count_are_refused() {
+        let e = errors("a,8080,127.0.0.1,80\nb,8080,127.0.0.1,80\nc,8081,127.0.0.1\n");
+        assert_eq!(e[0], "entries.csv:2: dest_ip: duplicate destination 127.0.0.1:80 for listen port 8080 (already on line 1)");
+        assert!(e[1].starts_with("entries.csv:3: row: expected 4 fields"));
+    }
+
+    #[test]
+    fn unknown_host_and_conflicting_listen_address() {
+        let e = errors(
+            "a,8080,no-such-host.invalid,80\nb,9000,127.0.0.1,80\nc,127.0.0.1:9000,127.0.0.1,81\n",
+        );
+        assert!(e[0].starts_with("entries.csv:1: dest_ip: unknown host \"no-such-host.invalid\""));
+        assert!(e[1].starts_with(
+            "entries.csv:3: listen_port: port 9000 is already bound to 0.0.0.0:9000 by line 2"
+        ));
+    }
+
+    #[test]
+    fn csv_round_trip_keeps_entries() {
+        let set = parse("\"a,b\",8080,127.0.0.1,80\nc,8081,localhost,81\n", "f").unwrap();
+        let text = to_csv(&set.entries());
+        let again = parse(&text, "f").unwrap();
+        assert_eq!(again.entries(), set.entries());
+        assert_eq!(again.entries()[0].name, "a,b");
+    }
+
+    #[test]
+    fn rows_keep_lines_and_malformed_rows() {
+        let text = "# c\nname,listen_port,dest_ip,dest_port\n\n a , 8080 ,127.0.0.1, 9001\n# x\nb,8081,127.0.0.1\n\"c,d\",8082,localhost,9003,extra\n";
+        let rows = read_rows(text, "f.csv");
+        let lines: Vec<usize> = rows.iter().map(|r| r.line).collect();
+        assert_eq!(lines, [4, 6, 7]);
+        assert_eq!(rows[0].entry.name, "a");
+        assert_eq!(rows[1].entry.dest_port, "");
+        assert_eq!(rows[2].entry.name, "c,d");
+        assert!(rows[0].malformed.is_none());
+        assert_eq!(
+            rows[1].malformed.as_ref().unwrap().to_string(),
+            "f.csv:6: row: expected 4 fields (name,listen_port,dest_ip,dest_port), found 3"
+        );
+        let errors = parse(text, "f.csv").unwrap_err().0;
+        assert_eq!(errors.iter().map(|e| e.line).collect::<Vec<_>>(), [6, 7]);
+    }
+
+    #[test]
+    fn empty_file_is_an_empty_rule_set() {
+        assert_eq!(parse(EXAMPLE_FILE, "f").unwrap().pools.len(), 0);
+    }
+}
