@@ -1,9 +1,45 @@
-//! The messages between the supervisor and a worker: one JSON object per line over a Unix socket
-//! pair the worker inherits. The supervisor asks, the worker answers, in order.
+//! The messages between the supervisor and a worker, and their framing: one JSON object per line
+//! over a Unix socket pair the worker inherits. The supervisor asks, the worker answers, in order.
+//! Both ends frame with [`encode`] and [`FrameReader`]; nothing else reads or writes the socket's
+//! bytes. Every request carries a sequence number its reply repeats ([`Numbered`]), so a reply that
+//! arrives after the supervisor gave up waiting for it is recognised and dropped.
 
 use std::net::SocketAddr;
 
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
+
+/// A request or reply with the sequence number of the request.
+pub type Numbered<T> = (u64, T);
+
+/// Appends `message` to `out` as one frame.
+pub fn encode<T: Serialize>(message: &T, out: &mut Vec<u8>) -> serde_json::Result<()> {
+    serde_json::to_writer(&mut *out, message)?;
+    out.push(b'\n');
+    Ok(())
+}
+
+/// Collects the bytes read from a control socket and hands out whole frames.
+#[derive(Debug, Default)]
+pub struct FrameReader {
+    pending: Vec<u8>,
+}
+
+impl FrameReader {
+    /// Adds bytes as they were read (any split).
+    pub fn push(&mut self, bytes: &[u8]) {
+        self.pending.extend_from_slice(bytes);
+    }
+
+    /// The next whole frame, decoded; `None` until one is complete. A frame that does not
+    /// decode is consumed and returned as the error, so one bad frame cannot wedge the reader.
+    pub fn next<T: DeserializeOwned>(&mut self) -> Option<serde_json::Result<T>> {
+        let end = self.pending.iter().position(|&b| b == b'\n')?;
+        let decoded = serde_json::from_slice(&self.pending[..end]);
+        self.pending.drain(..=end);
+        Some(decoded)
+    }
+}
 
 /// One backend as a worker needs it: where to connect and which shared slot counts it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -72,3 +108,35 @@ pub struct ConnectionInfo {
 
 /// Bits of a connection id that hold the worker-local sequence number.
 pub const ID_WORKER_SHIFT: u32 = 48;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_survive_any_split_and_a_bad_frame_is_skipped() {
+        let mut bytes = Vec::new();
+        encode(&Request::Close { id: 7 }, &mut bytes).unwrap();
+        bytes.extend_from_slice(b"{not json}\n");
+        encode(&Request::ListConnections, &mut bytes).unwrap();
+        for split in 0..bytes.len() {
+            let mut reader = FrameReader::default();
+            let mut got = Vec::new();
+            for part in [&bytes[..split], &bytes[split..]] {
+                reader.push(part);
+                while let Some(frame) = reader.next::<Request>() {
+                    got.push(frame.map(|r| format!("{r:?}")).map_err(|_| ()));
+                }
+            }
+            assert_eq!(
+                got,
+                vec![
+                    Ok("Close { id: 7 }".to_string()),
+                    Err(()),
+                    Ok("ListConnections".to_string())
+                ],
+                "split at {split}"
+            );
+        }
+    }
+}

@@ -3,7 +3,7 @@
 //! established connections, and owns shutdown. It forwards no traffic itself, so nothing the web
 //! side does can stall forwarding.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use serde::Serialize;
 
-use crate::control::{ConnectionInfo, PoolSpec, Reply, Request};
+use crate::control::{self, ConnectionInfo, FrameReader, Numbered, PoolSpec, Reply, Request};
 use crate::rules::file::{RulesFile, Snapshot, WriteError};
 use crate::rules::{self, Entry, RuleError, RuleSet, RulesError};
 use crate::stats::slots::Slots;
@@ -42,7 +42,9 @@ struct WorkerHandle {
     index: usize,
     child: Child,
     control: UnixStream,
-    replies: BufReader<UnixStream>,
+    replies: FrameReader,
+    /// Sequence number of the last request sent.
+    asked: u64,
     started: Instant,
 }
 
@@ -225,12 +227,12 @@ impl Supervisor {
         let child = cmd.spawn().context("starting a worker process")?;
         drop(theirs);
         ours.set_read_timeout(Some(Duration::from_secs(5)))?;
-        let replies = BufReader::new(ours.try_clone()?);
         let mut worker = WorkerHandle {
             index,
             child,
             control: ours,
-            replies,
+            replies: FrameReader::default(),
+            asked: 0,
             started: Instant::now(),
         };
         match worker.ask(&Request::Apply {
@@ -344,7 +346,9 @@ impl Supervisor {
         if !errors.is_empty() {
             return Err(RulesError(errors));
         }
-        let specs = match inner.slots.assign(&new, &self.shared) {
+        // Slots are committed only once every worker took the rules.
+        let mut slots = inner.slots.clone();
+        let specs = match slots.assign(&new, &self.shared) {
             Ok(s) => s,
             Err(e) => {
                 return Err(RulesError(vec![RuleError {
@@ -355,19 +359,29 @@ impl Supervisor {
                 }]))
             }
         };
-        for w in inner.workers.iter_mut() {
-            match w.ask(&Request::Apply {
-                pools: specs.clone(),
-            }) {
-                Ok(Reply::Applied { errors }) => {
-                    for e in errors {
-                        tracing::error!(worker = w.index, "{e}");
-                    }
-                }
-                Ok(_) => tracing::error!(worker = w.index, "unexpected reply to apply"),
-                Err(e) => tracing::error!(worker = w.index, "reload not delivered: {e:#}"),
+        let failures = deliver(&mut inner.workers, &specs);
+        if !failures.is_empty() {
+            // All or nothing: put the workers that switched back on the rules in force.
+            let previous = inner.specs.clone();
+            for (worker, why) in deliver(&mut inner.workers, &previous) {
+                tracing::error!(worker, "cannot return to the previous rules: {why}");
             }
+            let file = self.config.rules.label().to_string();
+            return Err(RulesError(
+                failures
+                    .into_iter()
+                    .map(|(worker, why)| RuleError {
+                        file: file.clone(),
+                        line: 0,
+                        field: "row".into(),
+                        message: format!(
+                            "worker {worker} could not apply the rules ({why}); the previous rules stay in force"
+                        ),
+                    })
+                    .collect(),
+            ));
         }
+        inner.slots = slots;
         log_changes(&inner.rules, &new);
         inner.rules = new;
         inner.specs = specs;
@@ -404,28 +418,29 @@ impl Supervisor {
         let header = self.shared.header();
         let mut active = 0;
         let pools = inner
-            .specs
+            .rules
+            .pools
             .iter()
-            .zip(&inner.rules.pools)
-            .map(|(spec, pool)| {
-                let p = self.shared.pool(spec.slot);
-                PoolStats {
-                    listen: spec.listen,
+            .filter_map(|pool| {
+                let p = self.shared.pool(inner.slots.pool_slot(pool.listen)?);
+                Some(PoolStats {
+                    listen: pool.listen,
                     accepted: p.accepted.load(Relaxed),
                     unrouted: p.unrouted.load(Relaxed),
-                    backends: spec
-                        .backends
+                    backends: pool
+                        .rules
                         .iter()
-                        .zip(&pool.rules)
-                        .map(|(b, rule)| {
-                            let s = self.shared.backend(b.slot);
+                        .filter_map(|rule| {
+                            let s = self
+                                .shared
+                                .backend(inner.slots.backend_slot(pool.listen, rule.dest)?);
                             active += s.active.load(Relaxed);
                             let down = s.is_down(now);
-                            BackendStats {
-                                name: b.name.clone(),
+                            Some(BackendStats {
+                                name: rule.entry.name.clone(),
                                 dest_ip: rule.entry.dest_ip.clone(),
                                 dest_port: rule.entry.dest_port.clone(),
-                                addr: b.addr,
+                                addr: rule.dest,
                                 state: if down { "down" } else { "up" }.into(),
                                 active: s.active.load(Relaxed),
                                 total: s.total.load(Relaxed),
@@ -445,10 +460,10 @@ impl Supervisor {
                                     0
                                 },
                                 last_check_ms: s.last_check_ms.load(Relaxed),
-                            }
+                            })
                         })
                         .collect(),
-                }
+                })
             })
             .collect();
         StatsSnapshot {
@@ -530,19 +545,51 @@ impl Supervisor {
     }
 }
 
+/// Sends `specs` to every live worker; returns the workers that did not apply them and why. A
+/// worker that has exited is not a failure: it is restarted with the rules in force.
+fn deliver(workers: &mut [WorkerHandle], specs: &[PoolSpec]) -> Vec<(usize, String)> {
+    let mut failures = Vec::new();
+    for w in workers.iter_mut() {
+        let why = match w.ask(&Request::Apply {
+            pools: specs.to_vec(),
+        }) {
+            Ok(Reply::Applied { errors }) if errors.is_empty() => continue,
+            Ok(Reply::Applied { errors }) => errors.join("; "),
+            Ok(other) => format!("unexpected reply {other:?}"),
+            Err(_) if matches!(w.child.try_wait(), Ok(Some(_))) => continue,
+            Err(e) => format!("{e:#}"),
+        };
+        tracing::error!(worker = w.index, "rules not applied: {why}");
+        failures.push((w.index, why));
+    }
+    failures
+}
+
 impl WorkerHandle {
     /// Sends one request and waits (up to the socket's read timeout) for its reply.
     fn ask(&mut self, request: &Request) -> anyhow::Result<Reply> {
-        let mut line = serde_json::to_vec(request)?;
-        line.push(b'\n');
-        self.control.write_all(&line).context("sending to worker")?;
-        let mut reply = String::new();
-        let n = self
-            .replies
-            .read_line(&mut reply)
-            .context("reading worker reply")?;
-        anyhow::ensure!(n > 0, "worker closed its control socket");
-        Ok(serde_json::from_str(&reply)?)
+        self.asked += 1;
+        let mut frame = Vec::new();
+        control::encode(&(self.asked, request), &mut frame)?;
+        self.control
+            .write_all(&frame)
+            .context("sending to worker")?;
+        let mut buf = [0u8; 64 * 1024];
+        loop {
+            while let Some(reply) = self.replies.next::<Numbered<Reply>>() {
+                let (seq, reply) = reply.context("decoding worker reply")?;
+                if seq == self.asked {
+                    return Ok(reply);
+                }
+                // The late answer to a request that timed out earlier.
+            }
+            let n = self
+                .control
+                .read(&mut buf)
+                .context("reading worker reply")?;
+            anyhow::ensure!(n > 0, "worker closed its control socket");
+            self.replies.push(&buf[..n]);
+        }
     }
 }
 

@@ -18,7 +18,9 @@ use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook_mio::v1_0::Signals;
 use slab::Slab;
 
-use crate::control::{ConnectionInfo, PoolSpec, Reply, Request, ID_WORKER_SHIFT};
+use crate::control::{
+    self, ConnectionInfo, FrameReader, Numbered, PoolSpec, Reply, Request, ID_WORKER_SHIFT,
+};
 use crate::stats::Shared;
 use crate::tcp::buffers::{BufferPool, PipePool};
 use crate::tcp::direction::Resources;
@@ -53,7 +55,7 @@ pub struct Worker {
     poll: Poll,
     shared: Shared,
     control: UnixStream,
-    control_in: Vec<u8>,
+    control_in: FrameReader,
     control_out: Vec<u8>,
     listeners: Slab<Listener>,
     by_addr: HashMap<SocketAddr, usize>,
@@ -98,7 +100,7 @@ pub fn run(config: WorkerConfig, stats_fd: i32, control_fd: i32) -> anyhow::Resu
         poll,
         shared,
         control,
-        control_in: Vec::new(),
+        control_in: FrameReader::default(),
         control_out: Vec::new(),
         listeners: Slab::new(),
         by_addr: HashMap::new(),
@@ -347,23 +349,21 @@ impl Worker {
                     }
                     break;
                 }
-                Ok(n) => self.control_in.extend_from_slice(&buf[..n]),
+                Ok(n) => self.control_in.push(&buf[..n]),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e).context("reading control socket"),
             }
         }
-        while let Some(pos) = self.control_in.iter().position(|&b| b == b'\n') {
-            let line: Vec<u8> = self.control_in.drain(..=pos).collect();
-            let reply = match serde_json::from_slice::<Request>(&line) {
-                Ok(request) => self.handle(request),
+        while let Some(frame) = self.control_in.next::<Numbered<Request>>() {
+            let reply = match frame {
+                Ok((seq, request)) => (seq, self.handle(request)),
                 Err(e) => {
                     tracing::error!("bad control message: {e}");
                     continue;
                 }
             };
-            serde_json::to_writer(&mut self.control_out, &reply)?;
-            self.control_out.push(b'\n');
+            control::encode(&reply, &mut self.control_out)?;
         }
         while !self.control_out.is_empty() {
             match self.control.write(&self.control_out) {

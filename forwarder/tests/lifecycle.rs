@@ -125,6 +125,47 @@ fn killed_worker_is_restarted_and_the_port_keeps_serving() {
 }
 
 #[test]
+fn a_reload_a_worker_cannot_take_fails_whole_and_a_later_one_works() {
+    let a = Backend::echo(Some("AA"));
+    let (p1, p2) = (free_port(), free_port());
+    let fwd = Forwarder::start(&format!("one,{p1},127.0.0.1,{}\n", a.port), 2, &[], &[p1]);
+    assert!(wait_until(WAIT, || fwd.worker_pids().len() == 2));
+    let stopped = fwd.worker_pids()[0] as i32;
+    // SAFETY: kill(2) on a worker we just listed. A stopped worker cannot answer the reload.
+    unsafe { libc::kill(stopped, libc::SIGSTOP) };
+    let two = format!(
+        "one,{p1},127.0.0.1,{}\ntwo,{p2},127.0.0.1,{}\n",
+        a.port, a.port
+    );
+    fwd.rewrite_rules(&two);
+    let failed = wait_until(WAIT, || {
+        fwd.process
+            .output()
+            .contains("could not apply the rules (reading worker reply")
+    });
+    // SAFETY: as above.
+    unsafe { libc::kill(stopped, libc::SIGCONT) };
+    assert!(failed, "no failure reported:\n{}", fwd.process.output());
+    assert!(fwd
+        .process
+        .output()
+        .contains("rules not reloaded, the previous rules stay in force"));
+    // The worker that took the new rules was put back: the new port is not served.
+    assert!(wait_until(WAIT, || refused(p2)));
+    // The woken worker's late replies are recognised as late: the next reload works everywhere.
+    fwd.process.signal(libc::SIGHUP);
+    assert!(
+        wait_until(WAIT, || !refused(p2)),
+        "{}",
+        fwd.process.output()
+    );
+    for _ in 0..6 {
+        assert_eq!(read_tag(p2, 2), "AA");
+        assert_eq!(read_tag(p1, 2), "AA");
+    }
+}
+
+#[test]
 fn check_names_file_line_and_field() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("bad.csv");

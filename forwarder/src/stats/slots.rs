@@ -10,7 +10,7 @@ use crate::control::{BackendSpec, PoolSpec};
 use crate::rules::RuleSet;
 use crate::stats::{Shared, MAX_BACKENDS, MAX_POOLS};
 
-#[derive(Default)]
+#[derive(Debug, Clone, Default)]
 pub struct Slots {
     pools: HashMap<SocketAddr, usize>,
     backends: HashMap<(SocketAddr, SocketAddr), usize>,
@@ -90,6 +90,16 @@ impl Slots {
         self.pools = pools_kept;
         self.backends = backends_kept;
         Ok(specs)
+    }
+
+    /// The slot counting the pool listening on `listen`, if it is in the rules.
+    pub fn pool_slot(&self, listen: SocketAddr) -> Option<usize> {
+        self.pools.get(&listen).copied()
+    }
+
+    /// The slot counting backend `dest` of the pool on `listen`, if it is in the rules.
+    pub fn backend_slot(&self, listen: SocketAddr, dest: SocketAddr) -> Option<usize> {
+        self.backends.get(&(listen, dest)).copied()
     }
 
     fn reclaim(&mut self, shared: &Shared) {
