@@ -33,7 +33,7 @@ impl FrameReader {
 
     /// The next whole frame, decoded; `None` until one is complete. A frame that does not
     /// decode is consumed and returned as the error, so one bad frame cannot wedge the reader.
-    pub fn next<T: DeserializeOwned>(&mut self) -> Option<serde_json::Result<T>> {
+    pub fn next_frame<T: DeserializeOwned>(&mut self) -> Option<serde_json::Result<T>> {
         let end = self.pending.iter().position(|&b| b == b'\n')?;
         let decoded = serde_json::from_slice(&self.pending[..end]);
         self.pending.drain(..=end);
@@ -124,7 +124,7 @@ mod tests {
             let mut got = Vec::new();
             for part in [&bytes[..split], &bytes[split..]] {
                 reader.push(part);
-                while let Some(frame) = reader.next::<Request>() {
+                while let Some(frame) = reader.next_frame::<Request>() {
                     got.push(frame.map(|r| format!("{r:?}")).map_err(|_| ()));
                 }
             }

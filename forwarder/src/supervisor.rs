@@ -576,7 +576,7 @@ impl WorkerHandle {
             .context("sending to worker")?;
         let mut buf = [0u8; 64 * 1024];
         loop {
-            while let Some(reply) = self.replies.next::<Numbered<Reply>>() {
+            while let Some(reply) = self.replies.next_frame::<Numbered<Reply>>() {
                 let (seq, reply) = reply.context("decoding worker reply")?;
                 if seq == self.asked {
                     return Ok(reply);

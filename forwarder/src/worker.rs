@@ -355,7 +355,7 @@ impl Worker {
                 Err(e) => return Err(e).context("reading control socket"),
             }
         }
-        while let Some(frame) = self.control_in.next::<Numbered<Request>>() {
+        while let Some(frame) = self.control_in.next_frame::<Numbered<Request>>() {
             let reply = match frame {
                 Ok((seq, request)) => (seq, self.handle(request)),
                 Err(e) => {
