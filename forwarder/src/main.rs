@@ -157,6 +157,13 @@ fn run_supervisor(args: &Args) -> anyhow::Result<ExitCode> {
         PIPES_PER_WORKER * 2,
         cores,
     );
+    if plan.workers > forwarder::stats::MAX_WORKERS {
+        bail!(
+            "--workers {}: at most {} worker processes",
+            plan.workers,
+            forwarder::stats::MAX_WORKERS
+        );
+    }
     eprintln!(
         "capacity ≈ {} connections with {} workers (open-file limit {} per process{}; 2 descriptors per connection)",
         plan.total,

@@ -7,7 +7,7 @@ use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
-use std::os::unix::process::CommandExt;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::process::{Child, Command};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{mpsc, Arc, Mutex, MutexGuard};
@@ -74,6 +74,8 @@ pub struct StatsSnapshot {
     pub workers: usize,
     pub capacity: usize,
     pub active: u64,
+    /// Connections that were open in a worker when it died.
+    pub lost_worker_died: u64,
     pub uptime_ms: u64,
     pub accept_pauses: u64,
     pub pools: Vec<PoolStats>,
@@ -96,6 +98,8 @@ pub struct BackendStats {
     /// `up` or `down`.
     pub state: String,
     pub active: u64,
+    /// Connections that were open when their worker died.
+    pub lost_worker_died: u64,
     pub total: u64,
     pub bytes_up: u64,
     pub bytes_down: u64,
@@ -262,9 +266,15 @@ impl Supervisor {
                 _ => continue,
             };
             let index = inner.workers[i].index;
+            // Its connections died with it: off the open counts before its successor counts.
+            let held = self.shared.forget_worker(index);
+            let how = match status.signal() {
+                Some(sig) => format!("killed by signal {sig}"),
+                None => format!("exited ({status})"),
+            };
             tracing::warn!(
                 worker = index,
-                "worker exited ({status}) after {:.1} s; restarting",
+                "worker {index} {how} after {:.1} s holding {held} connections; restarting",
                 inner.workers[i].started.elapsed().as_secs_f64()
             );
             match self.spawn_worker(index, &specs) {
@@ -431,10 +441,10 @@ impl Supervisor {
                         .rules
                         .iter()
                         .filter_map(|rule| {
-                            let s = self
-                                .shared
-                                .backend(inner.slots.backend_slot(pool.listen, rule.dest)?);
-                            active += s.active.load(Relaxed);
+                            let slot = inner.slots.backend_slot(pool.listen, rule.dest)?;
+                            let s = self.shared.backend(slot);
+                            let open = self.shared.active(slot);
+                            active += open;
                             let down = s.is_down(now);
                             Some(BackendStats {
                                 name: rule.entry.name.clone(),
@@ -442,7 +452,8 @@ impl Supervisor {
                                 dest_port: rule.entry.dest_port.clone(),
                                 addr: rule.dest,
                                 state: if down { "down" } else { "up" }.into(),
-                                active: s.active.load(Relaxed),
+                                active: open,
+                                lost_worker_died: s.lost.load(Relaxed),
                                 total: s.total.load(Relaxed),
                                 bytes_up: s.bytes_up.load(Relaxed),
                                 bytes_down: s.bytes_down.load(Relaxed),
@@ -470,6 +481,7 @@ impl Supervisor {
             workers: self.config.workers,
             capacity: self.config.capacity,
             active,
+            lost_worker_died: header.lost_worker_died.load(Relaxed),
             uptime_ms: now.saturating_sub(header.started_ms.load(Relaxed)),
             accept_pauses: header.accept_pauses.load(Relaxed),
             pools,

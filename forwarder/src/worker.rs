@@ -495,6 +495,7 @@ fn relay_context<'a>(
     now: Instant,
 ) -> relay::Context<'a> {
     relay::Context {
+        worker: config.index,
         registry: poll.registry(),
         shared,
         res,

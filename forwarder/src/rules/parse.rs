@@ -18,10 +18,27 @@ pub struct Row {
     pub malformed: Option<RuleError>,
 }
 
+/// What a row separated by semicolons gets (a spreadsheet saving "CSV" in many locales).
+const SEMICOLONS: &str =
+    "this row is separated by ';' (as spreadsheets save CSV in many locales); \
+     the rules file separates fields with commas: name,listen_port,dest_ip,dest_port";
+
 /// Parses and validates rules text; `file` labels the errors.
 pub fn parse(text: &str, file: &str) -> Result<RuleSet, RulesError> {
     let rows = read_rows(text, file);
     let mut errors: Vec<RuleError> = rows.iter().filter_map(|r| r.malformed.clone()).collect();
+    // A ;-separated file is said once, not once per line.
+    let semicolon_rows = errors.iter().filter(|e| e.message == SEMICOLONS).count();
+    if semicolon_rows > 1 {
+        let mut first = true;
+        errors.retain(|e| e.message != SEMICOLONS || std::mem::take(&mut first));
+        if let Some(e) = errors.iter_mut().find(|e| e.message == SEMICOLONS) {
+            e.message = format!(
+                "the file looks ;-separated ({semicolon_rows} rows like this one); the rules \
+                 file separates fields with commas: name,listen_port,dest_ip,dest_port"
+            );
+        }
+    }
     let entries: Vec<(usize, Entry)> = rows
         .into_iter()
         .filter(|r| r.malformed.is_none())
@@ -72,15 +89,15 @@ pub fn read_rows(text: &str, file: &str) -> Vec<Row> {
             .map(|p| line_at(text, p.byte()))
             .unwrap_or(0);
         let malformed = (record.len() != 4).then(|| {
-            err(
-                file,
-                line,
-                "row",
+            let message = if record.len() == 1 && record[0].contains(';') {
+                SEMICOLONS.to_string()
+            } else {
                 format!(
                     "expected 4 fields (name,listen_port,dest_ip,dest_port), found {}",
                     record.len()
-                ),
-            )
+                )
+            };
+            err(file, line, "row", message)
         });
         let field = |i: usize| record.get(i).unwrap_or("").to_string();
         rows.push(Row {
@@ -414,6 +431,18 @@ mod tests {
         );
         let errors = parse(text, "f.csv").unwrap_err().0;
         assert_eq!(errors.iter().map(|e| e.line).collect::<Vec<_>>(), [6, 7]);
+    }
+
+    #[test]
+    fn a_semicolon_separated_file_is_named_once() {
+        let e = errors("# saved by a spreadsheet\na;8080;127.0.0.1;9001\nb;8081;127.0.0.1;9002\n\"c\";\"8082\";\"127.0.0.1\";\"9003\"\n");
+        assert_eq!(
+            e,
+            vec!["entries.csv:2: row: the file looks ;-separated (3 rows like this one); the rules file separates fields with commas: name,listen_port,dest_ip,dest_port"]
+        );
+        let one = errors("ok,8080,127.0.0.1,80\na;8081;127.0.0.1;9001\n");
+        assert_eq!(one.len(), 1);
+        assert!(one[0].starts_with("entries.csv:2: row: this row is separated by ';'"));
     }
 
     #[test]

@@ -15,6 +15,8 @@ use testbed::shm::SharedMemory;
 /// their rule is gone and they carry no connection).
 pub const MAX_POOLS: usize = 4096;
 pub const MAX_BACKENDS: usize = 8192;
+/// Most worker processes: each has its own row of open-connection counts.
+pub const MAX_WORKERS: usize = 64;
 
 /// Process-wide figures.
 #[repr(C, align(64))]
@@ -24,6 +26,8 @@ pub struct Header {
     /// Accept errors from running out of descriptors (EMFILE/ENFILE), summed over workers.
     pub accept_pauses: AtomicU64,
     pub started_ms: AtomicU64,
+    /// Connections that were open in a worker when it died (killed, crashed).
+    pub lost_worker_died: AtomicU64,
 }
 
 /// One listening address: the round-robin counter every worker draws from.
@@ -36,11 +40,14 @@ pub struct PoolSlot {
     pub unrouted: AtomicU64,
 }
 
-/// One backend of one pool: traffic counters and passive/active health.
+/// One backend of one pool: traffic counters and passive/active health. How many connections
+/// are open to it is counted per worker ([`Shared::open`]), so a dead worker's share can be
+/// taken off.
 #[repr(C, align(64))]
 pub struct BackendSlot {
-    pub active: AtomicU64,
     pub total: AtomicU64,
+    /// Connections that were open when their worker died.
+    pub lost: AtomicU64,
     /// Bytes client -> backend.
     pub bytes_up: AtomicU64,
     /// Bytes backend -> client.
@@ -67,6 +74,8 @@ struct Layout {
     header: Header,
     pools: [PoolSlot; MAX_POOLS],
     backends: [BackendSlot; MAX_BACKENDS],
+    /// Per worker, per backend slot: connections open now. Only that worker writes its row.
+    open: [[AtomicU64; MAX_BACKENDS]; MAX_WORKERS],
 }
 
 /// The shared mapping. Created by the supervisor before it starts workers; a worker maps the
@@ -136,6 +145,37 @@ impl Shared {
     }
 }
 
+impl Shared {
+    /// Worker `worker`'s count of connections open to backend `slot`.
+    pub fn open(&self, worker: usize, slot: usize) -> &AtomicU64 {
+        // SAFETY: as above; indexing is bounds-checked.
+        unsafe { &(*self.ptr).open[worker][slot] }
+    }
+
+    /// Connections open to backend `slot`, over every worker.
+    pub fn active(&self, slot: usize) -> u64 {
+        (0..MAX_WORKERS)
+            .map(|w| self.open(w, slot).load(Relaxed))
+            .sum()
+    }
+
+    /// Takes a dead worker's open connections off every count (they are gone with it) and
+    /// counts them as lost; returns how many there were. Call before a new worker takes the
+    /// same index.
+    pub fn forget_worker(&self, worker: usize) -> u64 {
+        let mut lost = 0;
+        for slot in 0..MAX_BACKENDS {
+            let n = self.open(worker, slot).swap(0, Relaxed);
+            if n > 0 {
+                self.backend(slot).lost.fetch_add(n, Relaxed);
+                lost += n;
+            }
+        }
+        self.header().lost_worker_died.fetch_add(lost, Relaxed);
+        lost
+    }
+}
+
 impl PoolSlot {
     pub fn reset(&self) {
         for a in [&self.next, &self.accepted, &self.unrouted] {
@@ -148,8 +188,8 @@ impl BackendSlot {
     /// Clears a slot before it is given to a new backend.
     pub fn reset(&self) {
         for a in [
-            &self.active,
             &self.total,
+            &self.lost,
             &self.bytes_up,
             &self.bytes_down,
             &self.connect_failures,
@@ -242,5 +282,20 @@ mod tests {
         let view = unsafe { Shared::from_inherited(dup) }.unwrap();
         shared.pool(3).next.fetch_add(5, Relaxed);
         assert_eq!(view.pool(3).next.load(Relaxed), 5);
+    }
+
+    #[test]
+    fn a_dead_workers_open_connections_are_lost_not_active() {
+        let shared = Shared::create().unwrap();
+        shared.open(0, 4).fetch_add(3, Relaxed);
+        shared.open(1, 4).fetch_add(2, Relaxed);
+        shared.open(1, 9).fetch_add(1, Relaxed);
+        assert_eq!(shared.active(4), 5);
+        assert_eq!(shared.forget_worker(1), 3);
+        assert_eq!(shared.active(4), 3);
+        assert_eq!(shared.active(9), 0);
+        assert_eq!(shared.backend(4).lost.load(Relaxed), 2);
+        assert_eq!(shared.header().lost_worker_died.load(Relaxed), 3);
+        assert_eq!(shared.forget_worker(1), 0, "nothing is lost twice");
     }
 }

@@ -4,7 +4,6 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering::Relaxed;
 
 use crate::control::{BackendSpec, PoolSpec};
 use crate::rules::RuleSet;
@@ -103,10 +102,8 @@ impl Slots {
     }
 
     fn reclaim(&mut self, shared: &Shared) {
-        let (idle, busy): (Vec<usize>, Vec<usize>) = self
-            .retired
-            .iter()
-            .partition(|&&s| shared.backend(s).active.load(Relaxed) == 0);
+        let (idle, busy): (Vec<usize>, Vec<usize>) =
+            self.retired.iter().partition(|&&s| shared.active(s) == 0);
         self.free_backends.extend(idle);
         self.retired = busy;
     }
@@ -125,6 +122,8 @@ fn take(free: &mut Vec<usize>, next: &mut usize, max: usize) -> Result<usize, Sl
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::Ordering::Relaxed;
+
     use super::*;
     use crate::rules::parse;
 
@@ -155,7 +154,7 @@ mod tests {
         assert_eq!(a[0], b[0], "unchanged pool keeps its slots");
         assert_eq!(shared.backend(b[0].backends[1].slot).total.load(Relaxed), 7);
         // Drop b (slot 1) while it still has a live connection: not reused yet.
-        shared.backend(1).active.store(1, Relaxed);
+        shared.open(0, 1).store(1, Relaxed);
         slots
             .assign(
                 &parse("a,8080,127.0.0.1,1\nc,9090,127.0.0.1,3\n", "f").unwrap(),
@@ -173,7 +172,7 @@ mod tests {
             )
             .unwrap();
         assert_ne!(d[1].backends[1].slot, 1);
-        shared.backend(1).active.store(0, Relaxed);
+        shared.open(0, 1).store(0, Relaxed);
         let e = slots
             .assign(&parse("a,8080,127.0.0.1,1\nc,9090,127.0.0.1,3\nd,9090,127.0.0.1,4\ne,7070,127.0.0.1,5\n", "f").unwrap(), &shared)
             .unwrap();

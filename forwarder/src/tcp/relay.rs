@@ -20,6 +20,8 @@ use crate::tcp::direction::{Direction, Progress, PumpError, Resources};
 
 /// What a relay needs from its worker while it handles one event.
 pub struct Context<'a> {
+    /// The worker's index: its row of open-connection counts.
+    pub worker: usize,
     pub registry: &'a Registry,
     pub shared: &'a Shared,
     pub res: &'a mut Resources,
@@ -264,8 +266,7 @@ impl Relay {
         }
         if let Phase::Relaying { .. } = self.phase {
             ctx.shared
-                .backend(self.backend_slot())
-                .active
+                .open(ctx.worker, self.backend_slot())
                 .fetch_sub(1, Relaxed);
         }
         if matches!(ending, Ending::NoBackend | Ending::NoSocket(_)) {
@@ -348,8 +349,10 @@ impl Relay {
         let _ = backend.set_nodelay(true);
         let _ = socket2::SockRef::from(&backend).set_keepalive(true);
         self.phase = Phase::Relaying { backend };
+        ctx.shared
+            .open(ctx.worker, self.backend_slot())
+            .fetch_add(1, Relaxed);
         let slot = ctx.shared.backend(self.backend_slot());
-        slot.active.fetch_add(1, Relaxed);
         slot.total.fetch_add(1, Relaxed);
         if slot.record_success() {
             tracing::info!(backend = %self.backend_addr(), "backend up");
@@ -574,6 +577,7 @@ mod tests {
                 return;
             };
             let mut ctx = Context {
+                worker: 0,
                 registry: self.poll.registry(),
                 shared: &self.shared,
                 res: &mut self.res,
@@ -685,7 +689,7 @@ mod tests {
         assert!(h.turn_until(|h| h.relaying()), "never connected");
         assert_eq!(h.relay.as_ref().unwrap().backend_index, 1);
         assert_eq!(h.shared.backend(0).connect_failures.load(Relaxed), 1);
-        assert_eq!(h.shared.backend(1).active.load(Relaxed), 1);
+        assert_eq!(h.shared.active(1), 1);
         let mut server = accepted.recv_timeout(WAIT).unwrap();
         h.user.write_all(b"hello").unwrap();
         assert_eq!(read_while_turning(&mut h, &mut server, 5), b"hello");
@@ -711,7 +715,7 @@ mod tests {
         assert!(h.turn_until(|h| h.ending.is_some()));
         assert!(matches!(h.ending, Some(Ending::NoBackend)));
         assert_eq!(h.shared.pool(0).unrouted.load(Relaxed), 1);
-        assert_eq!(h.shared.backend(0).active.load(Relaxed), 0);
+        assert_eq!(h.shared.active(0), 0);
     }
 
     #[test]
@@ -736,7 +740,7 @@ mod tests {
         server.shutdown(Shutdown::Write).unwrap();
         assert!(h.turn_until(|h| h.ending.is_some()));
         assert!(matches!(h.ending, Some(Ending::Finished)));
-        assert_eq!(h.shared.backend(0).active.load(Relaxed), 0);
+        assert_eq!(h.shared.active(0), 0);
         assert_eq!(h.shared.backend(0).bytes_up.load(Relaxed), 7);
         assert_eq!(h.shared.backend(0).bytes_down.load(Relaxed), 10);
     }

@@ -180,6 +180,7 @@ mod tests {
             workers: 1,
             capacity: 100,
             active: 0,
+            lost_worker_died: 0,
             uptime_ms: 0,
             accept_pauses: 0,
             pools: vec![PoolStats {
@@ -195,6 +196,7 @@ mod tests {
                         addr: "127.0.0.1:9001".parse().unwrap(),
                         state: "up".into(),
                         active,
+                        lost_worker_died: 0,
                         total,
                         bytes_up: bytes,
                         bytes_down: bytes * 2,

@@ -95,6 +95,17 @@ pub fn render(stats: &StatsSnapshot) -> String {
         head(&mut out, family);
         let _ = writeln!(out, "{} {value}", family.name);
     }
+    let lost = Family {
+        name: "forwarder_connections_lost_total",
+        kind: "counter",
+        help: "Connections that ended without either side closing them, by reason.",
+    };
+    head(&mut out, &lost);
+    let _ = writeln!(
+        out,
+        "{}{{reason=\"worker_died\"}} {}",
+        lost.name, stats.lost_worker_died
+    );
 
     type PoolGet = fn(&crate::supervisor::PoolStats) -> u64;
     let pool_families: [(Family, PoolGet); 2] = [
@@ -129,7 +140,7 @@ pub fn render(stats: &StatsSnapshot) -> String {
     }
 
     type BackendGet = fn(&crate::supervisor::BackendStats) -> u64;
-    let backend_families: [(Family, BackendGet); 6] = [
+    let backend_families: [(Family, BackendGet); 7] = [
         (
             Family {
                 name: "forwarder_backend_up",
@@ -145,6 +156,14 @@ pub fn render(stats: &StatsSnapshot) -> String {
                 help: "Connections open now to the backend.",
             },
             |b| b.active,
+        ),
+        (
+            Family {
+                name: "forwarder_backend_connections_lost_total",
+                kind: "counter",
+                help: "Connections to the backend that were open when their worker died.",
+            },
+            |b| b.lost_worker_died,
         ),
         (
             Family {
@@ -209,6 +228,7 @@ mod tests {
             workers: 2,
             capacity: 9000,
             active: 1,
+            lost_worker_died: 4,
             uptime_ms: 5500,
             accept_pauses: 0,
             pools: vec![PoolStats {
@@ -222,6 +242,7 @@ mod tests {
                     addr: "127.0.0.1:9001".parse().unwrap(),
                     state: "up".into(),
                     active: 1,
+                    lost_worker_died: 3,
                     total: 6,
                     bytes_up: 10,
                     bytes_down: 20,
@@ -236,11 +257,15 @@ mod tests {
         };
         let text = render(&stats);
         assert!(text.contains("forwarder_uptime_seconds 5\n"));
+        assert!(text.contains("forwarder_connections_lost_total{reason=\"worker_died\"} 4\n"));
+        assert!(text.contains(
+            "forwarder_backend_connections_lost_total{listen=\"0.0.0.0:8080\",name=\"a\\\"b\\\\c\",backend=\"127.0.0.1:9001\"} 3\n"
+        ));
         assert!(text.contains("forwarder_pool_accepted_total{listen=\"0.0.0.0:8080\"} 7\n"));
         assert!(text.contains(
             "forwarder_backend_bytes_down_total{listen=\"0.0.0.0:8080\",name=\"a\\\"b\\\\c\",backend=\"127.0.0.1:9001\"} 20\n"
         ));
-        assert_eq!(text.matches("# TYPE ").count(), 13);
-        assert_eq!(text.matches("# HELP ").count(), 13);
+        assert_eq!(text.matches("# TYPE ").count(), 15);
+        assert_eq!(text.matches("# HELP ").count(), 15);
     }
 }

@@ -502,7 +502,10 @@
       }
     }
     setText($('sum-active'), fmtInt(s.active));
-    setText($('sum-active-note'), `${s.pools.length} listening port${s.pools.length === 1 ? '' : 's'}`);
+    const ports = `${s.pools.length} listening port${s.pools.length === 1 ? '' : 's'}`;
+    // Connections a crashed or killed worker held: gone, so no longer active, but worth seeing.
+    const lost = s.lost_worker_died ? ` · ${fmtInt(s.lost_worker_died)} lost with a dead worker` : '';
+    setText($('sum-active-note'), ports + lost);
     let rate = 0;
     let bytesUp = 0;
     let bytesDown = 0;
