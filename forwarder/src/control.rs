@@ -9,6 +9,8 @@ use std::net::SocketAddr;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
+use crate::rules::{BackendOptions, PoolOptions, Proto};
+
 /// A request or reply with the sequence number of the request.
 pub type Numbered<T> = (u64, T);
 
@@ -48,13 +50,19 @@ pub struct BackendSpec {
     pub name: String,
     pub addr: SocketAddr,
     pub slot: usize,
+    #[serde(default)]
+    pub options: BackendOptions,
 }
 
-/// One listening address and its backends.
+/// One listening address and transport, and its backends.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PoolSpec {
     pub listen: SocketAddr,
+    #[serde(default)]
+    pub proto: Proto,
     pub slot: usize,
+    #[serde(default)]
+    pub options: PoolOptions,
     pub backends: Vec<BackendSpec>,
 }
 

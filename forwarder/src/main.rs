@@ -235,7 +235,7 @@ fn print_rules(label: &str, set: &RuleSet) {
         };
         eprintln!(
             "  {:<22} -> {}{mode}",
-            p.listen.to_string(),
+            p.label(),
             supervisor::describe_pool(p)
         );
     }

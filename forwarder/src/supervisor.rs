@@ -18,7 +18,7 @@ use serde::Serialize;
 
 use crate::control::{self, ConnectionInfo, FrameReader, Numbered, PoolSpec, Reply, Request};
 use crate::rules::file::{RulesFile, Snapshot, WriteError};
-use crate::rules::{self, Entry, RuleError, RuleSet, RulesError};
+use crate::rules::{self, Entry, Proto, RuleError, RuleSet, RulesError};
 use crate::stats::slots::Slots;
 use crate::stats::{describe_error, now_ms, Shared};
 
@@ -340,16 +340,25 @@ impl Supervisor {
     /// switches over. Established connections are untouched.
     pub fn apply(&self, new: RuleSet) -> Result<(), RulesError> {
         let mut inner = self.lock();
-        let old: Vec<SocketAddr> = inner.rules.pools.iter().map(|p| p.listen).collect();
+        let old: Vec<(SocketAddr, Proto)> = inner
+            .rules
+            .pools
+            .iter()
+            .map(|p| (p.listen, p.proto))
+            .collect();
         let mut errors = Vec::new();
-        for pool in new.pools.iter().filter(|p| !old.contains(&p.listen)) {
-            if let Err(e) = probe_bind(pool.listen) {
+        for pool in new
+            .pools
+            .iter()
+            .filter(|p| !old.contains(&(p.listen, p.proto)))
+        {
+            if let Err(e) = probe_bind(pool.listen, pool.proto) {
                 let line = pool.rules.first().map(|r| r.line).unwrap_or(0);
                 errors.push(RuleError {
                     file: self.config.rules.label().to_string(),
                     line,
                     field: "listen_port".into(),
-                    message: format!("cannot listen on {}: {e}", pool.listen),
+                    message: format!("cannot listen on {}: {e}", pool.label()),
                 });
             }
         }
@@ -432,7 +441,7 @@ impl Supervisor {
             .pools
             .iter()
             .filter_map(|pool| {
-                let p = self.shared.pool(inner.slots.pool_slot(pool.listen)?);
+                let p = self.shared.pool(inner.slots.pool_slot(pool)?);
                 Some(PoolStats {
                     listen: pool.listen,
                     accepted: p.accepted.load(Relaxed),
@@ -441,7 +450,7 @@ impl Supervisor {
                         .rules
                         .iter()
                         .filter_map(|rule| {
-                            let slot = inner.slots.backend_slot(pool.listen, rule.dest)?;
+                            let slot = inner.slots.backend_slot(pool, rule.dest)?;
                             let s = self.shared.backend(slot);
                             let open = self.shared.active(slot);
                             active += open;
@@ -607,9 +616,13 @@ impl WorkerHandle {
 
 /// Checks that nothing else holds `addr`: a bind without listen, with SO_REUSEPORT like the
 /// workers, fails only when a socket that does not share the port has it.
-fn probe_bind(addr: SocketAddr) -> std::io::Result<()> {
+fn probe_bind(addr: SocketAddr, proto: Proto) -> std::io::Result<()> {
     use socket2::{Domain, Socket, Type};
-    let s = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    let kind = match proto {
+        Proto::Tcp => Type::STREAM,
+        Proto::Udp => Type::DGRAM,
+    };
+    let s = Socket::new(Domain::for_address(addr), kind, None)?;
     if addr.is_ipv6() {
         s.set_only_v6(true)?;
     }
@@ -624,11 +637,11 @@ pub fn check_bindable(set: &RuleSet, file: &str) -> Result<(), RulesError> {
         .pools
         .iter()
         .filter_map(|p| {
-            probe_bind(p.listen).err().map(|e| RuleError {
+            probe_bind(p.listen, p.proto).err().map(|e| RuleError {
                 file: file.to_string(),
                 line: p.rules.first().map(|r| r.line).unwrap_or(0),
                 field: "listen_port".into(),
-                message: format!("cannot listen on {}: {e}", p.listen),
+                message: format!("cannot listen on {}: {e}", p.label()),
             })
         })
         .collect();
@@ -649,17 +662,25 @@ fn keep_across_exec(fd: RawFd) -> std::io::Result<()> {
 
 fn log_changes(old: &RuleSet, new: &RuleSet) {
     for p in &new.pools {
-        match old.pools.iter().find(|o| o.listen == p.listen) {
-            None => tracing::info!(listen = %p.listen, "new port: {}", describe_pool(p)),
+        match old
+            .pools
+            .iter()
+            .find(|o| o.listen == p.listen && o.proto == p.proto)
+        {
+            None => tracing::info!(listen = %p.label(), "new port: {}", describe_pool(p)),
             Some(o) if destinations(o) != destinations(p) => {
-                tracing::info!(listen = %p.listen, "pool changed: {}", describe_pool(p))
+                tracing::info!(listen = %p.label(), "pool changed: {}", describe_pool(p))
             }
             Some(_) => {}
         }
     }
     for o in &old.pools {
-        if !new.pools.iter().any(|p| p.listen == o.listen) {
-            tracing::info!(listen = %o.listen, "port removed (established connections stay)");
+        if !new
+            .pools
+            .iter()
+            .any(|p| p.listen == o.listen && p.proto == o.proto)
+        {
+            tracing::info!(listen = %o.label(), "port removed (established connections stay)");
         }
     }
 }

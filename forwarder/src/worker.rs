@@ -21,6 +21,7 @@ use slab::Slab;
 use crate::control::{
     self, ConnectionInfo, FrameReader, Numbered, PoolSpec, Reply, Request, ID_WORKER_SHIFT,
 };
+use crate::rules::Proto;
 use crate::stats::Shared;
 use crate::tcp::buffers::{BufferPool, PipePool};
 use crate::tcp::direction::Resources;
@@ -406,8 +407,16 @@ impl Worker {
     /// pools serve new connections. Established relays keep their own pool and backend.
     fn apply(&mut self, pools: Vec<PoolSpec>) -> Vec<String> {
         let mut errors = Vec::new();
+        let (tcp, other): (Vec<PoolSpec>, Vec<PoolSpec>) =
+            pools.into_iter().partition(|p| p.proto == Proto::Tcp);
+        for pool in other {
+            errors.push(format!(
+                "{}/{}: this forwarder does not forward {} yet",
+                pool.listen, pool.proto, pool.proto
+            ));
+        }
         let wanted: HashMap<SocketAddr, PoolSpec> =
-            pools.into_iter().map(|p| (p.listen, p)).collect();
+            tcp.into_iter().map(|p| (p.listen, p)).collect();
         let gone: Vec<SocketAddr> = self
             .by_addr
             .keys()

@@ -53,12 +53,15 @@ mod tests {
     fn pool(n: usize) -> PoolSpec {
         PoolSpec {
             listen: "0.0.0.0:1".parse().unwrap(),
+            proto: Default::default(),
             slot: 0,
+            options: Default::default(),
             backends: (0..n)
                 .map(|i| BackendSpec {
                     name: format!("b{i}"),
                     addr: format!("127.0.0.1:{}", 1000 + i).parse().unwrap(),
                     slot: i,
+                    options: Default::default(),
                 })
                 .collect(),
         }

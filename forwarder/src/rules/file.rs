@@ -258,6 +258,7 @@ mod tests {
             listen_port: listen.into(),
             dest_ip: "127.0.0.1".into(),
             dest_port: port.into(),
+            options: String::new(),
         }
     }
 

@@ -1,12 +1,17 @@
-//! The rules: `name,listen_port,dest_ip,dest_port` rows (the original tool's format) validated
-//! into pools; rows that share a listen address form one round-robin pool. [`parse`] is the one
-//! reader and writer of the CSV text, [`file`] the one owner of the file on disk. Every error names
-//! `file:line`, the field and why, so a bad edit can be fixed without guessing.
+//! The rules: `name,listen_port,dest_ip,dest_port[,options]` rows (the original tool's four
+//! columns, an optional fifth) validated into pools; rows that share a listen address and transport
+//! form one balanced pool. [`parse`] is the one reader and writer of the CSV text, [`options`] of
+//! the fifth column, [`file`] the one owner of the file on disk. Every error names `file:line`, the
+//! field and why, so a bad edit can be fixed without guessing.
 
 pub mod file;
+pub mod options;
 mod parse;
 
-pub use parse::{parse, parse_listen, parse_port, read_rows, resolve, to_csv, validate, Row};
+pub use options::{BackendOptions, PoolOptions, Proto};
+pub use parse::{
+    parse, parse_listen, parse_port, read_rows, resolve, to_csv, validate, Listen, Row,
+};
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -17,11 +22,15 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Entry {
     pub name: String,
-    /// `PORT`, or `ADDR:PORT` to bind one address (`[v6]:PORT` for IPv6).
+    /// `PORT`, or `ADDR:PORT` to bind one address (`[v6]:PORT` for IPv6); `/udp` after it makes
+    /// a UDP rule (`/tcp`, the default, may be written too).
     pub listen_port: String,
     /// IPv4/IPv6 literal or host name.
     pub dest_ip: String,
     pub dest_port: String,
+    /// Space-separated `key=value` items ([`options`]); empty when the row has four columns.
+    #[serde(default)]
+    pub options: String,
 }
 
 /// A validated entry: where it listens and the resolved destination.
@@ -31,14 +40,31 @@ pub struct Rule {
     /// 1-based line in the file (0 when the entry did not come from a file).
     pub line: usize,
     pub listen: SocketAddr,
+    pub proto: Proto,
     pub dest: SocketAddr,
+    /// This row's backend options (weight, PROXY protocol, limit).
+    pub options: BackendOptions,
 }
 
-/// The backends reached through one listening address, in file order.
+/// The backends reached through one listening address and transport, in file order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Pool {
     pub listen: SocketAddr,
+    pub proto: Proto,
+    /// What the pool's rows say about the whole pool (they agree, or the file is refused).
+    pub options: PoolOptions,
     pub rules: Vec<Rule>,
+}
+
+impl Pool {
+    /// How the page, the logs and the API name the pool: `0.0.0.0:8080`, `0.0.0.0:53/udp`.
+    pub fn label(&self) -> String {
+        Listen {
+            addr: self.listen,
+            proto: self.proto,
+        }
+        .to_string()
+    }
 }
 
 /// A whole validated rules file.
@@ -52,7 +78,8 @@ pub struct RuleSet {
 pub struct RuleError {
     pub file: String,
     pub line: usize,
-    /// The CSV column at fault (`name`, `listen_port`, `dest_ip`, `dest_port`), or `row`.
+    /// The CSV column at fault (`name`, `listen_port`, `dest_ip`, `dest_port`, `options`), or
+    /// `row`.
     pub field: String,
     pub message: String,
 }
@@ -85,9 +112,11 @@ impl fmt::Display for RulesError {
 
 /// Header written into a rules file the forwarder creates.
 pub const EXAMPLE_FILE: &str = "\
-# Forwarding rules: name,listen_port,dest_ip,dest_port (one rule per line).
+# Forwarding rules: name,listen_port,dest_ip,dest_port[,options] (one rule per line).
 # Rows that share a listen port form one pool, served round robin.
-# listen_port may be ADDR:PORT to bind one address; dest_ip may be a host name or IPv6 literal.
+# listen_port may be ADDR:PORT to bind one address, and end in /udp for a UDP rule;
+# dest_ip may be a host name or IPv6 literal. The optional fifth column holds options, quoted:
+#   web1,8080,10.0.0.11,80,\"weight=3 send_proxy=v2\"   ssh,22222,10.0.0.13,22,\"allow=10.0.0.0/24\"
 # Changes are applied live (on save, or SIGHUP) without dropping connections.
 # Example:
 # web1,8080,127.0.0.1,9001

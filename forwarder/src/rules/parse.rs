@@ -5,7 +5,8 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs};
 
-use super::{Entry, Pool, Rule, RuleError, RuleSet, RulesError, EXAMPLE_FILE};
+use super::options::{merge_pool, parse_options, pool_conflict, RowOptions};
+use super::{Entry, Pool, PoolOptions, Proto, Rule, RuleError, RuleSet, RulesError, EXAMPLE_FILE};
 
 /// One row of a rules file as written, valid or not.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -88,12 +89,12 @@ pub fn read_rows(text: &str, file: &str) -> Vec<Row> {
             .position()
             .map(|p| line_at(text, p.byte()))
             .unwrap_or(0);
-        let malformed = (record.len() != 4).then(|| {
+        let malformed = (!(4..=5).contains(&record.len())).then(|| {
             let message = if record.len() == 1 && record[0].contains(';') {
                 SEMICOLONS.to_string()
             } else {
                 format!(
-                    "expected 4 fields (name,listen_port,dest_ip,dest_port), found {}",
+                    "expected 4 fields (name,listen_port,dest_ip,dest_port) or 5 (with options), found {}",
                     record.len()
                 )
             };
@@ -107,6 +108,7 @@ pub fn read_rows(text: &str, file: &str) -> Vec<Row> {
                 listen_port: field(1),
                 dest_ip: field(2),
                 dest_port: field(3),
+                options: field(4),
             },
             malformed,
         });
@@ -114,13 +116,16 @@ pub fn read_rows(text: &str, file: &str) -> Vec<Row> {
     rows
 }
 
-/// Validates entries (with their line numbers) into pools: each field checked, destinations
-/// resolved, duplicates and conflicting listen addresses refused.
+/// Validates entries (with their line numbers) into pools: each field checked, options parsed,
+/// destinations resolved, duplicates, conflicting listen addresses and pool options that two rows
+/// disagree on refused.
 pub fn validate(entries: &[(usize, Entry)], file: &str) -> Result<RuleSet, RulesError> {
     let mut errors = Vec::new();
     let mut pools: Vec<Pool> = Vec::new();
-    // port -> (listen address, first line), to refuse one port bound on two different addresses.
-    let mut ports: HashMap<u16, (SocketAddr, usize)> = HashMap::new();
+    // The row options each pool's rows wrote, with their lines, to find disagreements.
+    let mut pool_rows: Vec<Vec<(usize, RowOptions)>> = Vec::new();
+    // (port, transport) -> (listen address, first line): one port takes one listen address.
+    let mut ports: HashMap<(u16, Proto), (SocketAddr, usize)> = HashMap::new();
     for (line, entry) in entries {
         let line = *line;
         let before = errors.len();
@@ -137,38 +142,48 @@ pub fn validate(entries: &[(usize, Entry)], file: &str) -> Result<RuleSet, Rules
                 .ok(),
             None => None,
         };
+        let proto = listen.map_or(Proto::Tcp, |l| l.proto);
+        let options = parse_options(&entry.options, proto)
+            .map_err(|m| errors.push(err(file, line, "options", m)))
+            .ok();
         if errors.len() > before {
             continue;
         }
-        let (Some(listen), Some(dest)) = (listen, dest) else {
+        let (Some(listen), Some(dest), Some(options)) = (listen, dest, options) else {
             continue;
         };
-        match ports.get(&listen.port()) {
-            Some((addr, first_line)) if *addr != listen => {
+        match ports.get(&(listen.addr.port(), proto)) {
+            Some((addr, first_line)) if *addr != listen.addr => {
                 errors.push(err(
                     file,
                     line,
                     "listen_port",
                     format!(
                         "port {} is already bound to {addr} by line {first_line}; one port takes one listen address",
-                        listen.port()
+                        port_label(listen)
                     ),
                 ));
                 continue;
             }
             Some(_) => {}
             None => {
-                ports.insert(listen.port(), (listen, line));
+                ports.insert((listen.addr.port(), proto), (listen.addr, line));
             }
         }
         let rule = Rule {
             entry: entry.clone(),
             line,
-            listen,
+            listen: listen.addr,
+            proto,
             dest,
+            options: options.backend.clone(),
         };
-        match pools.iter_mut().find(|p| p.listen == listen) {
-            Some(pool) => {
+        match pools
+            .iter()
+            .position(|p| p.listen == listen.addr && p.proto == proto)
+        {
+            Some(i) => {
+                let pool = &mut pools[i];
                 if let Some(dup) = pool.rules.iter().find(|r| r.dest == dest) {
                     errors.push(err(
                         file,
@@ -176,18 +191,41 @@ pub fn validate(entries: &[(usize, Entry)], file: &str) -> Result<RuleSet, Rules
                         "dest_ip",
                         format!(
                             "duplicate destination {dest} for listen port {} (already on line {})",
-                            listen.port(),
+                            port_label(listen),
                             dup.line
                         ),
                     ));
                     continue;
                 }
+                let conflict = pool_rows[i]
+                    .iter()
+                    .find_map(|(l, other)| pool_conflict(other, &options).map(|k| (*l, k)));
+                if let Some((other_line, key)) = conflict {
+                    errors.push(err(
+                        file,
+                        line,
+                        "options",
+                        format!(
+                            "{key} differs from line {other_line} of the same pool ({listen}); pool options must agree"
+                        ),
+                    ));
+                    continue;
+                }
+                merge_pool(&mut pool.options, &options);
                 pool.rules.push(rule);
+                pool_rows[i].push((line, options));
             }
-            None => pools.push(Pool {
-                listen,
-                rules: vec![rule],
-            }),
+            None => {
+                let mut pool_options = PoolOptions::default();
+                merge_pool(&mut pool_options, &options);
+                pools.push(Pool {
+                    listen: listen.addr,
+                    proto,
+                    options: pool_options,
+                    rules: vec![rule],
+                });
+                pool_rows.push(vec![(line, options)]);
+            }
         }
     }
     if errors.is_empty() {
@@ -197,16 +235,35 @@ pub fn validate(entries: &[(usize, Entry)], file: &str) -> Result<RuleSet, Rules
     }
 }
 
+/// A port as messages name it: `8080` (TCP, as the original tool's messages did), `53/udp`.
+fn port_label(listen: Listen) -> String {
+    match listen.proto {
+        Proto::Tcp => listen.addr.port().to_string(),
+        Proto::Udp => format!("{}/udp", listen.addr.port()),
+    }
+}
+
 /// Serialises entries back to the file format (one row each, quoted only where needed), after
 /// the comment header.
 pub fn to_csv(entries: &[Entry]) -> String {
     let mut out = String::from(EXAMPLE_FILE);
     let mut w = csv::WriterBuilder::new()
         .has_headers(false)
+        .flexible(true)
         .from_writer(Vec::new());
     for e in entries {
-        // Writing to a Vec cannot fail.
-        let _ = w.write_record([&e.name, &e.listen_port, &e.dest_ip, &e.dest_port]);
+        // Writing to a Vec cannot fail. A row without options keeps the original four columns.
+        let _ = if e.options.is_empty() {
+            w.write_record([&e.name, &e.listen_port, &e.dest_ip, &e.dest_port])
+        } else {
+            w.write_record([
+                &e.name,
+                &e.listen_port,
+                &e.dest_ip,
+                &e.dest_port,
+                &e.options,
+            ])
+        };
     }
     let bytes = w.into_inner().unwrap_or_default();
     out.push_str(&String::from_utf8_lossy(&bytes));
@@ -270,30 +327,49 @@ fn check_name(name: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// `PORT` (all IPv4 addresses), `ADDR:PORT`, or `[V6]:PORT`.
-pub fn parse_listen(field: &str) -> Result<SocketAddr, String> {
+/// Where a rule listens: an address and a transport.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Listen {
+    pub addr: SocketAddr,
+    pub proto: Proto,
+}
+
+impl std::fmt::Display for Listen {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.proto {
+            Proto::Tcp => write!(f, "{}", self.addr),
+            Proto::Udp => write!(f, "{}/udp", self.addr),
+        }
+    }
+}
+
+/// `PORT` (all IPv4 addresses), `ADDR:PORT`, or `[V6]:PORT`, each optionally followed by `/udp`
+/// or `/tcp`.
+pub fn parse_listen(field: &str) -> Result<Listen, String> {
     if field.is_empty() {
         return Err("listen port is empty".into());
     }
+    let (field, proto) = match field.rsplit_once('/') {
+        Some((f, p)) if p.eq_ignore_ascii_case("udp") => (f, Proto::Udp),
+        Some((f, p)) if p.eq_ignore_ascii_case("tcp") => (f, Proto::Tcp),
+        Some((_, p)) => return Err(format!("\"/{p}\" is not a transport: write /tcp or /udp")),
+        None => (field, Proto::Tcp),
+    };
     if field.bytes().all(|b| b.is_ascii_digit()) || !field.contains(':') {
         let port = parse_port(field)?;
-        return Ok(SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port));
+        let addr = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port);
+        return Ok(Listen { addr, proto });
     }
-    field
-        .parse::<SocketAddr>()
-        .map_err(|_| {
-            format!("\"{field}\" is neither a port nor ADDR:PORT (use [v6addr]:PORT for IPv6)")
-        })
-        .and_then(|a| {
-            if a.port() == 0 {
-                Err("port 0 is not allowed".into())
-            } else {
-                Ok(a)
-            }
-        })
+    let addr = field.parse::<SocketAddr>().map_err(|_| {
+        format!("\"{field}\" is neither a port nor ADDR:PORT (use [v6addr]:PORT for IPv6)")
+    })?;
+    if addr.port() == 0 {
+        return Err("port 0 is not allowed".into());
+    }
+    Ok(Listen { addr, proto })
 }
 
-/// A TCP port 1..=65535.
+/// A port 1..=65535.
 pub fn parse_port(field: &str) -> Result<u16, String> {
     if field.is_empty() {
         return Err("port is empty".into());
@@ -427,7 +503,7 @@ mod tests {
         assert!(rows[0].malformed.is_none());
         assert_eq!(
             rows[1].malformed.as_ref().unwrap().to_string(),
-            "f.csv:6: row: expected 4 fields (name,listen_port,dest_ip,dest_port), found 3"
+            "f.csv:6: row: expected 4 fields (name,listen_port,dest_ip,dest_port) or 5 (with options), found 3"
         );
         let errors = parse(text, "f.csv").unwrap_err().0;
         assert_eq!(errors.iter().map(|e| e.line).collect::<Vec<_>>(), [6, 7]);
@@ -443,6 +519,57 @@ mod tests {
         let one = errors("ok,8080,127.0.0.1,80\na;8081;127.0.0.1;9001\n");
         assert_eq!(one.len(), 1);
         assert!(one[0].starts_with("entries.csv:2: row: this row is separated by ';'"));
+    }
+
+    #[test]
+    fn udp_rules_and_options_extend_the_four_columns() {
+        let text = "dns,53/udp,127.0.0.1,5353\ndns-tcp,53,127.0.0.1,5353\n\"web1\",\"8080\",\"127.0.0.1\",\"80\",\"weight=3 send_proxy=v2\"\nweb2,8080,127.0.0.1,81,\"weight=1 balance=leastconn\"\nv6,[::1]:9000/TCP,::1,9001,\n";
+        let set = parse(text, "f").unwrap();
+        assert_eq!(
+            set.pools.len(),
+            4,
+            "TCP and UDP on one port are separate pools"
+        );
+        assert_eq!(set.pools[0].proto, Proto::Udp);
+        assert_eq!(set.pools[0].label(), "0.0.0.0:53/udp");
+        assert_eq!(set.pools[1].proto, Proto::Tcp);
+        let web = &set.pools[2];
+        assert_eq!(web.rules[0].options.weight, 3);
+        assert_eq!(web.rules[1].options.weight, 1);
+        assert_eq!(
+            web.options.balance,
+            crate::rules::options::Balance::LeastConn,
+            "a pool option on any row applies to the pool"
+        );
+        assert_eq!(set.pools[3].listen, "[::1]:9000".parse().unwrap());
+        // Written back: rows without options keep four columns, the others get the fifth.
+        let written = to_csv(&set.entries());
+        let rows: Vec<&str> = written.lines().filter(|l| !l.starts_with('#')).collect();
+        assert_eq!(
+            rows,
+            [
+                "dns,53/udp,127.0.0.1,5353",
+                "dns-tcp,53,127.0.0.1,5353",
+                "web1,8080,127.0.0.1,80,weight=3 send_proxy=v2",
+                "web2,8080,127.0.0.1,81,weight=1 balance=leastconn",
+                "v6,[::1]:9000/TCP,::1,9001",
+            ]
+        );
+        assert_eq!(parse(&written, "f").unwrap().entries(), set.entries());
+    }
+
+    #[test]
+    fn option_errors_name_the_field_and_disagreeing_rows_name_both_lines() {
+        let e = errors("a,8080,127.0.0.1,80,weight=0\nb,9000,127.0.0.1,80,\"allow=10.0.0.0/8\"\nc,9000,127.0.0.1,81,\"allow=192.168.0.0/16\"\nd,53/udp,127.0.0.1,53,send_proxy=v1\ne,7000/sctp,127.0.0.1,1\n");
+        assert_eq!(
+            e,
+            vec![
+                "entries.csv:1: options: weight=0 is out of range 1-256",
+                "entries.csv:3: options: allow differs from line 2 of the same pool (0.0.0.0:9000); pool options must agree",
+                "entries.csv:4: options: send_proxy is for TCP rules only",
+                "entries.csv:5: listen_port: \"/sctp\" is not a transport: write /tcp or /udp",
+            ]
+        );
     }
 
     #[test]

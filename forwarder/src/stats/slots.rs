@@ -6,13 +6,13 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 
 use crate::control::{BackendSpec, PoolSpec};
-use crate::rules::RuleSet;
+use crate::rules::{Pool, Proto, RuleSet};
 use crate::stats::{Shared, MAX_BACKENDS, MAX_POOLS};
 
 #[derive(Debug, Clone, Default)]
 pub struct Slots {
-    pools: HashMap<SocketAddr, usize>,
-    backends: HashMap<(SocketAddr, SocketAddr), usize>,
+    pools: HashMap<(SocketAddr, Proto), usize>,
+    backends: HashMap<(SocketAddr, Proto, SocketAddr), usize>,
     free_pools: Vec<usize>,
     free_backends: Vec<usize>,
     /// Backend slots whose rule is gone but which may still count live connections.
@@ -39,7 +39,7 @@ impl Slots {
         let mut pools_kept = HashMap::new();
         let mut backends_kept = HashMap::new();
         for pool in &rules.pools {
-            let slot = match self.pools.get(&pool.listen) {
+            let slot = match self.pools.get(&(pool.listen, pool.proto)) {
                 Some(&s) => s,
                 None => {
                     let s = take(&mut self.free_pools, &mut self.next_pool, MAX_POOLS)?;
@@ -47,10 +47,10 @@ impl Slots {
                     s
                 }
             };
-            pools_kept.insert(pool.listen, slot);
+            pools_kept.insert((pool.listen, pool.proto), slot);
             let mut backends = Vec::new();
             for rule in &pool.rules {
-                let key = (pool.listen, rule.dest);
+                let key = (pool.listen, pool.proto, rule.dest);
                 let bslot = match self.backends.get(&key) {
                     Some(&s) => s,
                     None => {
@@ -68,11 +68,14 @@ impl Slots {
                     name: rule.entry.name.clone(),
                     addr: rule.dest,
                     slot: bslot,
+                    options: rule.options.clone(),
                 });
             }
             specs.push(PoolSpec {
                 listen: pool.listen,
+                proto: pool.proto,
                 slot,
+                options: pool.options.clone(),
                 backends,
             });
         }
@@ -91,14 +94,14 @@ impl Slots {
         Ok(specs)
     }
 
-    /// The slot counting the pool listening on `listen`, if it is in the rules.
-    pub fn pool_slot(&self, listen: SocketAddr) -> Option<usize> {
-        self.pools.get(&listen).copied()
+    /// The slot counting `pool`, if it is in the rules.
+    pub fn pool_slot(&self, pool: &Pool) -> Option<usize> {
+        self.pools.get(&(pool.listen, pool.proto)).copied()
     }
 
-    /// The slot counting backend `dest` of the pool on `listen`, if it is in the rules.
-    pub fn backend_slot(&self, listen: SocketAddr, dest: SocketAddr) -> Option<usize> {
-        self.backends.get(&(listen, dest)).copied()
+    /// The slot counting backend `dest` of `pool`, if it is in the rules.
+    pub fn backend_slot(&self, pool: &Pool, dest: SocketAddr) -> Option<usize> {
+        self.backends.get(&(pool.listen, pool.proto, dest)).copied()
     }
 
     fn reclaim(&mut self, shared: &Shared) {

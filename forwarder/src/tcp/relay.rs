@@ -534,7 +534,9 @@ mod tests {
             accepted.set_nonblocking(true).unwrap();
             let pool = PoolSpec {
                 listen: front.local_addr().unwrap(),
+                proto: Default::default(),
                 slot: 0,
+                options: Default::default(),
                 backends: backends
                     .iter()
                     .enumerate()
@@ -542,6 +544,7 @@ mod tests {
                         name: format!("b{i}"),
                         addr,
                         slot: i,
+                        options: Default::default(),
                     })
                     .collect(),
             };

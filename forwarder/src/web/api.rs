@@ -125,6 +125,8 @@ pub struct RowDoc {
     pub listen_port: String,
     pub dest_ip: String,
     pub dest_port: String,
+    /// The fifth column: space-separated `key=value` items, empty when none.
+    pub options: String,
     /// The address it listens on, as the figures name it (absent when the port is invalid).
     pub listen: Option<String>,
 }
@@ -162,6 +164,7 @@ fn rules_doc(sup: &Supervisor, file: &Snapshot, id: Option<String>) -> RulesDoc 
                 listen_port: r.entry.listen_port.clone(),
                 dest_ip: r.entry.dest_ip.clone(),
                 dest_port: r.entry.dest_port.clone(),
+                options: r.entry.options.clone(),
                 listen: rules::parse_listen(&r.entry.listen_port)
                     .ok()
                     .map(|a| a.to_string()),
@@ -365,11 +368,13 @@ fn parse_entry(headers: &HeaderMap, body: &[u8]) -> Result<Entry, ApiError> {
         .map_err(|e| ApiError::invalid(format!("the body is not valid JSON: {e}"), Vec::new()))?;
     let Value::Object(map) = value else {
         return Err(ApiError::invalid(
-            "send a JSON object {\"name\", \"listen_port\", \"dest_ip\", \"dest_port\"}",
+            "send a JSON object {\"name\", \"listen_port\", \"dest_ip\", \"dest_port\"} (and \"options\" if any)",
             Vec::new(),
         ));
     };
     const FIELDS: [&str; 4] = ["name", "listen_port", "dest_ip", "dest_port"];
+    /// May be left out: a rule without options.
+    const OPTIONAL: [&str; 1] = ["options"];
     let mut errors = Vec::new();
     let problem = |field: &str, message: &str| FieldError {
         line: 0,
@@ -377,15 +382,19 @@ fn parse_entry(headers: &HeaderMap, body: &[u8]) -> Result<Entry, ApiError> {
         message: message.to_string(),
         id: None,
     };
-    for key in map.keys().filter(|k| !FIELDS.contains(&k.as_str())) {
+    for key in map
+        .keys()
+        .filter(|k| !FIELDS.contains(&k.as_str()) && !OPTIONAL.contains(&k.as_str()))
+    {
         errors.push(problem(
             key,
-            "unknown field (a rule has name, listen_port, dest_ip, dest_port)",
+            "unknown field (a rule has name, listen_port, dest_ip, dest_port, options)",
         ));
     }
     let mut fields: HashMap<&str, String> = HashMap::new();
-    for field in FIELDS {
+    for field in FIELDS.into_iter().chain(OPTIONAL) {
         match map.get(field) {
+            None if OPTIONAL.contains(&field) => {}
             None => errors.push(problem(field, "missing")),
             Some(Value::String(s)) => {
                 fields.insert(field, s.trim().to_string());
@@ -413,6 +422,11 @@ fn parse_entry(headers: &HeaderMap, body: &[u8]) -> Result<Entry, ApiError> {
         listen_port: take("listen_port"),
         dest_ip: take("dest_ip"),
         dest_port: take("dest_port"),
+        // Whitespace between items is the separator: keep it single, as a person writes it.
+        options: take("options")
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" "),
     })
 }
 

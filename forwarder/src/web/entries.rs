@@ -89,12 +89,17 @@ impl Plan {
     }
 }
 
-/// The id of an entry: a hash of its four fields, so it does not depend on the row's position.
+/// The id of an entry: a hash of its fields, so it does not depend on the row's position.
 pub fn entry_id(entry: &Entry) -> String {
-    let key = format!(
+    let mut key = format!(
         "{}\u{0}{}\u{0}{}\u{0}{}",
         entry.name, entry.listen_port, entry.dest_ip, entry.dest_port
     );
+    // Rows without options keep the ids they had before the fifth column existed.
+    if !entry.options.is_empty() {
+        key.push('\u{0}');
+        key.push_str(&entry.options);
+    }
     version(&key)[..12].to_string()
 }
 
@@ -137,6 +142,7 @@ mod tests {
             listen_port: listen.into(),
             dest_ip: ip.into(),
             dest_port: port.into(),
+            options: String::new(),
         }
     }
 

@@ -1,0 +1,329 @@
+//! The optional fifth column of a rule: space-separated `key=value` items. Some concern the row's
+//! backend (`weight`, `send_proxy`, `max_conns`), the others the whole pool (`balance`, `allow`,
+//! `deny`, `accept_proxy`, `max_conns_per_ip`), which any row of the pool may carry as long as no
+//! two rows disagree. Parsed here into types, so nothing downstream reads the text again.
+
+use std::fmt;
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+/// Largest `weight`.
+pub const MAX_WEIGHT: u32 = 256;
+
+/// Transport of a rule: `PORT` or `PORT/tcp` is TCP, `PORT/udp` UDP.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Proto {
+    #[default]
+    Tcp,
+    Udp,
+}
+
+impl fmt::Display for Proto {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Proto::Tcp => "tcp",
+            Proto::Udp => "udp",
+        })
+    }
+}
+
+/// How a pool picks a backend for a new connection.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Balance {
+    /// In turn, across all workers (smooth weighted when weights differ).
+    #[default]
+    RoundRobin,
+    /// The backend with the fewest open connections across all workers.
+    LeastConn,
+    /// A hash of the client address: the same client lands on the same backend.
+    Source,
+}
+
+/// PROXY protocol header version sent to the backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProxyVersion {
+    V1,
+    V2,
+}
+
+/// Options of one row's backend.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackendOptions {
+    /// Share of new connections relative to the pool's other backends (1–256).
+    pub weight: u32,
+    /// Send a PROXY protocol header with the client's address before any byte.
+    pub send_proxy: Option<ProxyVersion>,
+    /// Most connections open to this backend at once (0 = no limit).
+    pub max_conns: u64,
+}
+
+impl Default for BackendOptions {
+    fn default() -> Self {
+        BackendOptions {
+            weight: 1,
+            send_proxy: None,
+            max_conns: 0,
+        }
+    }
+}
+
+/// Options of a whole pool.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PoolOptions {
+    pub balance: Balance,
+    /// Clients allowed to connect (empty = everyone not denied).
+    pub allow: Vec<IpNet>,
+    /// Clients refused (wins over `allow`).
+    pub deny: Vec<IpNet>,
+    /// Connections arrive from another proxy with a PROXY protocol header naming the client.
+    pub accept_proxy: bool,
+    /// Most connections one client address may have open at once (0 = no limit).
+    pub max_conns_per_ip: u64,
+}
+
+impl PoolOptions {
+    /// Whether `client` may use the pool: not denied, and allowed when there is an allow list.
+    pub fn admits(&self, client: IpAddr) -> bool {
+        let client = canonical(client);
+        if self.deny.iter().any(|n| n.contains(&client)) {
+            return false;
+        }
+        self.allow.is_empty() || self.allow.iter().any(|n| n.contains(&client))
+    }
+}
+
+/// An IPv4-mapped IPv6 address (`::ffff:10.0.0.1`, how a dual-stack socket reports an IPv4
+/// client) as the IPv4 address lists are written with.
+fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+/// The options of one row: its backend's, and what it says about its pool.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RowOptions {
+    pub backend: BackendOptions,
+    pub pool: PoolOptions,
+    /// The pool-wide keys the row wrote (only those must agree with other rows).
+    pub pool_keys: Vec<&'static str>,
+}
+
+/// Every key, with whether it is pool-wide and whether a UDP rule takes it.
+const KEYS: &[(&str, bool, bool)] = &[
+    ("weight", false, true),
+    ("send_proxy", false, false),
+    ("max_conns", false, true),
+    ("balance", true, true),
+    ("allow", true, true),
+    ("deny", true, true),
+    ("accept_proxy", true, false),
+    ("max_conns_per_ip", true, false),
+];
+
+/// Parses the options column; the error says which item is wrong and why.
+pub fn parse_options(text: &str, proto: Proto) -> Result<RowOptions, String> {
+    let mut out = RowOptions::default();
+    let mut seen: Vec<&str> = Vec::new();
+    for item in text.split_whitespace() {
+        let (key, value) = match item.split_once('=') {
+            Some((k, v)) => (k, Some(v)),
+            None => (item, None),
+        };
+        let Some(&(key, pool_wide, udp)) = KEYS.iter().find(|(k, _, _)| *k == key) else {
+            let known: Vec<&str> = KEYS.iter().map(|(k, _, _)| *k).collect();
+            return Err(format!(
+                "unknown option \"{key}\" (known: {})",
+                known.join(", ")
+            ));
+        };
+        if seen.contains(&key) {
+            return Err(format!("{key} is given twice"));
+        }
+        seen.push(key);
+        if proto == Proto::Udp && !udp {
+            return Err(format!("{key} is for TCP rules only"));
+        }
+        if pool_wide {
+            out.pool_keys.push(key);
+        }
+        let needs = |what: &str| -> Result<&str, String> {
+            value
+                .filter(|v| !v.is_empty())
+                .ok_or_else(|| format!("{key} needs a value: {key}={what}"))
+        };
+        match key {
+            "weight" => {
+                out.backend.weight = number(key, needs("N")?, 1, MAX_WEIGHT as u64)? as u32;
+            }
+            "send_proxy" => {
+                out.backend.send_proxy = Some(match needs("v1|v2")? {
+                    "v1" => ProxyVersion::V1,
+                    "v2" => ProxyVersion::V2,
+                    other => {
+                        return Err(format!("send_proxy \"{other}\" is not v1 or v2"));
+                    }
+                })
+            }
+            "max_conns" => out.backend.max_conns = number(key, needs("N")?, 1, u64::MAX)?,
+            "balance" => {
+                out.pool.balance = match needs("roundrobin|leastconn|source")? {
+                    "roundrobin" => Balance::RoundRobin,
+                    "leastconn" => Balance::LeastConn,
+                    "source" => Balance::Source,
+                    other => {
+                        return Err(format!(
+                            "balance \"{other}\" is not roundrobin, leastconn or source"
+                        ))
+                    }
+                }
+            }
+            "allow" => out.pool.allow = cidrs(key, needs("CIDR[,CIDR...]")?)?,
+            "deny" => out.pool.deny = cidrs(key, needs("CIDR[,CIDR...]")?)?,
+            "accept_proxy" => {
+                out.pool.accept_proxy = match value {
+                    None | Some("on") | Some("yes") | Some("true") => true,
+                    Some("off") | Some("no") | Some("false") => false,
+                    Some(other) => {
+                        return Err(format!("accept_proxy \"{other}\" is not on or off"))
+                    }
+                }
+            }
+            "max_conns_per_ip" => {
+                out.pool.max_conns_per_ip = number(key, needs("N")?, 1, u64::MAX)?;
+            }
+            _ => unreachable!("every key of KEYS is handled"),
+        }
+    }
+    Ok(out)
+}
+
+fn number(key: &str, value: &str, min: u64, max: u64) -> Result<u64, String> {
+    match value.parse::<u64>() {
+        Ok(n) if (min..=max).contains(&n) => Ok(n),
+        Ok(n) if max == u64::MAX => Err(format!("{key}={n}: at least {min}")),
+        Ok(n) => Err(format!("{key}={n} is out of range {min}-{max}")),
+        Err(_) => Err(format!("{key}=\"{value}\" is not a number")),
+    }
+}
+
+/// `10.0.0.0/24,2001:db8::/32,10.0.0.66`: a bare address is a /32 (or /128).
+fn cidrs(key: &str, value: &str) -> Result<Vec<IpNet>, String> {
+    value
+        .split(',')
+        .map(|item| {
+            let item = item.trim();
+            item.parse::<IpNet>()
+                .map(|n| n.trunc())
+                .or_else(|_| item.parse::<IpAddr>().map(IpNet::from))
+                .map_err(|_| format!("{key}: \"{item}\" is not an address or CIDR"))
+        })
+        .collect()
+}
+
+/// What differs between two rows' pool-wide options, for keys both wrote.
+pub fn pool_conflict(a: &RowOptions, b: &RowOptions) -> Option<&'static str> {
+    a.pool_keys
+        .iter()
+        .copied()
+        .filter(|k| b.pool_keys.contains(k))
+        .find(|&k| match k {
+            "balance" => a.pool.balance != b.pool.balance,
+            "allow" => a.pool.allow != b.pool.allow,
+            "deny" => a.pool.deny != b.pool.deny,
+            "accept_proxy" => a.pool.accept_proxy != b.pool.accept_proxy,
+            "max_conns_per_ip" => a.pool.max_conns_per_ip != b.pool.max_conns_per_ip,
+            _ => false,
+        })
+}
+
+/// Folds a row's pool-wide options into the pool's.
+pub fn merge_pool(into: &mut PoolOptions, row: &RowOptions) {
+    for key in &row.pool_keys {
+        match *key {
+            "balance" => into.balance = row.pool.balance,
+            "allow" => into.allow = row.pool.allow.clone(),
+            "deny" => into.deny = row.pool.deny.clone(),
+            "accept_proxy" => into.accept_proxy = row.pool.accept_proxy,
+            "max_conns_per_ip" => into.max_conns_per_ip = row.pool.max_conns_per_ip,
+            _ => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_key_parses_into_its_type() {
+        let o = parse_options(
+            "weight=3 send_proxy=v2 max_conns=500 balance=leastconn allow=10.0.0.0/24,2001:db8::/32 deny=10.0.0.66 accept_proxy max_conns_per_ip=4",
+            Proto::Tcp,
+        )
+        .unwrap();
+        assert_eq!(o.backend.weight, 3);
+        assert_eq!(o.backend.send_proxy, Some(ProxyVersion::V2));
+        assert_eq!(o.backend.max_conns, 500);
+        assert_eq!(o.pool.balance, Balance::LeastConn);
+        assert_eq!(o.pool.allow.len(), 2);
+        assert!(o.pool.accept_proxy);
+        assert_eq!(o.pool.max_conns_per_ip, 4);
+        assert!(o.pool.admits("10.0.0.5".parse().unwrap()));
+        assert!(!o.pool.admits("10.0.0.66".parse().unwrap()), "deny wins");
+        assert!(!o.pool.admits("10.0.1.5".parse().unwrap()));
+        assert!(
+            o.pool.admits("::ffff:10.0.0.7".parse().unwrap()),
+            "v4-mapped"
+        );
+        assert!(o.pool.admits("2001:db8::1".parse().unwrap()));
+        assert_eq!(
+            parse_options("", Proto::Tcp).unwrap(),
+            RowOptions::default()
+        );
+    }
+
+    #[test]
+    fn bad_items_say_what_and_why() {
+        let e = |t: &str| parse_options(t, Proto::Tcp).unwrap_err();
+        assert!(e("colour=red").starts_with("unknown option \"colour\" (known: weight,"));
+        assert_eq!(e("weight=0"), "weight=0 is out of range 1-256");
+        assert_eq!(e("weight=x"), "weight=\"x\" is not a number");
+        assert_eq!(e("weight"), "weight needs a value: weight=N");
+        assert_eq!(e("weight=2 weight=3"), "weight is given twice");
+        assert_eq!(e("send_proxy=v3"), "send_proxy \"v3\" is not v1 or v2");
+        assert_eq!(
+            e("allow=10.0.0.0/33"),
+            "allow: \"10.0.0.0/33\" is not an address or CIDR"
+        );
+        assert_eq!(
+            e("balance=random"),
+            "balance \"random\" is not roundrobin, leastconn or source"
+        );
+        assert_eq!(
+            parse_options("send_proxy=v1", Proto::Udp).unwrap_err(),
+            "send_proxy is for TCP rules only"
+        );
+    }
+
+    #[test]
+    fn only_pool_keys_both_rows_wrote_can_conflict() {
+        let a = parse_options("weight=3 balance=source", Proto::Tcp).unwrap();
+        let b = parse_options("weight=1", Proto::Tcp).unwrap();
+        let c = parse_options("balance=leastconn", Proto::Tcp).unwrap();
+        assert_eq!(pool_conflict(&a, &b), None);
+        assert_eq!(pool_conflict(&a, &c), Some("balance"));
+        let mut pool = PoolOptions::default();
+        merge_pool(&mut pool, &a);
+        merge_pool(&mut pool, &b);
+        assert_eq!(pool.balance, Balance::Source);
+    }
+}
