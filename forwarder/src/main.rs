@@ -47,7 +47,12 @@ struct Args {
     web_token: Option<String>,
 
     /// Serve the web page over HTTPS with this certificate chain (PEM; `certs --san HOST` makes one)
-    #[arg(long, value_name = "PATH", requires = "web_key")]
+    #[arg(
+        long,
+        value_name = "PATH",
+        requires = "web_key",
+        conflicts_with = "no_web"
+    )]
     web_cert: Option<PathBuf>,
 
     /// Private key of --web-cert (PEM)
