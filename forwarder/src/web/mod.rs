@@ -254,3 +254,29 @@ impl AppState {
         *self.connections.lock().unwrap_or_else(|p| p.into_inner()) = None;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn transport(addr: &str, tls: bool) -> Transport {
+        Transport::for_bind(addr.parse().unwrap(), tls)
+    }
+
+    #[test]
+    fn only_plain_http_off_loopback_is_warned_about() {
+        assert_eq!(transport("0.0.0.0:3001", false), Transport::ExposedHttp);
+        assert_eq!(transport("10.77.0.1:3001", false), Transport::ExposedHttp);
+        assert_eq!(transport("127.0.0.2:3001", false), Transport::LoopbackHttp);
+        assert_eq!(transport("[::1]:3001", false), Transport::LoopbackHttp);
+        assert_eq!(transport("0.0.0.0:3001", true), Transport::Https);
+        assert_eq!(
+            transport("0.0.0.0:3001", false).warning(),
+            Some(PLAIN_HTTP_WARNING)
+        );
+        assert_eq!(transport("127.0.0.1:3001", false).warning(), None);
+        assert_eq!(transport("0.0.0.0:3001", true).warning(), None);
+        assert_eq!(transport("0.0.0.0:3001", true).scheme(), "https");
+        assert_eq!(transport("0.0.0.0:3001", false).scheme(), "http");
+    }
+}
