@@ -48,6 +48,19 @@ struct Args {
     #[arg(long)]
     web_token: Option<String>,
 
+    /// Serve the web page over HTTPS with this certificate chain (PEM; `certs --san HOST` makes one)
+    #[arg(
+        long,
+        value_name = "PATH",
+        requires = "web_key",
+        conflicts_with = "no_web"
+    )]
+    web_cert: Option<PathBuf>,
+
+    /// Private key of --web-cert (PEM)
+    #[arg(long, value_name = "PATH", requires = "web_cert")]
+    web_key: Option<PathBuf>,
+
     /// Validate the rules file, print the rules, and exit (non-zero on any error)
     #[arg(long)]
     check: bool,
@@ -146,6 +159,12 @@ fn run_supervisor(args: &Args) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
 
+    // Read before anything starts, so a bad pair is one line and nothing to clean up.
+    let web_tls = match (&args.web_cert, &args.web_key) {
+        (Some(cert), Some(key)) if !args.no_web => Some(forwarder::web::tls::load(cert, key)?),
+        _ => None,
+    };
+
     let limit = testbed::fdlimit::raise_nofile().context("raising the open-file limit")?;
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())
@@ -204,7 +223,7 @@ fn run_supervisor(args: &Args) -> anyhow::Result<ExitCode> {
     };
     let sup = Supervisor::new(config, set)?;
     if !args.no_web {
-        forwarder::web::start(sup.clone(), args.web, args.web_token.clone())?;
+        forwarder::web::start(sup.clone(), args.web, args.web_token.clone(), web_tls)?;
     }
     sup.run()?;
     Ok(ExitCode::SUCCESS)

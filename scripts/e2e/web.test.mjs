@@ -8,7 +8,9 @@
 // edits a rule through the form, saves a screenshot, deletes the rules through the page (the
 // port closes, an established connection stays), checks that a save over a hand edit made
 // meanwhile is refused, and that the hand edit shows after a reload. On a second forwarder
-// whose changes need a token, the page asks for it once, or takes it from a #token= link.
+// whose changes need a token, served over HTTPS (HSTS sent, no warning), the page asks for the
+// token once, or takes it from a #token= link. A third forwarder, bound off loopback over plain
+// HTTP, shows the banner saying the token and the rules travel unencrypted.
 
 import { chromium } from 'playwright-core';
 import fs from 'node:fs';
@@ -33,6 +35,8 @@ const SCREENSHOT = env('SCREENSHOT');
 const TOKEN_URL = env('TOKEN_URL');
 const TOKEN_RULES_FILE = env('TOKEN_RULES_FILE');
 const WEB_TOKEN = env('WEB_TOKEN');
+const TOKEN_SPKI = env('TOKEN_SPKI');
+const PLAIN_URL = env('PLAIN_URL');
 const WAIT_MS = 15_000;
 const TRAFFIC_S = Number(process.env.WEB_E2E_TRAFFIC_S || 8);
 
@@ -132,6 +136,8 @@ try {
       '--disable-background-networking',
       '--disable-component-update',
       '--disable-sync',
+      // Trust the HTTPS forwarder's throwaway key, and only that key.
+      `--ignore-certificate-errors-spki-list=${TOKEN_SPKI}`,
     ],
   });
   page = context.pages()[0] || (await context.newPage());
@@ -149,6 +155,7 @@ try {
   await page.goto(WEB_URL);
   await page.locator('tr.entry[data-name="echo-a"]').waitFor({ timeout: WAIT_MS });
   await until('the live indicator', async () => (await page.locator('#live-text').innerText()) === 'live');
+  assert(await page.locator('#transport-banner').isHidden(), 'no plain-HTTP warning on loopback');
 
   begin('traffic through the existing pool (round robin over two backends)');
   for (let i = 0; i < 6; i += 1) {
@@ -307,9 +314,12 @@ try {
   await page.locator('tr.entry[data-name="hand-edit"]').waitFor({ timeout: WAIT_MS });
   assert((await page.locator('#file-text').textContent()).includes(`hand-edit,${HAND_PORT}`), 'the file text on the page');
 
-  begin('a forwarder with a token: the page asks for it once');
-  await page.goto(TOKEN_URL);
+  begin('a forwarder with a token, over HTTPS: the page asks for it once');
+  const secure = await page.goto(TOKEN_URL);
+  assert(page.url().startsWith('https://'), `the page is served over HTTPS: ${page.url()}`);
+  assert(secure.headers()['strict-transport-security'] === 'max-age=31536000', 'HSTS over HTTPS');
   await until('the live indicator', async () => (await page.locator('#live-text').innerText()) === 'live');
+  assert(await page.locator('#transport-banner').isHidden(), 'no plain-HTTP warning over HTTPS');
   const TOKEN_RULE_PORT = await freePort();
   await page.getByRole('button', { name: '+ Add entry' }).click();
   await page.getByLabel('Name').fill('with-token');
@@ -342,6 +352,17 @@ try {
   assert(!(await second.locator('#token-dialog').evaluate((d) => d.open)), 'no token prompt with the link\'s token');
   await until(`port ${TOKEN_RULE_PORT} to close`, async () => (await tryConnect(TOKEN_RULE_PORT)) === 'ECONNREFUSED', 5000);
   await second.close();
+
+  begin('a page bound off loopback over plain HTTP says the token travels unencrypted');
+  await page.goto(PLAIN_URL);
+  const warning = page.locator('#transport-banner');
+  await warning.waitFor({ state: 'visible', timeout: WAIT_MS });
+  const warned = await warning.innerText();
+  assert(
+    warned.startsWith('This page is served over plain HTTP: the web token and the rules travel unencrypted')
+      && warned.includes('--web-cert') && warned.includes('certs --san'),
+    `the banner says what and how to fix it: ${JSON.stringify(warned)}`,
+  );
 
   assert(dialogs.length === 0, `unexpected browser dialogs: ${dialogs.join(', ')}`);
   assert(pageErrors.length === 0, `errors in the page: ${pageErrors.join('\n')}`);

@@ -56,13 +56,14 @@ capture_canary() {
     grep -q "→ $CANARY_PORT " "$LAB_DIR/logs/$1.out"
 }
 
-# Waits until the capture holds the closing packets of both legs (client->gateway and
-# gateway->server each end with two FINs, or a RST), then stops tshark. Stopping at once would lose
-# the packets dumpcap has not yet read from the kernel.
+# capture_stop NAME [CLOSING] — waits until the capture holds CLOSING (default 4) closing packets
+# (client->gateway and gateway->server each end with two FINs, or a RST; a web request to the
+# gateway itself has only the first leg: 2), then stops tshark. Stopping at once would lose the
+# packets dumpcap has not yet read from the kernel.
 capture_stop() {
-    local name=$1
-    wait_until 10 "$name to see both connections close" \
-        bash -c "[ \$(grep -cE 'FIN|RST' '$LAB_DIR/logs/$name.out') -ge 4 ]" || true
+    local name=$1 closing=${2:-4}
+    wait_until 10 "$name to see its connections close" \
+        bash -c "[ \$(grep -cE 'FIN|RST' '$LAB_DIR/logs/$name.out') -ge $closing ]" || true
     # SIGINT to tshark alone: it stops dumpcap itself (signalling the whole group loses packets).
     stop_proc "$name" INT leader
     cp "$LAB_DIR/logs/$name.out" "$LAB_RESULTS/case1/$name-packets.txt"
@@ -72,8 +73,45 @@ frames_containing() { # FILE TEXT
     tshark -n -r "$1" -Y "frame contains \"$2\"" 2>/dev/null | wc -l
 }
 
+# The web page's own check in case 1: a forwarder of its own on the gateway (its page reachable
+# from the clients, changes need a token), and client1 adding a rule through it with curl while
+# the client segment is captured. Over plain HTTP the capture shows the token and the rule's
+# name; over HTTPS (the lab's certificate) it must show neither.
+CASE1_WEB_PLAIN_PORT=8080
+CASE1_WEB_TLS_PORT=8443
+
+# case1_web_change NAME SCHEME PORT TOKEN RULE OUT [FORWARDER ARGS...] — starts the forwarder NAME
+# with its page on the gateway's client side, captures client1 adding RULE with TOKEN, stops both;
+# sets WEB_STATUS to the HTTP status of the change (000 when there was none). Not run in a command
+# substitution: what it starts must stay visible to the lab's cleanup.
+case1_web_change() {
+    local name=$1 scheme=$2 port=$3 token=$4 rule=$5 out=$6
+    shift 6
+    WEB_STATUS=000
+    : >"$LAB_DIR/$name.csv"
+    lab_spawn "$name" "$NS_GW" gateway "$(bin forwarder)" --rules "$LAB_DIR/$name.csv" \
+        --web "$GW_FRONT:$port" --web-token "$token" --workers 1 --max-connections 100 "$@"
+    if ! wait_listen "$NS_GW" "$port" 20 "$name"; then
+        stop_proc "$name"
+        return 0
+    fi
+    local curl_tls=() status=000
+    [ "$scheme" = https ] && curl_tls=(--cacert "$LAB_DIR/certs/ca.crt")
+    if capture_start "cap-$name" "tcp port $port" "$out/$name.pcapng"; then
+        # The new rule listens on the gateway's loopback: only the page's traffic crosses the segment.
+        status=$(in_ns "$NS_C1" curl -sS --max-time 10 "${curl_tls[@]}" -o "$out/$name-answer.json" \
+            -w '%{http_code}' -H "Authorization: Bearer $token" -H 'Content-Type: application/json' \
+            --data "{\"name\":\"$rule\",\"listen_port\":\"127.0.0.1:$((port + 10000))\",\"dest_ip\":\"$S1_ADDR\",\"dest_port\":\"80\"}" \
+            "$scheme://$GW_FRONT:$port/api/rules" 2>"$out/$name-curl.log") || true
+        capture_stop "cap-$name" 2
+    fi
+    cp "$LAB_DIR/$name.csv" "$out/$name-rules.csv"
+    stop_proc "$name"
+    WEB_STATUS=${status:-000}
+}
+
 case_1() {
-    local expect="the message is readable in the plaintext capture and absent from the TLS capture"
+    local expect="the message is readable in the plaintext capture and absent from the TLS capture; a web change shows the token and the rule's name over HTTP, neither over HTTPS"
     local original="same check; no figure"
     need_bins 1 "$expect" "$original" forwarder ssl-echo-server ssl-echo-client certs || return 0
     local out=$LAB_RESULTS/case1
@@ -108,10 +146,34 @@ case_1() {
     plain_msgs=$(json_get "$out/plaintext-client.json" messages)
     tls_msgs=$(json_get "$out/tls-client.json" messages)
     local observed="plaintext: $plain_hits frames contain the message (client exit $plain_rc, echoed ${plain_msgs:-?}); TLS: $tls_hits frames contain it (raw bytes: $tls_raw), $tls_hellos ClientHellos and $tls_records encrypted records seen (client exit $tls_rc, echoed ${tls_msgs:-?}); message \"$text\""
+
+    local token rule web_plain web_tls
+    token="lab-case1-token-$(od -An -N8 -tx1 /dev/urandom | tr -d ' \n')"
+    rule="lab-case1-rule-$(od -An -N6 -tx1 /dev/urandom | tr -d ' \n')"
+    case1_web_change web-plain http "$CASE1_WEB_PLAIN_PORT" "$token" "$rule-http" "$out"
+    web_plain=$WEB_STATUS
+    case1_web_change web-https https "$CASE1_WEB_TLS_PORT" "$token" "$rule-https" "$out" \
+        --web-cert "$LAB_DIR/certs/server.crt" --web-key "$LAB_DIR/certs/server.key"
+    web_tls=$WEB_STATUS
+    local wp_token wp_rule wt_token wt_rule wt_raw wt_hellos wp_file wt_file
+    wp_token=$(frames_containing "$out/web-plain.pcapng" "$token")
+    wp_rule=$(frames_containing "$out/web-plain.pcapng" "$rule-http")
+    wt_token=$(frames_containing "$out/web-https.pcapng" "$token")
+    wt_rule=$(frames_containing "$out/web-https.pcapng" "$rule-https")
+    wt_raw=$(grep -c -a -e "$token" -e "$rule" "$out/web-https.pcapng" || true)
+    wt_hellos=$(tshark -n -r "$out/web-https.pcapng" -d "tcp.port==$CASE1_WEB_TLS_PORT,tls" -Y "tls.handshake.type == 1" 2>/dev/null | wc -l)
+    wp_file=$(grep -c -F "$rule-http," "$out/web-plain-rules.csv" || true)
+    wt_file=$(grep -c -F "$rule-https," "$out/web-https-rules.csv" || true)
+    observed+="; web change over HTTP (HTTP $web_plain, in the rules file: $wp_file): token in $wp_token frames, rule name in $wp_rule; over HTTPS (HTTP $web_tls, in the rules file: $wt_file): token in $wt_token frames, rule name in $wt_rule (raw bytes: $wt_raw), $wt_hellos ClientHellos"
+
     # Both legs (client->gateway, gateway->server) carry the message and its echo: 4 frames at least;
     # the TLS capture must really hold the TLS conversation (hellos and encrypted records on both legs).
+    # The web changes must both have been made (201, in the file) for their captures to mean anything.
     if [ "$plain_rc" -eq 0 ] && [ "$tls_rc" -eq 0 ] && [ "${plain_msgs:-0}" -ge 1 ] && [ "${tls_msgs:-0}" -ge 1 ] &&
-        [ "$plain_hits" -ge 4 ] && [ "$tls_hits" -eq 0 ] && [ "$tls_raw" -eq 0 ] && [ "$tls_hellos" -ge 2 ] && [ "$tls_records" -ge 4 ]; then
+        [ "$plain_hits" -ge 4 ] && [ "$tls_hits" -eq 0 ] && [ "$tls_raw" -eq 0 ] && [ "$tls_hellos" -ge 2 ] && [ "$tls_records" -ge 4 ] &&
+        [ "$web_plain" = 201 ] && [ "$web_tls" = 201 ] && [ "$wp_file" -eq 1 ] && [ "$wt_file" -eq 1 ] &&
+        [ "$wp_token" -ge 1 ] && [ "$wp_rule" -ge 1 ] && [ "$wt_token" -eq 0 ] && [ "$wt_rule" -eq 0 ] &&
+        [ "$wt_raw" -eq 0 ] && [ "$wt_hellos" -ge 1 ]; then
         record 1 "$expect" "$observed" PASS "$original"
     else
         record 1 "$expect" "$observed" FAIL "$original"

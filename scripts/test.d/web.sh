@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # CI step: the forwarder's web page end to end in headless Chromium (scripts/e2e/web.test.mjs).
 # Starts echo backends and the forwarder (target/debug) on free loopback ports, runs the browser
-# test, and always stops what it started. The screenshot goes to a temp file, or to
+# test, and always stops what it started. The forwarder whose changes need a token serves its
+# page over HTTPS with a throwaway pair from `certs`; Chromium trusts exactly that key (its SPKI
+# hash), nothing else. A third one, bound off loopback over plain HTTP, must show the warning. The screenshot goes to a temp file, or to
 # $WEB_SCREENSHOT when set (WEB_SCREENSHOT=docs/img/web.png refreshes the README's picture).
 set -euo pipefail
 cd "$(dirname "$0")/../.." || exit 1
@@ -9,17 +11,20 @@ root=$PWD
 
 # shellcheck source=scripts/lib/apt.sh
 source scripts/lib/apt.sh
-ensure_apt_packages chromium fonts-dejavu-core
+ensure_apt_packages chromium fonts-dejavu-core openssl
 # nodesource's nodejs provides npm itself (and conflicts with Debian's npm package).
 if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
     ensure_apt_packages nodejs npm
 fi
 
 bin=${WEB_FORWARDER_BIN:-${CARGO_TARGET_DIR:-$root/target}/debug/forwarder}
-if [ ! -x "$bin" ]; then
-    echo "web: $bin not found: build the workspace first (cargo build --workspace)" >&2
-    exit 1
-fi
+certs_bin=$(dirname "$bin")/certs
+for b in "$bin" "$certs_bin"; do
+    if [ ! -x "$b" ]; then
+        echo "web: $b not found: build the workspace first (cargo build --workspace)" >&2
+        exit 1
+    fi
+done
 
 # playwright-core from npm, installed once (npm ci again only when the lock file changed).
 (
@@ -49,8 +54,8 @@ cleanup() {
 trap cleanup EXIT
 
 # Free ports, all distinct, below the ephemeral range (see scripts/e2e/ports.mjs).
-read -r web_port backend_a backend_b dead_port pool_port dead_pool_port new_port token_port < <(
-    node scripts/e2e/ports.mjs 8
+read -r web_port backend_a backend_b dead_port pool_port dead_pool_port new_port token_port plain_port < <(
+    node scripts/e2e/ports.mjs 9
 )
 
 wait_for_port() {
@@ -90,15 +95,31 @@ if ! wait_for_port 127.0.0.1 "$web_port"; then
 fi
 
 # A second forwarder whose changes need a token (a page not bound to 127.0.0.1 needs one; here
-# the token is given, so it may stay on loopback: 127.0.0.2).
+# the token is given, so it may stay on loopback: 127.0.0.2), its page over HTTPS.
 token=$(od -An -tx1 -N12 /dev/urandom | tr -d ' \n')
 mkdir "$work/token"
 : >"$work/token/entries.csv"
+"$certs_bin" --out "$work/certs" --san 127.0.0.2 >/dev/null
+# The base64 SHA-256 of the server key's SubjectPublicKeyInfo, the form Chromium's
+# --ignore-certificate-errors-spki-list takes.
+spki=$(openssl x509 -in "$work/certs/server.crt" -pubkey -noout |
+    openssl pkey -pubin -outform der | openssl dgst -sha256 -binary | base64)
 setsid "$bin" --rules "$work/token/entries.csv" --web "127.0.0.2:$token_port" --web-token "$token" \
+    --web-cert "$work/certs/server.crt" --web-key "$work/certs/server.key" \
     --workers 1 --log-level info >"$work/forwarder-token.log" 2>&1 &
 pids+=($!)
 if ! wait_for_port 127.0.0.2 "$token_port"; then
     cat "$work/forwarder-token.log" >&2
+    exit 1
+fi
+
+# A third, bound off loopback over plain HTTP: its page must warn that the token travels in clear.
+: >"$work/plain.csv"
+setsid "$bin" --rules "$work/plain.csv" --web "0.0.0.0:$plain_port" --web-token "$token" \
+    --workers 1 --log-level info >"$work/forwarder-plain.log" 2>&1 &
+pids+=($!)
+if ! wait_for_port 127.0.0.1 "$plain_port"; then
+    cat "$work/forwarder-plain.log" >&2
     exit 1
 fi
 
@@ -112,7 +133,9 @@ WEB_URL="http://127.0.0.1:$web_port/" \
     DEAD_POOL_PORT="$dead_pool_port" \
     NEW_PORT="$new_port" \
     SCREENSHOT="$screenshot" \
-    TOKEN_URL="http://127.0.0.2:$token_port/" \
+    TOKEN_URL="https://127.0.0.2:$token_port/" \
+    TOKEN_SPKI="$spki" \
+    PLAIN_URL="http://127.0.0.1:$plain_port/" \
     TOKEN_RULES_FILE="$work/token/entries.csv" \
     WEB_TOKEN="$token" \
     timeout --kill-after=10 "${WEB_E2E_TIMEOUT:-240}" node scripts/e2e/web.test.mjs || status=$?
@@ -122,6 +145,8 @@ if [ "$status" -ne 0 ]; then
     cat "$work/forwarder.log" >&2
     echo "--- forwarder (token) log ---" >&2
     cat "$work/forwarder-token.log" >&2
+    echo "--- forwarder (plain HTTP off loopback) log ---" >&2
+    cat "$work/forwarder-plain.log" >&2
     echo "web: end-to-end test failed (exit $status)" >&2
     exit "$status"
 fi

@@ -434,8 +434,17 @@ fn parse_entry(headers: &HeaderMap, body: &[u8]) -> Result<Entry, ApiError> {
 #[derive(Serialize)]
 struct StatsDoc {
     now_ms: u64,
+    /// How the page itself is served, for its banner.
+    web: WebDoc,
     #[serde(flatten)]
     stats: StatsSnapshot,
+}
+
+/// How the page is served: `warning` is set when the token and the rules travel in clear.
+#[derive(Serialize)]
+struct WebDoc {
+    https: bool,
+    warning: Option<&'static str>,
 }
 
 pub async fn get_stats(State(state): State<AppState>) -> Result<Response, ApiError> {
@@ -443,6 +452,10 @@ pub async fn get_stats(State(state): State<AppState>) -> Result<Response, ApiErr
     let stats = call(move || sup.stats()).await?;
     Ok(Json(StatsDoc {
         now_ms: crate::stats::now_ms(),
+        web: WebDoc {
+            https: state.transport == super::Transport::Https,
+            warning: state.transport.warning(),
+        },
         stats,
     })
     .into_response())

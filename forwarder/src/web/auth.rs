@@ -168,7 +168,8 @@ fn generate_token() -> anyhow::Result<String> {
 }
 
 /// Applies the policy to every request and adds the headers that keep the page from being
-/// framed, sniffed or made to load anything from elsewhere.
+/// framed, sniffed or made to load anything from elsewhere; over HTTPS, HSTS too, so a browser
+/// that has seen the page over HTTPS never sends the token to its host in clear again.
 pub async fn guard(State(state): State<AppState>, request: Request, next: Next) -> Response {
     let mut response = match state.auth.check(request.method(), request.headers()) {
         Ok(()) => next.run(request).await,
@@ -191,6 +192,12 @@ pub async fn guard(State(state): State<AppState>, request: Request, next: Next) 
         header::REFERRER_POLICY,
         HeaderValue::from_static("no-referrer"),
     );
+    if state.transport == super::Transport::Https {
+        h.insert(
+            header::STRICT_TRANSPORT_SECURITY,
+            HeaderValue::from_static(super::HSTS),
+        );
+    }
     h.entry(header::CACHE_CONTROL)
         .or_insert(HeaderValue::from_static("no-store"));
     response

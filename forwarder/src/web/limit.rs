@@ -85,6 +85,12 @@ impl Capped {
         }
     }
 
+    /// Looks at the first bytes without consuming them (the HTTPS page tells TLS from plain
+    /// HTTP by the first byte).
+    pub async fn peek(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.stream.peek(buf).await
+    }
+
     /// Pushes the deadline back after progress.
     fn progressed(&mut self) {
         let next = Instant::now() + self.idle;

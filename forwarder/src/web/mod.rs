@@ -1,7 +1,9 @@
 //! The web page and its JSON API, served from the supervisor process on a small tokio runtime of
 //! its own thread. Forwarding happens in the worker processes, so a slow, hung or panicking web
 //! side never stops traffic; every call into the supervisor runs on a blocking thread with a
-//! deadline, so the page never holds the supervisor's lock across an await.
+//! deadline, so the page never holds the supervisor's lock across an await. With a certificate
+//! (`--web-cert`, `--web-key`) it is served over HTTPS ([`tls`]); without one off loopback it
+//! still starts, but says at start and on the page that the token and the rules travel in clear.
 
 mod api;
 mod assets;
@@ -10,6 +12,7 @@ mod entries;
 mod history;
 mod limit;
 mod metrics;
+pub mod tls;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -19,6 +22,7 @@ use anyhow::Context;
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{delete, get};
 use axum::Router;
+use tokio_rustls::rustls::ServerConfig;
 
 use crate::control::ConnectionInfo;
 use crate::supervisor::Supervisor;
@@ -35,11 +39,54 @@ const SUPERVISOR_DEADLINE: Duration = Duration::from_secs(10);
 /// supervisor cannot make the web side pile up threads.
 const MAX_BLOCKING_THREADS: usize = 8;
 
+/// What an operator is told, at start and on the page, when the page is plain HTTP off loopback.
+pub const PLAIN_HTTP_WARNING: &str = "the web token and the rules travel unencrypted on the \
+     network; serve the page over HTTPS with --web-cert certs/server.crt --web-key \
+     certs/server.key (make the pair with `certs --san <this host's name or address>`)";
+
+/// How long browsers keep to HTTPS for the page's host once they have seen it over HTTPS.
+/// Browsers ignore it for IP addresses and localhost, so it only binds names.
+const HSTS: &str = "max-age=31536000";
+
+/// How the page reaches its browsers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    Https,
+    /// Plain HTTP bound to loopback: nothing crosses a network.
+    LoopbackHttp,
+    /// Plain HTTP reachable from the network: the token and the rules travel in clear.
+    ExposedHttp,
+}
+
+impl Transport {
+    fn for_bind(addr: SocketAddr, tls: bool) -> Transport {
+        match (tls, addr.ip().is_loopback()) {
+            (true, _) => Transport::Https,
+            (false, true) => Transport::LoopbackHttp,
+            (false, false) => Transport::ExposedHttp,
+        }
+    }
+
+    fn scheme(self) -> &'static str {
+        match self {
+            Transport::Https => "https",
+            _ => "http",
+        }
+    }
+
+    /// The warning the page shows as a banner, when there is one.
+    fn warning(self) -> Option<&'static str> {
+        (self == Transport::ExposedHttp).then_some(PLAIN_HTTP_WARNING)
+    }
+}
+
 /// What every request handler shares.
 #[derive(Clone)]
 struct AppState {
     sup: Supervisor,
     auth: Arc<Auth>,
+    /// HTTPS or not, for the HSTS header and the page's banner.
+    transport: Transport,
     history: Arc<Mutex<history::History>>,
     /// The last connection list, shared by every browser for [`CONNECTIONS_FRESH`]: listing
     /// asks every worker to describe all its connections, which is not free at 20,000.
@@ -54,13 +101,15 @@ const CONNECTIONS_FRESH: Duration = Duration::from_millis(900);
 
 /// Starts the web page for `supervisor` on `addr` and returns once it listens, so a port in use
 /// is reported at start. Binding outside loopback requires a token: `token`, or one generated
-/// here and printed on stderr.
+/// here and printed on stderr. With `tls` (see [`tls::load`]) the page is served over HTTPS.
 pub fn start(
     supervisor: Supervisor,
     addr: SocketAddr,
     token: Option<String>,
+    tls: Option<Arc<ServerConfig>>,
 ) -> anyhow::Result<()> {
     let auth = Auth::for_bind(addr, token)?;
+    let transport = Transport::for_bind(addr, tls.is_some());
     let listener = std::net::TcpListener::bind(addr).with_context(|| {
         format!("cannot serve the web page on {addr} (choose another with --web ADDR:PORT, or --no-web)")
     })?;
@@ -75,10 +124,11 @@ pub fn start(
     let state = AppState {
         sup: supervisor,
         auth: Arc::new(auth),
+        transport,
         history: Arc::new(Mutex::new(history::History::new(history::KEEP_SECONDS))),
         connections: Arc::new(Mutex::new(None)),
     };
-    announce(local, &state.auth);
+    announce(local, &state.auth, transport);
     std::thread::Builder::new()
         .name("web".into())
         .spawn(move || {
@@ -96,7 +146,14 @@ pub fn start(
                 ));
                 let listener =
                     limit::CappedListener::new(listener, limit::MAX_CONNECTIONS, limit::IDLE);
-                if let Err(e) = axum::serve(listener, router(state)).await {
+                let served = match tls {
+                    Some(config) => match tls::TlsListener::new(listener, config) {
+                        Ok(listener) => axum::serve(listener, router(state)).await,
+                        Err(e) => Err(e),
+                    },
+                    None => axum::serve(listener, router(state)).await,
+                };
+                if let Err(e) = served {
                     tracing::error!("web page stopped: {e}");
                 }
             })
@@ -105,12 +162,14 @@ pub fn start(
     Ok(())
 }
 
-/// Tells the operator where the page is and, when one is needed, the token.
-fn announce(addr: SocketAddr, auth: &Auth) {
+/// Tells the operator where the page is, when one is needed the token, and when the page is
+/// reachable over plain HTTP from the network, that it should not be.
+fn announce(addr: SocketAddr, auth: &Auth, transport: Transport) {
+    let scheme = transport.scheme();
     let shown = if addr.ip().is_unspecified() {
-        format!("http://<this host>:{}/", addr.port())
+        format!("{scheme}://<this host>:{}/", addr.port())
     } else {
-        format!("http://{addr}/")
+        format!("{scheme}://{addr}/")
     };
     match auth.token() {
         Some(token) if auth.generated() => eprintln!(
@@ -118,6 +177,9 @@ fn announce(addr: SocketAddr, auth: &Auth) {
         ),
         Some(_) => eprintln!("web page on {shown} (changes need the --web-token)"),
         None => eprintln!("web page on {shown}"),
+    }
+    if let Some(warning) = transport.warning() {
+        tracing::warn!("web page on {shown} is plain HTTP: {warning}");
     }
 }
 
@@ -187,5 +249,31 @@ impl AppState {
     /// Forgets the cached connection list (after a connection was closed).
     fn forget_connections(&self) {
         *self.connections.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn transport(addr: &str, tls: bool) -> Transport {
+        Transport::for_bind(addr.parse().unwrap(), tls)
+    }
+
+    #[test]
+    fn only_plain_http_off_loopback_is_warned_about() {
+        assert_eq!(transport("0.0.0.0:3001", false), Transport::ExposedHttp);
+        assert_eq!(transport("10.77.0.1:3001", false), Transport::ExposedHttp);
+        assert_eq!(transport("127.0.0.2:3001", false), Transport::LoopbackHttp);
+        assert_eq!(transport("[::1]:3001", false), Transport::LoopbackHttp);
+        assert_eq!(transport("0.0.0.0:3001", true), Transport::Https);
+        assert_eq!(
+            transport("0.0.0.0:3001", false).warning(),
+            Some(PLAIN_HTTP_WARNING)
+        );
+        assert_eq!(transport("127.0.0.1:3001", false).warning(), None);
+        assert_eq!(transport("0.0.0.0:3001", true).warning(), None);
+        assert_eq!(transport("0.0.0.0:3001", true).scheme(), "https");
+        assert_eq!(transport("0.0.0.0:3001", false).scheme(), "http");
     }
 }

@@ -97,6 +97,9 @@
     token: null,
   };
 
+  // The token lives in sessionStorage, never in a cookie: storage is per origin (scheme, host and
+  // port), so what the https:// page stored is out of reach of any http:// page, and the browser
+  // never sends it anywhere by itself. It is the cookie's Secure flag, by construction.
   try {
     state.token = sessionStorage.getItem('forwarder-token');
   } catch (_) {
@@ -292,6 +295,19 @@
     $('capacity-fill').style.width = `${s.active > 0 ? Math.max(pct, 1) : 0}%`;
     setText($('uptime'), `up ${fmtDuration(s.uptime_ms)}`);
     document.title = `forwarder · ${fmtInt(s.active)} active`;
+    renderTransport(s.web);
+  }
+
+  /** Says so when the page, its token and the rules cross the network unencrypted. */
+  function renderTransport(web) {
+    const banner = $('transport-banner');
+    const warning = web && web.warning;
+    if (banner.dataset.shown === (warning || '')) return;
+    banner.dataset.shown = warning || '';
+    if (warning) {
+      banner.replaceChildren(el('b', { text: 'This page is served over plain HTTP: ' }), warning, '.');
+    }
+    banner.hidden = !warning;
   }
 
   function renderBanner() {
