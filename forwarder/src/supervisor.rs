@@ -55,6 +55,8 @@ struct Inner {
     specs: Vec<PoolSpec>,
     slots: Slots,
     workers: Vec<WorkerHandle>,
+    /// Why the last reload was refused (cleared by the next one that applies), for the page.
+    reload_error: Option<String>,
 }
 
 /// The supervisor, shared with the web page (cheap to clone).
@@ -137,6 +139,7 @@ impl Supervisor {
             specs,
             slots,
             workers: Vec::new(),
+            reload_error: None,
         };
         Ok(Supervisor {
             config: Arc::new(config),
@@ -333,7 +336,13 @@ impl Supervisor {
         if let Err(e) = &result {
             tracing::error!("rules not reloaded, the previous rules stay in force:\n{e}");
         }
+        self.lock().reload_error = result.as_ref().err().map(|e| e.to_string());
         result
+    }
+
+    /// Why the last reload of the rules file was refused, if it was.
+    pub fn reload_error(&self) -> Option<String> {
+        self.lock().reload_error.clone()
     }
 
     /// Makes `new` the rules in force: new ports are checked for being free, then every worker
@@ -401,6 +410,7 @@ impl Supervisor {
             ));
         }
         inner.slots = slots;
+        inner.reload_error = None;
         log_changes(&inner.rules, &new);
         inner.rules = new;
         inner.specs = specs;

@@ -874,6 +874,41 @@ fn a_broken_hand_edit_is_shown_and_can_be_fixed_from_the_page() {
 }
 
 #[test]
+fn a_valid_file_that_cannot_be_applied_says_why_on_the_page() {
+    let backend = echo_backend();
+    let p1 = free_port();
+    let fwd = Forwarder::loopback(&format!("good,{p1},127.0.0.1,{backend}\n"));
+    assert!(wait_for_listen(local(p1), WAIT));
+    let doc = fwd.get("/api/rules").json();
+    assert_eq!(doc["in_force"], true);
+    assert_eq!(doc["apply_error"], Value::Null);
+    // Valid rows, but another program holds the new port: the reload is refused as a whole.
+    let taken = TcpListener::bind("0.0.0.0:0").unwrap();
+    let busy = taken.local_addr().unwrap().port();
+    std::fs::write(
+        &fwd.rules,
+        format!("good,{p1},127.0.0.1,{backend}\nbusy,{busy},127.0.0.1,{backend}\n"),
+    )
+    .unwrap();
+    assert!(fwd.process.wait_for_output("rules not reloaded", WAIT));
+    let doc = fwd.get("/api/rules").json();
+    assert_eq!(doc["in_force"], false);
+    assert_eq!(doc["errors"], serde_json::json!([]));
+    let why = doc["apply_error"].as_str().unwrap_or_default().to_string();
+    assert!(
+        why.contains(&format!("listen_port: cannot listen on 0.0.0.0:{busy}")),
+        "{why}"
+    );
+    // Once the port is free, the next reload applies and the reason goes away.
+    drop(taken);
+    fwd.process.signal(libc::SIGHUP);
+    assert!(wait_until(WAIT, || fwd.get("/api/rules").json()
+        ["in_force"]
+        == true));
+    assert_eq!(fwd.get("/api/rules").json()["apply_error"], Value::Null);
+}
+
+#[test]
 fn a_flood_of_idle_page_connections_does_not_stop_forwarding_or_reloads() {
     let backend = echo_backend();
     let (p1, p2) = (free_port(), free_port());

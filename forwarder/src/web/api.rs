@@ -109,6 +109,8 @@ pub struct RulesDoc {
     pub text: String,
     /// The file is valid and its rules are the ones the workers run.
     pub in_force: bool,
+    /// Why the file's rules could not be applied, when the last reload was refused.
+    pub apply_error: Option<String>,
     pub entries: Vec<RowDoc>,
     /// What is wrong with the file (the rules in force stay the previous ones meanwhile).
     pub errors: Vec<FieldError>,
@@ -173,6 +175,7 @@ fn rules_doc(sup: &Supervisor, file: &Snapshot, id: Option<String>) -> RulesDoc 
         file: sup.rules_file().label().to_string(),
         version: file.version.clone(),
         text: file.text.clone(),
+        apply_error: if in_force { None } else { sup.reload_error() },
         in_force,
         errors,
         id,

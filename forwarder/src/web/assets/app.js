@@ -316,7 +316,7 @@
     const now = Date.now();
     if (doc.in_force) state.notInForceSince = 0;
     else if (!state.notInForceSince) state.notInForceSince = now;
-    const shownKey = JSON.stringify([doc.version, doc.errors.length, doc.in_force && 1, now - state.notInForceSince > 2000]);
+    const shownKey = JSON.stringify([doc.version, doc.errors.length, doc.in_force && 1, now - state.notInForceSince > 2000, doc.apply_error]);
     if (banner.dataset.key === shownKey) return;
     banner.dataset.key = shownKey;
     if (doc.errors.length) {
@@ -331,7 +331,10 @@
       banner.className = 'banner warn';
       banner.replaceChildren(
         el('b', { text: 'The rules file is not in force. ' }),
-        'Its rules could not be applied (a port may be in use: see the forwarder\'s log); the previous rules keep running.',
+        doc.apply_error
+          ? 'Its rules could not be applied; the previous rules keep running:'
+          : 'Its rules could not be applied (a port may be in use: see the forwarder\'s log); the previous rules keep running.',
+        ...(doc.apply_error ? [el('pre', { text: doc.apply_error })] : []),
       );
       banner.hidden = false;
     } else {
