@@ -105,6 +105,9 @@ pub struct BackendStats {
     pub total: u64,
     pub bytes_up: u64,
     pub bytes_down: u64,
+    /// Of the bytes each way, those moved with splice(2).
+    pub spliced_up: u64,
+    pub spliced_down: u64,
     pub connect_failures: u64,
     pub last_error: String,
     pub last_error_ms: u64,
@@ -476,6 +479,8 @@ impl Supervisor {
                                 total: s.total.load(Relaxed),
                                 bytes_up: s.bytes_up.load(Relaxed),
                                 bytes_down: s.bytes_down.load(Relaxed),
+                                spliced_up: s.spliced_up.load(Relaxed),
+                                spliced_down: s.spliced_down.load(Relaxed),
                                 connect_failures: s.connect_failures.load(Relaxed),
                                 last_error: describe_error(s.last_error.load(Relaxed)),
                                 last_error_ms: s.last_error_ms.load(Relaxed),

@@ -18,10 +18,14 @@ fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
 fn transfer_exact(extra: &[&str]) {
     let backend = Backend::echo(None);
     let port = free_port();
+    let web = local(free_port());
+    let web_arg = web.to_string();
+    let mut args = vec!["--web", &web_arg];
+    args.extend_from_slice(extra);
     let fwd = Forwarder::start(
         &format!("echo,{port},127.0.0.1,{}\n", backend.port),
         2,
-        extra,
+        &args,
         &[port],
     );
     const LEN: usize = 32 << 20;
@@ -42,6 +46,37 @@ fn transfer_exact(extra: &[&str]) {
     send.join().unwrap();
     assert_eq!(back.len(), LEN, "bytes echoed");
     assert!(back == data, "echoed bytes differ from the sent bytes");
+    // Which path the bytes took, as /metrics counts it: bulk goes through splice unless it is off.
+    // (A direction's counters are added right after the pump that delivered its FIN.)
+    let mut metrics = String::new();
+    let counted = wait_until(WAIT, || {
+        metrics = http_get(web, "/metrics");
+        metrics.contains(&format!("forwarder_backend_bytes_down_total{{listen=\"0.0.0.0:{port}\",name=\"echo\",backend=\"127.0.0.1:{}\"}} {LEN}\n", backend.port))
+    });
+    assert!(counted, "bytes down never reached {LEN}:\n{metrics}");
+    let series = |name: &str| {
+        metric(
+            &metrics,
+            &format!(
+                "{name}{{listen=\"0.0.0.0:{port}\",name=\"echo\",backend=\"127.0.0.1:{}\"}} ",
+                backend.port
+            ),
+        )
+        .unwrap_or_else(|| panic!("{name} missing from /metrics:\n{metrics}"))
+    };
+    assert_eq!(series("forwarder_backend_bytes_up_total"), LEN as u64);
+    assert_eq!(series("forwarder_backend_bytes_down_total"), LEN as u64);
+    let (up, down) = (
+        series("forwarder_backend_spliced_bytes_up_total"),
+        series("forwarder_backend_spliced_bytes_down_total"),
+    );
+    if extra.contains(&"--no-splice") {
+        assert_eq!((up, down), (0, 0), "--no-splice copies every byte");
+    } else {
+        // The first reads are copied until they fill whole buffers; the bulk is spliced.
+        assert!(up > LEN as u64 * 9 / 10, "spliced up {up} of {LEN}");
+        assert!(down > LEN as u64 * 9 / 10, "spliced down {down} of {LEN}");
+    }
     drop(fwd);
 }
 

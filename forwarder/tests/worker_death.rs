@@ -9,37 +9,15 @@ use std::net::{SocketAddr, TcpStream};
 use std::process::Command;
 use std::time::Duration;
 
-use common::{children_of, local, round_trip, Backend, WAIT};
+use common::{children_of, http_get, local, metric, round_trip, Backend, WAIT};
 use serde_json::Value;
 use testbed::testing::{free_port, wait_for_listen, wait_until, ChildGuard};
 
 /// Connections opened in each round.
 const CONNECTIONS: usize = 120;
 
-/// One HTTP GET on a fresh connection; the body.
-fn get(web: SocketAddr, path: &str) -> String {
-    let mut s = TcpStream::connect(web).unwrap();
-    s.set_read_timeout(Some(WAIT)).unwrap();
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).unwrap();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap();
-    assert!(head.starts_with("HTTP/1.1 200"), "{path}: {head}");
-    body.to_string()
-}
-
 fn stats(web: SocketAddr) -> Value {
-    serde_json::from_str(&get(web, "/api/stats")).unwrap()
-}
-
-/// A metric's value in the Prometheus text.
-fn metric(text: &str, series: &str) -> Option<u64> {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+    serde_json::from_str(&http_get(web, "/api/stats")).unwrap()
 }
 
 /// The pid of worker `index` (its command line names its index).
@@ -108,7 +86,7 @@ fn a_killed_workers_connections_are_lost_not_active() {
             .collect();
         let mut listed = Vec::new();
         let fresh = wait_until(WAIT, || {
-            let all: Value = serde_json::from_str(&get(web, "/api/connections")).unwrap();
+            let all: Value = serde_json::from_str(&http_get(web, "/api/connections")).unwrap();
             listed = all.as_array().unwrap().clone();
             ours.iter()
                 .all(|c| listed.iter().any(|l| l["client"] == c.as_str()))
@@ -145,7 +123,7 @@ fn a_killed_workers_connections_are_lost_not_active() {
         let backend_stats = &stats(web)["pools"][0]["backends"][0];
         assert_eq!(backend_stats["active"], 0);
         assert_eq!(backend_stats["lost_worker_died"], lost_so_far);
-        let metrics = get(web, "/metrics");
+        let metrics = http_get(web, "/metrics");
         assert_eq!(metric(&metrics, "forwarder_active_connections "), Some(0));
         assert_eq!(
             metric(

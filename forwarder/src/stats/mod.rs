@@ -52,6 +52,10 @@ pub struct BackendSlot {
     pub bytes_up: AtomicU64,
     /// Bytes backend -> client.
     pub bytes_down: AtomicU64,
+    /// Of `bytes_up`, bytes moved with splice(2) (kernel to kernel, no copy).
+    pub spliced_up: AtomicU64,
+    /// Of `bytes_down`, bytes moved with splice(2).
+    pub spliced_down: AtomicU64,
     pub connect_failures: AtomicU64,
     /// Unix ms until which the backend is skipped; 0 = up.
     pub down_until_ms: AtomicU64,
@@ -192,6 +196,8 @@ impl BackendSlot {
             &self.lost,
             &self.bytes_up,
             &self.bytes_down,
+            &self.spliced_up,
+            &self.spliced_down,
             &self.connect_failures,
             &self.down_until_ms,
             &self.down_since_ms,

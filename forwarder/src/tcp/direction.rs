@@ -41,6 +41,8 @@ enum InFlight {
 pub struct Progress {
     /// Bytes delivered to the sink.
     pub moved: u64,
+    /// Of those, bytes that went through a pipe with splice(2) rather than a copy.
+    pub spliced: u64,
     /// Stopped at the fair share with more to do: pump again without waiting for an event.
     pub yielded: bool,
 }
@@ -172,6 +174,7 @@ impl Direction {
     /// Writes what is in flight. Returns false when the sink would block with bytes left.
     fn flush(&mut self, dst: &mut TcpStream, progress: &mut Progress) -> Result<bool, PumpError> {
         loop {
+            let spliced = matches!(self.in_flight, InFlight::Pipe { .. });
             let result = match &mut self.in_flight {
                 InFlight::Nothing => return Ok(true),
                 InFlight::Buffer { start, end, .. } if start == end => return Ok(true),
@@ -188,6 +191,9 @@ impl Direction {
                 Ok(n) => {
                     self.bytes += n as u64;
                     progress.moved += n as u64;
+                    if spliced {
+                        progress.spliced += n as u64;
+                    }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}

@@ -450,9 +450,15 @@ impl Relay {
         let slot = ctx.shared.backend(self.backend_slot());
         if up.moved > 0 {
             slot.bytes_up.fetch_add(up.moved, Relaxed);
+            if up.spliced > 0 {
+                slot.spliced_up.fetch_add(up.spliced, Relaxed);
+            }
         }
         if down.moved > 0 {
             slot.bytes_down.fetch_add(down.moved, Relaxed);
+            if down.spliced > 0 {
+                slot.spliced_down.fetch_add(down.spliced, Relaxed);
+            }
         }
         if let Err(e) = result {
             return Next::Close(Ending::Failed(e));
@@ -795,6 +801,15 @@ mod tests {
             let mut user = h.user.try_clone().unwrap();
             let got = read_while_turning(&mut h, &mut user, total);
             assert_eq!(got.len(), total);
+            let spliced = h.shared.backend(0).spliced_down.load(Relaxed);
+            if splice {
+                assert!(
+                    spliced > total as u64 / 2,
+                    "bulk went through splice: {spliced}"
+                );
+            } else {
+                assert_eq!(spliced, 0, "--no-splice copies");
+            }
             assert!(got.iter().enumerate().all(|(i, &b)| b == (i % 251) as u8));
             drop(writer.join().unwrap());
             assert!(h.turn_until(|h| h.relay.as_ref().is_some_and(|r| !r.down.holds_bytes())));

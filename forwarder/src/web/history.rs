@@ -200,6 +200,8 @@ mod tests {
                         total,
                         bytes_up: bytes,
                         bytes_down: bytes * 2,
+                        spliced_up: 0,
+                        spliced_down: 0,
                         connect_failures: 0,
                         last_error: String::new(),
                         last_error_ms: 0,

@@ -140,7 +140,7 @@ pub fn render(stats: &StatsSnapshot) -> String {
     }
 
     type BackendGet = fn(&crate::supervisor::BackendStats) -> u64;
-    let backend_families: [(Family, BackendGet); 7] = [
+    let backend_families: [(Family, BackendGet); 9] = [
         (
             Family {
                 name: "forwarder_backend_up",
@@ -188,6 +188,22 @@ pub fn render(stats: &StatsSnapshot) -> String {
                 help: "Bytes from the backend to clients.",
             },
             |b| b.bytes_down,
+        ),
+        (
+            Family {
+                name: "forwarder_backend_spliced_bytes_up_total",
+                kind: "counter",
+                help: "Of the bytes from clients to the backend, those moved with splice(2).",
+            },
+            |b| b.spliced_up,
+        ),
+        (
+            Family {
+                name: "forwarder_backend_spliced_bytes_down_total",
+                kind: "counter",
+                help: "Of the bytes from the backend to clients, those moved with splice(2).",
+            },
+            |b| b.spliced_down,
         ),
         (
             Family {
@@ -246,6 +262,8 @@ mod tests {
                     total: 6,
                     bytes_up: 10,
                     bytes_down: 20,
+                    spliced_up: 0,
+                    spliced_down: 16,
                     connect_failures: 1,
                     last_error: String::new(),
                     last_error_ms: 0,
@@ -265,7 +283,7 @@ mod tests {
         assert!(text.contains(
             "forwarder_backend_bytes_down_total{listen=\"0.0.0.0:8080\",name=\"a\\\"b\\\\c\",backend=\"127.0.0.1:9001\"} 20\n"
         ));
-        assert_eq!(text.matches("# TYPE ").count(), 15);
-        assert_eq!(text.matches("# HELP ").count(), 15);
+        assert_eq!(text.matches("# TYPE ").count(), 17);
+        assert_eq!(text.matches("# HELP ").count(), 17);
     }
 }

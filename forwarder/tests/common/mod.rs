@@ -30,10 +30,12 @@ impl Forwarder {
         let path = dir.path().join("entries.csv");
         std::fs::write(&path, rules).unwrap();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_forwarder"));
-        cmd.arg("--rules")
-            .arg(&path)
-            .arg("--no-web")
-            .arg("--workers")
+        cmd.arg("--rules").arg(&path);
+        // No web page unless the test asks for one.
+        if !extra.contains(&"--web") {
+            cmd.arg("--no-web");
+        }
+        cmd.arg("--workers")
             .arg(workers.to_string())
             .arg("--log-level")
             .arg("info")
@@ -212,6 +214,28 @@ pub fn round_trip(s: &mut TcpStream, msg: &[u8]) -> Vec<u8> {
     let mut back = vec![0u8; msg.len()];
     s.read_exact(&mut back).unwrap();
     back
+}
+
+/// One HTTP GET on a fresh connection (the web page's API, `/metrics`); the body of a 200.
+pub fn http_get(web: SocketAddr, path: &str) -> String {
+    let mut s = TcpStream::connect(web).unwrap();
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{path}: {head}");
+    body.to_string()
+}
+
+/// The value of one series in Prometheus text, by the start of its line (name and labels).
+pub fn metric(text: &str, series: &str) -> Option<u64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
 }
 
 pub fn rules_file(path: &Path) -> String {
