@@ -147,4 +147,28 @@ mod tests {
             );
         }
     }
+
+    proptest::proptest! {
+        /// Any bytes in any pieces: frames come out one per newline, good or bad, never a panic.
+        #[test]
+        fn any_bytes_in_any_pieces(
+            bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..400),
+            cuts in proptest::collection::vec(0usize..400, 0..6),
+        ) {
+            let mut reader = FrameReader::default();
+            let mut at = 0;
+            let mut cuts: Vec<usize> = cuts.into_iter().map(|c| c.min(bytes.len())).collect();
+            cuts.sort();
+            let mut frames = 0;
+            for cut in cuts.into_iter().chain([bytes.len()]) {
+                reader.push(&bytes[at..cut.max(at)]);
+                at = cut.max(at);
+                while reader.next_frame::<Numbered<Request>>().is_some() {
+                    frames += 1;
+                }
+            }
+            let newlines = bytes.iter().filter(|&&b| b == b'\n').count();
+            proptest::prop_assert_eq!(frames, newlines);
+        }
+    }
 }

@@ -247,26 +247,28 @@ fn port_label(listen: Listen) -> String {
 /// the comment header.
 pub fn to_csv(entries: &[Entry]) -> String {
     let mut out = String::from(EXAMPLE_FILE);
-    let mut w = csv::WriterBuilder::new()
-        .has_headers(false)
-        .flexible(true)
-        .from_writer(Vec::new());
     for e in entries {
-        // Writing to a Vec cannot fail. A row without options keeps the original four columns.
-        let _ = if e.options.is_empty() {
-            w.write_record([&e.name, &e.listen_port, &e.dest_ip, &e.dest_port])
+        // A row without options keeps the original four columns.
+        let mut fields = vec![&e.name, &e.listen_port, &e.dest_ip, &e.dest_port];
+        if !e.options.is_empty() {
+            fields.push(&e.options);
+        }
+        // A row starting with '#' would read back as a comment: quote it.
+        let style = if e.name.starts_with('#') {
+            csv::QuoteStyle::Always
         } else {
-            w.write_record([
-                &e.name,
-                &e.listen_port,
-                &e.dest_ip,
-                &e.dest_port,
-                &e.options,
-            ])
+            csv::QuoteStyle::Necessary
         };
+        let mut w = csv::WriterBuilder::new()
+            .has_headers(false)
+            .quote_style(style)
+            .from_writer(Vec::new());
+        // Writing to a Vec cannot fail.
+        let _ = w.write_record(fields);
+        out.push_str(&String::from_utf8_lossy(
+            &w.into_inner().unwrap_or_default(),
+        ));
     }
-    let bytes = w.into_inner().unwrap_or_default();
-    out.push_str(&String::from_utf8_lossy(&bytes));
     out
 }
 

@@ -612,4 +612,30 @@ mod tests {
         let err = parse_entry(&HeaderMap::new(), b"{}").unwrap_err();
         assert_eq!(err.status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
     }
+
+    proptest::proptest! {
+        /// Any body, JSON or not, is answered with an entry or a 4xx naming what is wrong.
+        #[test]
+        fn any_body_gets_an_entry_or_a_client_error(
+            body in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..200),
+            fields in proptest::collection::vec(
+                ("(name|listen_port|dest_ip|dest_port|options|[a-z]{1,6})", "[ -~]{0,12}"),
+                0..7,
+            ),
+        ) {
+            let object: serde_json::Map<String, Value> =
+                fields.into_iter().map(|(k, v)| (k, Value::String(v))).collect();
+            let json = serde_json::to_vec(&Value::Object(object)).unwrap();
+            for candidate in [body, json] {
+                match parse_entry(&json_headers(), &candidate) {
+                    Ok(entry) => proptest::prop_assert!(!entry.options.contains("  ")),
+                    Err(e) => {
+                        proptest::prop_assert!(e.status.is_client_error());
+                        let message = e.body["error"].as_str().unwrap_or_default();
+                        proptest::prop_assert!(!message.is_empty());
+                    }
+                }
+            }
+        }
+    }
 }
