@@ -5,10 +5,10 @@
 
 use std::io::{Read, Write};
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
-use std::os::unix::process::{CommandExt, ExitStatusExt};
-use std::process::{Child, Command};
+use std::os::unix::process::ExitStatusExt;
+use std::process::Child;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{mpsc, Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -213,10 +213,10 @@ impl Supervisor {
 
     fn spawn_worker(&self, index: usize, specs: &[PoolSpec]) -> anyhow::Result<WorkerHandle> {
         let (ours, theirs) = UnixStream::pair().context("creating control socket pair")?;
-        let exe = std::env::current_exe().context("finding own executable")?;
         let stats_fd = self.shared.raw_fd();
         let control_fd = theirs.as_raw_fd();
-        let mut cmd = Command::new(exe);
+        let mut cmd = testbed::workers::worker_command(&[stats_fd, control_fd])
+            .context("finding own executable")?;
         cmd.arg("--worker-index")
             .arg(index.to_string())
             .arg("--worker-fds")
@@ -224,16 +224,6 @@ impl Supervisor {
             .arg("--worker-max-connections")
             .arg(self.config.per_worker_connections.to_string())
             .args(&self.config.worker_args);
-        // SAFETY: only async-signal-safe calls between fork and exec.
-        unsafe {
-            cmd.pre_exec(move || {
-                keep_across_exec(stats_fd)?;
-                keep_across_exec(control_fd)?;
-                // A worker must not outlive a supervisor killed with SIGKILL.
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
-                Ok(())
-            });
-        }
         let child = cmd.spawn().context("starting a worker process")?;
         drop(theirs);
         ours.set_read_timeout(Some(Duration::from_secs(5)))?;
@@ -665,14 +655,6 @@ pub fn check_bindable(set: &RuleSet, file: &str) -> Result<(), RulesError> {
     } else {
         Err(RulesError(errors))
     }
-}
-
-fn keep_across_exec(fd: RawFd) -> std::io::Result<()> {
-    // SAFETY: fcntl on a descriptor we hold; async-signal-safe.
-    if unsafe { libc::fcntl(fd, libc::F_SETFD, 0) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
 }
 
 fn log_changes(old: &RuleSet, new: &RuleSet) {

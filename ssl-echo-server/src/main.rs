@@ -167,7 +167,6 @@ fn run_supervisor(args: &Args) -> anyhow::Result<()> {
 }
 
 fn run_worker(args: &Args, index: usize) -> anyhow::Result<()> {
-    watch_parent();
     let limit = testbed::fdlimit::raise_nofile().context("cannot raise the open-file limit")?;
     let tls = if args.plain {
         None
@@ -191,28 +190,5 @@ fn run_worker(args: &Args, index: usize) -> anyhow::Result<()> {
     if index >= shared.slots() {
         bail!("--worker-index {index}: only {} slots", shared.slots());
     }
-    worker.run(&shared, parent_alive)
-}
-
-/// A worker must not outlive its supervisor: ask the kernel for SIGTERM when the parent dies, and
-/// check it did not die already before that request took effect.
-fn watch_parent() {
-    // SAFETY: prctl with PR_SET_PDEATHSIG and a signal number only sets a process attribute.
-    unsafe {
-        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
-    }
-    if !parent_alive() {
-        eprintln!("ssl-echo-server worker: supervisor already gone; exiting");
-        std::process::exit(0);
-    }
-}
-
-/// Whether the supervisor that started this worker is still its parent.
-fn parent_alive() -> bool {
-    let expected = std::env::var(supervisor::PARENT_PID_ENV)
-        .ok()
-        .and_then(|v| v.parse::<i32>().ok());
-    // SAFETY: getppid has no preconditions.
-    let parent = unsafe { libc::getppid() };
-    expected.is_none_or(|pid| pid == parent)
+    worker.run(&shared, testbed::workers::supervisor_alive)
 }

@@ -4,7 +4,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
@@ -14,8 +14,6 @@ use tracing::{error, info, warn};
 use crate::shared::SharedStats;
 use crate::stats::{self, Snapshot, WorkerCounters, WorkerEntry};
 
-/// Environment variable naming the supervisor's pid, so a worker can tell it was orphaned.
-pub const PARENT_PID_ENV: &str = "SSL_ECHO_SERVER_PARENT_PID";
 /// How often the supervisor looks at its workers and the clock.
 const TICK: Duration = Duration::from_millis(50);
 /// A worker that dies sooner than this after starting counts as a failed start.
@@ -263,8 +261,9 @@ fn spawn_worker(
     shared: &SharedStats,
     index: usize,
 ) -> anyhow::Result<Child> {
-    let exe = std::env::current_exe().context("cannot find my own executable")?;
-    Command::new(exe)
+    // The counters' memfd is made without close-on-exec, so it needs no listing here.
+    testbed::workers::worker_command(&[])
+        .context("cannot find my own executable")?
         .args(&cfg.worker_args)
         .arg("--listen")
         .arg(cfg.listen.to_string())
@@ -272,7 +271,6 @@ fn spawn_worker(
         .arg(index.to_string())
         .arg("--stats-fd")
         .arg(shared.raw_fd().to_string())
-        .env(PARENT_PID_ENV, std::process::id().to_string())
         .stdin(Stdio::null())
         .spawn()
         .with_context(|| format!("cannot start worker {index}"))

@@ -1,6 +1,7 @@
 //! What several testbed programs really share: raising the open-file limit, SO_REUSEPORT
 //! listeners, memory shared with worker processes, rustls configs built on the `ring` provider,
-//! logging set-up, and (for tests) starting real binaries and always killing them.
+//! logging set-up, starting worker processes that never outlive their supervisor, and (for tests)
+//! starting real binaries and always killing them.
 
 pub mod fdlimit;
 pub mod listener;
@@ -8,3 +9,4 @@ pub mod logging;
 pub mod shm;
 pub mod testing;
 pub mod tls;
+pub mod workers;
