@@ -78,6 +78,11 @@ pub struct Args {
           value_parser = clap::value_parser!(u64).range(1..))]
     pub timeout_ms: u64,
 
+    /// Failed or lost connections the run may have and still exit 0; above it the exit status
+    /// is 3 (the report is written either way).
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub max_errors: u64,
+
     /// Log filter (error, warn, info, debug, trace); RUST_LOG overrides it.
     #[arg(long, default_value = "warn")]
     pub log_level: String,

@@ -19,11 +19,11 @@ fn main() -> ExitCode {
     let args = Args::parse();
     testbed::logging::init(&args.log_level);
     let result = match &args.worker_plan {
-        Some(plan) => worker::main(plan),
+        Some(plan) => worker::main(plan).map(|()| ExitCode::SUCCESS),
         None => run(&args),
     };
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("ssl-echo-client: {e:#}");
             ExitCode::FAILURE
@@ -31,7 +31,11 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(args: &Args) -> anyhow::Result<()> {
+/// Exit status of a run that completed with more failed or lost connections than `--max-errors`
+/// allows (1 stays "could not run", 2 is clap's "bad command line").
+const EXIT_TOO_MANY_ERRORS: u8 = 3;
+
+fn run(args: &Args) -> anyhow::Result<ExitCode> {
     let config = args.resolve()?;
     let limit = testbed::fdlimit::raise_nofile().context("raising the open-file limit")?;
     let needed = testbed::fdlimit::processes_needed(config.connections, 1, FD_RESERVE, limit.soft);
@@ -79,5 +83,20 @@ fn run(args: &Args) -> anyhow::Result<()> {
     if args.json {
         println!("{}", serde_json::to_string_pretty(&summary)?);
     }
-    written
+    written?;
+    if summary.errors_total > args.max_errors {
+        eprintln!(
+            "ssl-echo-client: {} connection{} failed or {} lost (--max-errors {})",
+            summary.errors_total,
+            if summary.errors_total == 1 { "" } else { "s" },
+            if summary.errors_total == 1 {
+                "was"
+            } else {
+                "were"
+            },
+            args.max_errors
+        );
+        return Ok(ExitCode::from(EXIT_TOO_MANY_ERRORS));
+    }
+    Ok(ExitCode::SUCCESS)
 }

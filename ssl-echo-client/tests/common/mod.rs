@@ -292,3 +292,93 @@ fn text_or_empty(range: &calamine::Range<calamine::Data>, row: usize, col: usize
         _ => String::new(),
     }
 }
+
+/// One test's set-up: a temporary folder, certificates (TLS runs), the echo server (unless the
+/// test brings its own port), the report path, and the flags every run passes (`--port`, `--ca`
+/// or `--plain`, `--report`, `--json`).
+pub struct Setup {
+    pub certs: Option<Certs>,
+    pub work: tempfile::TempDir,
+    pub server: Option<Server>,
+    pub port: u16,
+    pub report: PathBuf,
+}
+
+impl Setup {
+    /// A TLS echo server with fresh certificates; the report is `WORK/report_name`.
+    pub fn tls(report_name: &str) -> Setup {
+        let certs = certs();
+        let work = tempfile::tempdir().expect("temp dir");
+        let server = Server::start(Some(&certs), work.path());
+        Setup::with(Some(certs), work, Some(server), None, report_name)
+    }
+
+    /// A plaintext echo server.
+    pub fn plain(report_name: &str) -> Setup {
+        let work = tempfile::tempdir().expect("temp dir");
+        let server = Server::start(None, work.path());
+        Setup::with(None, work, Some(server), None, report_name)
+    }
+
+    /// Plaintext runs against `port`, where the test provides whatever listens (or nothing).
+    pub fn plain_to(port: u16, report_name: &str) -> Setup {
+        let work = tempfile::tempdir().expect("temp dir");
+        Setup::with(None, work, None, Some(port), report_name)
+    }
+
+    fn with(
+        certs: Option<Certs>,
+        work: tempfile::TempDir,
+        server: Option<Server>,
+        port: Option<u16>,
+        report_name: &str,
+    ) -> Setup {
+        let port = port.unwrap_or_else(|| server.as_ref().expect("a server").addr.port());
+        let report = work.path().join(report_name);
+        Setup {
+            certs,
+            work,
+            server,
+            port,
+            report,
+        }
+    }
+
+    /// The echo server (panics for a set-up without one).
+    pub fn server(&self) -> &Server {
+        self.server
+            .as_ref()
+            .expect("this set-up has no echo server")
+    }
+
+    /// The common flags followed by `extra`.
+    pub fn args(&self, extra: &[&str]) -> Vec<String> {
+        let mut args = vec!["--port".to_string(), self.port.to_string()];
+        match &self.certs {
+            Some(c) => args.extend(["--ca".to_string(), c.paths.ca_cert.display().to_string()]),
+            None => args.push("--plain".to_string()),
+        }
+        args.extend([
+            "--report".to_string(),
+            self.report.display().to_string(),
+            "--json".to_string(),
+        ]);
+        args.extend(extra.iter().map(|s| s.to_string()));
+        args
+    }
+
+    /// Runs the client with the common flags and `extra`, to the end (at most `limit`).
+    pub fn run(&self, extra: &[&str], limit: Duration) -> Run {
+        self.start(extra).finish(limit)
+    }
+
+    /// Starts the client with the common flags and `extra`.
+    pub fn start(&self, extra: &[&str]) -> ClientProcess {
+        let args = self.args(extra);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        ClientProcess::start(&args)
+    }
+}
+
+/// The exit status of a run that completed with more failures than `--max-errors` allows.
+pub const EXIT_TOO_MANY_ERRORS: i32 = 3;
