@@ -382,3 +382,42 @@ impl Setup {
 
 /// The exit status of a run that completed with more failures than `--max-errors` allows.
 pub const EXIT_TOO_MANY_ERRORS: i32 = 3;
+
+/// A running `ssl-echo-client agent` on a free loopback port.
+pub struct Agent {
+    pub guard: ChildGuard,
+    /// `127.0.0.1:PORT`, as given to `--agents`.
+    pub addr: String,
+}
+
+impl Agent {
+    /// Starts an agent with `extra` flags and waits until it listens.
+    pub fn start(extra: &[&str]) -> Agent {
+        let addr = format!("127.0.0.1:{}", free_port());
+        let mut cmd = Command::new(CLIENT);
+        cmd.args(["agent", "--listen", &addr]).args(extra);
+        Agent::spawn(cmd, addr)
+    }
+
+    /// Waits until the agent that `cmd` starts listens on `addr`.
+    pub fn spawn(cmd: Command, addr: String) -> Agent {
+        let guard = ChildGuard::spawn(cmd);
+        assert!(
+            guard.wait_for_output("agent listening on", Duration::from_secs(20)),
+            "agent did not start:\n{}",
+            guard.output()
+        );
+        Agent { guard, addr }
+    }
+
+    /// Kills the agent and its worker processes at once (SIGKILL to its process group).
+    pub fn kill(&mut self) {
+        // SAFETY: kill(2) on the process group ChildGuard created for the agent.
+        unsafe {
+            libc::kill(-(self.guard.pid() as i32), libc::SIGKILL);
+        }
+        self.guard
+            .wait_exit(Duration::from_secs(10))
+            .expect("agent killed");
+    }
+}
