@@ -134,9 +134,15 @@ fn drain(mut r: impl Read + Send + 'static) -> std::thread::JoinHandle<String> {
 
 impl ClientProcess {
     pub fn start(args: &[&str]) -> ClientProcess {
+        let mut cmd = Command::new(CLIENT);
+        cmd.args(args);
+        ClientProcess::spawn(cmd)
+    }
+
+    /// Starts `cmd` (the client, perhaps behind `ip netns exec`) with stdout and stderr kept.
+    pub fn spawn(mut cmd: Command) -> ClientProcess {
         use std::os::unix::process::CommandExt;
-        let mut child = Command::new(CLIENT)
-            .args(args)
+        let mut child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
