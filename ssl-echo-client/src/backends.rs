@@ -109,7 +109,8 @@ impl ForwarderApi {
 
     /// Asks for every live connection, once.
     pub async fn connections(&self) -> anyhow::Result<BackendMap> {
-        let body = tokio::time::timeout(QUERY_TIMEOUT, self.get("/api/connections"))
+        // fresh: not a list the forwarder cached before the last connections were up.
+        let body = tokio::time::timeout(QUERY_TIMEOUT, self.get("/api/connections?fresh=true"))
             .await
             .with_context(|| format!("no answer within {} s", QUERY_TIMEOUT.as_secs()))??;
         BackendMap::from_listing(&body)
