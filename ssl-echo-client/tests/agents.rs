@@ -247,3 +247,57 @@ fn an_agent_refuses_a_wrong_token_and_needs_one_off_loopback() {
         String::from_utf8_lossy(&off.stderr)
     );
 }
+
+#[test]
+fn an_agent_too_slow_for_the_barrier_is_named_and_the_run_stops() {
+    // A TLS client against a port that accepts TCP (the kernel's backlog) but never answers the
+    // handshake: the agent's connections hang in phase 1 for --timeout-ms.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = silent.local_addr().unwrap().port();
+    let certs = certs();
+    let agent = Agent::start(&[]);
+    let report = certs.dir.path().join("slow.xlsx");
+    let started = std::time::Instant::now();
+    let run = run_client(
+        &[
+            "--port",
+            &port.to_string(),
+            "--ca",
+            certs.paths.ca_cert.to_str().unwrap(),
+            "--agents",
+            &agent.addr,
+            "--connections",
+            "5",
+            "--count",
+            "1",
+            "--timeout-ms",
+            "60000",
+            "--barrier-timeout-s",
+            "1",
+            "--report",
+            report.to_str().unwrap(),
+            "--json",
+        ],
+        LIMIT,
+    );
+    assert_eq!(
+        run.status.code(),
+        Some(EXIT_TOO_MANY_ERRORS),
+        "{}",
+        run.stderr
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(50),
+        "the run waited for the handshakes instead of the barrier timeout"
+    );
+    let why = format!(
+        "agent {} lost: did not reach the barrier within 1 s (0 of 5 connections opened or failed)",
+        agent.addr
+    );
+    assert!(run.stderr.contains(&why), "{}", run.stderr);
+    let j = run.json();
+    assert_eq!(j["connections_failed"], 0);
+    assert_eq!(j["errors"]["other"], 5);
+    let rows = sheet(&report, "Connections");
+    assert_eq!(text(&rows, 1, 12), format!("other during exchange: {why}"));
+}
