@@ -18,6 +18,9 @@ pub const UNKNOWN: &str = "unknown";
 /// How long the one listing may take (at 20,000 connections it is a few MB of JSON).
 const QUERY_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Longest wait for the forwarder to list every connection that is up.
+const SETTLE: Duration = Duration::from_secs(5);
+
 /// Largest listing read (about 300 bytes per connection: 100,000 connections fit).
 const LISTING_MAX_BYTES: usize = 32 << 20;
 
@@ -105,6 +108,22 @@ impl ForwarderApi {
             addr,
             token,
         })
+    }
+
+    /// Asks for the live connections until the forwarder lists at least `up` of them, for at
+    /// most [`SETTLE`]: a plain TCP connection is up for the client as soon as the forwarder's
+    /// kernel completed the handshake, which can be before the forwarder accepted it (in a burst
+    /// of thousands, its listen backlog holds them for a moment). Then the last answer is used;
+    /// what it lacks is unknown.
+    pub async fn connections_of_at_least(&self, up: u64) -> anyhow::Result<BackendMap> {
+        let deadline = tokio::time::Instant::now() + SETTLE;
+        loop {
+            let map = self.connections().await?;
+            if map.clients.len() as u64 >= up || tokio::time::Instant::now() >= deadline {
+                return Ok(map);
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
     }
 
     /// Asks for every live connection, once.

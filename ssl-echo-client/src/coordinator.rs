@@ -347,7 +347,7 @@ pub async fn run(
             connect_s = started.elapsed().as_secs_f64();
             display.connected(&total, started.elapsed());
             if let Some(api) = &opts.forwarder {
-                let map = match api.connections().await {
+                let map = match api.connections_of_at_least(total.up).await {
                     Ok(map) => map,
                     Err(e) => {
                         let e = format!("asking the forwarder for its connections: {e:#}");
