@@ -116,11 +116,12 @@ async fn serve(stream: TcpStream, args: &AgentArgs, nofile: u64) -> anyhow::Resu
     }
     let connections: u64 = plans.iter().map(|p| p.connections).sum();
     eprintln!(
-        "running {connections} connections to {} over {} processes",
+        "running {connections} connections to {} over {} process{}",
         plans
             .first()
             .map_or("-".to_string(), |p| p.config.addr.to_string()),
-        plans.len()
+        plans.len(),
+        if plans.len() == 1 { "" } else { "es" }
     );
     let (tx, mut rx) = mpsc::unbounded_channel::<Event>();
     let mut controls = Vec::with_capacity(plans.len());
