@@ -347,8 +347,17 @@ pub async fn run(
             connect_s = started.elapsed().as_secs_f64();
             display.connected(&total, started.elapsed());
             if let Some(api) = &opts.forwarder {
+                let asked = Instant::now();
                 let map = match api.connections_of_at_least(total.up).await {
-                    Ok(map) => map,
+                    Ok(map) => {
+                        eprintln!(
+                            "the forwarder listed {} connections over {} backends in {:.2} s",
+                            map.clients.len(),
+                            map.names.len(),
+                            asked.elapsed().as_secs_f64()
+                        );
+                        map
+                    }
                     Err(e) => {
                         let e = format!("asking the forwarder for its connections: {e:#}");
                         tracing::error!("{e}; every connection's backend is unknown");
