@@ -197,6 +197,8 @@ fn summary_sheet(outcome: &Outcome, s: &Summary, f: &Formats) -> Result<Workshee
     ws.set_column_width(3, 2)?;
     ws.set_column_width(4, 12)?;
     ws.set_column_width(5, 11)?;
+    // The per-agent and per-backend tables start in column H, under the charts.
+    ws.set_column_width(7, 20)?;
     ws.write_string_with_format(0, 0, "ssl-echo-client run", &f.title)?;
 
     let c = &outcome.config;
@@ -397,6 +399,16 @@ fn summary_sheet(outcome: &Outcome, s: &Summary, f: &Formats) -> Result<Workshee
         chart.set_width(CHART_WIDTH).set_height(CHART_HEIGHT);
         ws.insert_chart(SECOND_CHART_ROW, 7, &chart)?;
     }
+    // Per agent and per backend, below the charts (so the page still fits one printed sheet).
+    let mut row = SECOND_CHART_ROW + 27;
+    for (title, groups) in [("Per agent", &s.agents), ("Per backend", &s.backends)] {
+        if groups.is_empty() {
+            continue;
+        }
+        ws.write_string_with_format(row, 7, title, &f.heading)?;
+        write_groups(&mut ws, row + 1, 7, groups, f)?;
+        row += groups.len() as u32 + 3;
+    }
     Ok(ws)
 }
 
@@ -455,19 +467,20 @@ fn connections_sheet(outcome: &Outcome, f: &Formats) -> Result<Worksheet, XlsxEr
     Ok(ws)
 }
 
-/// One row per agent or backend, and a chart of connections and messages per row.
-fn group_sheet(name: &str, groups: &[Group], f: &Formats) -> Result<Worksheet, XlsxError> {
-    let mut ws = Worksheet::new();
-    ws.set_name(name)?;
-    ws.set_landscape();
-    for (col, title) in GROUP_COLUMNS.iter().enumerate() {
-        ws.write_string_with_format(0, col as u16, *title, &f.header)?;
-        ws.set_column_width(col as u16, if col == 0 { 22 } else { 11 })?;
+/// The [`GROUP_COLUMNS`] header at (`row`, `col`) and one row per group below it.
+fn write_groups(
+    ws: &mut Worksheet,
+    row: u32,
+    col: u16,
+    groups: &[Group],
+    f: &Formats,
+) -> Result<(), XlsxError> {
+    for (k, title) in GROUP_COLUMNS.iter().enumerate() {
+        ws.write_string_with_format(row, col + k as u16, *title, &f.header)?;
     }
-    ws.set_row_height(0, 30)?;
     for (i, g) in groups.iter().enumerate() {
-        let row = 1 + i as u32;
-        ws.write_string(row, 0, &g.name)?;
+        let row = row + 1 + i as u32;
+        ws.write_string(row, col, &g.name)?;
         let counts = [
             g.connections,
             g.connections_ok,
@@ -476,13 +489,26 @@ fn group_sheet(name: &str, groups: &[Group], f: &Formats) -> Result<Worksheet, X
             g.messages,
         ];
         for (k, n) in counts.into_iter().enumerate() {
-            ws.write_number_with_format(row, 1 + k as u16, n as f64, &f.int)?;
+            ws.write_number_with_format(row, col + 1 + k as u16, n as f64, &f.int)?;
         }
-        ws.write_number_with_format(row, 6, g.messages_per_sec, &f.rate)?;
+        ws.write_number_with_format(row, col + 6, g.messages_per_sec, &f.rate)?;
         for (k, (_, v)) in g.response_ms.named().into_iter().enumerate() {
-            ws.write_number_with_format(row, 7 + k as u16, v, &f.ms)?;
+            ws.write_number_with_format(row, col + 7 + k as u16, v, &f.ms)?;
         }
     }
+    Ok(())
+}
+
+/// One row per agent or backend, and a chart of connections and messages per row.
+fn group_sheet(name: &str, groups: &[Group], f: &Formats) -> Result<Worksheet, XlsxError> {
+    let mut ws = Worksheet::new();
+    ws.set_name(name)?;
+    ws.set_landscape();
+    for col in 0..GROUP_COLUMNS.len() {
+        ws.set_column_width(col as u16, if col == 0 { 22 } else { 11 })?;
+    }
+    ws.set_row_height(0, 30)?;
+    write_groups(&mut ws, 0, 0, groups, f)?;
     let last = groups.len() as u32;
     let mut chart = Chart::new(ChartType::Column);
     chart

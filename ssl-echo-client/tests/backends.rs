@@ -126,8 +126,20 @@ fn the_per_backend_split_matches_the_servers_own_counts() {
         assert!(names.contains(&text(&rows, row, 15)), "row {row}");
         assert_eq!(text(&rows, row, 14), "127.0.0.1");
     }
-    let sheet = sheet(&setup.report, "Backends");
-    assert_eq!(num(&sheet, 1, 1) + num(&sheet, 2, 1), 41.0);
+    let per_backend = sheet(&setup.report, "Backends");
+    assert_eq!(num(&per_backend, 1, 1) + num(&per_backend, 2, 1), 41.0);
+    // The Summary sheet has the same tables (per agent, then per backend) under its charts.
+    let summary = sheet(&setup.report, "Summary");
+    let at = (0..summary.height())
+        .find(|&r| text(&summary, r, 7) == "Per backend")
+        .expect("a per-backend table on the Summary sheet");
+    assert_eq!(text(&summary, at + 1, 7), "name");
+    assert_eq!(
+        [text(&summary, at + 2, 7), text(&summary, at + 3, 7)],
+        [names[0].clone(), names[1].clone()]
+    );
+    assert_eq!(num(&summary, at + 2, 8) + num(&summary, at + 3, 8), 41.0);
+    assert!((0..at).any(|r| text(&summary, r, 7) == "Per agent"));
 }
 
 #[test]
