@@ -703,6 +703,34 @@ fn a_hostile_rule_name_comes_back_as_json_text() {
 }
 
 #[test]
+fn a_fresh_listing_includes_the_connection_opened_last() {
+    let backend = echo_backend();
+    let p1 = free_port();
+    let fwd = Forwarder::loopback(&format!("r1,{p1},127.0.0.1,{backend}\n"));
+    assert!(wait_for_listen(local(p1), WAIT));
+    let _a = echo_through(p1, "first");
+    assert!(wait_until(WAIT, || fwd
+        .get("/api/connections")
+        .json()
+        .as_array()
+        .unwrap()
+        .len()
+        == 1));
+    // Within the second the listing above is reused for; fresh=true asks the workers again.
+    let b = echo_through(p1, "last");
+    let fresh = fwd.get("/api/connections?fresh=true");
+    assert_eq!(fresh.status, 200, "{}", fresh.body);
+    let list = fresh.json().as_array().unwrap().clone();
+    assert_eq!(list.len(), 2, "{list:?}");
+    let last = b.local_addr().unwrap().to_string();
+    assert!(
+        list.iter().any(|c| c["client"] == last.as_str()),
+        "{list:?}"
+    );
+    assert_eq!(fwd.get("/api/connections?fresh=maybe").status, 400);
+}
+
+#[test]
 fn connections_are_listed_and_closed_and_figures_count_them() {
     let backend = echo_backend();
     let p1 = free_port();

@@ -314,7 +314,7 @@ case_4() {
 case_5() {
     local conns=${LAB_CONNECTIONS:-20000} seconds=${LAB_CASE5_SECONDS:-15}
     local half=$((conns / 2))
-    local expect="$conns plaintext echo connections for ${seconds}s, split $half / $half over two echo servers, none failed"
+    local expect="$conns plaintext echo connections for ${seconds}s from two client PCs (agents on client1 and client2, one merged report), split $half / $half over two echo servers, none failed; the client's per-backend split equals the servers' own counts"
     local original="20,000 connections, 771,047 messages, 411 ms average response"
     need_bins 5 "$expect" "$original" forwarder ssl-echo-server ssl-echo-client || return 0
     local out=$LAB_RESULTS/case5
@@ -325,14 +325,35 @@ case_5() {
         record 5 "$expect" "echo servers did not start (see $LAB_DIR/logs/heavy-server*.log)" FAIL "$original"
         return 0
     fi
-    local extra=()
-    [ -n "${LAB_CLIENT_PROCESSES:-}" ] && extra=(--processes "$LAB_CLIENT_PROCESSES")
-    lab_spawn case5-load "$NS_C1" client1 "$(bin ssl-echo-client)" --host "$GW_FRONT" --port "$PORT_HEAVY" --plain \
-        --message "case 5 heavy load" --connections "$conns" --duration "$seconds" "${extra[@]}" \
+    # One agent per client PC; they listen off loopback, so they need the token (passed in the
+    # environment, not on the command line).
+    local token agents n
+    token=$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')
+    for n in 1 2; do
+        local ns addr
+        ns=$([ "$n" = 1 ] && echo "$NS_C1" || echo "$NS_C2")
+        addr=$([ "$n" = 1 ] && echo "$C1_ADDR" || echo "$C2_ADDR")
+        lab_spawn "case5-agent$n" "$ns" "client$n" env SSL_ECHO_CLIENT_TOKEN="$token" \
+            "$(bin ssl-echo-client)" agent --listen "$addr:$PORT_AGENT"
+        if ! wait_listen "$ns" "$PORT_AGENT" 20 "case5-agent$n"; then
+            record 5 "$expect" "the agent on client$n did not start (see $LAB_DIR/logs/case5-agent$n.log)" FAIL "$original"
+            return 0
+        fi
+    done
+    agents="$C1_ADDR:$PORT_AGENT,$C2_ADDR:$PORT_AGENT"
+    # --max-errors: failures are checked below against the servers' counts, with the report kept.
+    lab_spawn case5-load "$NS_C1" client1 env SSL_ECHO_CLIENT_TOKEN="$token" "$(bin ssl-echo-client)" \
+        --agents "$agents" --host "$GW_FRONT" --port "$PORT_HEAVY" --plain \
+        --message "case 5 heavy load" --connections "$conns" --duration "$seconds" \
+        --forwarder "http://$GW_FRONT:$PORT_FWD_WEB" --max-errors "$conns" \
         --report "$out/load-report.xlsx" --json
     wait_exit case5-load $((seconds + 300)) || stop_proc case5-load
     cp "$LAB_DIR/logs/case5-load.log" "$out/load-client.log"
     cp "$LAB_DIR/logs/case5-load.out" "$out/load-client.json"
+    for n in 1 2; do
+        stop_proc "case5-agent$n"
+        cp "$LAB_DIR/logs/case5-agent$n.log" "$out/agent-client$n.log"
+    done
     # SIGTERM makes each server write its final stats.
     stop_proc heavy-server1
     stop_proc heavy-server2
@@ -349,17 +370,45 @@ case_5() {
     t2=$(json_get "$out/server2-stats.json" connections_total)
     e1=$(json_get "$out/server1-stats.json" messages_echoed)
     e2=$(json_get "$out/server2-stats.json" messages_echoed)
+    # The client's view per PC and per backend, and whether the latter equals the servers' counts.
+    local split split_ok
+    split=$("$PYTHON" - "$out/load-client.json" "$S1_ADDR:$PORT_HEAVY" "$S2_ADDR:$PORT_HEAVY" \
+        "${t1:-0}" "${e1:-0}" "${t2:-0}" "${e2:-0}" "$half" <<'PY'
+import json, sys
+path, b1, b2 = sys.argv[1:4]
+t1, e1, t2, e2, half = (int(float(x)) for x in sys.argv[4:9])
+try:
+    j = json.load(open(path))
+except Exception as e:
+    print(f"no client summary ({e})\tno")
+    sys.exit()
+agents = j.get("agents", [])
+backends = {b["name"]: b for b in j.get("backends", [])}
+pcs = ", ".join(f"{a['name']} {a['connections']:,} connections / {a['messages']:,} messages"
+                for a in agents)
+seen = [(backends.get(b, {}).get("connections", 0), backends.get(b, {}).get("messages", 0)) for b in (b1, b2)]
+unknown = backends.get("unknown", {}).get("connections", 0)
+agree = seen == [(t1, e1), (t2, e2)] and unknown == 0
+fair = len(agents) == 2 and all(a["connections"] == half and a["connections_ok"] == half for a in agents)
+lost = "; lost: " + ", ".join(f"{l['who']}: {l['reason']}" for l in j["agents_lost"]) if j.get("agents_lost") else ""
+print(f"agents: {pcs or 'none'}{lost}; per backend, client's view: server1 {seen[0][0]:,} connections / {seen[0][1]:,} messages, "
+      f"server2 {seen[1][0]:,} / {seen[1][1]:,}, unknown {unknown:,}; servers' own: server1 {t1:,} / {e1:,}, server2 {t2:,} / {e2:,} "
+      f"({'agree' if agree else 'DISAGREE'})\t{'yes' if agree and fair else 'no'}")
+PY
+)
+    split_ok=${split##*$'\t'}
+    split=${split%$'\t'*}
     local vs=""
     if [ -n "$msgs" ] && [ -n "$avg" ]; then
         vs=$("$PYTHON" -c 'import sys; m, a = float(sys.argv[1]), float(sys.argv[2]); print(f"{m / 771047:.2f}x the original messages, {a / 411:.2f}x its response time")' "$msgs" "$avg")
     fi
     local observed
-    observed="client: $(pretty "$ok") ok, $(pretty "$failed") failed, $(pretty "$msgs") messages ($(pretty "$rate" 0)/s), response avg $(pretty "$avg") ms, p99 $(pretty "$p99") ms ($vs); servers: server1 $(pretty "$t1"), server2 $(pretty "$t2") connections, $(pretty "$e1") + $(pretty "$e2") messages echoed"
+    observed="client: $(pretty "$ok") ok, $(pretty "$failed") failed, $(pretty "$msgs") messages ($(pretty "$rate" 0)/s), response avg $(pretty "$avg") ms, p99 $(pretty "$p99") ms ($vs); $split"
     if [ "${LAB_CASE5_DIRECT:-0}" = 1 ]; then
         observed="$observed; $(case5_direct "$out" "$half" "$seconds" "$msgs")"
     fi
     if [ "${ok:-0}" -eq "$conns" ] && [ "${failed:-1}" -eq 0 ] && [ "${t1:-0}" -eq "$half" ] && [ "${t2:-0}" -eq "$half" ] &&
-        [ "${msgs:-0}" -gt 0 ]; then
+        [ "${msgs:-0}" -gt 0 ] && [ "$split_ok" = yes ]; then
         record 5 "$expect" "$observed" PASS "$original"
     else
         record 5 "$expect" "$observed" FAIL "$original"

@@ -34,6 +34,8 @@ PORT_CHAT=7000
 PORT_SSH=22222
 PORT_WEB=80
 PORT_HEAVY=9000
+PORT_FWD_WEB=3001 # the forwarder's web page, on the gateway's front address (case 5 asks it)
+PORT_AGENT=7100   # the load client's agents on client1 and client2 (case 5)
 
 # Run-time state lives in one fixed place so `down` works from any later invocation.
 LAB_DIR=${LAB_DIR:-/tmp/fwlab}

@@ -119,13 +119,17 @@ forwarder_start() {
     write_rules
     local conns=${LAB_CONNECTIONS:-20000}
     [ "$conns" -ge 2000 ] || conns=2000
-    local args=(--rules "$LAB_DIR/rules.csv" --no-web --max-connections "$conns" --drain-timeout-s 2
+    # The web page on the front address, so case 5's load client can ask which backend serves
+    # which connection; off loopback it needs a token for changes (reading needs none).
+    od -An -N16 -tx1 /dev/urandom | tr -d ' \n' >"$LAB_DIR/web-token"
+    local args=(--rules "$LAB_DIR/rules.csv" --web "$GW_FRONT:$PORT_FWD_WEB" --web-token "$(cat "$LAB_DIR/web-token")"
+        --max-connections "$conns" --drain-timeout-s 2
         --connect-timeout-ms "${LAB_CONNECT_TIMEOUT_MS:-10000}"
         --log-level "${LAB_FORWARDER_LOG:-info}")
     [ -n "${LAB_FORWARDER_WORKERS:-}" ] && args+=(--workers "$LAB_FORWARDER_WORKERS")
     lab_spawn forwarder "$NS_GW" gateway "$(bin forwarder)" "${args[@]}"
     local port
-    for port in $PORT_TLS_ECHO $PORT_PLAIN_ECHO $PORT_CHAT $PORT_SSH $PORT_WEB $PORT_HEAVY; do
+    for port in $PORT_TLS_ECHO $PORT_PLAIN_ECHO $PORT_CHAT $PORT_SSH $PORT_WEB $PORT_HEAVY $PORT_FWD_WEB; do
         wait_listen "$NS_GW" "$port" 20 forwarder || return 1
     done
 }

@@ -1,13 +1,15 @@
 //! The command line, and turning it (plus the prompts, on a terminal) into a [`RunConfig`].
 
 use std::io::IsTerminal;
-use std::net::{SocketAddr, ToSocketAddrs};
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 use clap::Parser;
 
+use crate::agent::AgentArgs;
 use crate::config::{RunConfig, Workload};
+use crate::coordinator::OnLoss;
 use crate::prompt::{self, DEFAULT_CONNECTIONS, DEFAULT_COUNT, DEFAULT_MESSAGE};
 
 /// Opens N TLS (or plain TCP) connections to an echo server, sends a message M times on each
@@ -16,6 +18,9 @@ use crate::prompt::{self, DEFAULT_CONNECTIONS, DEFAULT_COUNT, DEFAULT_MESSAGE};
 #[derive(Debug, Parser)]
 #[command(name = "ssl-echo-client", version)]
 pub struct Args {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
     /// Host name or IP address of the echo server (or of the forwarder in front of it).
     #[arg(long, default_value = "127.0.0.1")]
     pub host: String,
@@ -45,8 +50,47 @@ pub struct Args {
     pub connect_rate: f64,
 
     /// Processes to spread the connections over [default: as many as the open-file limit needs].
-    #[arg(long, value_name = "P", value_parser = clap::value_parser!(u64).range(1..=64))]
+    #[arg(long, value_name = "P", value_parser = clap::value_parser!(u64).range(1..=64),
+          conflicts_with = "agents")]
     pub processes: Option<u64>,
+
+    /// Run the connections on these agents (`ssl-echo-client agent` on each client PC) instead
+    /// of this PC, split evenly, with one barrier and one report.
+    #[arg(long, value_name = "HOST:PORT,...", value_delimiter = ',')]
+    pub agents: Vec<String>,
+
+    /// Token the agents were started with (--token).
+    #[arg(
+        long,
+        value_name = "T",
+        env = "SSL_ECHO_CLIENT_TOKEN",
+        hide_env_values = true
+    )]
+    pub agent_token: Option<String>,
+
+    /// When an agent cannot be reached, dies, or does not reach the barrier in time: stop the
+    /// whole run (report written, exit status 3), or go on without it (its connections count
+    /// as failed).
+    #[arg(long, value_enum, default_value = "stop")]
+    pub on_agent_loss: OnLoss,
+
+    /// Longest wait for every connection of every process (and agent) to be up or failed.
+    #[arg(long, value_name = "SECS", default_value_t = 600.0, value_parser = positive_f64)]
+    pub barrier_timeout_s: f64,
+
+    /// Local addresses to bind the connections to, in turn (comma-separated): each address has
+    /// its own ephemeral ports toward one destination.
+    #[arg(long, value_name = "A,B,...", value_delimiter = ',')]
+    pub source_ip: Vec<IpAddr>,
+
+    /// The forwarder's web page (http://HOST:PORT): once every connection is up, ask it which
+    /// backend serves each one, for the per-backend table.
+    #[arg(long, value_name = "URL")]
+    pub forwarder: Option<String>,
+
+    /// The forwarder's web token, if its page needs one.
+    #[arg(long, value_name = "T")]
+    pub forwarder_token: Option<String>,
 
     /// CA certificate (PEM) that signed the server's certificate.
     #[arg(long, default_value = "certs/ca.crt")]
@@ -78,6 +122,11 @@ pub struct Args {
           value_parser = clap::value_parser!(u64).range(1..))]
     pub timeout_ms: u64,
 
+    /// Failed or lost connections the run may have and still exit 0; above it the exit status
+    /// is 3 (the report is written either way).
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub max_errors: u64,
+
     /// Log filter (error, warn, info, debug, trace); RUST_LOG overrides it.
     #[arg(long, default_value = "warn")]
     pub log_level: String,
@@ -85,6 +134,13 @@ pub struct Args {
     /// Internal: run as one worker process of a multi-process run (JSON plan).
     #[arg(long = "worker-plan", hide = true)]
     pub worker_plan: Option<String>,
+}
+
+/// The other modes of the binary.
+#[derive(Debug, clap::Subcommand)]
+pub enum Command {
+    /// Run on a client PC and wait for a coordinator (`ssl-echo-client --agents ...`).
+    Agent(AgentArgs),
 }
 
 fn positive_f64(s: &str) -> Result<f64, String> {
@@ -150,6 +206,7 @@ impl Args {
             connect_rate: self.connect_rate,
             rate: self.rate,
             timeout_ms: self.timeout_ms,
+            source_ips: self.source_ip.clone(),
         })
     }
 }

@@ -1,7 +1,7 @@
 //! What one run is asked to do, resolved from the command line (and the prompts) into plain data,
 //! so the same description can be handed to worker processes as JSON.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -39,6 +39,10 @@ pub struct RunConfig {
     pub rate: Option<f64>,
     /// Limit for the TCP connect, the TLS handshake, and each echo.
     pub timeout_ms: u64,
+    /// Local addresses to bind connections to, in turn by connection id (`--source-ip`); empty =
+    /// the kernel picks. An agent replaces them with its own.
+    #[serde(default)]
+    pub source_ips: Vec<IpAddr>,
 }
 
 impl RunConfig {
@@ -48,6 +52,12 @@ impl RunConfig {
 
     pub fn tls(&self) -> bool {
         self.ca.is_some()
+    }
+
+    /// The local address connection `id` binds to, if any were given.
+    pub fn source_ip(&self, id: u64) -> Option<IpAddr> {
+        (!self.source_ips.is_empty())
+            .then(|| self.source_ips[(id % self.source_ips.len() as u64) as usize])
     }
 }
 
@@ -105,6 +115,7 @@ mod tests {
             connect_rate: 1000.0,
             rate: None,
             timeout_ms: 1000,
+            source_ips: Vec::new(),
         }
     }
 

@@ -2,7 +2,8 @@
 //! separately with the monotonic clock and each bounded by the timeout.
 
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::AsRawFd;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -11,7 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
+use tokio::net::{TcpSocket, TcpStream};
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
@@ -37,7 +38,8 @@ pub enum Stream {
 /// A connection that made it through phase 1, with its timings.
 pub struct Established {
     pub stream: Stream,
-    pub local_port: u16,
+    /// The connection's own address (as the server or forwarder sees it, unless NATed).
+    pub local: SocketAddr,
     pub connect: Duration,
     pub handshake: Option<Duration>,
 }
@@ -73,15 +75,17 @@ impl Connector {
         })
     }
 
-    /// Connects to `addr` and completes the handshake, each step within `timeout`.
+    /// Connects to `addr` (from `source`, if given) and completes the handshake, each step
+    /// within `timeout`.
     pub async fn open(
         &self,
         addr: SocketAddr,
+        source: Option<IpAddr>,
         timeout: Duration,
     ) -> Result<Established, NotEstablished> {
         let timeout_ms = timeout.as_millis() as u64;
         let started = Instant::now();
-        let tcp = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
+        let tcp = match tokio::time::timeout(timeout, connect_from(addr, source)).await {
             Ok(Ok(tcp)) => tcp,
             Ok(Err(e)) => return Err(not_established(Failure::io(Phase::Connect, &e), None)),
             Err(_) => {
@@ -104,12 +108,15 @@ impl Connector {
         // Small request/response messages: without NODELAY, Nagle plus delayed ACKs add up to
         // 40 ms to an echo whenever a write is split.
         let _ = tcp.set_nodelay(true);
-        let local_port = tcp.local_addr().map(|a| a.port()).unwrap_or(0);
+        let local = tcp
+            .local_addr()
+            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+        let local_port = local.port();
         let (connector, server_name) = match self {
             Connector::Plain => {
                 return Ok(Established {
                     stream: Stream::Plain(tcp),
-                    local_port,
+                    local,
                     connect,
                     handshake: None,
                 })
@@ -131,7 +138,7 @@ impl Connector {
             }
             Ok(Ok(tls)) => Ok(Established {
                 stream: Stream::Tls(Box::new(tls)),
-                local_port,
+                local,
                 connect,
                 handshake: Some(shaking.elapsed()),
             }),
@@ -139,6 +146,38 @@ impl Connector {
             Err(_) => Err(failed(Failure::timeout(Phase::Handshake, timeout_ms))),
         }
     }
+}
+
+/// Connects, first binding to `source` when given. The local port is left to `connect` (Linux's
+/// IP_BIND_ADDRESS_NO_PORT): a bind with port 0 would pick the port at once, unique per address
+/// over every destination, instead of per destination, and run out of ports sooner.
+async fn connect_from(addr: SocketAddr, source: Option<IpAddr>) -> io::Result<TcpStream> {
+    let Some(ip) = source else {
+        return TcpStream::connect(addr).await;
+    };
+    let socket = if ip.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    let on: libc::c_int = 1;
+    // SAFETY: setsockopt on a socket we own, with a pointer to a live c_int and its size.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_BIND_ADDRESS_NO_PORT,
+            (&on as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        tracing::debug!("IP_BIND_ADDRESS_NO_PORT: {}", io::Error::last_os_error());
+    }
+    socket
+        .bind(SocketAddr::new(ip, 0))
+        .map_err(|e| io::Error::new(e.kind(), format!("binding to --source-ip {ip}: {e}")))?;
+    socket.connect(addr).await
 }
 
 fn not_established(failure: Failure, connect: Option<Duration>) -> NotEstablished {

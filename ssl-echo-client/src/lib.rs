@@ -7,11 +7,14 @@
 //! [`shard`] (one process's connections) → [`session`] (one connection) → [`summary`] and
 //! [`report`].
 
+pub mod agent;
 pub mod args;
+pub mod backends;
 pub mod config;
 pub mod connector;
 pub mod coordinator;
 pub mod failure;
+pub mod link;
 pub mod live;
 pub mod prompt;
 pub mod recorder;

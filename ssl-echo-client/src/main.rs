@@ -7,23 +7,22 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::Parser;
 
-use ssl_echo_client::args::Args;
+use ssl_echo_client::args::{Args, Command};
+use ssl_echo_client::backends::ForwarderApi;
+use ssl_echo_client::coordinator::{self, OnLoss, Options, Placement, FD_RESERVE};
 use ssl_echo_client::summary::Summary;
-use ssl_echo_client::{coordinator, report, worker};
-
-/// Descriptors each process keeps for itself (stdio, the runtime's epoll and wakers, pipes to
-/// workers, the CA file, the report) besides one per connection.
-const FD_RESERVE: u64 = 100;
+use ssl_echo_client::{agent, link, report, worker};
 
 fn main() -> ExitCode {
     let args = Args::parse();
     testbed::logging::init(&args.log_level);
-    let result = match &args.worker_plan {
-        Some(plan) => worker::main(plan),
-        None => run(&args),
+    let result = match (&args.command, &args.worker_plan) {
+        (Some(Command::Agent(a)), _) => agent::main(a).map(|()| ExitCode::SUCCESS),
+        (None, Some(plan)) => worker::main(plan).map(|()| ExitCode::SUCCESS),
+        (None, None) => run(&args),
     };
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("ssl-echo-client: {e:#}");
             ExitCode::FAILURE
@@ -31,25 +30,18 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(args: &Args) -> anyhow::Result<()> {
+/// Exit status of a run that completed with more failed or lost connections than `--max-errors`
+/// allows (1 stays "could not run", 2 is clap's "bad command line").
+const EXIT_TOO_MANY_ERRORS: u8 = 3;
+
+fn run(args: &Args) -> anyhow::Result<ExitCode> {
     let config = args.resolve()?;
+    let forwarder = args
+        .forwarder
+        .as_deref()
+        .map(|url| ForwarderApi::new(url, args.forwarder_token.clone()))
+        .transpose()?;
     let limit = testbed::fdlimit::raise_nofile().context("raising the open-file limit")?;
-    let needed = testbed::fdlimit::processes_needed(config.connections, 1, FD_RESERVE, limit.soft);
-    let processes = args.processes.unwrap_or(needed).min(config.connections);
-    eprintln!(
-        "{} connection{} over {} process{} (open-file limit {})",
-        config.connections,
-        if config.connections == 1 { "" } else { "s" },
-        processes,
-        if processes == 1 { "" } else { "es" },
-        limit.soft
-    );
-    if processes < needed {
-        tracing::warn!(
-            "--processes {processes} is fewer than the {needed} the open-file limit needs; \
-             connections beyond it will fail with \"too many open files\""
-        );
-    }
     let report_path = args.report.clone().unwrap_or_else(|| {
         PathBuf::from(format!(
             "reports/client-data-{}-{}.xlsx",
@@ -58,8 +50,31 @@ fn run(args: &Args) -> anyhow::Result<()> {
         ))
     });
 
-    // One process: all cores to the connections. Several: the parent only coordinates.
-    let runtime = if processes == 1 {
+    let agents = !args.agents.is_empty();
+    let processes = if agents {
+        1 // this process only coordinates
+    } else {
+        let needed =
+            testbed::fdlimit::processes_needed(config.connections, 1, FD_RESERVE, limit.soft);
+        let processes = args.processes.unwrap_or(needed).min(config.connections);
+        eprintln!(
+            "{} connection{} over {} process{} (open-file limit {})",
+            config.connections,
+            if config.connections == 1 { "" } else { "s" },
+            processes,
+            if processes == 1 { "" } else { "es" },
+            limit.soft
+        );
+        if processes < needed {
+            tracing::warn!(
+                "--processes {processes} is fewer than the {needed} the open-file limit needs; \
+                 connections beyond it will fail with \"too many open files\""
+            );
+        }
+        processes
+    };
+    // One process: all cores to the connections. Several, or agents: this one only coordinates.
+    let runtime = if processes == 1 && !agents {
         tokio::runtime::Builder::new_multi_thread()
     } else {
         tokio::runtime::Builder::new_current_thread()
@@ -67,8 +82,20 @@ fn run(args: &Args) -> anyhow::Result<()> {
     .enable_all()
     .build()
     .context("starting the async runtime")?;
-    let show = std::io::stderr().is_terminal();
-    let outcome = runtime.block_on(coordinator::run(config, processes, show))?;
+    let opts = Options {
+        show: std::io::stderr().is_terminal(),
+        forwarder,
+        barrier_timeout: std::time::Duration::from_secs_f64(args.barrier_timeout_s),
+        on_loss: args.on_agent_loss,
+    };
+    let outcome = runtime.block_on(async {
+        let placement = if agents {
+            Placement::Agents(greet_agents(args, &config).await?)
+        } else {
+            Placement::Here { processes }
+        };
+        coordinator::run(config, placement, opts).await
+    })?;
 
     let mut summary = Summary::of(&outcome);
     let written = report::write(&report_path, &outcome, &summary);
@@ -79,5 +106,82 @@ fn run(args: &Args) -> anyhow::Result<()> {
     if args.json {
         println!("{}", serde_json::to_string_pretty(&summary)?);
     }
-    written
+    written?;
+    if outcome.stopped_by_loss {
+        eprintln!(
+            "ssl-echo-client: the run was stopped: {}",
+            outcome
+                .lost
+                .iter()
+                .map(|l| format!("{} lost: {}", l.who, l.reason))
+                .collect::<Vec<_>>()
+                .join("; ")
+        );
+        return Ok(ExitCode::from(EXIT_TOO_MANY_ERRORS));
+    }
+    if summary.errors_total > args.max_errors {
+        eprintln!(
+            "ssl-echo-client: {} connection{} failed or {} lost (--max-errors {})",
+            summary.errors_total,
+            if summary.errors_total == 1 { "" } else { "s" },
+            if summary.errors_total == 1 {
+                "was"
+            } else {
+                "were"
+            },
+            args.max_errors
+        );
+        return Ok(ExitCode::from(EXIT_TOO_MANY_ERRORS));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Connects to every agent of `--agents`. One that cannot be reached or refuses stops the run
+/// before anything started, or (`--on-agent-loss continue`) is left out and its share goes to the
+/// others.
+async fn greet_agents(
+    args: &Args,
+    config: &ssl_echo_client::config::RunConfig,
+) -> anyhow::Result<Vec<link::AgentLink>> {
+    // Every agent at once: a slow one does not delay the others' greeting.
+    let greetings: Vec<_> = args
+        .agents
+        .iter()
+        .map(|name| {
+            let (name, token) = (name.clone(), args.agent_token.clone());
+            tokio::spawn(async move {
+                let result = link::connect(&name, token.as_deref()).await;
+                (name, result)
+            })
+        })
+        .collect();
+    let mut links = Vec::new();
+    for greeting in greetings {
+        // A greeting does not panic; if one did, the run could not go on anyway.
+        let (name, result) = greeting.await.expect("greeting task");
+        match result {
+            Ok(link) => {
+                eprintln!(
+                    "agent {name} ({}): open-file limit {}, {} cores",
+                    link.host, link.nofile, link.cpus
+                );
+                links.push(link);
+            }
+            Err(e) if args.on_agent_loss == OnLoss::Continue => {
+                eprintln!("agent {name} left out: {e:#}");
+            }
+            Err(e) => {
+                anyhow::bail!("agent {name}: {e:#} (--on-agent-loss continue goes on without it)")
+            }
+        }
+    }
+    anyhow::ensure!(!links.is_empty(), "no agent could be reached");
+    eprintln!(
+        "{} connections to {} over {} agent{}",
+        config.connections,
+        config.addr,
+        links.len(),
+        if links.len() == 1 { "" } else { "s" }
+    );
+    Ok(links)
 }

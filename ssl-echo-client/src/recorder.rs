@@ -7,6 +7,8 @@ use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
+
+use crate::backends::BackendMap;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
@@ -88,6 +90,8 @@ pub struct Tallies {
     /// Response times measured from the intended send time (only filled with `--rate`).
     pub corrected: Histogram<u64>,
     pub timeline: Vec<Second>,
+    /// One histogram per backend slot (see [`BackendMap::slot_of`]); empty without `--forwarder`.
+    pub by_backend: Vec<Histogram<u64>>,
 }
 
 /// Shared by every connection task of one process.
@@ -95,6 +99,8 @@ pub struct Recorder {
     pub live: LiveCounters,
     phase1_changed: Notify,
     go: OnceLock<Instant>,
+    /// Which backend serves which connection, when the parent asked the forwarder.
+    backends: OnceLock<BackendMap>,
     tallies: Mutex<Tallies>,
 }
 
@@ -104,10 +110,12 @@ impl Default for Recorder {
             live: LiveCounters::default(),
             phase1_changed: Notify::new(),
             go: OnceLock::new(),
+            backends: OnceLock::new(),
             tallies: Mutex::new(Tallies {
                 response: new_histogram(),
                 corrected: new_histogram(),
                 timeline: Vec::new(),
+                by_backend: Vec::new(),
             }),
         }
     }
@@ -160,19 +168,40 @@ impl Recorder {
         let _ = self.go.set(at);
     }
 
+    /// Who serves which connection (set before the go, once).
+    pub fn set_backends(&self, map: BackendMap) {
+        let slots = map.slots();
+        if self.backends.set(map).is_ok() {
+            self.lock().by_backend = (0..slots).map(|_| new_histogram()).collect();
+        }
+    }
+
+    pub fn backends(&self) -> Option<&BackendMap> {
+        self.backends.get()
+    }
+
     fn second_of(&self, at: Instant) -> usize {
         let go = self.go.get().copied().unwrap_or(at);
         at.saturating_duration_since(go).as_secs() as usize
     }
 
     /// One echo arrived at `at` after `response`; `corrected` is measured from the intended send
-    /// time when sending on a schedule.
-    pub fn message(&self, at: Instant, response: Duration, corrected: Option<Duration>) {
+    /// time when sending on a schedule; `backend` is the connection's backend slot, if known.
+    pub fn message(
+        &self,
+        at: Instant,
+        response: Duration,
+        corrected: Option<Duration>,
+        backend: Option<usize>,
+    ) {
         self.live.messages.fetch_add(1, Ordering::Relaxed);
         let us = micros(response);
         let second = self.second_of(at);
         let mut t = self.lock();
         t.response.saturating_record(us);
+        if let Some(h) = backend.and_then(|b| t.by_backend.get_mut(b)) {
+            h.saturating_record(us);
+        }
         if let Some(c) = corrected {
             t.corrected.saturating_record(micros(c));
         }
@@ -207,6 +236,7 @@ impl Recorder {
             response: std::mem::replace(&mut t.response, new_histogram()),
             corrected: std::mem::replace(&mut t.corrected, new_histogram()),
             timeline: std::mem::take(&mut t.timeline),
+            by_backend: std::mem::take(&mut t.by_backend),
         }
     }
 }
@@ -256,15 +286,18 @@ mod tests {
             go + Duration::from_millis(10),
             Duration::from_millis(2),
             None,
+            None,
         );
         r.message(
             go + Duration::from_millis(900),
             Duration::from_millis(4),
             None,
+            None,
         );
         r.message(
             go + Duration::from_millis(2100),
             Duration::from_millis(1),
+            None,
             None,
         );
         r.exchange_failed(go + Duration::from_millis(2500));
@@ -295,6 +328,39 @@ mod tests {
         assert_eq!(back.len(), 12);
         assert_eq!(back.value_at_quantile(0.5), h.value_at_quantile(0.5));
         assert!(back.equivalent(back.max(), h.max()));
+    }
+
+    #[test]
+    fn merged_dumps_give_the_percentiles_of_the_combined_samples() {
+        // Two processes (or agents) with different loads; the parent merges their dumps.
+        let (mut a, mut b, mut all) = (new_histogram(), new_histogram(), new_histogram());
+        for i in 0..5_000u64 {
+            let fast = 200 + (i * 7919) % 3_000; // 0.2-3.2 ms
+            let slow = 40_000 + (i * 104_729) % 900_000; // 40-940 ms
+            a.record(fast).unwrap();
+            all.record(fast).unwrap();
+            if i % 3 == 0 {
+                b.record(slow).unwrap();
+                all.record(slow).unwrap();
+            }
+        }
+        let mut merged = new_histogram();
+        for h in [&a, &b] {
+            let json = serde_json::to_string(&HistogramDump::of(h)).unwrap();
+            serde_json::from_str::<HistogramDump>(&json)
+                .unwrap()
+                .merge_into(&mut merged);
+        }
+        assert_eq!(merged.len(), all.len());
+        for q in [0.0, 0.1, 0.5, 0.75, 0.9, 0.99, 0.999, 1.0] {
+            assert_eq!(
+                merged.value_at_quantile(q),
+                all.value_at_quantile(q),
+                "q {q}"
+            );
+        }
+        assert_eq!((merged.min(), merged.max()), (all.min(), all.max()));
+        assert_eq!(merged.mean(), all.mean());
     }
 
     #[test]

@@ -1,6 +1,8 @@
 //! The spreadsheet report (rust_xlsxwriter): "Summary" first (landscape, one page, with the
 //! response-time distribution and messages-per-second charts), then "Connections" (one row per
-//! connection) and "Timeline" (one row per second of phase 2). Every cell holds a computed number,
+//! connection) and "Timeline" (one row per second of phase 2); with agents an "Agents" sheet (one
+//! row per client PC), and with `--forwarder` a "Backends" sheet (one row per backend, and a
+//! chart). Every cell holds a computed number,
 //! never a formula: formulas would be stored with a cached result of 0 and show 0 in viewers that
 //! do not recalculate.
 
@@ -13,14 +15,35 @@ use rust_xlsxwriter::{Chart, ChartType, Format, FormatAlign, Workbook, Worksheet
 use crate::config::Workload;
 use crate::coordinator::Outcome;
 use crate::failure::Cause;
-use crate::summary::Summary;
+use crate::summary::{Group, Summary};
 
 pub const SUMMARY: &str = "Summary";
 pub const CONNECTIONS: &str = "Connections";
 pub const TIMELINE: &str = "Timeline";
+pub const AGENTS: &str = "Agents";
+pub const BACKENDS: &str = "Backends";
+
+/// Column titles of the Agents and Backends sheets, in order (the first is the agent's or the
+/// backend's name).
+pub const GROUP_COLUMNS: [&str; 14] = [
+    "name",
+    "connections",
+    "up",
+    "failed to open",
+    "lost",
+    "messages",
+    "messages/s",
+    "avg response ms",
+    "p50 ms",
+    "p90 ms",
+    "p99 ms",
+    "p99.9 ms",
+    "max ms",
+    "min ms",
+];
 
 /// Column titles of the Connections sheet, in order.
-pub const CONNECTION_COLUMNS: [&str; 13] = [
+pub const CONNECTION_COLUMNS: [&str; 16] = [
     "id",
     "process",
     "local port",
@@ -34,6 +57,9 @@ pub const CONNECTION_COLUMNS: [&str; 13] = [
     "max response ms",
     "errors",
     "error",
+    "agent",
+    "local address",
+    "backend",
 ];
 
 /// Column titles of the Timeline sheet, in order.
@@ -88,6 +114,12 @@ pub fn write(path: &Path, outcome: &Outcome, summary: &Summary) -> anyhow::Resul
     workbook.push_worksheet(summary_sheet(outcome, summary, &f)?);
     workbook.push_worksheet(connections_sheet(outcome, &f)?);
     workbook.push_worksheet(timeline_sheet(outcome, &f)?);
+    if !summary.agents.is_empty() {
+        workbook.push_worksheet(group_sheet(AGENTS, &summary.agents, &f)?);
+    }
+    if !summary.backends.is_empty() {
+        workbook.push_worksheet(group_sheet(BACKENDS, &summary.backends, &f)?);
+    }
     workbook
         .save(path)
         .with_context(|| format!("writing the report {}", path.display()))?;
@@ -165,6 +197,8 @@ fn summary_sheet(outcome: &Outcome, s: &Summary, f: &Formats) -> Result<Workshee
     ws.set_column_width(3, 2)?;
     ws.set_column_width(4, 12)?;
     ws.set_column_width(5, 11)?;
+    // The per-agent and per-backend tables start in column H, under the charts.
+    ws.set_column_width(7, 20)?;
     ws.write_string_with_format(0, 0, "ssl-echo-client run", &f.title)?;
 
     let c = &outcome.config;
@@ -365,6 +399,16 @@ fn summary_sheet(outcome: &Outcome, s: &Summary, f: &Formats) -> Result<Workshee
         chart.set_width(CHART_WIDTH).set_height(CHART_HEIGHT);
         ws.insert_chart(SECOND_CHART_ROW, 7, &chart)?;
     }
+    // Per agent and per backend, below the charts (so the page still fits one printed sheet).
+    let mut row = SECOND_CHART_ROW + 27;
+    for (title, groups) in [("Per agent", &s.agents), ("Per backend", &s.backends)] {
+        if groups.is_empty() {
+            continue;
+        }
+        ws.write_string_with_format(row, 7, title, &f.heading)?;
+        write_groups(&mut ws, row + 1, 7, groups, f)?;
+        row += groups.len() as u32 + 3;
+    }
     Ok(ws)
 }
 
@@ -374,6 +418,9 @@ fn connections_sheet(outcome: &Outcome, f: &Formats) -> Result<Worksheet, XlsxEr
     for (col, title) in CONNECTION_COLUMNS.iter().enumerate() {
         ws.write_string_with_format(0, col as u16, *title, &f.header)?;
         ws.set_column_width(col as u16, if col == 12 { 60 } else { 11 })?;
+        if col > 12 {
+            ws.set_column_width(col as u16, 18)?;
+        }
     }
     ws.set_row_height(0, 30)?;
     ws.set_freeze_panes(1, 0)?;
@@ -407,9 +454,82 @@ fn connections_sheet(outcome: &Outcome, f: &Formats) -> Result<Worksheet, XlsxEr
         if let Some(failure) = &r.failure {
             ws.write_string(row, 12, failure.to_string())?;
         }
+        ws.write_string(row, 13, r.agent.as_deref().unwrap_or("local"))?;
+        if let Some(ip) = r.local_ip {
+            ws.write_string(row, 14, ip.to_string())?;
+        }
+        if let Some(b) = &r.backend {
+            ws.write_string(row, 15, b)?;
+        }
     }
     let last = outcome.records.len() as u32;
     ws.autofilter(0, 0, last.max(1), (CONNECTION_COLUMNS.len() - 1) as u16)?;
+    Ok(ws)
+}
+
+/// The [`GROUP_COLUMNS`] header at (`row`, `col`) and one row per group below it.
+fn write_groups(
+    ws: &mut Worksheet,
+    row: u32,
+    col: u16,
+    groups: &[Group],
+    f: &Formats,
+) -> Result<(), XlsxError> {
+    for (k, title) in GROUP_COLUMNS.iter().enumerate() {
+        ws.write_string_with_format(row, col + k as u16, *title, &f.header)?;
+    }
+    for (i, g) in groups.iter().enumerate() {
+        let row = row + 1 + i as u32;
+        ws.write_string(row, col, &g.name)?;
+        let counts = [
+            g.connections,
+            g.connections_ok,
+            g.connections_failed,
+            g.connections_lost,
+            g.messages,
+        ];
+        for (k, n) in counts.into_iter().enumerate() {
+            ws.write_number_with_format(row, col + 1 + k as u16, n as f64, &f.int)?;
+        }
+        ws.write_number_with_format(row, col + 6, g.messages_per_sec, &f.rate)?;
+        for (k, (_, v)) in g.response_ms.named().into_iter().enumerate() {
+            ws.write_number_with_format(row, col + 7 + k as u16, v, &f.ms)?;
+        }
+    }
+    Ok(())
+}
+
+/// One row per agent or backend, and a chart of connections and messages per row.
+fn group_sheet(name: &str, groups: &[Group], f: &Formats) -> Result<Worksheet, XlsxError> {
+    let mut ws = Worksheet::new();
+    ws.set_name(name)?;
+    ws.set_landscape();
+    for col in 0..GROUP_COLUMNS.len() {
+        ws.set_column_width(col as u16, if col == 0 { 22 } else { 11 })?;
+    }
+    ws.set_row_height(0, 30)?;
+    write_groups(&mut ws, 0, 0, groups, f)?;
+    let last = groups.len() as u32;
+    let mut chart = Chart::new(ChartType::Column);
+    chart
+        .add_series()
+        .set_name("connections")
+        .set_categories((name, 1, 0, last, 0))
+        .set_values((name, 1, 1, last, 1));
+    chart
+        .add_series()
+        .set_name("messages/s")
+        .set_categories((name, 1, 0, last, 0))
+        .set_values((name, 1, 6, last, 6));
+    let title = format!(
+        "Connections and messages/s per {}",
+        name.trim_end_matches('s').to_lowercase()
+    );
+    chart.title().set_name(&title);
+    chart
+        .set_width(CHART_WIDTH)
+        .set_height(CHART_HEIGHT / 2 + 100);
+    ws.insert_chart(last + 2, 0, &chart)?;
     Ok(ws)
 }
 

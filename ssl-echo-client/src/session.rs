@@ -2,6 +2,7 @@
 //! for its exact echo again and again (phase 2). Whatever happens ends in a [`ConnectionRecord`];
 //! a failure is recorded in it, never raised.
 
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -22,6 +23,17 @@ pub struct ConnectionRecord {
     /// Which process ran it (0 when there was only one).
     pub process: u32,
     pub local_port: Option<u16>,
+    /// The connection's own address (shown when `--source-ip` spreads them, and matched against
+    /// the forwarder's list).
+    #[serde(default)]
+    pub local_ip: Option<IpAddr>,
+    /// The client PC (agent) that ran it; set by the coordinator, `None` for a run on this PC.
+    #[serde(default)]
+    pub agent: Option<String>,
+    /// The backend the forwarder connected it to (`unknown` when the forwarder did not list
+    /// it); `None` without `--forwarder`.
+    #[serde(default)]
+    pub backend: Option<String>,
     pub connect_ms: Option<f64>,
     pub handshake_ms: Option<f64>,
     pub messages: u64,
@@ -39,6 +51,9 @@ impl ConnectionRecord {
             id,
             process,
             local_port: None,
+            local_ip: None,
+            agent: None,
+            backend: None,
             connect_ms: None,
             handshake_ms: None,
             messages: 0,
@@ -95,16 +110,21 @@ pub async fn run(
     let mut record = ConnectionRecord::new(id, shared.process);
     let opened = shared
         .connector
-        .open(shared.config.addr, shared.config.timeout())
+        .open(
+            shared.config.addr,
+            shared.config.source_ip(id),
+            shared.config.timeout(),
+        )
         .await;
     drop(permit);
-    let mut stream = match opened {
+    let (mut stream, local) = match opened {
         Ok(est) => {
-            record.local_port = Some(est.local_port);
+            record.local_port = Some(est.local.port());
+            record.local_ip = Some(est.local.ip());
             record.connect_ms = Some(ms(est.connect));
             record.handshake_ms = est.handshake.map(ms);
             shared.recorder.phase1_done(true);
-            est.stream
+            (est.stream, est.local)
         }
         Err(not) => {
             tracing::debug!(id, "{}", not.failure);
@@ -127,7 +147,13 @@ pub async fn run(
             return record;
         }
     };
-    if let Err(failure) = exchange(&mut stream, &mut record, go_at, &shared).await {
+    // The parent sets the backends (if it asked the forwarder) before it gives the go.
+    let backend = shared.recorder.backends().map(|map| {
+        let slot = map.slot_of(local);
+        record.backend = Some(map.name(slot).to_string());
+        slot
+    });
+    if let Err(failure) = exchange(&mut stream, &mut record, go_at, backend, &shared).await {
         tracing::debug!(id, "{failure}");
         shared.recorder.exchange_failed(Instant::now());
         record.failure = Some(failure);
@@ -146,6 +172,7 @@ async fn exchange(
     stream: &mut Stream,
     record: &mut ConnectionRecord,
     go: Instant,
+    backend: Option<usize>,
     shared: &Shared,
 ) -> Result<(), Failure> {
     let config = &shared.config;
@@ -195,7 +222,7 @@ async fn exchange(
                 );
                 shared
                     .recorder
-                    .message(done, response, intended.map(|i| done - i));
+                    .message(done, response, intended.map(|i| done - i), backend);
             }
             Ok(Err(failure)) => return Err(failure),
             Err(_) => return Err(Failure::timeout(Phase::Exchange, config.timeout_ms)),

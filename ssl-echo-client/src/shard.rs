@@ -41,6 +41,9 @@ pub enum WorkerMsg {
         response: HistogramDump,
         corrected: HistogramDump,
         timeline: Vec<Second>,
+        /// One per backend slot (see `BackendMap::slot_of`); empty without `--forwarder`.
+        #[serde(default)]
+        by_backend: Vec<HistogramDump>,
     },
 }
 
@@ -109,6 +112,7 @@ pub async fn drive(
         response: HistogramDump::of(&tallies.response),
         corrected: HistogramDump::of(&tallies.corrected),
         timeline: tallies.timeline,
+        by_backend: tallies.by_backend.iter().map(HistogramDump::of).collect(),
     });
 }
 

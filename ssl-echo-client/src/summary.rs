@@ -8,8 +8,9 @@ use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 
 use crate::config::Workload;
-use crate::coordinator::Outcome;
+use crate::coordinator::{Lost, Outcome};
 use crate::failure::{count_by_cause, Failure};
+use crate::session::ConnectionRecord;
 
 /// Response-time statistics in milliseconds. All zero when no message was answered.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -56,6 +57,52 @@ impl Latency {
     }
 }
 
+/// One part of the run: an agent (client PC) or a backend.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Group {
+    pub name: String,
+    pub connections: u64,
+    pub connections_ok: u64,
+    pub connections_failed: u64,
+    pub connections_lost: u64,
+    pub messages: u64,
+    pub messages_per_sec: f64,
+    pub response_ms: Latency,
+}
+
+impl Group {
+    /// Counts from `records`, response times from `h` (the group's own merged histogram).
+    pub fn of<'a>(
+        name: &str,
+        records: impl Iterator<Item = &'a ConnectionRecord>,
+        h: &Histogram<u64>,
+        exchange_s: f64,
+    ) -> Group {
+        let mut g = Group {
+            name: name.to_string(),
+            connections: 0,
+            connections_ok: 0,
+            connections_failed: 0,
+            connections_lost: 0,
+            messages: 0,
+            messages_per_sec: 0.0,
+            response_ms: Latency::of(h),
+        };
+        for r in records {
+            g.connections += 1;
+            if r.established() {
+                g.connections_ok += 1;
+                g.connections_lost += u64::from(r.failure.is_some());
+            } else {
+                g.connections_failed += 1;
+            }
+            g.messages += r.messages;
+        }
+        g.messages_per_sec = per_sec(g.messages, exchange_s);
+        g
+    }
+}
+
 /// The run's summary; also the `--json` document (field names are relied on by scripts).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Summary {
@@ -98,6 +145,18 @@ pub struct Summary {
     pub errors_total: u64,
     /// Where the spreadsheet was written (`None` if writing it failed).
     pub report: Option<String>,
+    /// Per agent (client PC), with `--agents`.
+    #[serde(skip_serializing_if = "Vec::is_empty", default)]
+    pub agents: Vec<Group>,
+    /// Agents (or worker processes) lost or too slow for the barrier, and why.
+    #[serde(skip_serializing_if = "Vec::is_empty", default)]
+    pub agents_lost: Vec<Lost>,
+    /// Per backend, as the forwarder reported them (`--forwarder`); `unknown` last, if any.
+    #[serde(skip_serializing_if = "Vec::is_empty", default)]
+    pub backends: Vec<Group>,
+    /// Why the forwarder could not be asked.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub backends_error: Option<String>,
 }
 
 impl Summary {
@@ -154,6 +213,17 @@ impl Summary {
             errors_total: failures.len() as u64,
             errors,
             report: None,
+            agents: outcome
+                .agents
+                .iter()
+                .map(|a| {
+                    let mine = records.iter().filter(|r| r.agent.as_ref() == Some(&a.name));
+                    Group::of(&a.name, mine, &a.response, outcome.exchange_s)
+                })
+                .collect(),
+            agents_lost: outcome.lost.clone(),
+            backends: backend_groups(outcome),
+            backends_error: outcome.backends_error.clone(),
         }
     }
 
@@ -220,11 +290,55 @@ impl Summary {
                 format!("{} ({})", self.errors_total, errors.join(", "))
             },
         );
+        let group = |g: &Group| {
+            format!(
+                "{} connections ({} up), {} messages = {:.0} msg/s, avg {:.3} p50 {:.3} p99 {:.3} ms",
+                g.connections,
+                g.connections_ok,
+                g.messages,
+                g.messages_per_sec,
+                g.response_ms.avg,
+                g.response_ms.p50,
+                g.response_ms.p99
+            )
+        };
+        for a in &self.agents {
+            row(&format!("agent {}", a.name), group(a));
+        }
+        for l in &self.agents_lost {
+            row("lost", format!("{}: {}", l.who, l.reason));
+        }
+        for b in &self.backends {
+            row(&format!("backend {}", b.name), group(b));
+        }
+        if let Some(e) = &self.backends_error {
+            row("backends", e.clone());
+        }
         if let Some(r) = &self.report {
             row("report", r.clone());
         }
         t
     }
+}
+
+/// One group per backend the forwarder named, then `unknown` if any connection was not listed.
+fn backend_groups(outcome: &Outcome) -> Vec<Group> {
+    let Some((map, hists)) = &outcome.backends else {
+        return Vec::new();
+    };
+    (0..map.slots())
+        .filter_map(|slot| {
+            let name = map.name(slot);
+            let mine: Vec<&ConnectionRecord> = outcome
+                .records
+                .iter()
+                .filter(|r| r.backend.as_deref() == Some(name))
+                .collect();
+            let known = slot < map.names.len();
+            (known || !mine.is_empty())
+                .then(|| Group::of(name, mine.into_iter(), &hists[slot], outcome.exchange_s))
+        })
+        .collect()
 }
 
 /// Rate over a duration; 0 for an empty duration instead of infinity.

@@ -1,7 +1,8 @@
 //! The worker-process side of a multi-process run. The parent re-executes this binary with a
 //! hidden `--worker-plan JSON`; the worker runs its shard, writes [`WorkerMsg`]s to stdout as JSON
-//! lines, and waits for the line `go` on stdin before phase 2; `stop` (or the end of stdin: the
-//! parent is gone) ends phase 2 early. Workers ignore SIGINT: a Ctrl-C on the terminal reaches the
+//! lines, and waits for the line `go` on stdin before phase 2 (preceded, with `--forwarder`, by
+//! `backends JSON`: who serves which connection); `stop` (or the end of stdin: the parent is
+//! gone) ends phase 2 early, or abandons the run before the go. Workers ignore SIGINT: a Ctrl-C on the terminal reaches the
 //! whole process group, and it is the parent that decides how the run ends.
 
 use std::sync::Arc;
@@ -23,6 +24,8 @@ pub const WORKER_FLAG: &str = "--worker-plan";
 pub const GO: &str = "go";
 /// The line the parent sends on stdin to end phase 2 early.
 pub const STOP: &str = "stop";
+/// The start of the line that carries the [`crate::backends::BackendMap`] (JSON after a space).
+pub const BACKENDS: &str = "backends";
 
 /// Runs one worker process to the end.
 pub fn main(plan_json: &str) -> anyhow::Result<()> {
@@ -63,10 +66,21 @@ async fn run(plan: ShardPlan) -> anyhow::Result<()> {
     });
     let (go_tx, go_rx) = oneshot::channel();
     let (stop_tx, stop_rx) = watch::channel(false);
+    let stdin_recorder = Arc::clone(&recorder);
     tokio::spawn(async move {
         let mut go_tx = Some(go_tx);
         let mut lines = BufReader::new(tokio::io::stdin()).lines();
         while let Ok(Some(line)) = lines.next_line().await {
+            if let Some(json) = line
+                .strip_prefix(BACKENDS)
+                .and_then(|l| l.strip_prefix(' '))
+            {
+                match serde_json::from_str(json) {
+                    Ok(map) => stdin_recorder.set_backends(map),
+                    Err(e) => tracing::error!("unreadable backends from the parent: {e}"),
+                }
+                continue;
+            }
             match line.trim() {
                 GO => {
                     if let Some(tx) = go_tx.take() {

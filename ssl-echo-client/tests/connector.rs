@@ -67,9 +67,10 @@ async fn a_handshake_that_finishes_after_the_limit_is_a_timeout() {
         connect_rate: 0.0,
         rate: None,
         timeout_ms: limit.as_millis() as u64,
+        source_ips: Vec::new(),
     };
     let connector = Connector::new(&config).unwrap();
-    let opening = tokio::spawn(async move { connector.open(relay, limit).await });
+    let opening = tokio::spawn(async move { connector.open(relay, None, limit).await });
     // Let the task connect and send its ClientHello, then starve this single-threaded runtime
     // past the limit while the server's answer arrives.
     tokio::time::sleep(Duration::from_millis(30)).await;

@@ -15,27 +15,17 @@ const LIMIT: Duration = Duration::from_secs(120);
 
 #[test]
 fn tls_300_connections_of_20_messages_give_exact_counts_in_json_and_report() {
-    let certs = certs();
-    let work = tempfile::tempdir().unwrap();
-    let server = Server::start(Some(&certs), work.path());
-    let report = work.path().join("r").join("client-300.xlsx");
+    let setup = Setup::tls("r/client-300.xlsx");
+    let (server, report) = (setup.server(), &setup.report);
     let message = "hello, echo"; // 11 bytes
-    let port = server.addr.port().to_string();
-    let run = run_client(
+    let run = setup.run(
         &[
-            "--port",
-            &port,
-            "--ca",
-            certs.paths.ca_cert.to_str().unwrap(),
             "--connections",
             "300",
             "--count",
             "20",
             "--message",
             message,
-            "--report",
-            report.to_str().unwrap(),
-            "--json",
         ],
         LIMIT,
     );
@@ -82,8 +72,8 @@ fn tls_300_connections_of_20_messages_give_exact_counts_in_json_and_report() {
     assert!(wait_until(Duration::from_secs(5), || server
         .stat("bytes_echoed")
         == 6000 * 11));
-    assert_eq!(sheet_names(&report), ["Summary", "Connections", "Timeline"]);
-    let rows = sheet(&report, "Connections");
+    assert_eq!(sheet_names(report), ["Summary", "Connections", "Timeline"]);
+    let rows = sheet(report, "Connections");
     assert_eq!(rows.height(), 301, "header + one row per connection");
     assert_eq!(text(&rows, 0, 5), "messages");
     let mut ports = std::collections::HashSet::new();
@@ -100,25 +90,20 @@ fn tls_300_connections_of_20_messages_give_exact_counts_in_json_and_report() {
         ports.insert(num(&rows, row, 2) as u64);
     }
     assert_eq!(ports.len(), 300, "every connection has its own local port");
-    assert_eq!(summary_value(&report, "messages"), 6000.0);
-    assert_eq!(summary_value(&report, "connections up"), 300.0);
-    assert_eq!(summary_value(&report, "bytes sent"), 66000.0);
-    assert_eq!(summary_value(&report, "total"), 0.0);
-    let timeline = sheet(&report, "Timeline");
+    assert_eq!(summary_value(report, "messages"), 6000.0);
+    assert_eq!(summary_value(report, "connections up"), 300.0);
+    assert_eq!(summary_value(report, "bytes sent"), 66000.0);
+    assert_eq!(summary_value(report, "total"), 0.0);
+    let timeline = sheet(report, "Timeline");
     assert!(timeline.height() >= 2, "at least one second of timeline");
 }
 
 #[test]
 fn plaintext_mode_counts_the_same_way() {
-    let work = tempfile::tempdir().unwrap();
-    let server = Server::start(None, work.path());
-    let report = work.path().join("plain.xlsx");
-    let port = server.addr.port().to_string();
-    let run = run_client(
+    let setup = Setup::plain("plain.xlsx");
+    let report = &setup.report;
+    let run = setup.run(
         &[
-            "--plain",
-            "--port",
-            &port,
             "--connections",
             "50",
             "--count",
@@ -127,9 +112,6 @@ fn plaintext_mode_counts_the_same_way() {
             "200",
             "--message",
             "abc",
-            "--report",
-            report.to_str().unwrap(),
-            "--json",
         ],
         LIMIT,
     );
@@ -143,10 +125,10 @@ fn plaintext_mode_counts_the_same_way() {
         "{}",
         j["connect_s"]
     );
-    assert_eq!(summary_value(&report, "connect rate (/s)"), 200.0);
+    assert_eq!(summary_value(report, "connect rate (/s)"), 200.0);
     assert_eq!(j["bytes_received"], 1500);
     assert_eq!(j["errors_total"], 0);
-    let rows = sheet(&report, "Connections");
+    let rows = sheet(report, "Connections");
     assert_eq!(rows.height(), 51);
     assert_eq!(
         rows.get((1, 4)),
@@ -157,25 +139,23 @@ fn plaintext_mode_counts_the_same_way() {
 
 #[test]
 fn a_dead_port_gives_one_refused_per_connection_without_hanging() {
-    let work = tempfile::tempdir().unwrap();
-    let report = work.path().join("dead.xlsx");
-    let port = free_port().to_string(); // nothing listens there
-    let run = run_client(
-        &[
-            "--plain",
-            "--port",
-            &port,
-            "--connections",
-            "200",
-            "--count",
-            "5",
-            "--report",
-            report.to_str().unwrap(),
-            "--json",
-        ],
+    let setup = Setup::plain_to(free_port(), "dead.xlsx"); // nothing listens there
+    let run = setup.run(
+        &["--connections", "200", "--count", "5"],
         Duration::from_secs(60),
     );
-    assert!(run.status.success(), "{}", run.stderr);
+    assert_eq!(
+        run.status.code(),
+        Some(EXIT_TOO_MANY_ERRORS),
+        "{}",
+        run.stderr
+    );
+    assert!(
+        run.stderr
+            .contains("ssl-echo-client: 200 connections failed or were lost (--max-errors 0)"),
+        "{}",
+        run.stderr
+    );
     let j = run.json();
     assert_eq!(j["connections_ok"], 0);
     assert_eq!(j["connections_failed"], 200);
@@ -183,7 +163,7 @@ fn a_dead_port_gives_one_refused_per_connection_without_hanging() {
     assert_eq!(j["errors_total"], 200);
     assert_eq!(j["messages"], 0);
     assert_eq!(j["response_ms"]["max"], 0.0);
-    let rows = sheet(&report, "Connections");
+    let rows = sheet(&setup.report, "Connections");
     assert_eq!(rows.height(), 201);
     assert!(
         text(&rows, 1, 12).starts_with("refused during connect: "),
@@ -194,17 +174,10 @@ fn a_dead_port_gives_one_refused_per_connection_without_hanging() {
 
 #[test]
 fn killing_the_server_midway_ends_the_run_with_every_connection_counted() {
-    let certs = certs();
-    let work = tempfile::tempdir().unwrap();
-    let mut server = Server::start(Some(&certs), work.path());
-    let report = work.path().join("killed.xlsx");
-    let port = server.addr.port().to_string();
+    let mut setup = Setup::tls("killed.xlsx");
     // 40 connections × 50 messages/s would take 2,000 s to reach the count: the kill ends it.
-    let client = ClientProcess::start(&[
-        "--port",
-        &port,
-        "--ca",
-        certs.paths.ca_cert.to_str().unwrap(),
+    // The 40 lost connections are allowed, so the exit status is 0.
+    let client = setup.start(&[
         "--connections",
         "40",
         "--count",
@@ -213,10 +186,11 @@ fn killing_the_server_midway_ends_the_run_with_every_connection_counted() {
         "50",
         "--timeout-ms",
         "5000",
-        "--report",
-        report.to_str().unwrap(),
-        "--json",
+        "--max-errors",
+        "40",
     ]);
+    let report = setup.report.clone();
+    let server = setup.server.as_mut().unwrap();
     // Midway: once the server has echoed a good number of messages.
     let bytes_per_message = "Hello, echo server!".len() as u64;
     assert!(
@@ -276,27 +250,10 @@ fn killing_the_server_midway_ends_the_run_with_every_connection_counted() {
 
 #[test]
 fn two_processes_share_the_connections_and_join_one_report() {
-    let certs = certs();
-    let work = tempfile::tempdir().unwrap();
-    let server = Server::start(Some(&certs), work.path());
-    let report = work.path().join("two.xlsx");
-    let port = server.addr.port().to_string();
-    let run = run_client(
-        &[
-            "--port",
-            &port,
-            "--ca",
-            certs.paths.ca_cert.to_str().unwrap(),
-            "--connections",
-            "101",
-            "--count",
-            "7",
-            "--processes",
-            "2",
-            "--report",
-            report.to_str().unwrap(),
-            "--json",
-        ],
+    let setup = Setup::tls("two.xlsx");
+    let report = &setup.report;
+    let run = setup.run(
+        &["--connections", "101", "--count", "7", "--processes", "2"],
         LIMIT,
     );
     assert!(run.status.success(), "{}", run.stderr);
@@ -310,7 +267,7 @@ fn two_processes_share_the_connections_and_join_one_report() {
     assert_eq!(j["connections_ok"], 101);
     assert_eq!(j["messages"], 707);
     assert_eq!(j["errors_total"], 0);
-    let rows = sheet(&report, "Connections");
+    let rows = sheet(report, "Connections");
     assert_eq!(rows.height(), 102);
     let processes: Vec<u64> = (1..=101).map(|r| num(&rows, r, 1) as u64).collect();
     assert_eq!(processes.iter().filter(|p| **p == 0).count(), 51);
@@ -318,7 +275,7 @@ fn two_processes_share_the_connections_and_join_one_report() {
     let ids: Vec<u64> = (1..=101).map(|r| num(&rows, r, 0) as u64).collect();
     assert_eq!(ids, (0..101).collect::<Vec<_>>());
     // The histograms of both processes were merged: the distribution has every message.
-    let summary = sheet(&report, "Summary");
+    let summary = sheet(report, "Summary");
     let mut bars = 0.0;
     for row in 3..summary.height() {
         if let Some(calamine::Data::Float(n)) = summary.get((row, 5)) {
@@ -330,34 +287,28 @@ fn two_processes_share_the_connections_and_join_one_report() {
 
 #[test]
 fn a_wrong_server_name_is_counted_as_tls_failures() {
-    let certs = certs();
-    let work = tempfile::tempdir().unwrap();
-    let server = Server::start(Some(&certs), work.path());
-    let port = server.addr.port().to_string();
-    let report = work.path().join("sni.xlsx");
-    let run = run_client(
+    let setup = Setup::tls("sni.xlsx");
+    let run = setup.run(
         &[
-            "--port",
-            &port,
-            "--ca",
-            certs.paths.ca_cert.to_str().unwrap(),
             "--server-name",
             "not-this-server.example",
             "--connections",
             "20",
             "--count",
             "1",
-            "--report",
-            report.to_str().unwrap(),
-            "--json",
         ],
         LIMIT,
     );
-    assert!(run.status.success(), "{}", run.stderr);
+    assert_eq!(
+        run.status.code(),
+        Some(EXIT_TOO_MANY_ERRORS),
+        "{}",
+        run.stderr
+    );
     let j = run.json();
     assert_eq!(j["errors"]["tls"], 20);
     assert_eq!(j["connections_failed"], 20);
-    let rows = sheet(&report, "Connections");
+    let rows = sheet(&setup.report, "Connections");
     assert!(
         text(&rows, 1, 12).starts_with("tls during handshake: "),
         "{}",
@@ -369,7 +320,7 @@ fn a_wrong_server_name_is_counted_as_tls_failures() {
 fn a_wrong_echo_is_an_error_not_a_timeout() {
     // A server that answers every message with the same number of bytes, all 'X'.
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port().to_string();
+    let port = listener.local_addr().unwrap().port();
     std::thread::spawn(move || {
         for stream in listener.incoming().flatten() {
             std::thread::spawn(move || {
@@ -383,13 +334,9 @@ fn a_wrong_echo_is_an_error_not_a_timeout() {
             });
         }
     });
-    let work = tempfile::tempdir().unwrap();
-    let report = work.path().join("wrong.xlsx");
-    let run = run_client(
+    let setup = Setup::plain_to(port, "wrong.xlsx");
+    let run = setup.run(
         &[
-            "--plain",
-            "--port",
-            &port,
             "--connections",
             "5",
             "--count",
@@ -398,18 +345,24 @@ fn a_wrong_echo_is_an_error_not_a_timeout() {
             "ping",
             "--timeout-ms",
             "30000",
-            "--report",
-            report.to_str().unwrap(),
-            "--json",
+            "--max-errors",
+            "4",
         ],
         LIMIT,
+    );
+    assert_eq!(run.status.code(), Some(EXIT_TOO_MANY_ERRORS));
+    assert!(
+        run.stderr
+            .contains("5 connections failed or were lost (--max-errors 4)"),
+        "{}",
+        run.stderr
     );
     let j = run.json();
     assert_eq!(j["errors"]["wrong_echo"], 5);
     assert_eq!(j["errors"]["timeout"], 0);
     assert_eq!(j["connections_lost"], 5);
     assert_eq!(j["messages"], 0);
-    let rows = sheet(&report, "Connections");
+    let rows = sheet(&setup.report, "Connections");
     assert_eq!(
         text(&rows, 1, 12),
         "wrong_echo during exchange: sent \"ping\", got back \"XXXX\""
@@ -443,16 +396,9 @@ fn a_missing_ca_file_is_one_clear_error() {
 
 #[test]
 fn ctrl_c_ends_the_exchange_early_with_a_full_report() {
-    let certs = certs();
-    let work = tempfile::tempdir().unwrap();
-    let server = Server::start(Some(&certs), work.path());
-    let report = work.path().join("interrupted.xlsx");
-    let port = server.addr.port().to_string();
-    let client = ClientProcess::start(&[
-        "--port",
-        &port,
-        "--ca",
-        certs.paths.ca_cert.to_str().unwrap(),
+    let setup = Setup::tls("interrupted.xlsx");
+    let server = setup.server();
+    let client = setup.start(&[
         "--connections",
         "30",
         "--duration",
@@ -461,9 +407,6 @@ fn ctrl_c_ends_the_exchange_early_with_a_full_report() {
         "2",
         "--message",
         "abcd",
-        "--report",
-        report.to_str().unwrap(),
-        "--json",
     ]);
     assert!(
         wait_until(LIMIT, || server.stat("bytes_echoed") >= 4 * 300),
@@ -488,7 +431,7 @@ fn ctrl_c_ends_the_exchange_early_with_a_full_report() {
     let messages = j["messages"].as_u64().unwrap();
     assert!(messages >= 300, "{messages}");
     assert_eq!(j["bytes_received"].as_u64().unwrap(), 4 * messages);
-    let rows = sheet(&report, "Connections");
+    let rows = sheet(&setup.report, "Connections");
     assert_eq!(rows.height(), 31);
     let counted: f64 = (1..=30).map(|r| num(&rows, r, 5)).sum();
     assert_eq!(counted as u64, messages);
@@ -496,17 +439,12 @@ fn ctrl_c_ends_the_exchange_early_with_a_full_report() {
 
 #[test]
 fn a_send_rate_schedules_exactly_rate_times_duration_messages_per_connection() {
-    let work = tempfile::tempdir().unwrap();
-    let server = Server::start(None, work.path());
-    let report = work.path().join("rate.xlsx");
-    let port = server.addr.port().to_string();
+    let setup = Setup::plain("rate.xlsx");
+    let report = &setup.report;
     // 20 messages/s for 2 s: the schedule has exactly 40 send times before the deadline for every
     // connection (late sends are still sent), so the count does not depend on timing.
-    let run = run_client(
+    let run = setup.run(
         &[
-            "--plain",
-            "--port",
-            &port,
             "--connections",
             "10",
             "--duration",
@@ -515,9 +453,6 @@ fn a_send_rate_schedules_exactly_rate_times_duration_messages_per_connection() {
             "20",
             "--message",
             "tick",
-            "--report",
-            report.to_str().unwrap(),
-            "--json",
         ],
         LIMIT,
     );
@@ -530,30 +465,20 @@ fn a_send_rate_schedules_exactly_rate_times_duration_messages_per_connection() {
         j["corrected_response_ms"]["max"].as_f64().unwrap()
             >= j["response_ms"]["max"].as_f64().unwrap()
     );
-    let rows = sheet(&report, "Connections");
+    let rows = sheet(report, "Connections");
     for row in 1..=10 {
         assert_eq!(num(&rows, row, 5), 40.0, "row {row}");
     }
-    let summary = sheet(&report, "Summary");
+    let summary = sheet(report, "Summary");
     assert_eq!(text(&summary, 0, 0), "ssl-echo-client run");
-    assert_eq!(
-        summary_value(&report, "send rate (/s per connection)"),
-        20.0
-    );
+    assert_eq!(summary_value(report, "send rate (/s per connection)"), 20.0);
 }
 
 #[test]
 fn a_worker_process_that_dies_is_counted_not_fatal() {
-    let certs = certs();
-    let work = tempfile::tempdir().unwrap();
-    let server = Server::start(Some(&certs), work.path());
-    let report = work.path().join("lost-worker.xlsx");
-    let port = server.addr.port().to_string();
-    let client = ClientProcess::start(&[
-        "--port",
-        &port,
-        "--ca",
-        certs.paths.ca_cert.to_str().unwrap(),
+    let setup = Setup::tls("lost-worker.xlsx");
+    let server = setup.server();
+    let client = setup.start(&[
         "--connections",
         "40",
         "--processes",
@@ -562,9 +487,6 @@ fn a_worker_process_that_dies_is_counted_not_fatal() {
         "600",
         "--message",
         "ping",
-        "--report",
-        report.to_str().unwrap(),
-        "--json",
     ]);
     assert!(
         wait_until(LIMIT, || server.stat("bytes_echoed") >= 4 * 200),
@@ -580,7 +502,12 @@ fn a_worker_process_that_dies_is_counted_not_fatal() {
     assert!(wait_until(LIMIT, || client.workers().len() == 1));
     client.signal(libc::SIGINT);
     let run = client.finish(LIMIT);
-    assert!(run.status.success(), "{}", run.stderr);
+    assert_eq!(
+        run.status.code(),
+        Some(EXIT_TOO_MANY_ERRORS),
+        "{}",
+        run.stderr
+    );
     assert!(
         run.stderr
             .contains("worker process 1: exited with signal: 9"),
@@ -591,7 +518,7 @@ fn a_worker_process_that_dies_is_counted_not_fatal() {
     assert_eq!(j["connections"], 40);
     assert_eq!(j["errors"]["other"], 20, "{}", j["errors"]);
     assert_eq!(j["errors_total"], 20);
-    let rows = sheet(&report, "Connections");
+    let rows = sheet(&setup.report, "Connections");
     assert_eq!(rows.height(), 41);
     for row in 1..=40 {
         let error = text(&rows, row, 12);
@@ -604,5 +531,64 @@ fn a_worker_process_that_dies_is_counted_not_fatal() {
             assert_eq!(error, "", "row {row}");
             assert!(num(&rows, row, 5) > 0.0, "row {row} sent nothing");
         }
+    }
+}
+
+#[test]
+fn a_stalled_server_raises_the_corrected_percentiles_not_the_measured_ones() {
+    let setup = Setup::plain("stall.xlsx");
+    let server = setup.server();
+    // 10 connections × 20 messages/s for 4 s: 80 send times per connection. Stopping the server
+    // for STALL holds one message per connection for the whole stall (it shows in both maxima);
+    // the ~20 messages per connection scheduled during the stall go out late, back to back, and
+    // answer fast: measured from their send they look fine, from their intended send time they
+    // waited up to STALL. A quarter of all messages is late, so the corrected p90 must rise.
+    const STALL: Duration = Duration::from_secs(1);
+    let client = setup.start(&[
+        "--connections",
+        "10",
+        "--duration",
+        "4",
+        "--rate",
+        "20",
+        "--message",
+        "tick",
+    ]);
+    assert!(
+        wait_until(LIMIT, || server.stat("bytes_echoed") >= 4 * 100),
+        "the server never echoed 100 messages"
+    );
+    let group = -(server.guard.pid() as i32);
+    // SAFETY: kill(2) on the process group ChildGuard created for the server.
+    unsafe { libc::kill(group, libc::SIGSTOP) };
+    std::thread::sleep(STALL); // the stall itself, not a wait for a condition
+                               // SAFETY: as above.
+    unsafe { libc::kill(group, libc::SIGCONT) };
+    let run = client.finish(LIMIT);
+    assert!(run.status.success(), "{}", run.stderr);
+    let j = run.json();
+    assert_eq!(j["messages"], 800, "late sends are still sent");
+    assert_eq!(j["errors_total"], 0);
+    let stat = |which: &str, s: &str| j[which][s].as_f64().unwrap();
+    let stall_ms = STALL.as_millis() as f64;
+    // The message due just as the server stopped waited for all but one interval (50 ms).
+    assert!(
+        stat("corrected_response_ms", "max") >= stall_ms - 50.0,
+        "{j}"
+    );
+    // The 8 latest of each connection's ~20 late messages were due more than 550 ms before
+    // they were answered.
+    let corrected_p90 = stat("corrected_response_ms", "p90");
+    assert!(corrected_p90 >= 500.0, "corrected p90 {corrected_p90}: {j}");
+    let measured_p90 = stat("response_ms", "p90");
+    assert!(
+        measured_p90 * 2.0 <= corrected_p90,
+        "measured p90 {measured_p90} vs corrected {corrected_p90}"
+    );
+    for s in ["p50", "p90", "p99", "p999", "max"] {
+        assert!(
+            stat("corrected_response_ms", s) >= stat("response_ms", s),
+            "{s}"
+        );
     }
 }

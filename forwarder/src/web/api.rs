@@ -501,12 +501,19 @@ struct ConnectionDoc {
 pub struct ConnectionsQuery {
     /// At most this many connections (the oldest first); the total is in `X-Total-Count`.
     limit: Option<usize>,
+    /// Ask the workers now instead of reusing a list up to a second old: a load client that
+    /// matches every one of its connections to a backend must see the ones opened last.
+    #[serde(default)]
+    fresh: bool,
 }
 
 pub async fn get_connections(
     State(state): State<AppState>,
     Query(q): Query<ConnectionsQuery>,
 ) -> Result<Response, ApiError> {
+    if q.fresh {
+        state.forget_connections();
+    }
     let mut list: Vec<&ConnectionInfo> = Vec::new();
     let all = state.connections().await?;
     list.extend(all.iter());

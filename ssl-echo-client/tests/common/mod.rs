@@ -134,9 +134,15 @@ fn drain(mut r: impl Read + Send + 'static) -> std::thread::JoinHandle<String> {
 
 impl ClientProcess {
     pub fn start(args: &[&str]) -> ClientProcess {
+        let mut cmd = Command::new(CLIENT);
+        cmd.args(args);
+        ClientProcess::spawn(cmd)
+    }
+
+    /// Starts `cmd` (the client, perhaps behind `ip netns exec`) with stdout and stderr kept.
+    pub fn spawn(mut cmd: Command) -> ClientProcess {
         use std::os::unix::process::CommandExt;
-        let mut child = Command::new(CLIENT)
-            .args(args)
+        let mut child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -290,5 +296,134 @@ fn text_or_empty(range: &calamine::Range<calamine::Data>, row: usize, col: usize
     match range.get((row, col)) {
         Some(calamine::Data::String(s)) => s.clone(),
         _ => String::new(),
+    }
+}
+
+/// One test's set-up: a temporary folder, certificates (TLS runs), the echo server (unless the
+/// test brings its own port), the report path, and the flags every run passes (`--port`, `--ca`
+/// or `--plain`, `--report`, `--json`).
+pub struct Setup {
+    pub certs: Option<Certs>,
+    pub work: tempfile::TempDir,
+    pub server: Option<Server>,
+    pub port: u16,
+    pub report: PathBuf,
+}
+
+impl Setup {
+    /// A TLS echo server with fresh certificates; the report is `WORK/report_name`.
+    pub fn tls(report_name: &str) -> Setup {
+        let certs = certs();
+        let work = tempfile::tempdir().expect("temp dir");
+        let server = Server::start(Some(&certs), work.path());
+        Setup::with(Some(certs), work, Some(server), None, report_name)
+    }
+
+    /// A plaintext echo server.
+    pub fn plain(report_name: &str) -> Setup {
+        let work = tempfile::tempdir().expect("temp dir");
+        let server = Server::start(None, work.path());
+        Setup::with(None, work, Some(server), None, report_name)
+    }
+
+    /// Plaintext runs against `port`, where the test provides whatever listens (or nothing).
+    pub fn plain_to(port: u16, report_name: &str) -> Setup {
+        let work = tempfile::tempdir().expect("temp dir");
+        Setup::with(None, work, None, Some(port), report_name)
+    }
+
+    fn with(
+        certs: Option<Certs>,
+        work: tempfile::TempDir,
+        server: Option<Server>,
+        port: Option<u16>,
+        report_name: &str,
+    ) -> Setup {
+        let port = port.unwrap_or_else(|| server.as_ref().expect("a server").addr.port());
+        let report = work.path().join(report_name);
+        Setup {
+            certs,
+            work,
+            server,
+            port,
+            report,
+        }
+    }
+
+    /// The echo server (panics for a set-up without one).
+    pub fn server(&self) -> &Server {
+        self.server
+            .as_ref()
+            .expect("this set-up has no echo server")
+    }
+
+    /// The common flags followed by `extra`.
+    pub fn args(&self, extra: &[&str]) -> Vec<String> {
+        let mut args = vec!["--port".to_string(), self.port.to_string()];
+        match &self.certs {
+            Some(c) => args.extend(["--ca".to_string(), c.paths.ca_cert.display().to_string()]),
+            None => args.push("--plain".to_string()),
+        }
+        args.extend([
+            "--report".to_string(),
+            self.report.display().to_string(),
+            "--json".to_string(),
+        ]);
+        args.extend(extra.iter().map(|s| s.to_string()));
+        args
+    }
+
+    /// Runs the client with the common flags and `extra`, to the end (at most `limit`).
+    pub fn run(&self, extra: &[&str], limit: Duration) -> Run {
+        self.start(extra).finish(limit)
+    }
+
+    /// Starts the client with the common flags and `extra`.
+    pub fn start(&self, extra: &[&str]) -> ClientProcess {
+        let args = self.args(extra);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        ClientProcess::start(&args)
+    }
+}
+
+/// The exit status of a run that completed with more failures than `--max-errors` allows.
+pub const EXIT_TOO_MANY_ERRORS: i32 = 3;
+
+/// A running `ssl-echo-client agent` on a free loopback port.
+pub struct Agent {
+    pub guard: ChildGuard,
+    /// `127.0.0.1:PORT`, as given to `--agents`.
+    pub addr: String,
+}
+
+impl Agent {
+    /// Starts an agent with `extra` flags and waits until it listens.
+    pub fn start(extra: &[&str]) -> Agent {
+        let addr = format!("127.0.0.1:{}", free_port());
+        let mut cmd = Command::new(CLIENT);
+        cmd.args(["agent", "--listen", &addr]).args(extra);
+        Agent::spawn(cmd, addr)
+    }
+
+    /// Waits until the agent that `cmd` starts listens on `addr`.
+    pub fn spawn(cmd: Command, addr: String) -> Agent {
+        let guard = ChildGuard::spawn(cmd);
+        assert!(
+            guard.wait_for_output("agent listening on", Duration::from_secs(20)),
+            "agent did not start:\n{}",
+            guard.output()
+        );
+        Agent { guard, addr }
+    }
+
+    /// Kills the agent and its worker processes at once (SIGKILL to its process group).
+    pub fn kill(&mut self) {
+        // SAFETY: kill(2) on the process group ChildGuard created for the agent.
+        unsafe {
+            libc::kill(-(self.guard.pid() as i32), libc::SIGKILL);
+        }
+        self.guard
+            .wait_exit(Duration::from_secs(10))
+            .expect("agent killed");
     }
 }

@@ -1,0 +1,142 @@
+//! The coordinator ↔ agent wire format: JSON lines over one TCP connection, read and written
+//! only here. The coordinator says hello (with the token), the agent welcomes it (or refuses it
+//! and closes), the coordinator sends the plans of the agent's worker processes, the agent relays
+//! each worker's messages tagged with its shard number, and the coordinator sends go and stop.
+
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncWrite, AsyncWriteExt, BufReader, Lines};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+
+use crate::backends::BackendMap;
+use crate::config::ShardPlan;
+use crate::shard::WorkerMsg;
+
+/// Bumped when the messages change incompatibly; an agent refuses another version.
+pub const PROTOCOL: u32 = 1;
+
+/// Limit for reaching an agent and for each step of the greeting.
+pub const GREETING_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// From the coordinator to an agent.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ToAgent {
+    Hello {
+        protocol: u32,
+        token: Option<String>,
+    },
+    /// One plan per worker process the agent is to start.
+    Plans {
+        plans: Vec<ShardPlan>,
+    },
+    /// The barrier is passed (with who serves which connection, if the coordinator asked).
+    Go {
+        backends: Option<BackendMap>,
+    },
+    Stop,
+}
+
+/// From an agent to the coordinator.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum FromAgent {
+    /// What the coordinator needs to size the agent's share into processes.
+    Welcome {
+        host: String,
+        nofile: u64,
+        cpus: usize,
+    },
+    Refused {
+        reason: String,
+    },
+    /// A message of the agent's worker `shard` (an index into the plans it was sent).
+    Shard {
+        shard: usize,
+        msg: WorkerMsg,
+    },
+    /// Worker `shard` ended (with the reason if it ended badly).
+    Ended {
+        shard: usize,
+        problem: Option<String>,
+    },
+}
+
+/// The reading side of a link.
+pub type Reader = Lines<BufReader<OwnedReadHalf>>;
+
+/// Writes one message as one line.
+pub async fn send<T: Serialize>(w: &mut (impl AsyncWrite + Unpin), msg: &T) -> anyhow::Result<()> {
+    let mut line = serde_json::to_vec(msg)?;
+    line.push(b'\n');
+    w.write_all(&line).await?;
+    w.flush().await?;
+    Ok(())
+}
+
+/// Reads the next message; `None` when the other side closed the connection.
+pub async fn recv<T: DeserializeOwned>(r: &mut Reader) -> anyhow::Result<Option<T>> {
+    match r.next_line().await? {
+        None => Ok(None),
+        Some(line) => {
+            Ok(Some(serde_json::from_str(&line).with_context(|| {
+                format!("unreadable message: {line:.200}")
+            })?))
+        }
+    }
+}
+
+/// Splits a connection into its two sides.
+pub fn split(stream: TcpStream) -> (Reader, OwnedWriteHalf) {
+    let (r, w) = stream.into_split();
+    (BufReader::new(r).lines(), w)
+}
+
+/// A greeted agent, as the coordinator holds it.
+pub struct AgentLink {
+    /// As the user wrote it in `--agents` (names the agent in every message and in the report).
+    pub name: String,
+    pub host: String,
+    pub nofile: u64,
+    pub cpus: usize,
+    pub reader: Reader,
+    pub writer: OwnedWriteHalf,
+}
+
+/// Connects to the agent at `name` (`HOST:PORT`) and says hello.
+pub async fn connect(name: &str, token: Option<&str>) -> anyhow::Result<AgentLink> {
+    let stream = tokio::time::timeout(GREETING_TIMEOUT, TcpStream::connect(name))
+        .await
+        .map_err(|_| anyhow::anyhow!("no answer within {} s", GREETING_TIMEOUT.as_secs()))?
+        .context("cannot connect")?;
+    let _ = stream.set_nodelay(true);
+    let (mut reader, mut writer) = split(stream);
+    send(
+        &mut writer,
+        &ToAgent::Hello {
+            protocol: PROTOCOL,
+            token: token.map(str::to_string),
+        },
+    )
+    .await?;
+    let answer = tokio::time::timeout(GREETING_TIMEOUT, recv::<FromAgent>(&mut reader))
+        .await
+        .map_err(|_| anyhow::anyhow!("no welcome within {} s", GREETING_TIMEOUT.as_secs()))??;
+    match answer {
+        Some(FromAgent::Welcome { host, nofile, cpus }) => Ok(AgentLink {
+            name: name.to_string(),
+            host,
+            nofile,
+            cpus,
+            reader,
+            writer,
+        }),
+        Some(FromAgent::Refused { reason }) => bail!("refused: {reason}"),
+        Some(other) => bail!("unexpected first message {other:?}"),
+        None => bail!("closed the connection without a welcome"),
+    }
+}
