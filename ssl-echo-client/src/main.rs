@@ -16,6 +16,7 @@ use ssl_echo_client::{coordinator, report, worker};
 const FD_RESERVE: u64 = 100;
 
 fn main() -> ExitCode {
+    testbed::docs::generate_if_asked::<Args>(&[]);
     let args = Args::parse();
     testbed::logging::init(&args.log_level);
     let result = match &args.worker_plan {
