@@ -93,7 +93,7 @@ struct Args {
 }
 
 fn main() -> ExitCode {
-    testbed::docs::generate_if_asked::<Args>(&service::exit::man_sections());
+    testbed::docs::generate_if_asked::<Args>(&service::man_sections());
     let args = Args::parse();
     testbed::logging::init(&args.log_level);
     let result = match args.worker_index {
