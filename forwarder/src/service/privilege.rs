@@ -204,12 +204,13 @@ pub fn rules_write_problem(path: &Path) -> Option<String> {
         return None;
     }
     let user = current_user_name();
+    let mut fix = format!("chown {user} {}", dir.display());
+    if bak.exists() {
+        fix.push_str(&format!(" {}", bak.display()));
+    }
     Some(format!(
-        "user {user} cannot write {}: changes from the web page will fail \
-         (chown {user} {} {})",
+        "user {user} cannot write {}: changes from the web page will fail ({fix})",
         problems.join(" and "),
-        dir.display(),
-        bak.display()
     ))
 }
 
