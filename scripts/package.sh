@@ -43,5 +43,5 @@ trap 'rm -rf "$example"' EXIT
 (cd "$example" && "$out/forwarder" --check >/dev/null 2>&1)
 cp "$example/entries.csv" "$docs/entries.csv"
 
-cargo deb -p forwarder --profile "$PROFILE" --no-build --no-strip --output "$target/debian/"
+cargo deb -p forwarder --profile "$PROFILE" --no-build --output "$target/debian/"
 ls "$target"/debian/forwarder_*.deb
