@@ -30,6 +30,7 @@ struct Args {
 }
 
 fn main() -> ExitCode {
+    testbed::docs::generate_if_asked::<Args>(&[]);
     let args = Args::parse();
     match run(&args) {
         Ok(()) => ExitCode::SUCCESS,

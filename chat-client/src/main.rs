@@ -45,6 +45,7 @@ fn main() {
 }
 
 fn run() -> Result<()> {
+    testbed::docs::generate_if_asked::<Args>(&[]);
     let args = Args::parse();
     testbed::logging::init(&args.log_level);
     if !(0.5..=4.0).contains(&args.scale) {

@@ -46,6 +46,7 @@ fn main() {
 }
 
 fn run() -> Result<()> {
+    testbed::docs::generate_if_asked::<Args>(&[]);
     let args = Args::parse();
     testbed::logging::init(&args.log_level);
     if args.max_line_bytes == 0 || args.max_line_bytes > 1024 * 1024 {

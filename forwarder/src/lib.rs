@@ -6,6 +6,7 @@ pub mod balance;
 pub mod capacity;
 pub mod control;
 pub mod rules;
+pub mod service;
 pub mod stats;
 pub mod supervisor;
 pub mod tcp;

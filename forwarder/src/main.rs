@@ -13,6 +13,7 @@ use clap::Parser;
 use forwarder::capacity;
 use forwarder::rules::file::RulesFile;
 use forwarder::rules::{self, RuleSet};
+use forwarder::service::{self, exit::Exit};
 use forwarder::supervisor::{self, Supervisor, SupervisorConfig};
 use forwarder::worker::{self, WorkerConfig};
 
@@ -89,6 +90,15 @@ struct Args {
     #[arg(long)]
     no_splice: bool,
 
+    /// After loading the rules as root, run the supervisor and workers as this user (keeping only
+    /// CAP_NET_BIND_SERVICE, for ports below 1024)
+    #[arg(long, value_name = "NAME")]
+    user: Option<String>,
+
+    /// Refuse to start as root without --user
+    #[arg(long)]
+    refuse_root: bool,
+
     #[arg(long, hide = true)]
     worker_index: Option<usize>,
     #[arg(long, hide = true)]
@@ -98,6 +108,7 @@ struct Args {
 }
 
 fn main() -> ExitCode {
+    testbed::docs::generate_if_asked::<Args>(&service::man_sections());
     let args = Args::parse();
     testbed::logging::init(&args.log_level);
     let result = match args.worker_index {
@@ -108,12 +119,13 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             eprintln!("forwarder: {e:#}");
-            ExitCode::FAILURE
+            service::exit::code_of(&e)
         }
     }
 }
 
 fn run_worker(args: &Args, index: usize) -> anyhow::Result<ExitCode> {
+    service::signals::ignore_in_worker();
     testbed::fdlimit::raise_nofile().context("raising the open-file limit")?;
     let fds = args.worker_fds.as_deref().context("--worker-fds missing")?;
     let (stats, control) = fds
@@ -140,24 +152,32 @@ fn run_supervisor(args: &Args) -> anyhow::Result<ExitCode> {
     let label = rules_path.display().to_string();
     let file = RulesFile::open(&rules_path).map_err(|e| {
         eprintln!("{e}");
-        anyhow::anyhow!("{label}: cannot be read; nothing started")
+        Exit::config(format!("{label}: cannot be read; nothing started"))
     })?;
     let set = match &file.current().rules {
         Ok(set) => set.clone(),
         Err(e) => {
             eprintln!("{e}");
-            bail!("{label}: {} error(s); nothing started", e.0.len());
+            bail!(Exit::config(format!(
+                "{label}: {} error(s); nothing started",
+                e.0.len()
+            )));
         }
     };
     print_rules(&label, &set);
     if let Err(e) = supervisor::check_bindable(&set, &label) {
         eprintln!("{e}");
-        bail!("{label}: {} port(s) cannot be listened on", e.0.len());
+        bail!(Exit::cannot_bind(format!(
+            "{label}: {} port(s) cannot be listened on",
+            e.0.len()
+        )));
     }
     if args.check {
         eprintln!("{label}: OK");
         return Ok(ExitCode::SUCCESS);
     }
+    service::privilege::drop_to(args.user.as_deref(), args.refuse_root)
+        .map_err(|e| Exit::config(e.to_string()))?;
 
     // Read before anything starts, so a bad pair is one line and nothing to clean up.
     let web_tls = match (&args.web_cert, &args.web_key) {
@@ -222,8 +242,13 @@ fn run_supervisor(args: &Args) -> anyhow::Result<ExitCode> {
         drain_timeout: Duration::from_secs(args.drain_timeout_s),
     };
     let sup = Supervisor::new(config, set)?;
+    if let Some(problem) = service::privilege::rules_write_problem(&rules_path) {
+        tracing::warn!("{problem}");
+    }
+    service::signals::log_status_on_usr1(sup.clone())?;
     if !args.no_web {
-        forwarder::web::start(sup.clone(), args.web, args.web_token.clone(), web_tls)?;
+        forwarder::web::start(sup.clone(), args.web, args.web_token.clone(), web_tls)
+            .map_err(service::exit::bind_failure)?;
     }
     sup.run()?;
     Ok(ExitCode::SUCCESS)

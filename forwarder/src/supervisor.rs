@@ -168,6 +168,7 @@ impl Supervisor {
         }
         let (tx, rx) = mpsc::channel();
         self.watch_signals(tx)?;
+        crate::service::notify::ready();
         if let Some(interval) = self.config.health_interval {
             self.start_health_checks(interval);
         }
@@ -176,12 +177,15 @@ impl Supervisor {
             match rx.recv_timeout(Duration::from_millis(200)) {
                 Ok(Event::Reload) => {
                     tracing::info!("SIGHUP: reloading {}", self.config.rules.label());
+                    crate::service::notify::reloading();
                     let _ = self.reload_from_file(true);
+                    crate::service::notify::ready();
                 }
                 Ok(Event::Shutdown) => return self.shutdown(),
                 Err(_) => {}
             }
             self.restart_dead_workers();
+            crate::service::notify::watchdog(self.workers_running());
             if last_file_check.elapsed() >= Duration::from_millis(500) {
                 last_file_check = Instant::now();
                 let _ = self.reload_from_file(false);
@@ -281,6 +285,7 @@ impl Supervisor {
     }
 
     fn shutdown(&self) -> anyhow::Result<()> {
+        crate::service::notify::stopping();
         let mut inner = self.lock();
         tracing::info!(
             "shutting down: draining connections for up to {} s",
@@ -694,4 +699,16 @@ pub fn describe_pool(p: &rules::Pool) -> String {
         .map(|r| format!("{} {}", r.entry.name, r.dest))
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+/// What the service side needs (kept apart from the engine's code).
+impl Supervisor {
+    /// Every worker process is running (none exited since the last restart pass).
+    pub fn workers_running(&self) -> bool {
+        let mut inner = self.lock();
+        inner
+            .workers
+            .iter_mut()
+            .all(|w| matches!(w.child.try_wait(), Ok(None)))
+    }
 }

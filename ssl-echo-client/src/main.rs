@@ -14,6 +14,7 @@ use ssl_echo_client::summary::Summary;
 use ssl_echo_client::{agent, link, report, worker};
 
 fn main() -> ExitCode {
+    testbed::docs::generate_if_asked::<Args>(&[]);
     let args = Args::parse();
     testbed::logging::init(&args.log_level);
     let result = match (&args.command, &args.worker_plan) {

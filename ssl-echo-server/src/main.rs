@@ -70,6 +70,7 @@ struct Args {
 const MAX_WORKERS: usize = 64;
 
 fn main() -> ExitCode {
+    testbed::docs::generate_if_asked::<Args>(&[]);
     let args = Args::parse();
     testbed::logging::init(&args.log_level);
     let result = match args.worker_index {

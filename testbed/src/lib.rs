@@ -1,8 +1,9 @@
 //! What several testbed programs really share: raising the open-file limit, SO_REUSEPORT
 //! listeners, memory shared with worker processes, rustls configs built on the `ring` provider,
-//! logging set-up, starting worker processes that never outlive their supervisor, and (for tests)
-//! starting real binaries and always killing them.
+//! logging set-up, starting worker processes that never outlive their supervisor, man pages and
+//! completions from clap, and (for tests) starting real binaries and always killing them.
 
+pub mod docs;
 pub mod fdlimit;
 pub mod listener;
 pub mod logging;

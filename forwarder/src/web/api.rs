@@ -117,6 +117,9 @@ pub struct RulesDoc {
     /// The rule just added or edited.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub id: Option<String>,
+    /// Why changes made here cannot be saved (the forwarder's user cannot write the file).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub write_problem: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -179,6 +182,7 @@ fn rules_doc(sup: &Supervisor, file: &Snapshot, id: Option<String>) -> RulesDoc 
         in_force,
         errors,
         id,
+        write_problem: crate::service::privilege::rules_write_problem(sup.rules_file().path()),
     }
 }
 

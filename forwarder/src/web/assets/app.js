@@ -313,6 +313,10 @@
   function renderBanner() {
     const banner = $('banner');
     const doc = state.rules;
+    // The forwarder runs as a user (--user, systemd's User=) that cannot write the rules file.
+    const writeBanner = $('write-banner');
+    setText(writeBanner, doc.write_problem || '');
+    writeBanner.hidden = !doc.write_problem;
     const now = Date.now();
     if (doc.in_force) state.notInForceSince = 0;
     else if (!state.notInForceSince) state.notInForceSince = now;
