@@ -156,9 +156,11 @@ impl Shared {
         unsafe { &(*self.ptr).open[worker][slot] }
     }
 
-    /// Connections open to backend `slot`, over every worker.
+    /// Connections open to backend `slot`, over every worker. Only the rows of the configured
+    /// workers are read (each row is its own pages of the mapping).
     pub fn active(&self, slot: usize) -> u64 {
-        (0..MAX_WORKERS)
+        let workers = (self.header().workers.load(Relaxed) as usize).clamp(1, MAX_WORKERS);
+        (0..workers)
             .map(|w| self.open(w, slot).load(Relaxed))
             .sum()
     }
@@ -293,6 +295,7 @@ mod tests {
     #[test]
     fn a_dead_workers_open_connections_are_lost_not_active() {
         let shared = Shared::create().unwrap();
+        shared.header().workers.store(2, Relaxed);
         shared.open(0, 4).fetch_add(3, Relaxed);
         shared.open(1, 4).fetch_add(2, Relaxed);
         shared.open(1, 9).fetch_add(1, Relaxed);
