@@ -89,6 +89,14 @@ struct Args {
     #[arg(long)]
     no_splice: bool,
 
+    /// Clients every pool without its own allow= list admits: CIDR[,CIDR...] [default: all]
+    #[arg(long, value_name = "CIDRS", value_parser = cidr_list("--allow"))]
+    allow: Option<String>,
+
+    /// Clients every pool refuses, on top of its own deny= list: CIDR[,CIDR...]
+    #[arg(long, value_name = "CIDRS", value_parser = cidr_list("--deny"))]
+    deny: Option<String>,
+
     #[arg(long, hide = true)]
     worker_index: Option<usize>,
     #[arg(long, hide = true)]
@@ -127,6 +135,8 @@ fn run_worker(args: &Args, index: usize) -> anyhow::Result<ExitCode> {
         drain_timeout: Duration::from_secs(args.drain_timeout_s),
         splice: !args.no_splice,
         max_pipes: PIPES_PER_WORKER,
+        default_allow: parse_cidrs("--allow", &args.allow)?,
+        default_deny: parse_cidrs("--deny", &args.deny)?,
     };
     worker::run(config, stats.parse()?, control.parse()?)?;
     Ok(ExitCode::SUCCESS)
@@ -275,7 +285,24 @@ fn worker_args(args: &Args) -> Vec<String> {
     if args.no_splice {
         v.push("--no-splice".into());
     }
+    for (flag, value) in [("--allow", &args.allow), ("--deny", &args.deny)] {
+        if let Some(value) = value {
+            v.extend([flag.to_string(), value.clone()]);
+        }
+    }
     v
+}
+
+/// A clap value parser that checks a CIDR list and keeps its text (workers get the text).
+fn cidr_list(flag: &'static str) -> impl Fn(&str) -> Result<String, String> + Clone {
+    move |s: &str| rules::options::cidrs(flag, s).map(|_| s.to_string())
+}
+
+fn parse_cidrs(flag: &str, value: &Option<String>) -> anyhow::Result<Vec<ipnet::IpNet>> {
+    match value {
+        Some(v) => rules::options::cidrs(flag, v).map_err(anyhow::Error::msg),
+        None => Ok(Vec::new()),
+    }
 }
 
 /// A kernel setting from /proc/sys (path with slashes), trimmed; `None` when it cannot be read.

@@ -86,7 +86,20 @@ pub struct PoolStats {
     pub listen: SocketAddr,
     pub accepted: u64,
     pub unrouted: u64,
+    /// Connections the pool's options refused, by reason.
+    pub refused: Refusals,
     pub backends: Vec<BackendStats>,
+}
+
+/// Connections a pool refused before relaying a byte.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Refusals {
+    /// By the access list (`allow`/`deny`, `--allow`/`--deny`).
+    pub denied: u64,
+    /// Every backend held its `max_conns`.
+    pub max_conns: u64,
+    /// `accept_proxy`: no valid PROXY header within the connect timeout.
+    pub proxy_header: u64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -446,6 +459,11 @@ impl Supervisor {
                     listen: pool.listen,
                     accepted: p.accepted.load(Relaxed),
                     unrouted: p.unrouted.load(Relaxed),
+                    refused: Refusals {
+                        denied: p.denied.load(Relaxed),
+                        max_conns: p.full.load(Relaxed),
+                        proxy_header: p.bad_header.load(Relaxed),
+                    },
                     backends: pool
                         .rules
                         .iter()

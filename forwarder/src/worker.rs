@@ -18,6 +18,7 @@ use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook_mio::v1_0::Signals;
 use slab::Slab;
 
+use crate::balance::ServedPool;
 use crate::control::{
     self, ConnectionInfo, FrameReader, Numbered, PoolSpec, Reply, Request, ID_WORKER_SHIFT,
 };
@@ -33,6 +34,11 @@ const SIGNALS: Token = Token(usize::MAX - 2);
 const LISTENER_BASE: usize = 1 << 40;
 /// How long accepting pauses after the process ran out of descriptors.
 const EMFILE_PAUSE: Duration = Duration::from_millis(100);
+/// A refused address is logged at most once per this long (per worker).
+const DENIED_LOG_EVERY: Duration = Duration::from_secs(60);
+/// Addresses remembered for that; the memory is forgotten whole when it fills (a scan from many
+/// addresses then logs some of them again, never grows without bound).
+const DENIED_LOG_LIMIT: usize = 4096;
 
 /// Settings a worker gets from the supervisor's command line.
 #[derive(Debug, Clone)]
@@ -44,11 +50,15 @@ pub struct WorkerConfig {
     pub drain_timeout: Duration,
     pub splice: bool,
     pub max_pipes: usize,
+    /// `--allow`: clients every pool without its own `allow` list admits (empty = all).
+    pub default_allow: Vec<ipnet::IpNet>,
+    /// `--deny`: clients every pool refuses, on top of its own `deny` list.
+    pub default_deny: Vec<ipnet::IpNet>,
 }
 
 struct Listener {
     socket: TcpListener,
-    pool: Rc<PoolSpec>,
+    pool: Rc<ServedPool>,
 }
 
 pub struct Worker {
@@ -69,6 +79,8 @@ pub struct Worker {
     again: VecDeque<(usize, Sides)>,
     next_id: u64,
     accept_paused_until: Option<Instant>,
+    /// When each refused client address was last logged.
+    denied_logged: HashMap<std::net::IpAddr, Instant>,
     /// Accepting stopped because this worker holds its share of the capacity.
     at_capacity: bool,
     draining_since: Option<Instant>,
@@ -111,6 +123,7 @@ pub fn run(config: WorkerConfig, stats_fd: i32, control_fd: i32) -> anyhow::Resu
         again: VecDeque::new(),
         next_id: 0,
         accept_paused_until: None,
+        denied_logged: HashMap::new(),
         at_capacity: false,
         draining_since: None,
     };
@@ -208,7 +221,7 @@ impl Worker {
                 }
                 Err(e) => {
                     // ECONNABORTED and friends concern one connection only.
-                    tracing::debug!("accept on {}: {e}", pool.listen);
+                    tracing::debug!("accept on {}: {e}", pool.spec.listen);
                 }
             }
         }
@@ -252,7 +265,7 @@ impl Worker {
         &mut self,
         client: TcpStream,
         client_addr: SocketAddr,
-        pool: Rc<PoolSpec>,
+        pool: Rc<ServedPool>,
         now: Instant,
     ) {
         self.next_id += 1;
@@ -327,13 +340,28 @@ impl Worker {
         let Some(relay) = self.relays.try_remove(key) else {
             return;
         };
-        if let Ending::NoSocket(e) = &ending {
-            if is_out_of_descriptors(e) {
-                self.pause_accepting(now, e);
-            }
+        match &ending {
+            Ending::NoSocket(e) if is_out_of_descriptors(e) => self.pause_accepting(now, e),
+            Ending::Denied => self.log_denied(relay.client_addr(), now),
+            _ => {}
         }
         let mut ctx = relay_context(&self.poll, &self.shared, &mut self.res, &self.config, now);
         relay.close(&ending, &mut ctx);
+    }
+
+    /// Logs a refused client, once per address per [`DENIED_LOG_EVERY`].
+    fn log_denied(&mut self, client: SocketAddr, now: Instant) {
+        let ip = client.ip();
+        if let Some(last) = self.denied_logged.get(&ip) {
+            if now.duration_since(*last) < DENIED_LOG_EVERY {
+                return;
+            }
+        }
+        if self.denied_logged.len() >= DENIED_LOG_LIMIT {
+            self.denied_logged.clear();
+        }
+        self.denied_logged.insert(ip, now);
+        tracing::info!(worker = self.config.index, client = %ip, "refused by the access list");
     }
 
     // ---- control ---------------------------------------------------------------------------
@@ -431,7 +459,11 @@ impl Worker {
             }
         }
         for (addr, spec) in wanted {
-            let pool = Rc::new(spec);
+            let pool = Rc::new(ServedPool::new(
+                spec,
+                &self.config.default_allow,
+                &self.config.default_deny,
+            ));
             if let Some(&key) = self.by_addr.get(&addr) {
                 self.listeners[key].pool = pool;
                 continue;

@@ -38,6 +38,12 @@ pub struct PoolSlot {
     pub accepted: AtomicU64,
     /// Connections closed because no backend of the pool could be reached.
     pub unrouted: AtomicU64,
+    /// Connections refused by the pool's access list (`allow`/`deny`, `--allow`/`--deny`).
+    pub denied: AtomicU64,
+    /// Connections refused because every backend held `max_conns`.
+    pub full: AtomicU64,
+    /// `accept_proxy` connections closed without a valid PROXY header in time.
+    pub bad_header: AtomicU64,
 }
 
 /// One backend of one pool: traffic counters and passive/active health. How many connections
@@ -46,6 +52,9 @@ pub struct PoolSlot {
 #[repr(C, align(64))]
 pub struct BackendSlot {
     pub total: AtomicU64,
+    /// Connections open or connecting to it now, over every worker: the sum of the per-worker
+    /// rows, kept in one place so `max_conns` can be reserved exactly with one `fetch_add`.
+    pub open_now: AtomicU64,
     /// Connections that were open when their worker died.
     pub lost: AtomicU64,
     /// Bytes client -> backend.
@@ -159,6 +168,28 @@ impl Shared {
             .sum()
     }
 
+    /// Counts a connection from `worker` to backend `slot` as open, unless the backend already
+    /// holds `max_conns` (0 = no limit); false when it is full. Exact across workers: the place
+    /// is taken with one `fetch_add` and given back when it overshot.
+    pub fn reserve(&self, worker: usize, slot: usize, max_conns: u64) -> bool {
+        let open = &self.backend(slot).open_now;
+        if max_conns > 0 && open.fetch_add(1, Relaxed) >= max_conns {
+            open.fetch_sub(1, Relaxed);
+            return false;
+        }
+        if max_conns == 0 {
+            open.fetch_add(1, Relaxed);
+        }
+        self.open(worker, slot).fetch_add(1, Relaxed);
+        true
+    }
+
+    /// Gives back a place taken with [`Shared::reserve`].
+    pub fn release(&self, worker: usize, slot: usize) {
+        self.backend(slot).open_now.fetch_sub(1, Relaxed);
+        self.open(worker, slot).fetch_sub(1, Relaxed);
+    }
+
     /// Takes a dead worker's open connections off every count (they are gone with it) and
     /// counts them as lost; returns how many there were. Call before a new worker takes the
     /// same index.
@@ -167,6 +198,7 @@ impl Shared {
         for slot in 0..MAX_BACKENDS {
             let n = self.open(worker, slot).swap(0, Relaxed);
             if n > 0 {
+                self.backend(slot).open_now.fetch_sub(n, Relaxed);
                 self.backend(slot).lost.fetch_add(n, Relaxed);
                 lost += n;
             }
@@ -178,7 +210,14 @@ impl Shared {
 
 impl PoolSlot {
     pub fn reset(&self) {
-        for a in [&self.next, &self.accepted, &self.unrouted] {
+        for a in [
+            &self.next,
+            &self.accepted,
+            &self.unrouted,
+            &self.denied,
+            &self.full,
+            &self.bad_header,
+        ] {
             a.store(0, Relaxed);
         }
     }
@@ -189,6 +228,7 @@ impl BackendSlot {
     pub fn reset(&self) {
         for a in [
             &self.total,
+            &self.open_now,
             &self.lost,
             &self.bytes_up,
             &self.bytes_down,
@@ -287,13 +327,17 @@ mod tests {
     #[test]
     fn a_dead_workers_open_connections_are_lost_not_active() {
         let shared = Shared::create().unwrap();
-        shared.open(0, 4).fetch_add(3, Relaxed);
-        shared.open(1, 4).fetch_add(2, Relaxed);
-        shared.open(1, 9).fetch_add(1, Relaxed);
+        for (worker, slot, n) in [(0, 4, 3), (1, 4, 2), (1, 9, 1)] {
+            for _ in 0..n {
+                assert!(shared.reserve(worker, slot, 0));
+            }
+        }
+        assert_eq!(shared.backend(4).open_now.load(Relaxed), 5);
         assert_eq!(shared.active(4), 5);
         assert_eq!(shared.forget_worker(1), 3);
         assert_eq!(shared.active(4), 3);
         assert_eq!(shared.active(9), 0);
+        assert_eq!(shared.backend(4).open_now.load(Relaxed), 3);
         assert_eq!(shared.backend(4).lost.load(Relaxed), 2);
         assert_eq!(shared.header().lost_worker_died.load(Relaxed), 3);
         assert_eq!(shared.forget_worker(1), 0, "nothing is lost twice");

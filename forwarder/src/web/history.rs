@@ -187,6 +187,7 @@ mod tests {
                 listen: "0.0.0.0:8080".parse().unwrap(),
                 accepted: 0,
                 unrouted: 0,
+                refused: Default::default(),
                 backends: backends
                     .iter()
                     .map(|&(name, active, total, bytes)| BackendStats {

@@ -126,6 +126,25 @@ pub fn render(stats: &StatsSnapshot) -> String {
             |p| p.unrouted,
         ),
     ];
+    let refused = Family {
+        name: "forwarder_pool_refused_total",
+        kind: "counter",
+        help: "Connections the pool's options refused before any byte was relayed, by reason.",
+    };
+    head(&mut out, &refused);
+    for p in &stats.pools {
+        for (reason, n) in [
+            ("denied", p.refused.denied),
+            ("max_conns", p.refused.max_conns),
+            ("proxy_header", p.refused.proxy_header),
+        ] {
+            let _ = writeln!(
+                out,
+                "{}{{listen=\"{}\",reason=\"{reason}\"}} {n}",
+                refused.name, p.listen
+            );
+        }
+    }
     for (family, get) in &pool_families {
         head(&mut out, family);
         for p in &stats.pools {
@@ -235,6 +254,11 @@ mod tests {
                 listen: "0.0.0.0:8080".parse().unwrap(),
                 accepted: 7,
                 unrouted: 1,
+                refused: crate::supervisor::Refusals {
+                    denied: 5,
+                    max_conns: 2,
+                    proxy_header: 0,
+                },
                 backends: vec![BackendStats {
                     name: "a\"b\\c".into(),
                     dest_ip: "127.0.0.1".into(),
@@ -265,7 +289,13 @@ mod tests {
         assert!(text.contains(
             "forwarder_backend_bytes_down_total{listen=\"0.0.0.0:8080\",name=\"a\\\"b\\\\c\",backend=\"127.0.0.1:9001\"} 20\n"
         ));
-        assert_eq!(text.matches("# TYPE ").count(), 15);
-        assert_eq!(text.matches("# HELP ").count(), 15);
+        assert!(text.contains(
+            "forwarder_pool_refused_total{listen=\"0.0.0.0:8080\",reason=\"denied\"} 5\n"
+        ));
+        assert!(text.contains(
+            "forwarder_pool_refused_total{listen=\"0.0.0.0:8080\",reason=\"max_conns\"} 2\n"
+        ));
+        assert_eq!(text.matches("# TYPE ").count(), 16);
+        assert_eq!(text.matches("# HELP ").count(), 16);
     }
 }
