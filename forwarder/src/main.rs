@@ -10,6 +10,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::Parser;
 
+use forwarder::access_log;
 use forwarder::capacity;
 use forwarder::rules::file::RulesFile;
 use forwarder::rules::{self, RuleSet};
@@ -97,6 +98,15 @@ struct Args {
     #[arg(long, value_name = "CIDRS", value_parser = cidr_list("--deny"))]
     deny: Option<String>,
 
+    /// Write one line per finished connection to this file (`-` = standard output); SIGUSR1
+    /// reopens it (logrotate)
+    #[arg(long, value_name = "PATH|-")]
+    access_log: Option<String>,
+
+    /// Format of --access-log lines
+    #[arg(long, value_enum, default_value_t = access_log::Format::Text)]
+    access_log_format: access_log::Format,
+
     #[arg(long, hide = true)]
     worker_index: Option<usize>,
     #[arg(long, hide = true)]
@@ -137,6 +147,10 @@ fn run_worker(args: &Args, index: usize) -> anyhow::Result<ExitCode> {
         max_pipes: PIPES_PER_WORKER,
         default_allow: parse_cidrs("--allow", &args.allow)?,
         default_deny: parse_cidrs("--deny", &args.deny)?,
+        access_log: args
+            .access_log
+            .as_deref()
+            .map(|t| (access_log::Target::parse(t), args.access_log_format)),
     };
     worker::run(config, stats.parse()?, control.parse()?)?;
     Ok(ExitCode::SUCCESS)
@@ -284,6 +298,25 @@ fn worker_args(args: &Args) -> Vec<String> {
     ];
     if args.no_splice {
         v.push("--no-splice".into());
+    }
+    if let Some(path) = &args.access_log {
+        // Workers start elsewhere than the supervisor may be asked to run: an absolute path.
+        let path = match access_log::Target::parse(path) {
+            access_log::Target::File(p) => {
+                std::path::absolute(&p).unwrap_or(p).display().to_string()
+            }
+            access_log::Target::Stdout => "-".into(),
+        };
+        let format = match args.access_log_format {
+            access_log::Format::Text => "text",
+            access_log::Format::Json => "json",
+        };
+        v.extend([
+            "--access-log".into(),
+            path,
+            "--access-log-format".into(),
+            format.into(),
+        ]);
     }
     for (flag, value) in [("--allow", &args.allow), ("--deny", &args.deny)] {
         if let Some(value) = value {

@@ -78,6 +78,8 @@ pub struct StatsSnapshot {
     pub lost_worker_died: u64,
     pub uptime_ms: u64,
     pub accept_pauses: u64,
+    /// Access log lines lost to a full queue or a failed write.
+    pub access_log_dropped: u64,
     pub pools: Vec<PoolStats>,
 }
 
@@ -129,6 +131,8 @@ pub struct BackendStats {
 enum Event {
     Reload,
     Shutdown,
+    /// SIGUSR1: the workers reopen their access logs.
+    Reopen,
 }
 
 impl Supervisor {
@@ -186,6 +190,7 @@ impl Supervisor {
                     let _ = self.reload_from_file(true);
                 }
                 Ok(Event::Shutdown) => return self.shutdown(),
+                Ok(Event::Reopen) => self.forward_reopen(),
                 Err(_) => {}
             }
             self.restart_dead_workers();
@@ -196,9 +201,21 @@ impl Supervisor {
         }
     }
 
+    /// Passes SIGUSR1 on to every worker (logrotate signals the supervisor's pid only).
+    fn forward_reopen(&self) {
+        let inner = self.lock();
+        for w in &inner.workers {
+            // SAFETY: kill(2) on our own child.
+            unsafe {
+                libc::kill(w.child.id() as i32, libc::SIGUSR1);
+            }
+        }
+        tracing::info!("SIGUSR1: workers reopen their access logs");
+    }
+
     fn watch_signals(&self, tx: mpsc::Sender<Event>) -> anyhow::Result<()> {
-        use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
-        let mut signals = signal_hook::iterator::Signals::new([SIGHUP, SIGINT, SIGTERM])?;
+        use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1};
+        let mut signals = signal_hook::iterator::Signals::new([SIGHUP, SIGINT, SIGTERM, SIGUSR1])?;
         let stopping = Arc::clone(&self.stopping);
         std::thread::Builder::new()
             .name("signals".into())
@@ -206,6 +223,8 @@ impl Supervisor {
                 for sig in signals.forever() {
                     let event = if sig == SIGHUP {
                         Event::Reload
+                    } else if sig == SIGUSR1 {
+                        Event::Reopen
                     } else {
                         stopping.store(true, Relaxed);
                         Event::Shutdown
@@ -511,6 +530,7 @@ impl Supervisor {
             lost_worker_died: header.lost_worker_died.load(Relaxed),
             uptime_ms: now.saturating_sub(header.started_ms.load(Relaxed)),
             accept_pauses: header.accept_pauses.load(Relaxed),
+            access_log_dropped: header.access_log_dropped.load(Relaxed),
             pools,
         }
     }

@@ -8,7 +8,8 @@ use std::io::{self, Read, Write};
 use std::net::SocketAddr;
 use std::os::fd::FromRawFd;
 use std::rc::Rc;
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -18,6 +19,7 @@ use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook_mio::v1_0::Signals;
 use slab::Slab;
 
+use crate::access_log::{self, AccessLog};
 use crate::balance::ServedPool;
 use crate::control::{
     self, ConnectionInfo, FrameReader, Numbered, PoolSpec, Reply, Request, ID_WORKER_SHIFT,
@@ -54,6 +56,8 @@ pub struct WorkerConfig {
     pub default_allow: Vec<ipnet::IpNet>,
     /// `--deny`: clients every pool refuses, on top of its own `deny` list.
     pub default_deny: Vec<ipnet::IpNet>,
+    /// `--access-log` and its format.
+    pub access_log: Option<(access_log::Target, access_log::Format)>,
 }
 
 struct Listener {
@@ -79,6 +83,7 @@ pub struct Worker {
     again: VecDeque<(usize, Sides)>,
     next_id: u64,
     accept_paused_until: Option<Instant>,
+    access_log: Option<AccessLog>,
     /// When each refused client address was last logged.
     denied_logged: HashMap<std::net::IpAddr, Instant>,
     /// Accepting stopped because this worker holds its share of the capacity.
@@ -103,6 +108,22 @@ pub fn run(config: WorkerConfig, stats_fd: i32, control_fd: i32) -> anyhow::Resu
     let mut signals = Signals::new([SIGTERM, SIGINT])?;
     poll.registry()
         .register(&mut signals, SIGNALS, Interest::READABLE)?;
+    // SIGUSR1 (forwarded by the supervisor) asks the access log to reopen its file; registered
+    // whether or not there is one, so the signal never ends a worker.
+    let reopen = Arc::new(AtomicBool::new(false));
+    signal_hook::flag::register(signal_hook::consts::SIGUSR1, Arc::clone(&reopen))?;
+    let access_log = match &config.access_log {
+        Some((target, format)) => {
+            // SAFETY: dup gives the writer thread its own descriptor of the same mapping.
+            let view = unsafe { Shared::from_inherited(libc::dup(shared.raw_fd())) }
+                .context("mapping shared stats for the access log")?;
+            Some(
+                AccessLog::start(target.clone(), *format, view, reopen)
+                    .context("opening the access log")?,
+            )
+        }
+        None => None,
+    };
     let res = Resources {
         buffers: BufferPool::new(256),
         pipes: PipePool::new(config.max_pipes),
@@ -124,6 +145,7 @@ pub fn run(config: WorkerConfig, stats_fd: i32, control_fd: i32) -> anyhow::Resu
         next_id: 0,
         accept_paused_until: None,
         denied_logged: HashMap::new(),
+        access_log,
         at_capacity: false,
         draining_since: None,
     };
@@ -291,7 +313,14 @@ impl Worker {
         let Some(relay) = self.relays.get_mut(key) else {
             return; // a stale event or timer for a relay closed earlier
         };
-        let mut ctx = relay_context(&self.poll, &self.shared, &mut self.res, &self.config, now);
+        let mut ctx = relay_context(
+            &self.poll,
+            &self.shared,
+            &mut self.res,
+            &self.config,
+            self.access_log.as_ref(),
+            now,
+        );
         match step(relay, &mut ctx) {
             Next::Wait => {}
             Next::Again(sides) => self.again.push_back((key, sides)),
@@ -345,7 +374,14 @@ impl Worker {
             Ending::Denied => self.log_denied(relay.client_addr(), now),
             _ => {}
         }
-        let mut ctx = relay_context(&self.poll, &self.shared, &mut self.res, &self.config, now);
+        let mut ctx = relay_context(
+            &self.poll,
+            &self.shared,
+            &mut self.res,
+            &self.config,
+            self.access_log.as_ref(),
+            now,
+        );
         relay.close(&ending, &mut ctx);
     }
 
@@ -533,6 +569,7 @@ fn relay_context<'a>(
     shared: &'a Shared,
     res: &'a mut Resources,
     config: &WorkerConfig,
+    access_log: Option<&'a AccessLog>,
     now: Instant,
 ) -> relay::Context<'a> {
     relay::Context {
@@ -542,6 +579,7 @@ fn relay_context<'a>(
         res,
         connect_timeout: config.connect_timeout,
         now,
+        access_log,
     }
 }
 

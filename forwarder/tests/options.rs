@@ -435,3 +435,142 @@ fn accept_proxy_takes_the_client_from_the_header_for_access_lists_and_send_proxy
         1
     );
 }
+
+/// The access log's lines, once there are `n` of them.
+fn log_lines(path: &std::path::Path, n: usize) -> Vec<String> {
+    let read = || {
+        std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .lines()
+            .map(String::from)
+            .collect::<Vec<_>>()
+    };
+    assert!(
+        wait_until(WAIT, || read().len() >= n),
+        "{} of {n} lines in {}",
+        read().len(),
+        path.display()
+    );
+    read()
+}
+
+#[test]
+fn the_access_log_has_one_line_per_connection_matching_what_happened_and_reopens_on_sigusr1() {
+    let b = Backend::echo(Some("OK"));
+    let port = free_port();
+    let dead_pool = free_port();
+    let dead = dead_port();
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("access.log");
+    let fwd = Forwarder::start(
+        &format!(
+            "web,{port},127.0.0.1,{},deny=127.0.0.66\ngone,{dead_pool},127.0.0.1,{dead}\n",
+            b.port
+        ),
+        2,
+        &["--access-log", log.to_str().unwrap()],
+        &[port, dead_pool],
+    );
+    // A whole exchange the client ends: 2 bytes up, tag + echo down.
+    let mut s = connect_from([127, 0, 0, 5], port);
+    let client = s.local_addr().unwrap();
+    s.write_all(b"hi").unwrap();
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut back = Vec::new();
+    s.read_to_end(&mut back).unwrap();
+    assert_eq!(back, b"OKhi");
+    let lines = log_lines(&log, 1);
+    let f: Vec<&str> = lines[0].split(' ').collect();
+    assert_eq!(f.len(), 9, "{}", lines[0]);
+    assert!(
+        chrono::DateTime::parse_from_rfc3339(f[0]).is_ok(),
+        "{}",
+        f[0]
+    );
+    assert_eq!(f[1], client.to_string());
+    assert_eq!(f[2], format!("0.0.0.0:{port}"));
+    assert_eq!(f[3], "web");
+    assert_eq!(f[4], format!("127.0.0.1:{}", b.port));
+    assert_eq!(&f[5..7], ["up=2", "down=4"]);
+    assert!(f[7].starts_with("ms="));
+    assert_eq!(f[8], "client_fin");
+    // Denied, then a pool whose only backend is gone.
+    assert_eq!(tag_from([127, 0, 0, 66], port), None);
+    let lines = log_lines(&log, 2);
+    assert!(
+        lines[1].ends_with(" - - up=0 down=0 ms=0 denied"),
+        "{}",
+        lines[1]
+    );
+    assert!(lines[1].contains(" 127.0.0.66:"));
+    assert_eq!(tag_from([127, 0, 0, 5], dead_pool), None);
+    let lines = log_lines(&log, 3);
+    assert!(lines[2].ends_with(" no_backend"), "{}", lines[2]);
+    assert!(
+        lines[2].contains(&format!(" gone 127.0.0.1:{dead} ")),
+        "{}",
+        lines[2]
+    );
+    // logrotate: rename, SIGUSR1 to the supervisor, the next line lands in a new file.
+    std::fs::rename(&log, dir.path().join("access.log.1")).unwrap();
+    fwd.process.signal(libc::SIGUSR1);
+    assert!(fwd
+        .process
+        .wait_for_output("reopen their access logs", WAIT));
+    assert!(
+        wait_until(WAIT, || {
+            let _ = tag_from([127, 0, 0, 5], port);
+            log.exists()
+        }),
+        "no new file after SIGUSR1:\n{}",
+        fwd.process.output()
+    );
+    assert!(log_lines(&log, 1)[0].contains(&format!(" web 127.0.0.1:{} ", b.port)));
+    // The reopen is asynchronous: a connection that ended as the signal arrived may still be in
+    // the old file, after the three above.
+    let old = std::fs::read_to_string(dir.path().join("access.log.1")).unwrap();
+    assert!(old.lines().count() >= 3);
+    assert!(old.lines().nth(2).unwrap().ends_with(" no_backend"));
+}
+
+#[test]
+fn the_json_access_log_parses_back() {
+    let b = Backend::echo(Some("OK"));
+    let port = free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("access.json");
+    let _fwd = Forwarder::start(
+        &format!("web,{port},127.0.0.1,{},max_conns=1\n", b.port),
+        1,
+        &[
+            "--access-log",
+            log.to_str().unwrap(),
+            "--access-log-format",
+            "json",
+        ],
+        &[port],
+    );
+    let held = connect_from([127, 0, 0, 5], port);
+    let mut tag = [0u8; 2];
+    (&held).read_exact(&mut tag).unwrap();
+    assert_eq!(tag_from([127, 0, 0, 6], port), None, "full");
+    drop(held);
+    let lines = log_lines(&log, 2);
+    let v: Vec<serde_json::Value> = lines
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let limit = v
+        .iter()
+        .find(|j| j["ending"] == "limit")
+        .expect("a limit line");
+    assert!(limit["client"].as_str().unwrap().starts_with("127.0.0.6:"));
+    assert!(limit["backend"].is_null());
+    let served = v
+        .iter()
+        .find(|j| j["rule"] == "web")
+        .expect("a served line");
+    assert_eq!(served["bytes_down"], 2);
+    assert_eq!(served["backend"], format!("127.0.0.1:{}", b.port));
+    assert!(["client_fin", "reset"].contains(&served["ending"].as_str().unwrap()));
+}

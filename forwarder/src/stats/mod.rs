@@ -28,6 +28,8 @@ pub struct Header {
     pub started_ms: AtomicU64,
     /// Connections that were open in a worker when it died (killed, crashed).
     pub lost_worker_died: AtomicU64,
+    /// Access log lines lost to a full queue or a failed write.
+    pub access_log_dropped: AtomicU64,
 }
 
 /// One listening address: the round-robin counter every worker draws from.

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use mio::net::TcpStream;
 use mio::{Interest, Registry, Token};
 
+use crate::access_log::{AccessLog, Record};
 use crate::balance::{self, next_backend, pick_backend, Refusal, ServedPool};
 use crate::control::ConnectionInfo;
 use crate::stats::{now_ms, Shared, ERR_TIMEOUT};
@@ -29,6 +30,8 @@ pub struct Context<'a> {
     /// How long one backend connect may take before the next backend is tried.
     pub connect_timeout: Duration,
     pub now: Instant,
+    /// Where finished connections are logged (`--access-log`), if anywhere.
+    pub access_log: Option<&'a AccessLog>,
 }
 
 /// What the worker does after a relay handled an event.
@@ -69,6 +72,21 @@ pub enum Ending {
 }
 
 impl Ending {
+    /// The access log's word for it.
+    fn word(&self, first_fin: Option<Side>) -> &'static str {
+        match self {
+            Ending::Finished if first_fin == Some(Side::Backend) => "backend_fin",
+            Ending::Finished => "client_fin",
+            Ending::Failed(_) => "reset",
+            Ending::NoBackend | Ending::NoSocket(_) => "no_backend",
+            Ending::Idle => "idle_timeout",
+            Ending::Closed => "closed",
+            Ending::Denied => "denied",
+            Ending::Full => "limit",
+            Ending::BadHeader(_) => "bad_proxy_header",
+        }
+    }
+
     /// Whether both sockets are closed with RST rather than FIN: a failure on one side is passed
     /// on to the other, and a refused client must not think its request was answered.
     fn resets(&self) -> bool {
@@ -167,6 +185,8 @@ pub struct Relay {
     header_len: u64,
     /// Bytes of that header not yet taken off the up count.
     header_uncounted: u64,
+    /// Which side sent the first FIN (the access log says who ended the connection).
+    first_fin: Option<Side>,
     phase: Phase,
     /// client → backend
     up: Direction,
@@ -197,6 +217,7 @@ impl Relay {
             reserved: false,
             header_len: 0,
             header_uncounted: 0,
+            first_fin: None,
             phase: Phase::Accepted,
             up: Direction::default(),
             down: Direction::default(),
@@ -374,6 +395,9 @@ impl Relay {
             }
             _ => {}
         }
+        if let Some(log) = ctx.access_log {
+            self.log(log, ending, ctx);
+        }
         tracing::debug!(
             id = self.id,
             up = self.up.bytes(),
@@ -382,6 +406,24 @@ impl Relay {
             "closed"
         );
         // Dropping the sockets closes them, which also takes them out of the epoll set.
+    }
+
+    fn log(&self, log: &AccessLog, ending: &Ending, ctx: &Context) {
+        let chosen = !matches!(ending, Ending::Denied | Ending::Full | Ending::BadHeader(_))
+            && !self.pool.spec.backends.is_empty();
+        let backend = chosen.then(|| &self.pool.spec.backends[self.backend_index]);
+        let record = Record {
+            time: std::time::SystemTime::now(),
+            client: self.client_addr,
+            listen: self.pool.spec.listen,
+            rule: backend.map(|b| b.name.as_str()),
+            backend: backend.map(|b| b.addr),
+            bytes_up: self.up.bytes() - (self.header_len - self.header_uncounted),
+            bytes_down: self.down.bytes(),
+            duration: ctx.now.saturating_duration_since(self.started),
+            ending: ending.word(self.first_fin),
+        };
+        log.write(&record, ctx.shared);
     }
 
     /// One line of the web page's connection table.
@@ -571,6 +613,13 @@ impl Relay {
                 )
                 .map(|p| down = p);
         }
+        if self.first_fin.is_none() {
+            if self.up.source_done() {
+                self.first_fin = Some(Side::Client);
+            } else if self.down.source_done() {
+                self.first_fin = Some(Side::Backend);
+            }
+        }
         if self.header_uncounted > 0 {
             // The PROXY header is not the client's traffic.
             let header = up.moved.min(self.header_uncounted);
@@ -716,6 +765,7 @@ mod tests {
                 res: &mut self.res,
                 connect_timeout: Duration::from_secs(3),
                 now,
+                access_log: None,
             };
             match f(relay, &mut ctx) {
                 Next::Wait => {}

@@ -49,7 +49,7 @@ pub fn render(stats: &StatsSnapshot) -> String {
         let _ = writeln!(out, "# HELP {} {}", f.name, f.help);
         let _ = writeln!(out, "# TYPE {} {}", f.name, f.kind);
     };
-    let process: [(Family, u64); 5] = [
+    let process: [(Family, u64); 6] = [
         (
             Family {
                 name: "forwarder_workers",
@@ -81,6 +81,15 @@ pub fn render(stats: &StatsSnapshot) -> String {
                 help: "Accepts refused for lack of file descriptors.",
             },
             stats.accept_pauses,
+        ),
+        (
+            Family {
+                name: "forwarder_access_log_dropped_total",
+                kind: "counter",
+                help:
+                    "Access log lines lost to a full queue or a failed write (connections are not).",
+            },
+            stats.access_log_dropped,
         ),
         (
             Family {
@@ -250,6 +259,7 @@ mod tests {
             lost_worker_died: 4,
             uptime_ms: 5500,
             accept_pauses: 0,
+            access_log_dropped: 0,
             pools: vec![PoolStats {
                 listen: "0.0.0.0:8080".parse().unwrap(),
                 accepted: 7,
@@ -295,7 +305,7 @@ mod tests {
         assert!(text.contains(
             "forwarder_pool_refused_total{listen=\"0.0.0.0:8080\",reason=\"max_conns\"} 2\n"
         ));
-        assert_eq!(text.matches("# TYPE ").count(), 16);
-        assert_eq!(text.matches("# HELP ").count(), 16);
+        assert_eq!(text.matches("# TYPE ").count(), 17);
+        assert_eq!(text.matches("# HELP ").count(), 17);
     }
 }
