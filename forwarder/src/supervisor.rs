@@ -100,6 +100,8 @@ pub struct Refusals {
     pub denied: u64,
     /// Every backend held its `max_conns`.
     pub max_conns: u64,
+    /// The client's address held the pool's `max_conns_per_ip`.
+    pub max_conns_per_ip: u64,
     /// `accept_proxy`: no valid PROXY header within the connect timeout.
     pub proxy_header: u64,
 }
@@ -481,6 +483,7 @@ impl Supervisor {
                     refused: Refusals {
                         denied: p.denied.load(Relaxed),
                         max_conns: p.full.load(Relaxed),
+                        max_conns_per_ip: p.per_ip_full.load(Relaxed),
                         proxy_header: p.bad_header.load(Relaxed),
                     },
                     backends: pool

@@ -574,3 +574,41 @@ fn the_json_access_log_parses_back() {
     assert_eq!(served["backend"], format!("127.0.0.1:{}", b.port));
     assert!(["client_fin", "reset"].contains(&served["ending"].as_str().unwrap()));
 }
+
+#[test]
+fn max_conns_per_ip_holds_across_workers_and_frees_on_close() {
+    let b = Backend::echo(Some("OK"));
+    let port = free_port();
+    let fwd = Served::start(
+        &format!("web,{port},127.0.0.1,{},max_conns_per_ip=2\n", b.port),
+        3,
+        &[],
+        &[port],
+    );
+    // Held connections, spread over the workers by SO_REUSEPORT.
+    let mut held: Vec<TcpStream> = (0..2)
+        .map(|_| {
+            let s = connect_from([127, 0, 0, 5], port);
+            (&s).read_exact(&mut [0u8; 2]).unwrap();
+            s
+        })
+        .collect();
+    for _ in 0..3 {
+        assert_eq!(
+            tag_from([127, 0, 0, 5], port),
+            None,
+            "third from one address"
+        );
+    }
+    assert_eq!(tag_from([127, 0, 0, 6], port).as_deref(), Some("OK"));
+    let refused = format!(
+        "forwarder_pool_refused_total{},reason=\"max_conns_per_ip\"}}",
+        listen_label(port)
+    );
+    assert_eq!(fwd.metric(&refused), 3);
+    held.pop();
+    assert!(
+        wait_until(WAIT, || tag_from([127, 0, 0, 5], port).is_some()),
+        "the address's freed place is taken again"
+    );
+}

@@ -2,6 +2,7 @@
 //! mapping (a memfd, inherited by the workers), slots of relaxed atomics indexed by a slot number
 //! the supervisor assigns. Cheap on the hot path: a worker only does `fetch_add` on its slots.
 
+pub mod per_ip;
 pub mod slots;
 
 use std::io;
@@ -44,6 +45,8 @@ pub struct PoolSlot {
     pub denied: AtomicU64,
     /// Connections refused because every backend held `max_conns`.
     pub full: AtomicU64,
+    /// Connections refused because their client address held `max_conns_per_ip`.
+    pub per_ip_full: AtomicU64,
     /// `accept_proxy` connections closed without a valid PROXY header in time.
     pub bad_header: AtomicU64,
 }
@@ -87,6 +90,8 @@ struct Layout {
     backends: [BackendSlot; MAX_BACKENDS],
     /// Per worker, per backend slot: connections open now. Only that worker writes its row.
     open: [[AtomicU64; MAX_BACKENDS]; MAX_WORKERS],
+    /// Open connections per client address and pool ([`per_ip`]).
+    per_ip: [AtomicU64; per_ip::TABLE_WORDS],
 }
 
 /// The shared mapping. Created by the supervisor before it starts workers; a worker maps the
@@ -186,6 +191,18 @@ impl Shared {
         true
     }
 
+    /// Counts a connection from `ip` to pool `pool` against `max_conns_per_ip`.
+    pub fn admit_ip(&self, pool: usize, ip: std::net::IpAddr, max: u64) -> per_ip::Admit {
+        // SAFETY: as above.
+        per_ip::admit(unsafe { &(*self.ptr).per_ip }, pool, ip, max)
+    }
+
+    /// Takes back a connection [`Shared::admit_ip`] counted.
+    pub fn release_ip(&self, pool: usize, ip: std::net::IpAddr) {
+        // SAFETY: as above.
+        per_ip::release(unsafe { &(*self.ptr).per_ip }, pool, ip)
+    }
+
     /// Gives back a place taken with [`Shared::reserve`].
     pub fn release(&self, worker: usize, slot: usize) {
         self.backend(slot).open_now.fetch_sub(1, Relaxed);
@@ -218,6 +235,7 @@ impl PoolSlot {
             &self.unrouted,
             &self.denied,
             &self.full,
+            &self.per_ip_full,
             &self.bad_header,
         ] {
             a.store(0, Relaxed);

@@ -16,6 +16,7 @@ use mio::{Interest, Registry, Token};
 use crate::access_log::{AccessLog, Record};
 use crate::balance::{self, next_backend, pick_backend, Refusal, ServedPool};
 use crate::control::ConnectionInfo;
+use crate::stats::per_ip::Admit;
 use crate::stats::{now_ms, Shared, ERR_TIMEOUT};
 use crate::tcp::direction::{Direction, Progress, PumpError, Resources};
 use crate::tcp::proxy::{self, HeaderError};
@@ -67,6 +68,8 @@ pub enum Ending {
     Denied,
     /// Every backend of the pool held its `max_conns`.
     Full,
+    /// The client's address held the pool's `max_conns_per_ip`.
+    PerIpFull,
     /// `accept_proxy`: no valid PROXY header arrived within the connect timeout.
     BadHeader(HeaderError),
 }
@@ -82,7 +85,7 @@ impl Ending {
             Ending::Idle => "idle_timeout",
             Ending::Closed => "closed",
             Ending::Denied => "denied",
-            Ending::Full => "limit",
+            Ending::Full | Ending::PerIpFull => "limit",
             Ending::BadHeader(_) => "bad_proxy_header",
         }
     }
@@ -185,6 +188,8 @@ pub struct Relay {
     header_len: u64,
     /// Bytes of that header not yet taken off the up count.
     header_uncounted: u64,
+    /// The client's address is counted against `max_conns_per_ip` (release it at the end).
+    per_ip_counted: bool,
     /// Which side sent the first FIN (the access log says who ended the connection).
     first_fin: Option<Side>,
     phase: Phase,
@@ -218,6 +223,7 @@ impl Relay {
             header_len: 0,
             header_uncounted: 0,
             first_fin: None,
+            per_ip_counted: false,
             phase: Phase::Accepted,
             up: Direction::default(),
             down: Direction::default(),
@@ -265,9 +271,17 @@ impl Relay {
         self.route(ctx)
     }
 
-    /// Picks the first backend and connects to it.
+    /// Counts the client against `max_conns_per_ip`, picks the first backend and connects.
     fn route(&mut self, ctx: &mut Context) -> Next {
         let client = self.client_addr.ip();
+        let per_ip = self.pool.spec.options.max_conns_per_ip;
+        if per_ip > 0 {
+            match ctx.shared.admit_ip(self.pool.spec.slot, client, per_ip) {
+                Admit::Counted => self.per_ip_counted = true,
+                Admit::Uncounted => {}
+                Admit::Refused => return Next::Close(Ending::PerIpFull),
+            }
+        }
         match pick_backend(&self.pool, ctx.shared, ctx.worker, now_ms(), client) {
             Ok(index) => self.connect(index, Vec::new(), ctx),
             Err(Refusal::Full) => Next::Close(Ending::Full),
@@ -379,6 +393,10 @@ impl Relay {
         if self.reserved {
             balance::release(&self.pool, ctx.shared, ctx.worker, self.backend_index);
         }
+        if self.per_ip_counted {
+            ctx.shared
+                .release_ip(self.pool.spec.slot, self.client_addr.ip());
+        }
         let pool = ctx.shared.pool(self.pool.spec.slot);
         match ending {
             Ending::NoBackend | Ending::NoSocket(_) => {
@@ -389,6 +407,9 @@ impl Relay {
             }
             Ending::Full => {
                 pool.full.fetch_add(1, Relaxed);
+            }
+            Ending::PerIpFull => {
+                pool.per_ip_full.fetch_add(1, Relaxed);
             }
             Ending::BadHeader(_) => {
                 pool.bad_header.fetch_add(1, Relaxed);
@@ -409,8 +430,10 @@ impl Relay {
     }
 
     fn log(&self, log: &AccessLog, ending: &Ending, ctx: &Context) {
-        let chosen = !matches!(ending, Ending::Denied | Ending::Full | Ending::BadHeader(_))
-            && !self.pool.spec.backends.is_empty();
+        let chosen = !matches!(
+            ending,
+            Ending::Denied | Ending::Full | Ending::PerIpFull | Ending::BadHeader(_)
+        ) && !self.pool.spec.backends.is_empty();
         let backend = chosen.then(|| &self.pool.spec.backends[self.backend_index]);
         let record = Record {
             time: std::time::SystemTime::now(),

@@ -145,6 +145,7 @@ pub fn render(stats: &StatsSnapshot) -> String {
         for (reason, n) in [
             ("denied", p.refused.denied),
             ("max_conns", p.refused.max_conns),
+            ("max_conns_per_ip", p.refused.max_conns_per_ip),
             ("proxy_header", p.refused.proxy_header),
         ] {
             let _ = writeln!(
@@ -267,6 +268,7 @@ mod tests {
                 refused: crate::supervisor::Refusals {
                     denied: 5,
                     max_conns: 2,
+                    max_conns_per_ip: 0,
                     proxy_header: 0,
                 },
                 backends: vec![BackendStats {
