@@ -271,10 +271,11 @@ fn print_rules(label: &str, set: &RuleSet) {
         eprintln!("  (none: add rows name,listen_port,dest_ip,dest_port)");
     }
     for p in &set.pools {
-        let mode = if p.rules.len() > 1 {
-            "  (round robin)"
-        } else {
-            ""
+        let mode = match (p.rules.len() > 1, p.options.balance) {
+            (false, _) => "",
+            (true, rules::options::Balance::RoundRobin) => "  (round robin)",
+            (true, rules::options::Balance::LeastConn) => "  (least connections)",
+            (true, rules::options::Balance::Source) => "  (source hash)",
         };
         eprintln!(
             "  {:<22} -> {}{mode}",

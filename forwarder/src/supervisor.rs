@@ -735,7 +735,10 @@ fn destinations(p: &rules::Pool) -> Vec<(&Entry, SocketAddr)> {
 pub fn describe_pool(p: &rules::Pool) -> String {
     p.rules
         .iter()
-        .map(|r| format!("{} {}", r.entry.name, r.dest))
+        .map(|r| match r.entry.options.trim() {
+            "" => format!("{} {}", r.entry.name, r.dest),
+            options => format!("{} {} [{options}]", r.entry.name, r.dest),
+        })
         .collect::<Vec<_>>()
         .join(", ")
 }

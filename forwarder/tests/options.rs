@@ -612,3 +612,37 @@ fn max_conns_per_ip_holds_across_workers_and_frees_on_close() {
         "the address's freed place is taken again"
     );
 }
+
+#[test]
+fn check_prints_the_options_and_names_a_bad_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("entries.csv");
+    let check = |text: &str| {
+        std::fs::write(&path, text).unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_forwarder"))
+            .arg("--check")
+            .arg("--rules")
+            .arg(&path)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let port = free_port();
+    let (ok, out) = check(&format!(
+        "\"a\",\"{port}\",\"127.0.0.1\",\"80\",\"weight=3 balance=source\"\nb,{port},127.0.0.1,81\n"
+    ));
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("a 127.0.0.1:80 [weight=3 balance=source], b 127.0.0.1:81  (source hash)"),
+        "{out}"
+    );
+    let (ok, out) = check(&format!("a,{port},127.0.0.1,80,\"allow=10.0.0.0/33\"\n"));
+    assert!(!ok);
+    assert!(
+        out.contains("entries.csv:1: options: allow: \"10.0.0.0/33\" is not an address or CIDR"),
+        "{out}"
+    );
+}
