@@ -155,36 +155,31 @@ fn choose(
     tried: &[usize],
 ) -> Result<usize, Refusal> {
     let n = pool.spec.backends.len();
-    let candidates = || -> Box<dyn Iterator<Item = usize> + '_> {
-        match &order {
-            Order::From(start) => Box::new((0..n).map(move |i| (start + i) % n)),
-            Order::List(list) => Box::new(list.iter().copied()),
-        }
+    // The k-th candidate, without building an iterator (this runs for every connection).
+    let nth = |k: usize| match &order {
+        Order::From(start) => (start + k) % n,
+        Order::List(list) => list[k],
     };
     let mut full = false;
-    let mut try_reserve = |i: usize| {
-        let b = &pool.spec.backends[i];
-        let ok = shared.reserve(worker, b.slot, b.options.max_conns);
-        full |= !ok;
-        ok
-    };
     // Up backends first, then (fail open) the down ones not tried yet.
-    let up = candidates()
-        .filter(|i| !tried.contains(i))
-        .filter(|&i| !shared.backend(pool.spec.backends[i].slot).is_down(now_ms))
-        .find(|&i| try_reserve(i));
-    if let Some(i) = up {
-        return Ok(i);
+    for want_down in [false, true] {
+        for k in 0..n {
+            let i = nth(k);
+            let b = &pool.spec.backends[i];
+            if tried.contains(&i) || shared.backend(b.slot).is_down(now_ms) != want_down {
+                continue;
+            }
+            if shared.reserve(worker, b.slot, b.options.max_conns) {
+                return Ok(i);
+            }
+            full = true;
+        }
     }
-    let down = candidates()
-        .filter(|i| !tried.contains(i))
-        .filter(|&i| shared.backend(pool.spec.backends[i].slot).is_down(now_ms))
-        .find(|&i| try_reserve(i));
-    match down {
-        Some(i) => Ok(i),
-        None if full => Err(Refusal::Full),
-        None => Err(Refusal::NoBackend),
-    }
+    Err(if full {
+        Refusal::Full
+    } else {
+        Refusal::NoBackend
+    })
 }
 
 /// Backends by open connections per unit of weight, fewest first; ties keep index order rotated
