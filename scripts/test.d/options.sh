@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # CI step: rule options against real consumers, in network namespaces of its own (fwopt-*), so
 # clients have addresses of their own. apache2 with mod_remoteip (`RemoteIPProxyProtocol On`) logs
-# the true client address behind send_proxy=v1 and =v2; HAProxy in front with `send-proxy-v2`
+# the true client address behind send_proxy=v1 and =v2, and so does nginx (`listen … proxy_protocol`,
+# `$proxy_protocol_addr`); HAProxy in front with `send-proxy-v2`
 # feeds a rule with accept_proxy (whose access list then sees the client HAProxy names); an allow
 # list serves one client namespace and refuses the other. Bounded in time; always cleans up.
 #
-#   fwopt-c1 10.77.1.5 ──┐                      ┌── fwopt-be 10.77.2.10 (apache2 :8080)
+#   fwopt-c1 10.77.1.5 ──┐                      ┌── fwopt-be 10.77.2.10 (apache2 :8080, nginx :8090)
 #   fwopt-c2 10.77.3.6 ──┴── fwopt-fw (forwarder, haproxy) ──┘
 set -uo pipefail
 cd "$(dirname "$0")/../.." || exit 1
@@ -13,7 +14,7 @@ root=$PWD
 
 # shellcheck source=scripts/lib/apt.sh
 source scripts/lib/apt.sh
-ensure_apt_packages apache2 haproxy curl iproute2
+ensure_apt_packages apache2 nginx haproxy curl iproute2
 
 bin=${OPTIONS_FORWARDER_BIN:-${CARGO_TARGET_DIR:-$root/target}/debug/forwarder}
 if [ ! -x "$bin" ]; then
@@ -93,11 +94,32 @@ CONF
 in_ns fwopt-be apache2 -f "$work/apache.conf" -DFOREGROUND >"$work/apache.log" 2>&1 &
 pids+=($!)
 
+# nginx: the address from the PROXY header is \$proxy_protocol_addr.
+mkdir -p "$work/nginx-tmp"
+cat >"$work/nginx.conf" <<CONF
+pid $work/nginx.pid;
+error_log $work/nginx-error.log;
+events {}
+http {
+    client_body_temp_path $work/nginx-tmp;
+    log_format pp '\$proxy_protocol_addr \$args';
+    server {
+        listen 10.77.2.10:8090 proxy_protocol;
+        access_log $work/nginx-access.log pp;
+        location / { return 200 "ok\n"; }
+    }
+}
+CONF
+in_ns fwopt-be nginx -c "$work/nginx.conf" -g 'daemon off;' >"$work/nginx.log" 2>&1 &
+pids+=($!)
+
 cat >"$work/rules.csv" <<CSV
 v1,8001,10.77.2.10,8080,send_proxy=v1
 v2,8002,10.77.2.10,8080,send_proxy=v2
 behind-haproxy,127.0.0.1:8003,10.77.2.10,8080,"accept_proxy send_proxy=v2 deny=10.77.3.6"
 acl,8004,10.77.2.10,8080,"allow=10.77.1.0/24 send_proxy=v1"
+nginx-v1,8005,10.77.2.10,8090,send_proxy=v1
+nginx-v2,8006,10.77.2.10,8090,send_proxy=v2
 CSV
 in_ns fwopt-fw "$bin" --rules "$work/rules.csv" --no-web --workers 2 >"$work/forwarder.log" 2>&1 &
 pids+=($!)
@@ -128,21 +150,22 @@ ready() { # ready NS ADDR PORT
     return 1
 }
 ready fwopt-be 10.77.2.10 8080 || fail "apache2 never listened"
+ready fwopt-be 10.77.2.10 8090 || fail "nginx never listened"
 ready fwopt-fw 10.77.1.1 8100 || fail "haproxy never listened"
 # The forwarder's ports: probing 8001 would put a line in apache's log, so look at the sockets.
 for _ in $(seq 100); do
-    n=$(in_ns fwopt-fw ss -Htln | grep -cE ':(8001|8002|8003|8004) ')
-    [ "$n" -ge 4 ] && break
+    n=$(in_ns fwopt-fw ss -Htln | grep -cE ':(8001|8002|8003|8004|8005|8006) ')
+    [ "$n" -ge 6 ] && break
     sleep 0.1
 done
-[ "$n" -ge 4 ] || fail "the forwarder never listened on its four ports"
+[ "$n" -ge 6 ] || fail "the forwarder never listened on its six ports"
 
 get() { # get NS URL -> body (curl's exit status)
     in_ns "$1" curl -s --max-time 5 "$2"
 }
-logged() { # logged LINE: apache's access log has it (it writes lines as requests finish)
+logged() { # logged LINE [LOG]: the access log (apache's by default) has it, once written
     for _ in $(seq 50); do
-        grep -qxF "$1" "$work/apache-access.log" 2>/dev/null && return 0
+        grep -qxF "$1" "${2:-$work/apache-access.log}" 2>/dev/null && return 0
         sleep 0.1
     done
     return 1
@@ -153,6 +176,11 @@ logged "10.77.1.5 ?v1" || fail "apache did not log 10.77.1.5 behind send_proxy=v
 [ "$(get fwopt-c2 http://10.77.3.1:8002/index.html?v2)" = ok ] || fail "v2 request"
 logged "10.77.3.6 ?v2" || fail "apache did not log 10.77.3.6 behind send_proxy=v2"
 echo "options: apache2 mod_remoteip logged the clients' own addresses via PROXY v1 and v2"
+[ "$(get fwopt-c1 http://10.77.1.1:8005/?nv1)" = ok ] || fail "nginx v1 request"
+logged "10.77.1.5 nv1" "$work/nginx-access.log" || fail "nginx did not see 10.77.1.5 via PROXY v1"
+[ "$(get fwopt-c2 http://10.77.3.1:8006/?nv2)" = ok ] || fail "nginx v2 request"
+logged "10.77.3.6 nv2" "$work/nginx-access.log" || fail "nginx did not see 10.77.3.6 via PROXY v2"
+echo "options: nginx's \$proxy_protocol_addr is the client's own address via PROXY v1 and v2"
 
 [ "$(get fwopt-c1 http://10.77.1.1:8100/index.html?haproxy)" = ok ] || fail "request through haproxy"
 logged "10.77.1.5 ?haproxy" || fail "the client HAProxy named did not reach apache"
