@@ -646,3 +646,31 @@ fn check_prints_the_options_and_names_a_bad_one() {
         "{out}"
     );
 }
+
+#[test]
+fn a_killed_workers_per_ip_counts_are_freed() {
+    let b = Backend::echo(Some("OK"));
+    let port = free_port();
+    let fwd = Forwarder::start(
+        &format!("web,{port},127.0.0.1,{},max_conns_per_ip=1\n", b.port),
+        1,
+        &[],
+        &[port],
+    );
+    let held = connect_from([127, 0, 0, 5], port);
+    (&held).read_exact(&mut [0u8; 2]).unwrap();
+    assert_eq!(tag_from([127, 0, 0, 5], port), None, "at its limit");
+    let worker = fwd.worker_pids()[0];
+    // SAFETY: kill(2) on the forwarder's own worker.
+    unsafe { libc::kill(worker as i32, libc::SIGKILL) };
+    assert!(
+        wait_until(WAIT, || fwd.worker_pids().iter().any(|&p| p != worker)),
+        "the worker was not restarted:\n{}",
+        fwd.process.output()
+    );
+    assert!(
+        wait_until(WAIT, || tag_from([127, 0, 0, 5], port).is_some()),
+        "the dead worker's count still held the address:\n{}",
+        fwd.process.output()
+    );
+}

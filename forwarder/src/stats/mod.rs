@@ -192,15 +192,24 @@ impl Shared {
     }
 
     /// Counts a connection from `ip` to pool `pool` against `max_conns_per_ip`.
-    pub fn admit_ip(&self, pool: usize, ip: std::net::IpAddr, max: u64) -> per_ip::Admit {
+    pub fn admit_ip(
+        &self,
+        worker: usize,
+        pool: usize,
+        ip: std::net::IpAddr,
+        max: u64,
+    ) -> per_ip::Admit {
+        per_ip::admit(self.per_ip(), pool, ip, max, worker)
+    }
+
+    fn per_ip(&self) -> &[AtomicU64] {
         // SAFETY: as above.
-        per_ip::admit(unsafe { &(*self.ptr).per_ip }, pool, ip, max)
+        unsafe { &(*self.ptr).per_ip }
     }
 
     /// Takes back a connection [`Shared::admit_ip`] counted.
-    pub fn release_ip(&self, pool: usize, ip: std::net::IpAddr) {
-        // SAFETY: as above.
-        per_ip::release(unsafe { &(*self.ptr).per_ip }, pool, ip)
+    pub fn release_ip(&self, worker: usize, pool: usize, ip: std::net::IpAddr) {
+        per_ip::release(self.per_ip(), pool, ip, worker)
     }
 
     /// Gives back a place taken with [`Shared::reserve`].
@@ -223,6 +232,7 @@ impl Shared {
             }
         }
         self.header().lost_worker_died.fetch_add(lost, Relaxed);
+        per_ip::forget_worker(self.per_ip(), worker);
         lost
     }
 }

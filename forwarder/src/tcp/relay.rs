@@ -276,7 +276,10 @@ impl Relay {
         let client = self.client_addr.ip();
         let per_ip = self.pool.spec.options.max_conns_per_ip;
         if per_ip > 0 {
-            match ctx.shared.admit_ip(self.pool.spec.slot, client, per_ip) {
+            match ctx
+                .shared
+                .admit_ip(ctx.worker, self.pool.spec.slot, client, per_ip)
+            {
                 Admit::Counted => self.per_ip_counted = true,
                 Admit::Uncounted => {}
                 Admit::Refused => return Next::Close(Ending::PerIpFull),
@@ -395,7 +398,7 @@ impl Relay {
         }
         if self.per_ip_counted {
             ctx.shared
-                .release_ip(self.pool.spec.slot, self.client_addr.ip());
+                .release_ip(ctx.worker, self.pool.spec.slot, self.client_addr.ip());
         }
         let pool = ctx.shared.pool(self.pool.spec.slot);
         match ending {
