@@ -99,6 +99,10 @@ pub enum HeaderError {
     V1(&'static str),
     #[error("malformed PROXY v2 header: {0}")]
     V2(&'static str),
+    #[error("closed before a whole PROXY header")]
+    Closed,
+    #[error("no PROXY header within the connect timeout")]
+    Timeout,
 }
 
 /// Parses the start of a stream: `Ok(None)` while the bytes so far may still become a header.

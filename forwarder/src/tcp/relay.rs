@@ -305,13 +305,13 @@ impl Relay {
         let header = match proxy::parse(&buf[..seen]) {
             Ok(Some(h)) => h,
             Ok(None) if seen > 0 => return Next::Wait,
-            Ok(None) => return Next::Close(Ending::BadHeader(HeaderError::V1("closed early"))),
+            Ok(None) => return Next::Close(Ending::BadHeader(HeaderError::Closed)),
             Err(e) => return Next::Close(Ending::BadHeader(e)),
         };
         let mut taken = 0;
         while taken < header.len {
             match io::Read::read(&mut self.client, &mut buf[taken..header.len]) {
-                Ok(0) => return Next::Close(Ending::BadHeader(HeaderError::V1("closed early"))),
+                Ok(0) => return Next::Close(Ending::BadHeader(HeaderError::Closed)),
                 Ok(n) => taken += n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Next::Close(Ending::Failed(PumpError::Read(e))),
@@ -367,9 +367,9 @@ impl Relay {
             Phase::Connecting { deadline, .. } if *deadline <= ctx.now => {
                 self.fail_over(ERR_TIMEOUT, "connect timed out", ctx)
             }
-            Phase::ReadingHeader { deadline } if *deadline <= ctx.now => Next::Close(
-                Ending::BadHeader(HeaderError::V1("none within the connect timeout")),
-            ),
+            Phase::ReadingHeader { deadline } if *deadline <= ctx.now => {
+                Next::Close(Ending::BadHeader(HeaderError::Timeout))
+            }
             _ => Next::Wait,
         }
     }
