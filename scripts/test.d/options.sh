@@ -6,8 +6,8 @@
 # feeds a rule with accept_proxy (whose access list then sees the client HAProxy names); an allow
 # list serves one client namespace and refuses the other. Bounded in time; always cleans up.
 #
-#   fwopt-c1 10.77.1.5 ──┐                      ┌── fwopt-be 10.77.2.10 (apache2 :8080, nginx :8090)
-#   fwopt-c2 10.77.3.6 ──┴── fwopt-fw (forwarder, haproxy) ──┘
+#   fwopt-c1 10.78.1.5 ──┐                      ┌── fwopt-be 10.78.2.10 (apache2 :8080, nginx :8090)
+#   fwopt-c2 10.78.3.6 ──┴── fwopt-fw (forwarder, haproxy) ──┘
 set -uo pipefail
 cd "$(dirname "$0")/../.." || exit 1
 root=$PWD
@@ -63,9 +63,9 @@ link() { # link NS NS_ADDR FW_ADDR NET
     in_ns "fwopt-$1" ip link set "o-$1" up
     in_ns fwopt-fw ip link set "f-$1" up
 }
-link c1 10.77.1.5 10.77.1.1 || fail "veth c1"
-link c2 10.77.3.6 10.77.3.1 || fail "veth c2"
-link be 10.77.2.10 10.77.2.1 || fail "veth be"
+link c1 10.78.1.5 10.78.1.1 || fail "veth c1"
+link c2 10.78.3.6 10.78.3.1 || fail "veth c2"
+link be 10.78.2.10 10.78.2.1 || fail "veth be"
 
 # apache2: mod_remoteip takes the client from the PROXY header (v1 or v2) and logs it as %a.
 mkdir -p "$work/www"
@@ -78,7 +78,7 @@ LoadModule authz_core_module $mods/mod_authz_core.so
 LoadModule remoteip_module $mods/mod_remoteip.so
 User www-data
 Group www-data
-Listen 10.77.2.10:8080
+Listen 10.78.2.10:8080
 PidFile $work/apache.pid
 DefaultRuntimeDir $work
 Mutex file:$work default
@@ -104,7 +104,7 @@ http {
     client_body_temp_path $work/nginx-tmp;
     log_format pp '\$proxy_protocol_addr \$args';
     server {
-        listen 10.77.2.10:8090 proxy_protocol;
+        listen 10.78.2.10:8090 proxy_protocol;
         access_log $work/nginx-access.log pp;
         location / { return 200 "ok\n"; }
     }
@@ -114,12 +114,12 @@ in_ns fwopt-be nginx -c "$work/nginx.conf" -g 'daemon off;' >"$work/nginx.log" 2
 pids+=($!)
 
 cat >"$work/rules.csv" <<CSV
-v1,8001,10.77.2.10,8080,send_proxy=v1
-v2,8002,10.77.2.10,8080,send_proxy=v2
-behind-haproxy,127.0.0.1:8003,10.77.2.10,8080,"accept_proxy send_proxy=v2 deny=10.77.3.6"
-acl,8004,10.77.2.10,8080,"allow=10.77.1.0/24 send_proxy=v1"
-nginx-v1,8005,10.77.2.10,8090,send_proxy=v1
-nginx-v2,8006,10.77.2.10,8090,send_proxy=v2
+v1,8001,10.78.2.10,8080,send_proxy=v1
+v2,8002,10.78.2.10,8080,send_proxy=v2
+behind-haproxy,127.0.0.1:8003,10.78.2.10,8080,"accept_proxy send_proxy=v2 deny=10.78.3.6"
+acl,8004,10.78.2.10,8080,"allow=10.78.1.0/24 send_proxy=v1"
+nginx-v1,8005,10.78.2.10,8090,send_proxy=v1
+nginx-v2,8006,10.78.2.10,8090,send_proxy=v2
 CSV
 in_ns fwopt-fw "$bin" --rules "$work/rules.csv" --no-web --workers 2 >"$work/forwarder.log" 2>&1 &
 pids+=($!)
@@ -133,8 +133,8 @@ defaults
     timeout client 30s
     timeout server 30s
 frontend fe
-    bind 10.77.1.1:8100
-    bind 10.77.3.1:8100
+    bind 10.78.1.1:8100
+    bind 10.78.3.1:8100
     default_backend fwd
 backend fwd
     server forwarder 127.0.0.1:8003 send-proxy-v2
@@ -149,9 +149,9 @@ ready() { # ready NS ADDR PORT
     done
     return 1
 }
-ready fwopt-be 10.77.2.10 8080 || fail "apache2 never listened"
-ready fwopt-be 10.77.2.10 8090 || fail "nginx never listened"
-ready fwopt-fw 10.77.1.1 8100 || fail "haproxy never listened"
+ready fwopt-be 10.78.2.10 8080 || fail "apache2 never listened"
+ready fwopt-be 10.78.2.10 8090 || fail "nginx never listened"
+ready fwopt-fw 10.78.1.1 8100 || fail "haproxy never listened"
 # The forwarder's ports: probing 8001 would put a line in apache's log, so look at the sockets.
 for _ in $(seq 100); do
     n=$(in_ns fwopt-fw ss -Htln | grep -cE ':(8001|8002|8003|8004|8005|8006) ')
@@ -171,33 +171,33 @@ logged() { # logged LINE [LOG]: the access log (apache's by default) has it, onc
     return 1
 }
 
-[ "$(get fwopt-c1 http://10.77.1.1:8001/index.html?v1)" = ok ] || fail "v1 request"
-logged "10.77.1.5 ?v1" || fail "apache did not log 10.77.1.5 behind send_proxy=v1"
-[ "$(get fwopt-c2 http://10.77.3.1:8002/index.html?v2)" = ok ] || fail "v2 request"
-logged "10.77.3.6 ?v2" || fail "apache did not log 10.77.3.6 behind send_proxy=v2"
+[ "$(get fwopt-c1 http://10.78.1.1:8001/index.html?v1)" = ok ] || fail "v1 request"
+logged "10.78.1.5 ?v1" || fail "apache did not log 10.78.1.5 behind send_proxy=v1"
+[ "$(get fwopt-c2 http://10.78.3.1:8002/index.html?v2)" = ok ] || fail "v2 request"
+logged "10.78.3.6 ?v2" || fail "apache did not log 10.78.3.6 behind send_proxy=v2"
 echo "options: apache2 mod_remoteip logged the clients' own addresses via PROXY v1 and v2"
-[ "$(get fwopt-c1 http://10.77.1.1:8005/?nv1)" = ok ] || fail "nginx v1 request"
-logged "10.77.1.5 nv1" "$work/nginx-access.log" || fail "nginx did not see 10.77.1.5 via PROXY v1"
-[ "$(get fwopt-c2 http://10.77.3.1:8006/?nv2)" = ok ] || fail "nginx v2 request"
-logged "10.77.3.6 nv2" "$work/nginx-access.log" || fail "nginx did not see 10.77.3.6 via PROXY v2"
+[ "$(get fwopt-c1 http://10.78.1.1:8005/?nv1)" = ok ] || fail "nginx v1 request"
+logged "10.78.1.5 nv1" "$work/nginx-access.log" || fail "nginx did not see 10.78.1.5 via PROXY v1"
+[ "$(get fwopt-c2 http://10.78.3.1:8006/?nv2)" = ok ] || fail "nginx v2 request"
+logged "10.78.3.6 nv2" "$work/nginx-access.log" || fail "nginx did not see 10.78.3.6 via PROXY v2"
 echo "options: nginx's \$proxy_protocol_addr is the client's own address via PROXY v1 and v2"
 
-[ "$(get fwopt-c1 http://10.77.1.1:8100/index.html?haproxy)" = ok ] || fail "request through haproxy"
-logged "10.77.1.5 ?haproxy" || fail "the client HAProxy named did not reach apache"
-if get fwopt-c2 http://10.77.3.1:8100/index.html?haproxy-denied >/dev/null; then
-    fail "10.77.3.6 through haproxy was served despite deny=10.77.3.6"
+[ "$(get fwopt-c1 http://10.78.1.1:8100/index.html?haproxy)" = ok ] || fail "request through haproxy"
+logged "10.78.1.5 ?haproxy" || fail "the client HAProxy named did not reach apache"
+if get fwopt-c2 http://10.78.3.1:8100/index.html?haproxy-denied >/dev/null; then
+    fail "10.78.3.6 through haproxy was served despite deny=10.78.3.6"
 fi
-grep -q "refused by the access list.*client=10.77.3.6" "$work/forwarder.log" \
-    || fail "the refusal of 10.77.3.6 was not logged"
-echo "options: behind HAProxy send-proxy-v2, accept_proxy passed 10.77.1.5 on and refused 10.77.3.6"
+grep -q "refused by the access list.*client=10.78.3.6" "$work/forwarder.log" \
+    || fail "the refusal of 10.78.3.6 was not logged"
+echo "options: behind HAProxy send-proxy-v2, accept_proxy passed 10.78.1.5 on and refused 10.78.3.6"
 
-[ "$(get fwopt-c1 http://10.77.1.1:8004/index.html?acl)" = ok ] || fail "allowed client refused"
-logged "10.77.1.5 ?acl" || fail "allowed client not logged"
-if get fwopt-c2 http://10.77.3.1:8004/index.html?acl-denied >/dev/null; then
-    fail "10.77.3.6 was served though only 10.77.1.0/24 is allowed"
+[ "$(get fwopt-c1 http://10.78.1.1:8004/index.html?acl)" = ok ] || fail "allowed client refused"
+logged "10.78.1.5 ?acl" || fail "allowed client not logged"
+if get fwopt-c2 http://10.78.3.1:8004/index.html?acl-denied >/dev/null; then
+    fail "10.78.3.6 was served though only 10.78.1.0/24 is allowed"
 fi
 if grep -q "acl-denied\|haproxy-denied" "$work/apache-access.log"; then
     fail "a refused client reached apache"
 fi
-echo "options: allow=10.77.1.0/24 served 10.77.1.5 and refused 10.77.3.6 before any backend connect"
+echo "options: allow=10.78.1.0/24 served 10.78.1.5 and refused 10.78.3.6 before any backend connect"
 echo "options: OK"
