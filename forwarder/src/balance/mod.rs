@@ -53,8 +53,8 @@ impl ServedPool {
 }
 
 /// nginx's smooth weighted round robin, one period: each turn every backend gains its weight,
-/// the richest is picked and pays the total. 3:1 gives a a b a, never a a a b; 5:1:1 gives
-/// a a b a c a a.
+/// the richest is picked and pays the total. 5:1:1 gives a a b a c a a, not a a a a a b c;
+/// 3:1 gives a a b a.
 pub fn smooth_schedule(weights: &[u32]) -> Vec<u16> {
     let total: i64 = weights.iter().map(|&w| w as i64).sum();
     let mut current = vec![0i64; weights.len()];
