@@ -668,8 +668,22 @@ fn a_killed_workers_per_ip_counts_are_freed() {
         "the worker was not restarted:\n{}",
         fwd.process.output()
     );
+    // The new worker listens a moment after it exists: until then a connect is refused.
+    let served = || {
+        let socket =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        socket
+            .bind(&SocketAddr::from(([127, 0, 0, 5], 0)).into())
+            .unwrap();
+        if socket.connect(&local(port).into()).is_err() {
+            return false;
+        }
+        let mut s: TcpStream = socket.into();
+        s.set_read_timeout(Some(WAIT)).unwrap();
+        s.read_exact(&mut [0u8; 2]).is_ok()
+    };
     assert!(
-        wait_until(WAIT, || tag_from([127, 0, 0, 5], port).is_some()),
+        wait_until(WAIT, served),
         "the dead worker's count still held the address:\n{}",
         fwd.process.output()
     );
