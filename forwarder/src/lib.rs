@@ -2,6 +2,7 @@
 //! process owns the rules and the worker processes; each worker runs one event loop with its own
 //! `SO_REUSEPORT` listeners; counters and health live in a mapping they all share.
 
+pub mod access_log;
 pub mod balance;
 pub mod capacity;
 pub mod control;

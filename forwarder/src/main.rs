@@ -10,6 +10,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::Parser;
 
+use forwarder::access_log;
 use forwarder::capacity;
 use forwarder::rules::file::RulesFile;
 use forwarder::rules::{self, RuleSet};
@@ -99,6 +100,23 @@ struct Args {
     #[arg(long)]
     refuse_root: bool,
 
+    /// Clients every pool without its own allow= list admits: CIDR[,CIDR...] [default: all]
+    #[arg(long, value_name = "CIDRS", value_parser = cidr_list("--allow"))]
+    allow: Option<String>,
+
+    /// Clients every pool refuses, on top of its own deny= list: CIDR[,CIDR...]
+    #[arg(long, value_name = "CIDRS", value_parser = cidr_list("--deny"))]
+    deny: Option<String>,
+
+    /// Write one line per finished connection to this file (`-` = standard output); SIGUSR1
+    /// reopens it (logrotate)
+    #[arg(long, value_name = "PATH|-")]
+    access_log: Option<String>,
+
+    /// Format of --access-log lines
+    #[arg(long, value_enum, default_value_t = access_log::Format::Text)]
+    access_log_format: access_log::Format,
+
     #[arg(long, hide = true)]
     worker_index: Option<usize>,
     #[arg(long, hide = true)]
@@ -139,6 +157,12 @@ fn run_worker(args: &Args, index: usize) -> anyhow::Result<ExitCode> {
         drain_timeout: Duration::from_secs(args.drain_timeout_s),
         splice: !args.no_splice,
         max_pipes: PIPES_PER_WORKER,
+        default_allow: parse_cidrs("--allow", &args.allow)?,
+        default_deny: parse_cidrs("--deny", &args.deny)?,
+        access_log: args
+            .access_log
+            .as_deref()
+            .map(|t| (access_log::Target::parse(t), args.access_log_format)),
     };
     worker::run(config, stats.parse()?, control.parse()?)?;
     Ok(ExitCode::SUCCESS)
@@ -272,10 +296,11 @@ fn print_rules(label: &str, set: &RuleSet) {
         eprintln!("  (none: add rows name,listen_port,dest_ip,dest_port)");
     }
     for p in &set.pools {
-        let mode = if p.rules.len() > 1 {
-            "  (round robin)"
-        } else {
-            ""
+        let mode = match (p.rules.len() > 1, p.options.balance) {
+            (false, _) => "",
+            (true, rules::options::Balance::RoundRobin) => "  (round robin)",
+            (true, rules::options::Balance::LeastConn) => "  (least connections)",
+            (true, rules::options::Balance::Source) => "  (source hash)",
         };
         eprintln!(
             "  {:<22} -> {}{mode}",
@@ -300,7 +325,43 @@ fn worker_args(args: &Args) -> Vec<String> {
     if args.no_splice {
         v.push("--no-splice".into());
     }
+    if let Some(path) = &args.access_log {
+        // Workers start elsewhere than the supervisor may be asked to run: an absolute path.
+        let path = match access_log::Target::parse(path) {
+            access_log::Target::File(p) => {
+                std::path::absolute(&p).unwrap_or(p).display().to_string()
+            }
+            access_log::Target::Stdout => "-".into(),
+        };
+        let format = match args.access_log_format {
+            access_log::Format::Text => "text",
+            access_log::Format::Json => "json",
+        };
+        v.extend([
+            "--access-log".into(),
+            path,
+            "--access-log-format".into(),
+            format.into(),
+        ]);
+    }
+    for (flag, value) in [("--allow", &args.allow), ("--deny", &args.deny)] {
+        if let Some(value) = value {
+            v.extend([flag.to_string(), value.clone()]);
+        }
+    }
     v
+}
+
+/// A clap value parser that checks a CIDR list and keeps its text (workers get the text).
+fn cidr_list(flag: &'static str) -> impl Fn(&str) -> Result<String, String> + Clone {
+    move |s: &str| rules::options::cidrs(flag, s).map(|_| s.to_string())
+}
+
+fn parse_cidrs(flag: &str, value: &Option<String>) -> anyhow::Result<Vec<ipnet::IpNet>> {
+    match value {
+        Some(v) => rules::options::cidrs(flag, v).map_err(anyhow::Error::msg),
+        None => Ok(Vec::new()),
+    }
 }
 
 /// A kernel setting from /proc/sys (path with slashes), trimmed; `None` when it cannot be read.

@@ -80,6 +80,8 @@ pub struct StatsSnapshot {
     pub lost_worker_died: u64,
     pub uptime_ms: u64,
     pub accept_pauses: u64,
+    /// Access log lines lost to a full queue or a failed write.
+    pub access_log_dropped: u64,
     pub pools: Vec<PoolStats>,
 }
 
@@ -88,7 +90,22 @@ pub struct PoolStats {
     pub listen: SocketAddr,
     pub accepted: u64,
     pub unrouted: u64,
+    /// Connections the pool's options refused, by reason.
+    pub refused: Refusals,
     pub backends: Vec<BackendStats>,
+}
+
+/// Connections a pool refused before relaying a byte.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Refusals {
+    /// By the access list (`allow`/`deny`, `--allow`/`--deny`).
+    pub denied: u64,
+    /// Every backend held its `max_conns`.
+    pub max_conns: u64,
+    /// The client's address held the pool's `max_conns_per_ip`.
+    pub max_conns_per_ip: u64,
+    /// `accept_proxy`: no valid PROXY header within the connect timeout.
+    pub proxy_header: u64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -121,6 +138,8 @@ pub struct BackendStats {
 enum Event {
     Reload,
     Shutdown,
+    /// SIGUSR1: the workers reopen their access logs.
+    Reopen,
 }
 
 impl Supervisor {
@@ -182,6 +201,7 @@ impl Supervisor {
                     crate::service::notify::ready();
                 }
                 Ok(Event::Shutdown) => return self.shutdown(),
+                Ok(Event::Reopen) => self.forward_reopen(),
                 Err(_) => {}
             }
             self.restart_dead_workers();
@@ -193,9 +213,21 @@ impl Supervisor {
         }
     }
 
+    /// Passes SIGUSR1 on to every worker (logrotate signals the supervisor's pid only).
+    fn forward_reopen(&self) {
+        let inner = self.lock();
+        for w in &inner.workers {
+            // SAFETY: kill(2) on our own child.
+            unsafe {
+                libc::kill(w.child.id() as i32, libc::SIGUSR1);
+            }
+        }
+        tracing::info!("SIGUSR1: workers reopen their access logs");
+    }
+
     fn watch_signals(&self, tx: mpsc::Sender<Event>) -> anyhow::Result<()> {
-        use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
-        let mut signals = signal_hook::iterator::Signals::new([SIGHUP, SIGINT, SIGTERM])?;
+        use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1};
+        let mut signals = signal_hook::iterator::Signals::new([SIGHUP, SIGINT, SIGTERM, SIGUSR1])?;
         let stopping = Arc::clone(&self.stopping);
         std::thread::Builder::new()
             .name("signals".into())
@@ -203,6 +235,8 @@ impl Supervisor {
                 for sig in signals.forever() {
                     let event = if sig == SIGHUP {
                         Event::Reload
+                    } else if sig == SIGUSR1 {
+                        Event::Reopen
                     } else {
                         stopping.store(true, Relaxed);
                         Event::Shutdown
@@ -454,6 +488,12 @@ impl Supervisor {
                     listen: pool.listen,
                     accepted: p.accepted.load(Relaxed),
                     unrouted: p.unrouted.load(Relaxed),
+                    refused: Refusals {
+                        denied: p.denied.load(Relaxed),
+                        max_conns: p.full.load(Relaxed),
+                        max_conns_per_ip: p.per_ip_full.load(Relaxed),
+                        proxy_header: p.bad_header.load(Relaxed),
+                    },
                     backends: pool
                         .rules
                         .iter()
@@ -503,6 +543,7 @@ impl Supervisor {
             lost_worker_died: header.lost_worker_died.load(Relaxed),
             uptime_ms: now.saturating_sub(header.started_ms.load(Relaxed)),
             accept_pauses: header.accept_pauses.load(Relaxed),
+            access_log_dropped: header.access_log_dropped.load(Relaxed),
             pools,
         }
     }
@@ -696,7 +737,10 @@ fn destinations(p: &rules::Pool) -> Vec<(&Entry, SocketAddr)> {
 pub fn describe_pool(p: &rules::Pool) -> String {
     p.rules
         .iter()
-        .map(|r| format!("{} {}", r.entry.name, r.dest))
+        .map(|r| match r.entry.options.trim() {
+            "" => format!("{} {}", r.entry.name, r.dest),
+            options => format!("{} {} [{options}]", r.entry.name, r.dest),
+        })
         .collect::<Vec<_>>()
         .join(", ")
 }

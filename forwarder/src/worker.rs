@@ -8,7 +8,8 @@ use std::io::{self, Read, Write};
 use std::net::SocketAddr;
 use std::os::fd::FromRawFd;
 use std::rc::Rc;
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -18,6 +19,8 @@ use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook_mio::v1_0::Signals;
 use slab::Slab;
 
+use crate::access_log::{self, AccessLog};
+use crate::balance::ServedPool;
 use crate::control::{
     self, ConnectionInfo, FrameReader, Numbered, PoolSpec, Reply, Request, ID_WORKER_SHIFT,
 };
@@ -33,6 +36,11 @@ const SIGNALS: Token = Token(usize::MAX - 2);
 const LISTENER_BASE: usize = 1 << 40;
 /// How long accepting pauses after the process ran out of descriptors.
 const EMFILE_PAUSE: Duration = Duration::from_millis(100);
+/// A refused address is logged at most once per this long (per worker).
+const DENIED_LOG_EVERY: Duration = Duration::from_secs(60);
+/// Addresses remembered for that; the memory is forgotten whole when it fills (a scan from many
+/// addresses then logs some of them again, never grows without bound).
+const DENIED_LOG_LIMIT: usize = 4096;
 
 /// Settings a worker gets from the supervisor's command line.
 #[derive(Debug, Clone)]
@@ -44,11 +52,17 @@ pub struct WorkerConfig {
     pub drain_timeout: Duration,
     pub splice: bool,
     pub max_pipes: usize,
+    /// `--allow`: clients every pool without its own `allow` list admits (empty = all).
+    pub default_allow: Vec<ipnet::IpNet>,
+    /// `--deny`: clients every pool refuses, on top of its own `deny` list.
+    pub default_deny: Vec<ipnet::IpNet>,
+    /// `--access-log` and its format.
+    pub access_log: Option<(access_log::Target, access_log::Format)>,
 }
 
 struct Listener {
     socket: TcpListener,
-    pool: Rc<PoolSpec>,
+    pool: Rc<ServedPool>,
 }
 
 pub struct Worker {
@@ -69,6 +83,9 @@ pub struct Worker {
     again: VecDeque<(usize, Sides)>,
     next_id: u64,
     accept_paused_until: Option<Instant>,
+    access_log: Option<AccessLog>,
+    /// When each refused client address was last logged.
+    denied_logged: HashMap<std::net::IpAddr, Instant>,
     /// Accepting stopped because this worker holds its share of the capacity.
     at_capacity: bool,
     draining_since: Option<Instant>,
@@ -91,6 +108,22 @@ pub fn run(config: WorkerConfig, stats_fd: i32, control_fd: i32) -> anyhow::Resu
     let mut signals = Signals::new([SIGTERM, SIGINT])?;
     poll.registry()
         .register(&mut signals, SIGNALS, Interest::READABLE)?;
+    // SIGUSR1 (forwarded by the supervisor) asks the access log to reopen its file; registered
+    // whether or not there is one, so the signal never ends a worker.
+    let reopen = Arc::new(AtomicBool::new(false));
+    signal_hook::flag::register(signal_hook::consts::SIGUSR1, Arc::clone(&reopen))?;
+    let access_log = match &config.access_log {
+        Some((target, format)) => {
+            // SAFETY: dup gives the writer thread its own descriptor of the same mapping.
+            let view = unsafe { Shared::from_inherited(libc::dup(shared.raw_fd())) }
+                .context("mapping shared stats for the access log")?;
+            Some(
+                AccessLog::start(target.clone(), *format, view, reopen)
+                    .context("opening the access log")?,
+            )
+        }
+        None => None,
+    };
     let res = Resources {
         buffers: BufferPool::new(256),
         pipes: PipePool::new(config.max_pipes),
@@ -111,6 +144,8 @@ pub fn run(config: WorkerConfig, stats_fd: i32, control_fd: i32) -> anyhow::Resu
         again: VecDeque::new(),
         next_id: 0,
         accept_paused_until: None,
+        denied_logged: HashMap::new(),
+        access_log,
         at_capacity: false,
         draining_since: None,
     };
@@ -208,7 +243,7 @@ impl Worker {
                 }
                 Err(e) => {
                     // ECONNABORTED and friends concern one connection only.
-                    tracing::debug!("accept on {}: {e}", pool.listen);
+                    tracing::debug!("accept on {}: {e}", pool.spec.listen);
                 }
             }
         }
@@ -252,7 +287,7 @@ impl Worker {
         &mut self,
         client: TcpStream,
         client_addr: SocketAddr,
-        pool: Rc<PoolSpec>,
+        pool: Rc<ServedPool>,
         now: Instant,
     ) {
         self.next_id += 1;
@@ -278,7 +313,14 @@ impl Worker {
         let Some(relay) = self.relays.get_mut(key) else {
             return; // a stale event or timer for a relay closed earlier
         };
-        let mut ctx = relay_context(&self.poll, &self.shared, &mut self.res, &self.config, now);
+        let mut ctx = relay_context(
+            &self.poll,
+            &self.shared,
+            &mut self.res,
+            &self.config,
+            self.access_log.as_ref(),
+            now,
+        );
         match step(relay, &mut ctx) {
             Next::Wait => {}
             Next::Again(sides) => self.again.push_back((key, sides)),
@@ -327,13 +369,35 @@ impl Worker {
         let Some(relay) = self.relays.try_remove(key) else {
             return;
         };
-        if let Ending::NoSocket(e) = &ending {
-            if is_out_of_descriptors(e) {
-                self.pause_accepting(now, e);
+        match &ending {
+            Ending::NoSocket(e) if is_out_of_descriptors(e) => self.pause_accepting(now, e),
+            Ending::Denied => self.log_denied(relay.client_addr(), now),
+            _ => {}
+        }
+        let mut ctx = relay_context(
+            &self.poll,
+            &self.shared,
+            &mut self.res,
+            &self.config,
+            self.access_log.as_ref(),
+            now,
+        );
+        relay.close(&ending, &mut ctx);
+    }
+
+    /// Logs a refused client, once per address per [`DENIED_LOG_EVERY`].
+    fn log_denied(&mut self, client: SocketAddr, now: Instant) {
+        let ip = client.ip();
+        if let Some(last) = self.denied_logged.get(&ip) {
+            if now.duration_since(*last) < DENIED_LOG_EVERY {
+                return;
             }
         }
-        let mut ctx = relay_context(&self.poll, &self.shared, &mut self.res, &self.config, now);
-        relay.close(&ending, &mut ctx);
+        if self.denied_logged.len() >= DENIED_LOG_LIMIT {
+            self.denied_logged.clear();
+        }
+        self.denied_logged.insert(ip, now);
+        tracing::info!(worker = self.config.index, client = %ip, "refused by the access list");
     }
 
     // ---- control ---------------------------------------------------------------------------
@@ -431,7 +495,11 @@ impl Worker {
             }
         }
         for (addr, spec) in wanted {
-            let pool = Rc::new(spec);
+            let pool = Rc::new(ServedPool::new(
+                spec,
+                &self.config.default_allow,
+                &self.config.default_deny,
+            ));
             if let Some(&key) = self.by_addr.get(&addr) {
                 self.listeners[key].pool = pool;
                 continue;
@@ -501,6 +569,7 @@ fn relay_context<'a>(
     shared: &'a Shared,
     res: &'a mut Resources,
     config: &WorkerConfig,
+    access_log: Option<&'a AccessLog>,
     now: Instant,
 ) -> relay::Context<'a> {
     relay::Context {
@@ -510,6 +579,7 @@ fn relay_context<'a>(
         res,
         connect_timeout: config.connect_timeout,
         now,
+        access_log,
     }
 }
 

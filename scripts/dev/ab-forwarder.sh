@@ -6,6 +6,8 @@
 # Usage: scripts/dev/ab-forwarder.sh A_TARGET_DIR B_TARGET_DIR [ROUNDS] [SECONDS]
 #   each TARGET_DIR holds release/forwarder and release/examples/bench-load (cargo build --release
 #   -p forwarder --bins --examples with CARGO_TARGET_DIR set to it).
+#   AB_OPTIONS_A / AB_OPTIONS_B, when set, are the options column of that side's rule (e.g. a
+#   1,000-CIDR allow list: the same build on both sides then measures what the option costs).
 set -euo pipefail
 
 A=${1:?usage: ab-forwarder.sh A_TARGET_DIR B_TARGET_DIR [ROUNDS] [SECONDS]}
@@ -32,7 +34,12 @@ declare -A PID
 start_bg "$WORK/echo.log" "$LOAD" echo --listen "127.0.0.1:$ECHO" --threads 2 --max-seconds 1800
 wait_listen "$ECHO"
 for v in a b; do
-    echo "ab,${PORT[$v]},127.0.0.1,$ECHO" >"$WORK/rules-$v.csv"
+    opts_var=AB_OPTIONS_${v^^}
+    if [ -n "${!opts_var:-}" ]; then
+        echo "ab,${PORT[$v]},127.0.0.1,$ECHO,\"${!opts_var}\"" >"$WORK/rules-$v.csv"
+    else
+        echo "ab,${PORT[$v]},127.0.0.1,$ECHO" >"$WORK/rules-$v.csv"
+    fi
     start_bg "$WORK/forwarder-$v.log" "${BIN[$v]}" --rules "$WORK/rules-$v.csv" --no-web --workers 2
     PID[$v]=$BG_PID
     wait_listen "${PORT[$v]}"

@@ -193,14 +193,31 @@ try {
   assert((await page.locator('.field-error[data-for="name"]').innerText()) === '', 'no error on the name');
   assert(!fs.readFileSync(RULES_FILE, 'utf8').includes('new-web'), 'an invalid entry must not reach the file');
 
-  begin('adding the rule through the form');
+  begin('a bad option: refused with the reason next to the Options field');
   await page.getByLabel('Listening port').fill(String(NEW_PORT));
+  await page.getByLabel('Options (optional)').fill('allow=127.0.0.0/33');
+  await page.getByRole('button', { name: 'Save' }).click();
+  const optionsError = page.locator('.field-error[data-for="options"]');
+  await until('the options error', async () => (await optionsError.innerText()) !== '');
+  assert(
+    (await optionsError.innerText()) === 'allow: "127.0.0.0/33" is not an address or CIDR',
+    `options error text: ${await optionsError.innerText()}`,
+  );
+  assert(!fs.readFileSync(RULES_FILE, 'utf8').includes('new-web'), 'a bad option must not reach the file');
+
+  begin('adding the rule through the form');
+  await page.getByLabel('Options (optional)').fill('allow=127.0.0.0/8 max_conns=100');
   await page.getByRole('button', { name: 'Save' }).click();
   await page.locator('tr.entry[data-name="new-web"]').waitFor({ timeout: WAIT_MS });
   assert(!(await page.locator('#entry-dialog').evaluate((d) => d.open)), 'the dialog closes after saving');
   assert(
-    fs.readFileSync(RULES_FILE, 'utf8').includes(`new-web,${NEW_PORT},127.0.0.1,${BACKEND_PORT}`),
-    'the rules file holds the new rule',
+    fs.readFileSync(RULES_FILE, 'utf8').split('\n').some((l) => l.startsWith(`new-web,${NEW_PORT},127.0.0.1,${BACKEND_PORT},`)
+      && l.includes('allow=127.0.0.0/8 max_conns=100')),
+    'the rules file holds the new rule with its options',
+  );
+  assert(
+    (await page.locator('tr.entry[data-name="new-web"] .options').innerText()) === 'allow=127.0.0.0/8 max_conns=100',
+    'the table shows the options',
   );
   assert(fs.existsSync(`${RULES_FILE}.bak`), 'the previous rules file is kept as .bak');
 

@@ -215,8 +215,9 @@ fn number(key: &str, value: &str, min: u64, max: u64) -> Result<u64, String> {
     }
 }
 
-/// `10.0.0.0/24,2001:db8::/32,10.0.0.66`: a bare address is a /32 (or /128).
-fn cidrs(key: &str, value: &str) -> Result<Vec<IpNet>, String> {
+/// `10.0.0.0/24,2001:db8::/32,10.0.0.66`: a bare address is a /32 (or /128). `key` names the
+/// option or flag in the error.
+pub fn cidrs(key: &str, value: &str) -> Result<Vec<IpNet>, String> {
     value
         .split(',')
         .map(|item| {

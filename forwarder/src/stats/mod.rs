@@ -2,6 +2,7 @@
 //! mapping (a memfd, inherited by the workers), slots of relaxed atomics indexed by a slot number
 //! the supervisor assigns. Cheap on the hot path: a worker only does `fetch_add` on its slots.
 
+pub mod per_ip;
 pub mod slots;
 
 use std::io;
@@ -28,6 +29,8 @@ pub struct Header {
     pub started_ms: AtomicU64,
     /// Connections that were open in a worker when it died (killed, crashed).
     pub lost_worker_died: AtomicU64,
+    /// Access log lines lost to a full queue or a failed write.
+    pub access_log_dropped: AtomicU64,
 }
 
 /// One listening address: the round-robin counter every worker draws from.
@@ -38,6 +41,14 @@ pub struct PoolSlot {
     pub accepted: AtomicU64,
     /// Connections closed because no backend of the pool could be reached.
     pub unrouted: AtomicU64,
+    /// Connections refused by the pool's access list (`allow`/`deny`, `--allow`/`--deny`).
+    pub denied: AtomicU64,
+    /// Connections refused because every backend held `max_conns`.
+    pub full: AtomicU64,
+    /// Connections refused because their client address held `max_conns_per_ip`.
+    pub per_ip_full: AtomicU64,
+    /// `accept_proxy` connections closed without a valid PROXY header in time.
+    pub bad_header: AtomicU64,
 }
 
 /// One backend of one pool: traffic counters and passive/active health. How many connections
@@ -46,6 +57,9 @@ pub struct PoolSlot {
 #[repr(C, align(64))]
 pub struct BackendSlot {
     pub total: AtomicU64,
+    /// Connections open or connecting to it now, over every worker: the sum of the per-worker
+    /// rows, kept in one place so `max_conns` can be reserved exactly with one `fetch_add`.
+    pub open_now: AtomicU64,
     /// Connections that were open when their worker died.
     pub lost: AtomicU64,
     /// Bytes client -> backend.
@@ -80,6 +94,8 @@ struct Layout {
     backends: [BackendSlot; MAX_BACKENDS],
     /// Per worker, per backend slot: connections open now. Only that worker writes its row.
     open: [[AtomicU64; MAX_BACKENDS]; MAX_WORKERS],
+    /// Open connections per client address and pool ([`per_ip`]).
+    per_ip: [AtomicU64; per_ip::TABLE_WORDS],
 }
 
 /// The shared mapping. Created by the supervisor before it starts workers; a worker maps the
@@ -160,9 +176,50 @@ impl Shared {
     /// workers are read (each row is its own pages of the mapping).
     pub fn active(&self, slot: usize) -> u64 {
         let workers = (self.header().workers.load(Relaxed) as usize).clamp(1, MAX_WORKERS);
-        (0..workers)
-            .map(|w| self.open(w, slot).load(Relaxed))
-            .sum()
+        (0..workers).map(|w| self.open(w, slot).load(Relaxed)).sum()
+    }
+
+    /// Counts a connection from `worker` to backend `slot` as open, unless the backend already
+    /// holds `max_conns` (0 = no limit); false when it is full. Exact across workers: the place
+    /// is taken with one `fetch_add` and given back when it overshot.
+    pub fn reserve(&self, worker: usize, slot: usize, max_conns: u64) -> bool {
+        let open = &self.backend(slot).open_now;
+        if max_conns > 0 && open.fetch_add(1, Relaxed) >= max_conns {
+            open.fetch_sub(1, Relaxed);
+            return false;
+        }
+        if max_conns == 0 {
+            open.fetch_add(1, Relaxed);
+        }
+        self.open(worker, slot).fetch_add(1, Relaxed);
+        true
+    }
+
+    /// Counts a connection from `ip` to pool `pool` against `max_conns_per_ip`.
+    pub fn admit_ip(
+        &self,
+        worker: usize,
+        pool: usize,
+        ip: std::net::IpAddr,
+        max: u64,
+    ) -> per_ip::Admit {
+        per_ip::admit(self.per_ip(), pool, ip, max, worker)
+    }
+
+    fn per_ip(&self) -> &[AtomicU64] {
+        // SAFETY: as above.
+        unsafe { &(*self.ptr).per_ip }
+    }
+
+    /// Takes back a connection [`Shared::admit_ip`] counted.
+    pub fn release_ip(&self, worker: usize, pool: usize, ip: std::net::IpAddr) {
+        per_ip::release(self.per_ip(), pool, ip, worker)
+    }
+
+    /// Gives back a place taken with [`Shared::reserve`].
+    pub fn release(&self, worker: usize, slot: usize) {
+        self.backend(slot).open_now.fetch_sub(1, Relaxed);
+        self.open(worker, slot).fetch_sub(1, Relaxed);
     }
 
     /// Takes a dead worker's open connections off every count (they are gone with it) and
@@ -173,18 +230,28 @@ impl Shared {
         for slot in 0..MAX_BACKENDS {
             let n = self.open(worker, slot).swap(0, Relaxed);
             if n > 0 {
+                self.backend(slot).open_now.fetch_sub(n, Relaxed);
                 self.backend(slot).lost.fetch_add(n, Relaxed);
                 lost += n;
             }
         }
         self.header().lost_worker_died.fetch_add(lost, Relaxed);
+        per_ip::forget_worker(self.per_ip(), worker);
         lost
     }
 }
 
 impl PoolSlot {
     pub fn reset(&self) {
-        for a in [&self.next, &self.accepted, &self.unrouted] {
+        for a in [
+            &self.next,
+            &self.accepted,
+            &self.unrouted,
+            &self.denied,
+            &self.full,
+            &self.per_ip_full,
+            &self.bad_header,
+        ] {
             a.store(0, Relaxed);
         }
     }
@@ -195,6 +262,7 @@ impl BackendSlot {
     pub fn reset(&self) {
         for a in [
             &self.total,
+            &self.open_now,
             &self.lost,
             &self.bytes_up,
             &self.bytes_down,
@@ -296,13 +364,17 @@ mod tests {
     fn a_dead_workers_open_connections_are_lost_not_active() {
         let shared = Shared::create().unwrap();
         shared.header().workers.store(2, Relaxed);
-        shared.open(0, 4).fetch_add(3, Relaxed);
-        shared.open(1, 4).fetch_add(2, Relaxed);
-        shared.open(1, 9).fetch_add(1, Relaxed);
+        for (worker, slot, n) in [(0, 4, 3), (1, 4, 2), (1, 9, 1)] {
+            for _ in 0..n {
+                assert!(shared.reserve(worker, slot, 0));
+            }
+        }
+        assert_eq!(shared.backend(4).open_now.load(Relaxed), 5);
         assert_eq!(shared.active(4), 5);
         assert_eq!(shared.forget_worker(1), 3);
         assert_eq!(shared.active(4), 3);
         assert_eq!(shared.active(9), 0);
+        assert_eq!(shared.backend(4).open_now.load(Relaxed), 3);
         assert_eq!(shared.backend(4).lost.load(Relaxed), 2);
         assert_eq!(shared.header().lost_worker_died.load(Relaxed), 3);
         assert_eq!(shared.forget_worker(1), 0, "nothing is lost twice");

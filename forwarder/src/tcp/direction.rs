@@ -254,6 +254,20 @@ impl Direction {
         }
     }
 
+    /// Puts `bytes` in flight ahead of anything read from the source (the PROXY header); the
+    /// next pump writes them first. Only on a direction that has not moved anything yet.
+    pub fn preload(&mut self, bytes: &[u8], res: &mut Resources) {
+        debug_assert!(matches!(self.in_flight, InFlight::Nothing));
+        let mut buf = res.buffers.take();
+        let n = bytes.len().min(buf.len());
+        buf[..n].copy_from_slice(&bytes[..n]);
+        self.in_flight = InFlight::Buffer {
+            buf,
+            start: 0,
+            end: n,
+        };
+    }
+
     /// Drops whatever is in flight when the connection goes away.
     pub fn discard(&mut self, res: &mut Resources) {
         match std::mem::replace(&mut self.in_flight, InFlight::Nothing) {

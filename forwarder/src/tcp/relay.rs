@@ -13,10 +13,13 @@ use std::time::{Duration, Instant};
 use mio::net::TcpStream;
 use mio::{Interest, Registry, Token};
 
-use crate::balance::{next_backend, pick_backend};
-use crate::control::{ConnectionInfo, PoolSpec};
+use crate::access_log::{AccessLog, Record};
+use crate::balance::{self, next_backend, pick_backend, Refusal, ServedPool};
+use crate::control::ConnectionInfo;
+use crate::stats::per_ip::Admit;
 use crate::stats::{now_ms, Shared, ERR_TIMEOUT};
 use crate::tcp::direction::{Direction, Progress, PumpError, Resources};
+use crate::tcp::proxy::{self, HeaderError};
 
 /// What a relay needs from its worker while it handles one event.
 pub struct Context<'a> {
@@ -28,6 +31,8 @@ pub struct Context<'a> {
     /// How long one backend connect may take before the next backend is tried.
     pub connect_timeout: Duration,
     pub now: Instant,
+    /// Where finished connections are logged (`--access-log`), if anywhere.
+    pub access_log: Option<&'a AccessLog>,
 }
 
 /// What the worker does after a relay handled an event.
@@ -59,9 +64,32 @@ pub enum Ending {
     Idle,
     /// Closed on request (the web page's close button).
     Closed,
+    /// Refused by the pool's access list before any backend was tried.
+    Denied,
+    /// Every backend of the pool held its `max_conns`.
+    Full,
+    /// The client's address held the pool's `max_conns_per_ip`.
+    PerIpFull,
+    /// `accept_proxy`: no valid PROXY header arrived within the connect timeout.
+    BadHeader(HeaderError),
 }
 
 impl Ending {
+    /// The access log's word for it.
+    fn word(&self, first_fin: Option<Side>) -> &'static str {
+        match self {
+            Ending::Finished if first_fin == Some(Side::Backend) => "backend_fin",
+            Ending::Finished => "client_fin",
+            Ending::Failed(_) => "reset",
+            Ending::NoBackend | Ending::NoSocket(_) => "no_backend",
+            Ending::Idle => "idle_timeout",
+            Ending::Closed => "closed",
+            Ending::Denied => "denied",
+            Ending::Full | Ending::PerIpFull => "limit",
+            Ending::BadHeader(_) => "bad_proxy_header",
+        }
+    }
+
     /// Whether both sockets are closed with RST rather than FIN: a failure on one side is passed
     /// on to the other, and a refused client must not think its request was answered.
     fn resets(&self) -> bool {
@@ -123,6 +151,10 @@ impl Sides {
 enum Phase {
     /// Accepted; no backend chosen yet.
     Accepted,
+    /// `accept_proxy`: waiting for the PROXY header that names the client.
+    ReadingHeader {
+        deadline: Instant,
+    },
     /// Waiting for the backend's non-blocking connect. `tried` holds the pool indices tried so
     /// far (the last one is in progress).
     Connecting {
@@ -142,11 +174,24 @@ pub struct Relay {
     /// The slab key: the client's token is `2 * key`, the backend's `2 * key + 1`.
     key: usize,
     client: TcpStream,
+    /// The client: the peer, or the one a PROXY header named (`accept_proxy`).
     client_addr: SocketAddr,
+    /// The address the client reached, when a PROXY header named it (else the socket's own).
+    reached: Option<SocketAddr>,
     /// The pool as it was when the connection arrived (a reload does not move it).
-    pool: Rc<PoolSpec>,
+    pool: Rc<ServedPool>,
     /// Index into `pool.backends` of the backend in use or being connected.
     backend_index: usize,
+    /// `backend_index` holds a place in the backend's open count (taken by the balancer).
+    reserved: bool,
+    /// Length of the PROXY header sent ahead of the client's bytes (0 = none).
+    header_len: u64,
+    /// Bytes of that header not yet taken off the up count.
+    header_uncounted: u64,
+    /// The client's address is counted against `max_conns_per_ip` (release it at the end).
+    per_ip_counted: bool,
+    /// Which side sent the first FIN (the access log says who ended the connection).
+    first_fin: Option<Side>,
     phase: Phase,
     /// client → backend
     up: Direction,
@@ -163,7 +208,7 @@ impl Relay {
         key: usize,
         client: TcpStream,
         client_addr: SocketAddr,
-        pool: Rc<PoolSpec>,
+        pool: Rc<ServedPool>,
         now: Instant,
     ) -> Relay {
         Relay {
@@ -171,8 +216,14 @@ impl Relay {
             key,
             client,
             client_addr,
+            reached: None,
             pool,
             backend_index: 0,
+            reserved: false,
+            header_len: 0,
+            header_uncounted: 0,
+            first_fin: None,
+            per_ip_counted: false,
             phase: Phase::Accepted,
             up: Direction::default(),
             down: Direction::default(),
@@ -185,12 +236,23 @@ impl Relay {
         self.id
     }
 
-    /// Counts the client, registers it, and starts connecting to the pool's next backend.
+    /// The client's address (the one a PROXY header named, with `accept_proxy`).
+    pub fn client_addr(&self) -> SocketAddr {
+        self.client_addr
+    }
+
+    /// Counts the client, checks the access list, registers it, and starts connecting to the
+    /// pool's next backend; with `accept_proxy`, first waits for the PROXY header.
     pub fn start(&mut self, ctx: &mut Context) -> Next {
         ctx.shared
-            .pool(self.pool.slot)
+            .pool(self.pool.spec.slot)
             .accepted
             .fetch_add(1, Relaxed);
+        let accept_proxy = self.pool.spec.options.accept_proxy;
+        // Refused before registering: no system call is spent on a denied client.
+        if !accept_proxy && !self.pool.acl.admits(self.client_addr.ip()) {
+            return Next::Close(Ending::Denied);
+        }
         let both = Interest::READABLE | Interest::WRITABLE;
         if let Err(e) = ctx
             .registry
@@ -198,10 +260,72 @@ impl Relay {
         {
             return Next::Close(Ending::NoSocket(e));
         }
-        match pick_backend(&self.pool, ctx.shared, now_ms()) {
-            Some(index) => self.connect(index, Vec::new(), ctx),
-            None => Next::Close(Ending::NoBackend),
+        if accept_proxy {
+            let deadline = ctx.now + ctx.connect_timeout;
+            self.phase = Phase::ReadingHeader { deadline };
+            return match self.read_header(ctx) {
+                Next::Wait => Next::Timer(deadline),
+                next => next,
+            };
         }
+        self.route(ctx)
+    }
+
+    /// Counts the client against `max_conns_per_ip`, picks the first backend and connects.
+    fn route(&mut self, ctx: &mut Context) -> Next {
+        let client = self.client_addr.ip();
+        let per_ip = self.pool.spec.options.max_conns_per_ip;
+        if per_ip > 0 {
+            match ctx
+                .shared
+                .admit_ip(ctx.worker, self.pool.spec.slot, client, per_ip)
+            {
+                Admit::Counted => self.per_ip_counted = true,
+                Admit::Uncounted => {}
+                Admit::Refused => return Next::Close(Ending::PerIpFull),
+            }
+        }
+        match pick_backend(&self.pool, ctx.shared, ctx.worker, now_ms(), client) {
+            Ok(index) => self.connect(index, Vec::new(), ctx),
+            Err(Refusal::Full) => Next::Close(Ending::Full),
+            Err(Refusal::NoBackend) => Next::Close(Ending::NoBackend),
+        }
+    }
+
+    /// `accept_proxy`: looks at what the client sent so far (MSG_PEEK, so nothing is consumed
+    /// until the header is whole), and once it is, takes exactly the header off the stream and
+    /// carries on with the address it names.
+    fn read_header(&mut self, ctx: &mut Context) -> Next {
+        let mut buf = [0u8; proxy::MAX_HEADER];
+        let seen = match self.client.peek(&mut buf) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Next::Wait,
+            Err(e) => return Next::Close(Ending::Failed(PumpError::Read(e))),
+        };
+        let header = match proxy::parse(&buf[..seen]) {
+            Ok(Some(h)) => h,
+            Ok(None) if seen > 0 => return Next::Wait,
+            Ok(None) => return Next::Close(Ending::BadHeader(HeaderError::Closed)),
+            Err(e) => return Next::Close(Ending::BadHeader(e)),
+        };
+        let mut taken = 0;
+        while taken < header.len {
+            match io::Read::read(&mut self.client, &mut buf[taken..header.len]) {
+                Ok(0) => return Next::Close(Ending::BadHeader(HeaderError::Closed)),
+                Ok(n) => taken += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Next::Close(Ending::Failed(PumpError::Read(e))),
+            }
+        }
+        if let Some((client, reached)) = header.addrs {
+            self.client_addr = client;
+            self.reached = Some(reached);
+        }
+        self.phase = Phase::Accepted;
+        if !self.pool.acl.admits(self.client_addr.ip()) {
+            return Next::Close(Ending::Denied);
+        }
+        self.route(ctx)
     }
 
     /// Handles a readiness event on one of the relay's sockets.
@@ -209,6 +333,8 @@ impl Relay {
         self.last_active = ctx.now;
         match &self.phase {
             Phase::Accepted => Next::Wait,
+            Phase::ReadingHeader { .. } if side == Side::Client => self.read_header(ctx),
+            Phase::ReadingHeader { .. } => Next::Wait,
             // Client bytes wait in the kernel until the backend is up.
             Phase::Connecting { .. } if side == Side::Client => Next::Wait,
             Phase::Connecting { backend, .. } => {
@@ -241,6 +367,9 @@ impl Relay {
             Phase::Connecting { deadline, .. } if *deadline <= ctx.now => {
                 self.fail_over(ERR_TIMEOUT, "connect timed out", ctx)
             }
+            Phase::ReadingHeader { deadline } if *deadline <= ctx.now => {
+                Next::Close(Ending::BadHeader(HeaderError::Timeout))
+            }
             _ => Next::Wait,
         }
     }
@@ -257,23 +386,41 @@ impl Relay {
         self.down.discard(ctx.res);
         let backend = match &self.phase {
             Phase::Connecting { backend, .. } | Phase::Relaying { backend } => Some(backend),
-            Phase::Accepted => None,
+            Phase::Accepted | Phase::ReadingHeader { .. } => None,
         };
         if ending.resets() {
             for s in std::iter::once(&self.client).chain(backend) {
                 let _ = socket2::SockRef::from(s).set_linger(Some(Duration::ZERO));
             }
         }
-        if let Phase::Relaying { .. } = self.phase {
-            ctx.shared
-                .open(ctx.worker, self.backend_slot())
-                .fetch_sub(1, Relaxed);
+        if self.reserved {
+            balance::release(&self.pool, ctx.shared, ctx.worker, self.backend_index);
         }
-        if matches!(ending, Ending::NoBackend | Ending::NoSocket(_)) {
+        if self.per_ip_counted {
             ctx.shared
-                .pool(self.pool.slot)
-                .unrouted
-                .fetch_add(1, Relaxed);
+                .release_ip(ctx.worker, self.pool.spec.slot, self.client_addr.ip());
+        }
+        let pool = ctx.shared.pool(self.pool.spec.slot);
+        match ending {
+            Ending::NoBackend | Ending::NoSocket(_) => {
+                pool.unrouted.fetch_add(1, Relaxed);
+            }
+            Ending::Denied => {
+                pool.denied.fetch_add(1, Relaxed);
+            }
+            Ending::Full => {
+                pool.full.fetch_add(1, Relaxed);
+            }
+            Ending::PerIpFull => {
+                pool.per_ip_full.fetch_add(1, Relaxed);
+            }
+            Ending::BadHeader(_) => {
+                pool.bad_header.fetch_add(1, Relaxed);
+            }
+            _ => {}
+        }
+        if let Some(log) = ctx.access_log {
+            self.log(log, ending, ctx);
         }
         tracing::debug!(
             id = self.id,
@@ -285,21 +432,44 @@ impl Relay {
         // Dropping the sockets closes them, which also takes them out of the epoll set.
     }
 
+    fn log(&self, log: &AccessLog, ending: &Ending, ctx: &Context) {
+        let chosen = !matches!(
+            ending,
+            Ending::Denied | Ending::Full | Ending::PerIpFull | Ending::BadHeader(_)
+        ) && !self.pool.spec.backends.is_empty();
+        let backend = chosen.then(|| &self.pool.spec.backends[self.backend_index]);
+        let record = Record {
+            time: std::time::SystemTime::now(),
+            client: self.client_addr,
+            listen: self.pool.spec.listen,
+            rule: backend.map(|b| b.name.as_str()),
+            backend: backend.map(|b| b.addr),
+            bytes_up: self.up.bytes() - (self.header_len - self.header_uncounted),
+            bytes_down: self.down.bytes(),
+            duration: ctx.now.saturating_duration_since(self.started),
+            ending: ending.word(self.first_fin),
+        };
+        log.write(&record, ctx.shared);
+    }
+
     /// One line of the web page's connection table.
     pub fn info(&self, worker: usize, now: Instant) -> ConnectionInfo {
-        let b = &self.pool.backends[self.backend_index];
+        let b = &self.pool.spec.backends[self.backend_index];
         ConnectionInfo {
             id: self.id,
             worker,
             client: self.client_addr,
-            listen: self.pool.listen,
+            listen: self.pool.spec.listen,
             rule: b.name.clone(),
             backend: b.addr,
             state: match self.phase {
-                Phase::Accepted | Phase::Connecting { .. } => "connecting".into(),
+                Phase::Accepted | Phase::ReadingHeader { .. } | Phase::Connecting { .. } => {
+                    "connecting".into()
+                }
                 Phase::Relaying { .. } => "relaying".into(),
             },
-            bytes_up: self.up.bytes(),
+            // What the up direction delivered, less the header part of it.
+            bytes_up: self.up.bytes() - (self.header_len - self.header_uncounted),
             bytes_down: self.down.bytes(),
             age_ms: now.duration_since(self.started).as_millis() as u64,
             client_half_closed: self.up.source_done(),
@@ -309,9 +479,12 @@ impl Relay {
 
     // ---- connecting ------------------------------------------------------------------------
 
-    /// Starts a non-blocking connect to backend `index`; `tried` are the ones already tried.
+    /// Starts a non-blocking connect to backend `index`, whose place the balancer reserved;
+    /// `tried` are the ones already tried.
     fn connect(&mut self, index: usize, mut tried: Vec<usize>, ctx: &mut Context) -> Next {
-        let addr = self.pool.backends[index].addr;
+        self.backend_index = index;
+        self.reserved = true;
+        let addr = self.pool.spec.backends[index].addr;
         let mut backend = match TcpStream::connect(addr) {
             Ok(s) => s,
             Err(e) => {
@@ -349,9 +522,20 @@ impl Relay {
         let _ = backend.set_nodelay(true);
         let _ = socket2::SockRef::from(&backend).set_keepalive(true);
         self.phase = Phase::Relaying { backend };
-        ctx.shared
-            .open(ctx.worker, self.backend_slot())
-            .fetch_add(1, Relaxed);
+        if let Some(version) = self.pool.spec.backends[self.backend_index]
+            .options
+            .send_proxy
+        {
+            let reached = self
+                .reached
+                .or_else(|| self.client.local_addr().ok())
+                .unwrap_or(self.pool.spec.listen);
+            let header = proxy::encode(version, self.client_addr, reached);
+            self.header_len = header.len() as u64;
+            self.header_uncounted = self.header_len;
+            // Goes out before any client byte: the up direction flushes what it holds first.
+            self.up.preload(&header, ctx.res);
+        }
         let slot = ctx.shared.backend(self.backend_slot());
         slot.total.fetch_add(1, Relaxed);
         if slot.record_success() {
@@ -367,7 +551,7 @@ impl Relay {
             return Next::Wait;
         };
         let tried = std::mem::take(tried);
-        let failed = &self.pool.backends[self.backend_index];
+        let failed = &self.pool.spec.backends[self.backend_index];
         if ctx
             .shared
             .backend(failed.slot)
@@ -375,10 +559,18 @@ impl Relay {
         {
             tracing::warn!(backend = %failed.addr, name = %failed.name, "backend down: {why}");
         }
-        match next_backend(&self.pool, ctx.shared, now_ms(), &tried) {
-            Some(index) => self.connect(index, tried, ctx),
-            None => {
-                tracing::debug!(id = self.id, "no backend of {} reachable", self.pool.listen);
+        balance::release(&self.pool, ctx.shared, ctx.worker, self.backend_index);
+        self.reserved = false;
+        let client = self.client_addr.ip();
+        match next_backend(&self.pool, ctx.shared, ctx.worker, now_ms(), client, &tried) {
+            Ok(index) => self.connect(index, tried, ctx),
+            Err(Refusal::Full) => Next::Close(Ending::Full),
+            Err(Refusal::NoBackend) => {
+                tracing::debug!(
+                    id = self.id,
+                    "no backend of {} reachable",
+                    self.pool.spec.listen
+                );
                 Next::Close(Ending::NoBackend)
             }
         }
@@ -447,6 +639,19 @@ impl Relay {
                 )
                 .map(|p| down = p);
         }
+        if self.first_fin.is_none() {
+            if self.up.source_done() {
+                self.first_fin = Some(Side::Client);
+            } else if self.down.source_done() {
+                self.first_fin = Some(Side::Backend);
+            }
+        }
+        if self.header_uncounted > 0 {
+            // The PROXY header is not the client's traffic.
+            let header = up.moved.min(self.header_uncounted);
+            up.moved -= header;
+            self.header_uncounted -= header;
+        }
         let slot = ctx.shared.backend(self.backend_slot());
         if up.moved > 0 {
             slot.bytes_up.fetch_add(up.moved, Relaxed);
@@ -478,11 +683,11 @@ impl Relay {
 
     /// The backend slot counting this connection.
     fn backend_slot(&self) -> usize {
-        self.pool.backends[self.backend_index].slot
+        self.pool.spec.backends[self.backend_index].slot
     }
 
     fn backend_addr(&self) -> SocketAddr {
-        self.pool.backends[self.backend_index].addr
+        self.pool.spec.backends[self.backend_index].addr
     }
 }
 
@@ -513,7 +718,7 @@ mod tests {
     use mio::{Events, Poll};
 
     use super::*;
-    use crate::control::BackendSpec;
+    use crate::control::{BackendSpec, PoolSpec};
     use crate::tcp::buffers::{BufferPool, PipePool};
 
     const WAIT: Duration = Duration::from_secs(10);
@@ -569,7 +774,7 @@ mod tests {
                     0,
                     client,
                     client_addr,
-                    Rc::new(pool),
+                    Rc::new(ServedPool::new(pool, &[], &[])),
                     Instant::now(),
                 )),
                 user,
@@ -592,6 +797,7 @@ mod tests {
                 res: &mut self.res,
                 connect_timeout: Duration::from_secs(3),
                 now,
+                access_log: None,
             };
             match f(relay, &mut ctx) {
                 Next::Wait => {}

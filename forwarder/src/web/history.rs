@@ -183,10 +183,12 @@ mod tests {
             lost_worker_died: 0,
             uptime_ms: 0,
             accept_pauses: 0,
+            access_log_dropped: 0,
             pools: vec![PoolStats {
                 listen: "0.0.0.0:8080".parse().unwrap(),
                 accepted: 0,
                 unrouted: 0,
+                refused: Default::default(),
                 backends: backends
                     .iter()
                     .map(|&(name, active, total, bytes)| BackendStats {

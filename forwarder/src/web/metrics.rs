@@ -49,7 +49,7 @@ pub fn render(stats: &StatsSnapshot) -> String {
         let _ = writeln!(out, "# HELP {} {}", f.name, f.help);
         let _ = writeln!(out, "# TYPE {} {}", f.name, f.kind);
     };
-    let process: [(Family, u64); 5] = [
+    let process: [(Family, u64); 6] = [
         (
             Family {
                 name: "forwarder_workers",
@@ -81,6 +81,15 @@ pub fn render(stats: &StatsSnapshot) -> String {
                 help: "Accepts refused for lack of file descriptors.",
             },
             stats.accept_pauses,
+        ),
+        (
+            Family {
+                name: "forwarder_access_log_dropped_total",
+                kind: "counter",
+                help:
+                    "Access log lines lost to a full queue or a failed write (connections are not).",
+            },
+            stats.access_log_dropped,
         ),
         (
             Family {
@@ -126,6 +135,26 @@ pub fn render(stats: &StatsSnapshot) -> String {
             |p| p.unrouted,
         ),
     ];
+    let refused = Family {
+        name: "forwarder_pool_refused_total",
+        kind: "counter",
+        help: "Connections the pool's options refused before any byte was relayed, by reason.",
+    };
+    head(&mut out, &refused);
+    for p in &stats.pools {
+        for (reason, n) in [
+            ("denied", p.refused.denied),
+            ("max_conns", p.refused.max_conns),
+            ("max_conns_per_ip", p.refused.max_conns_per_ip),
+            ("proxy_header", p.refused.proxy_header),
+        ] {
+            let _ = writeln!(
+                out,
+                "{}{{listen=\"{}\",reason=\"{reason}\"}} {n}",
+                refused.name, p.listen
+            );
+        }
+    }
     for (family, get) in &pool_families {
         head(&mut out, family);
         for p in &stats.pools {
@@ -247,10 +276,17 @@ mod tests {
             lost_worker_died: 4,
             uptime_ms: 5500,
             accept_pauses: 0,
+            access_log_dropped: 0,
             pools: vec![PoolStats {
                 listen: "0.0.0.0:8080".parse().unwrap(),
                 accepted: 7,
                 unrouted: 1,
+                refused: crate::supervisor::Refusals {
+                    denied: 5,
+                    max_conns: 2,
+                    max_conns_per_ip: 0,
+                    proxy_header: 0,
+                },
                 backends: vec![BackendStats {
                     name: "a\"b\\c".into(),
                     dest_ip: "127.0.0.1".into(),
@@ -283,7 +319,13 @@ mod tests {
         assert!(text.contains(
             "forwarder_backend_bytes_down_total{listen=\"0.0.0.0:8080\",name=\"a\\\"b\\\\c\",backend=\"127.0.0.1:9001\"} 20\n"
         ));
-        assert_eq!(text.matches("# TYPE ").count(), 17);
-        assert_eq!(text.matches("# HELP ").count(), 17);
+        assert!(text.contains(
+            "forwarder_pool_refused_total{listen=\"0.0.0.0:8080\",reason=\"denied\"} 5\n"
+        ));
+        assert!(text.contains(
+            "forwarder_pool_refused_total{listen=\"0.0.0.0:8080\",reason=\"max_conns\"} 2\n"
+        ));
+        assert_eq!(text.matches("# TYPE ").count(), 19);
+        assert_eq!(text.matches("# HELP ").count(), 19);
     }
 }

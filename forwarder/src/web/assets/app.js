@@ -408,6 +408,7 @@
       el('td', { class: 'name', title: entry.name }, entry.name, el('span', { class: 'line-no', text: `line ${entry.line}` })),
       el('td', null,
         el('div', { class: 'dest', text: `${entry.dest_ip}:${entry.dest_port}` }),
+        ...(entry.options ? [el('div', { class: 'options', text: entry.options, title: 'rule options' })] : []),
         ...errors.map((e) => el('div', { class: 'row-error', text: `${e.field}: ${e.message}` }))),
       el('td', { class: 'health' }, badge, reason),
       cells.active,
@@ -496,6 +497,10 @@
       const parts = [n > 1 ? `round robin over ${n} backends` : 'one backend'];
       if (s) parts.push(`${fmtInt(s.accepted)} accepted`);
       const unrouted = s && s.unrouted ? `${fmtInt(s.unrouted)} unrouted` : '';
+      const r = (s && s.refused) || {};
+      const refusedBy = [['denied', r.denied], ['max_conns', r.max_conns], ['max_conns_per_ip', r.max_conns_per_ip], ['PROXY header', r.proxy_header]]
+        .filter(([, n]) => n > 0);
+      if (refusedBy.length) parts.push(`${fmtInt(refusedBy.reduce((a, [, n]) => a + n, 0))} refused (${refusedBy.map(([k, n]) => `${k} ${fmtInt(n)}`).join(', ')})`);
       const metaKey = parts.join(' · ') + unrouted;
       if (pool.meta.dataset.key !== metaKey) {
         pool.meta.dataset.key = metaKey;
@@ -709,7 +714,7 @@
 
   // ---- dialogs ------------------------------------------------------------------------------
 
-  const FIELDS = ['name', 'listen_port', 'dest_ip', 'dest_port'];
+  const FIELDS = ['name', 'listen_port', 'dest_ip', 'dest_port', 'options'];
 
   function clearFormErrors() {
     for (const f of FIELDS) {
@@ -723,7 +728,7 @@
     state.editing = entry ? entry.id : null;
     state.dialogEtag = state.etag;
     setText($('entry-title'), entry ? `Edit “${entry.name}”` : 'Add entry');
-    for (const f of FIELDS) $(`f-${f}`).value = entry ? entry[f] : '';
+    for (const f of FIELDS) $(`f-${f}`).value = entry ? (entry[f] || '') : '';
     clearFormErrors();
     $('entry-save').disabled = false;
     $('entry-dialog').showModal();
