@@ -1,4 +1,4 @@
-//! The forwarder: a mio (epoll) TCP port forwarder and round-robin load balancer. A supervisor
+//! The forwarder: a mio (epoll) TCP and UDP port forwarder and round-robin load balancer. A supervisor
 //! process owns the rules and the worker processes; each worker runs one event loop with its own
 //! `SO_REUSEPORT` listeners; counters and health live in a mapping they all share.
 
@@ -9,5 +9,6 @@ pub mod rules;
 pub mod stats;
 pub mod supervisor;
 pub mod tcp;
+pub mod udp;
 pub mod web;
 pub mod worker;

@@ -31,6 +31,8 @@ pub struct SupervisorConfig {
     /// Connections each worker takes before it stops accepting.
     pub per_worker_connections: usize,
     pub capacity: usize,
+    /// UDP sessions the workers hold before evicting (one descriptor each).
+    pub udp_capacity: usize,
     /// Arguments every worker gets after the hidden worker flags.
     pub worker_args: Vec<String>,
     pub health_interval: Option<Duration>,
@@ -73,7 +75,13 @@ pub struct Supervisor {
 pub struct StatsSnapshot {
     pub workers: usize,
     pub capacity: usize,
+    /// TCP connections open now.
     pub active: u64,
+    #[serde(default)]
+    pub udp_capacity: usize,
+    /// UDP sessions live now.
+    #[serde(default)]
+    pub udp_sessions: u64,
     /// Connections that were open in a worker when it died.
     pub lost_worker_died: u64,
     pub uptime_ms: u64,
@@ -84,8 +92,15 @@ pub struct StatsSnapshot {
 #[derive(Debug, Clone, Serialize)]
 pub struct PoolStats {
     pub listen: SocketAddr,
+    #[serde(default)]
+    pub proto: Proto,
+    /// Connections accepted; for UDP, sessions made.
     pub accepted: u64,
+    /// Connections no backend took; for UDP, datagrams dropped for want of a session.
     pub unrouted: u64,
+    /// UDP sessions evicted to make room (always 0 for TCP).
+    #[serde(default)]
+    pub evicted: u64,
     pub backends: Vec<BackendStats>,
 }
 
@@ -97,6 +112,7 @@ pub struct BackendStats {
     pub addr: SocketAddr,
     /// `up` or `down`.
     pub state: String,
+    /// Connections (TCP) or sessions (UDP) open now.
     pub active: u64,
     /// Connections that were open when their worker died.
     pub lost_worker_died: u64,
@@ -110,6 +126,16 @@ pub struct BackendStats {
     /// While down: when the backend will next be tried (unix ms).
     pub retry_at_ms: u64,
     pub last_check_ms: u64,
+    /// UDP only: datagrams each way, and those dropped because a socket buffer was full toward
+    /// the backend (up) or the client (down).
+    #[serde(default)]
+    pub datagrams_up: u64,
+    #[serde(default)]
+    pub datagrams_down: u64,
+    #[serde(default)]
+    pub drops_up: u64,
+    #[serde(default)]
+    pub drops_down: u64,
 }
 
 /// Events the supervisor loop reacts to.
@@ -436,6 +462,7 @@ impl Supervisor {
         let now = now_ms();
         let header = self.shared.header();
         let mut active = 0;
+        let mut udp_sessions = 0;
         let pools = inner
             .rules
             .pools
@@ -444,8 +471,10 @@ impl Supervisor {
                 let p = self.shared.pool(inner.slots.pool_slot(pool)?);
                 Some(PoolStats {
                     listen: pool.listen,
+                    proto: pool.proto,
                     accepted: p.accepted.load(Relaxed),
                     unrouted: p.unrouted.load(Relaxed),
+                    evicted: p.evicted.load(Relaxed),
                     backends: pool
                         .rules
                         .iter()
@@ -453,7 +482,10 @@ impl Supervisor {
                             let slot = inner.slots.backend_slot(pool, rule.dest)?;
                             let s = self.shared.backend(slot);
                             let open = self.shared.active(slot);
-                            active += open;
+                            match pool.proto {
+                                Proto::Tcp => active += open,
+                                Proto::Udp => udp_sessions += open,
+                            }
                             let down = s.is_down(now);
                             Some(BackendStats {
                                 name: rule.entry.name.clone(),
@@ -480,6 +512,10 @@ impl Supervisor {
                                     0
                                 },
                                 last_check_ms: s.last_check_ms.load(Relaxed),
+                                datagrams_up: s.datagrams_up.load(Relaxed),
+                                datagrams_down: s.datagrams_down.load(Relaxed),
+                                drops_up: s.drops_up.load(Relaxed),
+                                drops_down: s.drops_down.load(Relaxed),
                             })
                         })
                         .collect(),
@@ -490,6 +526,8 @@ impl Supervisor {
             workers: self.config.workers,
             capacity: self.config.capacity,
             active,
+            udp_capacity: self.config.udp_capacity,
+            udp_sessions,
             lost_worker_died: header.lost_worker_died.load(Relaxed),
             uptime_ms: now.saturating_sub(header.started_ms.load(Relaxed)),
             accept_pauses: header.accept_pauses.load(Relaxed),

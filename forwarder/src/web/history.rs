@@ -183,8 +183,12 @@ mod tests {
             lost_worker_died: 0,
             uptime_ms: 0,
             accept_pauses: 0,
+            udp_capacity: 0,
+            udp_sessions: 0,
             pools: vec![PoolStats {
                 listen: "0.0.0.0:8080".parse().unwrap(),
+                proto: Default::default(),
+                evicted: 0,
                 accepted: 0,
                 unrouted: 0,
                 backends: backends
@@ -206,6 +210,10 @@ mod tests {
                         down_since_ms: 0,
                         retry_at_ms: 0,
                         last_check_ms: 0,
+                        datagrams_up: 0,
+                        datagrams_down: 0,
+                        drops_up: 0,
+                        drops_down: 0,
                     })
                     .collect(),
             }],

@@ -1,0 +1,590 @@
+//! UDP forwarding in one worker: an `SO_REUSEPORT` socket per UDP pool (the kernel hashes a
+//! client's 4-tuple to one worker, so a client's session lives where its datagrams arrive), and a
+//! session per client address holding one socket connected to the client's backend. The kernel
+//! matches replies to the session by the connected socket, and an ICMP port-unreachable from the
+//! backend shows up on it as `ECONNREFUSED` (passive health). [`sessions`] is the table without
+//! sockets, [`sys`] the pktinfo system calls.
+
+pub mod sessions;
+pub mod sys;
+
+use std::collections::HashMap;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::AsRawFd;
+use std::rc::Rc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::{Duration, Instant};
+
+use mio::net::UdpSocket;
+use mio::{Interest, Registry, Token};
+use slab::Slab;
+
+use crate::balance::{next_backend, pick_backend};
+use crate::control::{ConnectionInfo, PoolSpec, SessionFigures, ID_WORKER_SHIFT};
+use crate::rules::Proto;
+use crate::stats::{now_ms, Shared};
+use sessions::SessionTable;
+
+/// Token ranges (above the worker's TCP listener range, below its control tokens).
+const PORT_BASE: usize = 1 << 44;
+const SESSION_BASE: usize = 1 << 45;
+const SESSION_END: usize = 1 << 46;
+/// Datagrams one socket moves per readiness event before the others get a turn.
+const READ_BUDGET: usize = 64;
+/// The receive buffer: larger than the largest UDP payload (65,507 B over IPv4, 65,527 B over
+/// IPv6), so a datagram is never cut.
+const DATAGRAM_BUFFER: usize = 65_536;
+/// Socket buffers of a listening socket: room for a burst from many clients at once.
+const PORT_SOCKET_BUFFER: usize = 4 << 20;
+/// After SIGTERM, how long replies in flight may still arrive.
+pub const DRAIN_GRACE: Duration = Duration::from_secs(1);
+/// Session ids carry this bit, so they never collide with the worker's TCP connection ids.
+const SESSION_ID_BIT: u64 = 1 << 47;
+
+/// What a worker tells its UDP side at start.
+#[derive(Debug, Clone)]
+pub struct UdpConfig {
+    pub worker: usize,
+    /// Sessions idle this long end.
+    pub idle_timeout: Duration,
+    /// Sessions this worker holds (one descriptor each) before it evicts the oldest idle one.
+    pub max_sessions: usize,
+}
+
+/// A listening UDP socket of one pool.
+struct Port {
+    socket: UdpSocket,
+    /// Pool for new sessions; a session keeps the pool it started with across reloads.
+    pool: Rc<PoolSpec>,
+    /// Bound to the unspecified address: replies name their source address explicitly.
+    pktinfo: bool,
+}
+
+/// Datagrams and bytes one way.
+#[derive(Debug, Default, Clone, Copy)]
+struct Flow {
+    datagrams: u64,
+    bytes: u64,
+}
+
+/// One client address's session: its connected socket toward the backend.
+struct Session {
+    id: u64,
+    socket: UdpSocket,
+    pool: Rc<PoolSpec>,
+    /// Index of the backend in `pool.backends`.
+    backend: usize,
+    /// The local address the client sent to, to reply from (pktinfo ports only).
+    local: Option<IpAddr>,
+    created: Instant,
+    up: Flow,
+    down: Flow,
+}
+
+impl Session {
+    fn slot(&self) -> usize {
+        self.pool.backends[self.backend].slot
+    }
+}
+
+/// Why a session ended (for the debug log).
+#[derive(Debug, Clone, Copy)]
+enum Ending {
+    Idle,
+    Evicted,
+    PortRemoved,
+    Closed,
+}
+
+/// The UDP half of a worker.
+pub struct Udp {
+    config: UdpConfig,
+    ports: Slab<Port>,
+    by_addr: HashMap<SocketAddr, usize>,
+    sessions: SessionTable<Session>,
+    buf: Box<[u8]>,
+    /// Sockets that used their read budget and still have datagrams waiting (edge-triggered:
+    /// no new event will come for them).
+    again: Vec<Token>,
+    epoch: Instant,
+    next_id: u64,
+    draining_since: Option<Instant>,
+}
+
+impl Udp {
+    pub fn new(config: UdpConfig) -> Udp {
+        let max = config.max_sessions;
+        Udp {
+            config,
+            ports: Slab::new(),
+            by_addr: HashMap::new(),
+            sessions: SessionTable::new(max),
+            buf: vec![0u8; DATAGRAM_BUFFER].into_boxed_slice(),
+            again: Vec::new(),
+            epoch: Instant::now(),
+            next_id: 0,
+            draining_since: None,
+        }
+    }
+
+    /// True for tokens of this module's sockets.
+    pub fn owns(token: Token) -> bool {
+        (PORT_BASE..SESSION_END).contains(&token.0)
+    }
+
+    pub fn sessions(&self) -> usize {
+        self.sessions.len()
+    }
+
+    /// True when sockets wait to be read again without an event.
+    pub fn has_again(&self) -> bool {
+        !self.again.is_empty()
+    }
+
+    fn ms(&self, now: Instant) -> u64 {
+        now.duration_since(self.epoch).as_millis() as u64
+    }
+
+    /// Handles readiness of one of this module's sockets.
+    pub fn ready(&mut self, token: Token, shared: &Shared, registry: &Registry, now: Instant) {
+        let t = token.0;
+        let more = if t >= SESSION_BASE {
+            self.backend_readable(t - SESSION_BASE, shared, now)
+        } else {
+            self.client_readable(t - PORT_BASE, shared, registry, now)
+        };
+        if more {
+            self.again.push(token);
+        }
+    }
+
+    /// Reads again the sockets that yielded.
+    pub fn run_again(&mut self, shared: &Shared, registry: &Registry, now: Instant) {
+        for token in std::mem::take(&mut self.again) {
+            self.ready(token, shared, registry, now);
+        }
+    }
+
+    // ---- client -> backend -----------------------------------------------------------------
+
+    /// Reads datagrams from clients on port `key`; true when the budget ran out first.
+    fn client_readable(
+        &mut self,
+        key: usize,
+        shared: &Shared,
+        registry: &Registry,
+        now: Instant,
+    ) -> bool {
+        if self.draining_since.is_some() {
+            return false;
+        }
+        for _ in 0..READ_BUDGET {
+            let Some(port) = self.ports.get(key) else {
+                return false;
+            };
+            let got = match sys::recv_from_to(port.socket.as_raw_fd(), &mut self.buf) {
+                Ok(got) => got,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    tracing::debug!("udp receive on {}: {e}", port.pool.listen);
+                    continue;
+                }
+            };
+            let local = if port.pktinfo { got.to } else { None };
+            self.client_datagram(key, got.from, local, got.len, shared, registry, now);
+        }
+        true
+    }
+
+    /// Passes one client datagram (in `self.buf[..len]`) to its session, making one first.
+    #[allow(clippy::too_many_arguments)]
+    fn client_datagram(
+        &mut self,
+        port: usize,
+        client: SocketAddr,
+        local: Option<IpAddr>,
+        len: usize,
+        shared: &Shared,
+        registry: &Registry,
+        now: Instant,
+    ) {
+        let key = match self.sessions.find(port, client) {
+            Some(key) => key,
+            None => match self.open_session(port, client, local, shared, registry, now) {
+                Some(key) => key,
+                None => {
+                    let pool = &self.ports[port].pool;
+                    shared.pool(pool.slot).unrouted.fetch_add(1, Relaxed);
+                    return;
+                }
+            },
+        };
+        let now_ms = self.ms(now);
+        self.sessions.touch(key, now_ms);
+        for attempt in 0..2 {
+            let Some(s) = self.sessions.get_mut(key) else {
+                return;
+            };
+            let backend = shared.backend(s.slot());
+            match s.socket.send(&self.buf[..len]) {
+                Ok(_) => {
+                    s.up.datagrams += 1;
+                    s.up.bytes += len as u64;
+                    backend.datagrams_up.fetch_add(1, Relaxed);
+                    backend.bytes_up.fetch_add(len as u64, Relaxed);
+                    return;
+                }
+                // An ICMP port-unreachable for an earlier datagram: the backend is not there.
+                Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) && attempt == 0 => {
+                    self.refused(key, shared);
+                }
+                Err(e) => {
+                    // Full buffer (EAGAIN, ENOBUFS) or anything else: this datagram is lost.
+                    tracing::trace!("udp send to backend: {e}");
+                    backend.drops_up.fetch_add(1, Relaxed);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Makes a session for a new client: a free place (evicting the least recently active
+    /// session when full), a backend in round-robin order, a socket connected to it.
+    fn open_session(
+        &mut self,
+        port: usize,
+        client: SocketAddr,
+        local: Option<IpAddr>,
+        shared: &Shared,
+        registry: &Registry,
+        now: Instant,
+    ) -> Option<usize> {
+        let pool = Rc::clone(&self.ports[port].pool);
+        if let Some(evicted) = self.sessions.make_room() {
+            shared.pool(pool.slot).evicted.fetch_add(1, Relaxed);
+            if evicted.first_of_episode {
+                tracing::warn!(
+                    worker = self.config.worker,
+                    sessions = self.sessions.capacity(),
+                    "udp session table full: evicting the least recently active sessions"
+                );
+            }
+            tracing::debug!(client = %evicted.client, "udp session evicted");
+            self.end(evicted.value, Ending::Evicted, shared);
+        }
+        let index = pick_backend(&pool, shared, now_ms())?;
+        let backend = &pool.backends[index];
+        let mut socket = match connected_socket(backend.addr) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::debug!(%client, backend = %backend.addr, "no udp session socket: {e}");
+                return None;
+            }
+        };
+        let key = self.sessions.vacant_key();
+        if let Err(e) =
+            registry.register(&mut socket, Token(SESSION_BASE + key), Interest::READABLE)
+        {
+            tracing::debug!("registering a udp session: {e}");
+            return None;
+        }
+        self.next_id += 1;
+        let id = ((self.config.worker as u64) << ID_WORKER_SHIFT) | SESSION_ID_BIT | self.next_id;
+        shared.pool(pool.slot).accepted.fetch_add(1, Relaxed);
+        shared.backend(backend.slot).total.fetch_add(1, Relaxed);
+        shared
+            .open(self.config.worker, backend.slot)
+            .fetch_add(1, Relaxed);
+        tracing::debug!(id, %client, backend = %backend.addr, "udp session");
+        let session = Session {
+            id,
+            socket,
+            pool: Rc::clone(&pool),
+            backend: index,
+            local,
+            created: now,
+            up: Flow::default(),
+            down: Flow::default(),
+        };
+        Some(self.sessions.insert(port, client, self.ms(now), session))
+    }
+
+    /// The session's backend answered with port unreachable: mark it down and point the
+    /// session at the next backend of its pool (the same socket, connected anew).
+    fn refused(&mut self, key: usize, shared: &Shared) {
+        let worker = self.config.worker;
+        let Some(s) = self.sessions.get_mut(key) else {
+            return;
+        };
+        let failed = &s.pool.backends[s.backend];
+        if shared
+            .backend(failed.slot)
+            .record_failure(libc::ECONNREFUSED as u64, now_ms())
+        {
+            tracing::warn!(backend = %failed.addr, name = %failed.name, "backend down: udp port unreachable");
+        }
+        let Some(next) = next_backend(&s.pool, shared, now_ms(), &[s.backend]) else {
+            return;
+        };
+        let to = &s.pool.backends[next];
+        if s.socket.connect(to.addr).is_err() {
+            return;
+        }
+        shared.open(worker, failed.slot).fetch_sub(1, Relaxed);
+        shared.open(worker, to.slot).fetch_add(1, Relaxed);
+        shared.backend(to.slot).total.fetch_add(1, Relaxed);
+        tracing::debug!(id = s.id, from = %failed.addr, to = %to.addr, "udp session failed over");
+        s.backend = next;
+    }
+
+    // ---- backend -> client -----------------------------------------------------------------
+
+    /// Reads replies on session `key`'s socket and sends them to its client from the listening
+    /// socket; true when the budget ran out first.
+    fn backend_readable(&mut self, key: usize, shared: &Shared, now: Instant) -> bool {
+        let mut moved = false;
+        let mut more = true;
+        for _ in 0..READ_BUDGET {
+            let Some((port, client)) = self.sessions.client(key) else {
+                return false;
+            };
+            let Some(s) = self.sessions.get_mut(key) else {
+                return false;
+            };
+            let len = match s.socket.recv(&mut self.buf) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    more = false;
+                    break;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) => {
+                    self.refused(key, shared);
+                    continue;
+                }
+                Err(e) => {
+                    tracing::debug!(id = s.id, "udp receive from backend: {e}");
+                    more = false;
+                    break;
+                }
+            };
+            let backend = shared.backend(s.slot());
+            if backend.failures_in_row.load(Relaxed) > 0 && backend.record_success() {
+                tracing::info!(backend = %s.pool.backends[s.backend].addr, "backend up");
+            }
+            let fd = self.ports[port].socket.as_raw_fd();
+            match sys::send_from_to(fd, &self.buf[..len], client, s.local) {
+                Ok(_) => {
+                    s.down.datagrams += 1;
+                    s.down.bytes += len as u64;
+                    backend.datagrams_down.fetch_add(1, Relaxed);
+                    backend.bytes_down.fetch_add(len as u64, Relaxed);
+                }
+                Err(e) => {
+                    tracing::trace!("udp send to client: {e}");
+                    backend.drops_down.fetch_add(1, Relaxed);
+                }
+            }
+            moved = true;
+        }
+        if moved {
+            let now_ms = self.ms(now);
+            self.sessions.touch(key, now_ms);
+        }
+        more
+    }
+
+    // ---- session ends ----------------------------------------------------------------------
+
+    /// The one way a session ends: off the open count, socket closed (which also takes it out of
+    /// the epoll set).
+    fn end(&self, s: Session, ending: Ending, shared: &Shared) {
+        shared
+            .open(self.config.worker, s.slot())
+            .fetch_sub(1, Relaxed);
+        tracing::debug!(
+            id = s.id,
+            ?ending,
+            up = s.up.datagrams,
+            down = s.down.datagrams,
+            "udp session ended"
+        );
+    }
+
+    /// Ends the sessions idle past the timeout.
+    pub fn expire(&mut self, shared: &Shared, now: Instant) {
+        let idle_ms = self.config.idle_timeout.as_millis() as u64;
+        for (_, _, s) in self.sessions.expire(self.ms(now), idle_ms) {
+            self.end(s, Ending::Idle, shared);
+        }
+    }
+
+    /// Ends session `id` if this worker has it.
+    pub fn close(&mut self, id: u64, shared: &Shared) -> bool {
+        let key = self
+            .sessions
+            .iter(0)
+            .find(|(_, _, _, _, s)| s.id == id)
+            .map(|(k, ..)| k);
+        match key.and_then(|k| self.sessions.remove(k)) {
+            Some((_, _, s)) => {
+                self.end(s, Ending::Closed, shared);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The live sessions, for the web page.
+    pub fn connections(&self, now: Instant) -> Vec<ConnectionInfo> {
+        let now_ms = self.ms(now);
+        self.sessions
+            .iter(now_ms)
+            .map(|(_, port, client, idle_ms, s)| {
+                let b = &s.pool.backends[s.backend];
+                ConnectionInfo {
+                    id: s.id,
+                    worker: self.config.worker,
+                    client,
+                    listen: self
+                        .ports
+                        .get(port)
+                        .map_or(s.pool.listen, |p| p.pool.listen),
+                    proto: Proto::Udp,
+                    rule: b.name.clone(),
+                    backend: b.addr,
+                    state: "session".into(),
+                    bytes_up: s.up.bytes,
+                    bytes_down: s.down.bytes,
+                    age_ms: now.duration_since(s.created).as_millis() as u64,
+                    udp: Some(SessionFigures {
+                        datagrams_up: s.up.datagrams,
+                        datagrams_down: s.down.datagrams,
+                        idle_ms,
+                    }),
+                    client_half_closed: false,
+                    backend_half_closed: false,
+                }
+            })
+            .collect()
+    }
+
+    // ---- rules and shutdown ----------------------------------------------------------------
+
+    /// Makes the UDP ports match `pools` (UDP pools only): new ones are bound, removed ones
+    /// closed with their sessions, changed ones serve new sessions with the new pool. Returns
+    /// the ports that could not be bound.
+    pub fn apply(
+        &mut self,
+        pools: Vec<PoolSpec>,
+        shared: &Shared,
+        registry: &Registry,
+    ) -> Vec<String> {
+        let mut errors = Vec::new();
+        let wanted: HashMap<SocketAddr, PoolSpec> =
+            pools.into_iter().map(|p| (p.listen, p)).collect();
+        let gone: Vec<SocketAddr> = self
+            .by_addr
+            .keys()
+            .filter(|a| !wanted.contains_key(a))
+            .copied()
+            .collect();
+        for addr in gone {
+            let Some(key) = self.by_addr.remove(&addr) else {
+                continue;
+            };
+            for (_, _, s) in self.sessions.remove_port(key) {
+                self.end(s, Ending::PortRemoved, shared);
+            }
+            let mut port = self.ports.remove(key);
+            let _ = registry.deregister(&mut port.socket);
+            self.again.retain(|t| t.0 != PORT_BASE + key);
+            tracing::debug!(worker = self.config.worker, %addr, "stopped listening (udp)");
+        }
+        for (addr, spec) in wanted {
+            let pool = Rc::new(spec);
+            if let Some(&key) = self.by_addr.get(&addr) {
+                self.ports[key].pool = pool;
+                continue;
+            }
+            if self.draining_since.is_some() {
+                continue;
+            }
+            match reuseport_socket(addr) {
+                Ok(mut socket) => {
+                    let key = self.ports.vacant_key();
+                    if let Err(e) =
+                        registry.register(&mut socket, Token(PORT_BASE + key), Interest::READABLE)
+                    {
+                        errors.push(format!("{addr}/udp: {e}"));
+                        continue;
+                    }
+                    self.ports.insert(Port {
+                        socket,
+                        pool,
+                        pktinfo: addr.ip().is_unspecified(),
+                    });
+                    self.by_addr.insert(addr, key);
+                    // Datagrams may have queued between bind and register.
+                    self.again.push(Token(PORT_BASE + key));
+                }
+                Err(e) => errors.push(format!("{addr}/udp: cannot listen: {e}")),
+            }
+        }
+        errors
+    }
+
+    /// Stops reading clients (the kernel hands their datagrams to the other workers' sockets or
+    /// drops them) but keeps the sockets, so replies still in flight reach their clients.
+    pub fn start_drain(&mut self, registry: &Registry, now: Instant) {
+        self.draining_since = Some(now);
+        for (_, port) in self.ports.iter_mut() {
+            let _ = registry.deregister(&mut port.socket);
+        }
+    }
+
+    /// True once draining and every session ended or the grace for replies ran out.
+    pub fn drained(&self, now: Instant) -> bool {
+        match self.draining_since {
+            Some(since) => self.sessions.is_empty() || now.duration_since(since) >= DRAIN_GRACE,
+            None => false,
+        }
+    }
+}
+
+/// A non-blocking UDP socket on `addr` shared by every worker (`SO_REUSEPORT`), with large
+/// buffers and, when bound to the unspecified address, destination addresses reported.
+fn reuseport_socket(addr: SocketAddr) -> io::Result<UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    if addr.is_ipv6() {
+        // As for TCP: an IPv6 socket taking IPv4 too would collide with an IPv4 rule's port.
+        socket.set_only_v6(true)?;
+    }
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.set_nonblocking(true)?;
+    socket.set_cloexec(true)?;
+    // Best effort: the kernel caps these at net.core.[rw]mem_max.
+    let _ = socket.set_recv_buffer_size(PORT_SOCKET_BUFFER);
+    let _ = socket.set_send_buffer_size(PORT_SOCKET_BUFFER);
+    if addr.ip().is_unspecified() {
+        sys::enable_pktinfo(socket.as_raw_fd(), addr.is_ipv6())?;
+    }
+    socket.bind(&addr.into())?;
+    Ok(UdpSocket::from_std(socket.into()))
+}
+
+/// A non-blocking UDP socket connected to `backend` (an ephemeral local port).
+fn connected_socket(backend: SocketAddr) -> io::Result<UdpSocket> {
+    let any: SocketAddr = if backend.is_ipv6() {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    } else {
+        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+    };
+    let socket = UdpSocket::bind(any)?;
+    socket.connect(backend)?;
+    Ok(socket)
+}
