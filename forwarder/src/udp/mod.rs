@@ -227,6 +227,10 @@ impl Udp {
             let Some(s) = self.sessions.get_mut(key) else {
                 return;
             };
+            if local.is_some() {
+                // Answer from wherever the client sent its latest datagram.
+                s.local = local;
+            }
             let backend = shared.backend(s.slot());
             match s.socket.send(&self.buf[..len]) {
                 Ok(_) => {
@@ -567,9 +571,7 @@ fn reuseport_socket(addr: SocketAddr) -> io::Result<UdpSocket> {
     socket.set_reuse_port(true)?;
     socket.set_nonblocking(true)?;
     socket.set_cloexec(true)?;
-    // Best effort: the kernel caps these at net.core.[rw]mem_max.
-    let _ = socket.set_recv_buffer_size(PORT_SOCKET_BUFFER);
-    let _ = socket.set_send_buffer_size(PORT_SOCKET_BUFFER);
+    sys::set_buffers(socket.as_raw_fd(), PORT_SOCKET_BUFFER);
     if addr.ip().is_unspecified() {
         sys::enable_pktinfo(socket.as_raw_fd(), addr.is_ipv6())?;
     }

@@ -17,6 +17,8 @@ struct Slot<V> {
     port: usize,
     client: SocketAddr,
     last_ms: u64,
+    /// Order of the last activity among all sessions (breaks ties within one millisecond).
+    last_seq: u64,
     /// The time under which the slot sits in `order` (at most one granule behind `last_ms`).
     ordered_ms: u64,
     value: V,
@@ -31,6 +33,8 @@ pub struct SessionTable<V> {
     capacity: usize,
     /// An eviction episode is running: the table has been full since the last eviction.
     evicting: bool,
+    /// Counts activity, for `last_seq`.
+    seq: u64,
 }
 
 /// A session taken out of the table to make room for a new one.
@@ -50,6 +54,7 @@ impl<V> SessionTable<V> {
             order: BTreeSet::new(),
             capacity: capacity.max(1),
             evicting: false,
+            seq: 0,
         }
     }
 
@@ -93,6 +98,8 @@ impl<V> SessionTable<V> {
         let Some(slot) = self.slots.get_mut(key) else {
             return;
         };
+        self.seq += 1;
+        slot.last_seq = self.seq;
         slot.last_ms = slot.last_ms.max(now_ms);
         if slot.last_ms >= slot.ordered_ms + ORDER_GRANULE_MS {
             self.order.remove(&(slot.ordered_ms, key));
@@ -122,10 +129,12 @@ impl<V> SessionTable<V> {
     /// Adds a session; call [`make_room`](Self::make_room) first (the table grows past its
     /// capacity otherwise). Returns its key.
     pub fn insert(&mut self, port: usize, client: SocketAddr, now_ms: u64, value: V) -> usize {
+        self.seq += 1;
         let key = self.slots.insert(Slot {
             port,
             client,
             last_ms: now_ms,
+            last_seq: self.seq,
             ordered_ms: now_ms,
             value,
         });
@@ -192,7 +201,7 @@ impl<V> SessionTable<V> {
         self.order
             .range(..(first_ms + ORDER_GRANULE_MS, 0))
             .map(|&(_, k)| k)
-            .min_by_key(|&k| self.slots[k].last_ms)
+            .min_by_key(|&k| (self.slots[k].last_ms, self.slots[k].last_seq))
     }
 }
 
@@ -262,6 +271,14 @@ mod tests {
         assert!(t.make_room().is_none());
         t.insert(0, addr(12), 60, 12);
         assert!(t.make_room().unwrap().first_of_episode);
+    }
+
+    #[test]
+    fn activity_within_one_millisecond_still_orders_eviction() {
+        let mut t = SessionTable::new(3);
+        let keys: Vec<usize> = (0..3).map(|i| t.insert(0, addr(i), 5, i)).collect();
+        t.touch(keys[0], 5);
+        assert_eq!(t.make_room().unwrap().client, addr(1));
     }
 
     #[test]

@@ -49,6 +49,32 @@ pub fn enable_pktinfo(fd: RawFd, ipv6: bool) -> io::Result<()> {
     }
 }
 
+/// Sets a socket's receive and send buffers to `bytes` each: past `net.core.[rw]mem_max` when
+/// the process may (`SO_RCVBUFFORCE` needs CAP_NET_ADMIN), else as far as the limit allows.
+pub fn set_buffers(fd: RawFd, bytes: usize) {
+    let value = bytes.min(i32::MAX as usize) as libc::c_int;
+    for (force, plain) in [
+        (libc::SO_RCVBUFFORCE, libc::SO_RCVBUF),
+        (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF),
+    ] {
+        for name in [force, plain] {
+            // SAFETY: a valid option value of the size given.
+            let rc = unsafe {
+                libc::setsockopt(
+                    fd,
+                    libc::SOL_SOCKET,
+                    name,
+                    (&value as *const libc::c_int).cast(),
+                    mem::size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            };
+            if rc == 0 {
+                break;
+            }
+        }
+    }
+}
+
 /// Receives one datagram (non-blocking sockets return `WouldBlock`).
 pub fn recv_from_to(fd: RawFd, buf: &mut [u8]) -> io::Result<Received> {
     let mut cmsg: CmsgBuf = [0; 8];
