@@ -198,16 +198,16 @@ fn run_supervisor(args: &Args) -> anyhow::Result<ExitCode> {
     }
     let (udp_per_worker, udp_total) = capacity::udp_sessions(&plan, args.udp_max_sessions);
     eprintln!(
-        "capacity ≈ {} connections or {} UDP sessions with {} workers (open-file limit {} per process{}; 2 descriptors per connection, 1 per UDP session)",
+        "capacity ≈ {} connections with {} workers (open-file limit {} per process{}; 2 descriptors per connection), or {} UDP sessions (1 descriptor each)",
         plan.total,
-        udp_total,
         plan.workers,
         limit.soft,
         if limit.soft_before < limit.soft {
             format!(", raised from {}", limit.soft_before)
         } else {
             String::new()
-        }
+        },
+        udp_total
     );
     if plan.total < args.max_connections {
         tracing::warn!(
