@@ -92,6 +92,9 @@ pub struct StatsSnapshot {
 #[derive(Debug, Clone, Serialize)]
 pub struct PoolStats {
     pub listen: SocketAddr,
+    /// How the rows name the pool: `0.0.0.0:8080`, `0.0.0.0:53/udp`.
+    #[serde(default)]
+    pub label: String,
     #[serde(default)]
     pub proto: Proto,
     /// Connections accepted; for UDP, sessions made.
@@ -471,6 +474,7 @@ impl Supervisor {
                 let p = self.shared.pool(inner.slots.pool_slot(pool)?);
                 Some(PoolStats {
                     listen: pool.listen,
+                    label: pool.label(),
                     proto: pool.proto,
                     accepted: p.accepted.load(Relaxed),
                     unrouted: p.unrouted.load(Relaxed),

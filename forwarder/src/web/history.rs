@@ -69,7 +69,7 @@ impl History {
         let mut seen_pools = Vec::new();
         let mut seen_backends = Vec::new();
         for pool in &stats.pools {
-            let listen = pool.listen.to_string();
+            let listen = pool.label.clone();
             let mut sum: Point = [now_ms, 0, 0, 0, 0];
             for b in &pool.backends {
                 let key = format!("{listen}|{}|{}", b.name, b.addr);
@@ -187,6 +187,7 @@ mod tests {
             udp_sessions: 0,
             pools: vec![PoolStats {
                 listen: "0.0.0.0:8080".parse().unwrap(),
+                label: "0.0.0.0:8080".into(),
                 proto: Default::default(),
                 evicted: 0,
                 accepted: 0,

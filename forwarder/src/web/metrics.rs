@@ -341,6 +341,7 @@ mod tests {
             udp_sessions: 0,
             pools: vec![PoolStats {
                 listen: "0.0.0.0:8080".parse().unwrap(),
+                label: "0.0.0.0:8080".into(),
                 proto: Default::default(),
                 evicted: 0,
                 accepted: 7,
