@@ -25,6 +25,7 @@ use crate::control::{ConnectionInfo, PoolSpec, SessionFigures, ID_WORKER_SHIFT};
 use crate::rules::Proto;
 use crate::stats::{now_ms, Shared};
 use sessions::SessionTable;
+use sys::{Outgoing, RecvBatch, SendBatch};
 
 /// Token ranges (above the worker's TCP listener range, below its control tokens).
 const PORT_BASE: usize = 1 << 44;
@@ -32,8 +33,10 @@ const SESSION_BASE: usize = 1 << 45;
 const SESSION_END: usize = 1 << 46;
 /// Datagrams one socket moves per readiness event before the others get a turn.
 const READ_BUDGET: usize = 64;
-/// The receive buffer: larger than the largest UDP payload (65,507 B over IPv4, 65,527 B over
-/// IPv6), so a datagram is never cut.
+/// Datagrams per recvmmsg/sendmmsg: one system call for up to this many.
+const BATCH: usize = 16;
+/// A receive slot: larger than the largest UDP payload (65,507 B over IPv4, 65,527 B over
+/// IPv6), so a datagram is never cut. A worker holds BATCH of them (1 MiB).
 const DATAGRAM_BUFFER: usize = 65_536;
 /// Socket buffers of a listening socket: room for a burst from many clients at once.
 const PORT_SOCKET_BUFFER: usize = 4 << 20;
@@ -103,7 +106,8 @@ pub struct Udp {
     ports: Slab<Port>,
     by_addr: HashMap<SocketAddr, usize>,
     sessions: SessionTable<Session>,
-    buf: Box<[u8]>,
+    rx: RecvBatch,
+    tx: SendBatch,
     /// Sockets that used their read budget and still have datagrams waiting (edge-triggered:
     /// no new event will come for them).
     again: Vec<Token>,
@@ -120,7 +124,8 @@ impl Udp {
             ports: Slab::new(),
             by_addr: HashMap::new(),
             sessions: SessionTable::new(max),
-            buf: vec![0u8; DATAGRAM_BUFFER].into_boxed_slice(),
+            rx: RecvBatch::new(BATCH, DATAGRAM_BUFFER),
+            tx: SendBatch::default(),
             again: Vec::new(),
             epoch: Instant::now(),
             next_id: 0,
@@ -168,7 +173,8 @@ impl Udp {
 
     // ---- client -> backend -----------------------------------------------------------------
 
-    /// Reads datagrams from clients on port `key`; true when the budget ran out first.
+    /// Reads datagrams from clients on port `key`, a batch per system call, and passes each to its
+    /// session; true when the budget ran out first.
     fn client_readable(
         &mut self,
         key: usize,
@@ -179,78 +185,111 @@ impl Udp {
         if self.draining_since.is_some() {
             return false;
         }
-        for _ in 0..READ_BUDGET {
+        // Taken out of self for the loop, so sessions can be opened while its data is borrowed.
+        let mut rx = std::mem::replace(&mut self.rx, RecvBatch::new(0, 0));
+        let mut more = true;
+        for _ in 0..READ_BUDGET / rx.slots() {
             let Some(port) = self.ports.get(key) else {
-                return false;
+                more = false;
+                break;
             };
-            let got = match sys::recv_from_to(port.socket.as_raw_fd(), &mut self.buf) {
-                Ok(got) => got,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
+            let pktinfo = port.pktinfo;
+            let n = match rx.recv(port.socket.as_raw_fd()) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    more = false;
+                    break;
+                }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
                     tracing::debug!("udp receive on {}: {e}", port.pool.listen);
                     continue;
                 }
             };
-            let local = if port.pktinfo { got.to } else { None };
-            self.client_datagram(key, got.from, local, got.len, shared, registry, now);
+            let now_ms = self.ms(now);
+            // Runs of datagrams for one session go out in one sendmmsg.
+            let mut run: Option<usize> = None;
+            let mut outgoing: Vec<Outgoing> = Vec::with_capacity(n);
+            for i in 0..n {
+                let (got, data) = rx.get(i);
+                let local = if pktinfo { got.to } else { None };
+                let session = match self.sessions.find(key, got.from) {
+                    Some(s) => Some(s),
+                    None => self.open_session(key, got.from, local, shared, registry, now),
+                };
+                let Some(session) = session else {
+                    let pool = &self.ports[key].pool;
+                    shared.pool(pool.slot).unrouted.fetch_add(1, Relaxed);
+                    continue;
+                };
+                self.sessions.touch(session, now_ms);
+                if let (Some(local), Some(s)) = (local, self.sessions.get_mut(session)) {
+                    // Answer from wherever the client sent its latest datagram.
+                    s.local = Some(local);
+                }
+                if run != Some(session) {
+                    if let Some(prev) = run {
+                        self.send_up(prev, &outgoing, shared);
+                        outgoing.clear();
+                    }
+                    run = Some(session);
+                }
+                outgoing.push(Outgoing {
+                    data,
+                    to: None,
+                    from: None,
+                });
+            }
+            if let Some(prev) = run {
+                self.send_up(prev, &outgoing, shared);
+            }
+            if n < rx.slots() {
+                // The queue was empty when the kernel stopped filling the batch.
+                more = false;
+                break;
+            }
         }
-        true
+        self.rx = rx;
+        more
     }
 
-    /// Passes one client datagram (in `self.buf[..len]`) to its session, making one first.
-    #[allow(clippy::too_many_arguments)]
-    fn client_datagram(
-        &mut self,
-        port: usize,
-        client: SocketAddr,
-        local: Option<IpAddr>,
-        len: usize,
-        shared: &Shared,
-        registry: &Registry,
-        now: Instant,
-    ) {
-        let key = match self.sessions.find(port, client) {
-            Some(key) => key,
-            None => match self.open_session(port, client, local, shared, registry, now) {
-                Some(key) => key,
-                None => {
-                    let pool = &self.ports[port].pool;
-                    shared.pool(pool.slot).unrouted.fetch_add(1, Relaxed);
-                    return;
-                }
-            },
-        };
-        let now_ms = self.ms(now);
-        self.sessions.touch(key, now_ms);
+    /// Sends datagrams of one session to its backend; a full buffer drops (and counts) what did
+    /// not fit, a port-unreachable moves the session to the next backend and tries once more.
+    fn send_up(&mut self, key: usize, msgs: &[Outgoing], shared: &Shared) {
+        let mut done = 0;
         for attempt in 0..2 {
             let Some(s) = self.sessions.get_mut(key) else {
                 return;
             };
-            if local.is_some() {
-                // Answer from wherever the client sent its latest datagram.
-                s.local = local;
-            }
             let backend = shared.backend(s.slot());
-            match s.socket.send(&self.buf[..len]) {
-                Ok(_) => {
-                    s.up.datagrams += 1;
-                    s.up.bytes += len as u64;
-                    backend.datagrams_up.fetch_add(1, Relaxed);
-                    backend.bytes_up.fetch_add(len as u64, Relaxed);
-                    return;
-                }
+            let (sent, err) = self.tx.send(s.socket.as_raw_fd(), &msgs[done..]);
+            let bytes: usize = msgs[done..done + sent].iter().map(|m| m.data.len()).sum();
+            s.up.datagrams += sent as u64;
+            s.up.bytes += bytes as u64;
+            backend.datagrams_up.fetch_add(sent as u64, Relaxed);
+            backend.bytes_up.fetch_add(bytes as u64, Relaxed);
+            done += sent;
+            match err {
+                None => return,
                 // An ICMP port-unreachable for an earlier datagram: the backend is not there.
-                Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) && attempt == 0 => {
+                Some(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) && attempt == 0 => {
                     self.refused(key, shared);
                 }
-                Err(e) => {
-                    // Full buffer (EAGAIN, ENOBUFS) or anything else: this datagram is lost.
+                Some(e) => {
+                    // Full buffer (EAGAIN, ENOBUFS) or anything else: these datagrams are lost.
                     tracing::trace!("udp send to backend: {e}");
-                    backend.drops_up.fetch_add(1, Relaxed);
+                    backend
+                        .drops_up
+                        .fetch_add((msgs.len() - done) as u64, Relaxed);
                     return;
                 }
             }
+        }
+        if let Some(s) = self.sessions.get(key) {
+            shared
+                .backend(s.slot())
+                .drops_up
+                .fetch_add((msgs.len() - done) as u64, Relaxed);
         }
     }
 
@@ -345,19 +384,19 @@ impl Udp {
 
     // ---- backend -> client -----------------------------------------------------------------
 
-    /// Reads replies on session `key`'s socket and sends them to its client from the listening
-    /// socket; true when the budget ran out first.
+    /// Reads replies on session `key`'s socket, a batch per system call, and sends them to its
+    /// client from the listening socket, a batch per system call; true when the budget ran out.
     fn backend_readable(&mut self, key: usize, shared: &Shared, now: Instant) -> bool {
         let mut moved = false;
         let mut more = true;
-        for _ in 0..READ_BUDGET {
+        for _ in 0..READ_BUDGET / self.rx.slots() {
             let Some((port, client)) = self.sessions.client(key) else {
                 return false;
             };
             let Some(s) = self.sessions.get_mut(key) else {
                 return false;
             };
-            let len = match s.socket.recv(&mut self.buf) {
+            let n = match self.rx.recv(s.socket.as_raw_fd()) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     more = false;
@@ -378,20 +417,49 @@ impl Udp {
             if backend.failures_in_row.load(Relaxed) > 0 && backend.record_success() {
                 tracing::info!(backend = %s.pool.backends[s.backend].addr, "backend up");
             }
+            let outgoing: Vec<Outgoing> = (0..n)
+                .map(|i| Outgoing {
+                    data: self.rx.get(i).1,
+                    to: Some(client),
+                    from: s.local,
+                })
+                .collect();
             let fd = self.ports[port].socket.as_raw_fd();
-            match sys::send_from_to(fd, &self.buf[..len], client, s.local) {
-                Ok(_) => {
-                    s.down.datagrams += 1;
-                    s.down.bytes += len as u64;
-                    backend.datagrams_down.fetch_add(1, Relaxed);
-                    backend.bytes_down.fetch_add(len as u64, Relaxed);
-                }
-                Err(e) => {
-                    tracing::trace!("udp send to client: {e}");
-                    backend.drops_down.fetch_add(1, Relaxed);
+            let mut done = 0;
+            while done < n {
+                let (sent, err) = self.tx.send(fd, &outgoing[done..]);
+                let bytes: usize = outgoing[done..done + sent]
+                    .iter()
+                    .map(|m| m.data.len())
+                    .sum();
+                s.down.datagrams += sent as u64;
+                s.down.bytes += bytes as u64;
+                backend.datagrams_down.fetch_add(sent as u64, Relaxed);
+                backend.bytes_down.fetch_add(bytes as u64, Relaxed);
+                done += sent;
+                match err {
+                    None => {}
+                    Some(e)
+                        if matches!(e.kind(), io::ErrorKind::WouldBlock)
+                            || e.raw_os_error() == Some(libc::ENOBUFS) =>
+                    {
+                        // The client-facing buffer is full: the rest of this batch is lost.
+                        backend.drops_down.fetch_add((n - done) as u64, Relaxed);
+                        done = n;
+                    }
+                    Some(e) => {
+                        // One datagram the kernel refused (say, a client gone): skip it.
+                        tracing::trace!("udp send to client: {e}");
+                        backend.drops_down.fetch_add(1, Relaxed);
+                        done += 1;
+                    }
                 }
             }
             moved = true;
+            if n < self.rx.slots() {
+                more = false;
+                break;
+            }
         }
         if moved {
             let now_ms = self.ms(now);

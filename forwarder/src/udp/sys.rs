@@ -1,7 +1,9 @@
 //! The two system calls std does not offer for UDP: receiving a datagram together with the local
 //! address it was sent to, and sending one from a chosen local address (`IP_PKTINFO` /
 //! `IPV6_PKTINFO`). A socket bound to `0.0.0.0` on a host with several addresses must answer from
-//! the address the client used, or the client's socket (and any NAT) drops the reply.
+//! the address the client used, or the client's socket (and any NAT) drops the reply. And their
+//! batched forms ([`RecvBatch`], [`SendBatch`]: `recvmmsg`/`sendmmsg`), one system call for many
+//! datagrams.
 
 use std::io;
 use std::mem;
@@ -168,6 +170,26 @@ pub fn send_from_to(
         msg.msg_iov = &mut iov;
         msg.msg_iovlen = 1;
         if let Some(from) = from {
+            write_pktinfo(&mut msg, &mut cmsg, from);
+        }
+        libc::sendmsg(fd, &msg, libc::MSG_NOSIGNAL)
+    };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
+/// Points `msg` at `cmsg` holding a pktinfo that makes `from` the datagram's source address.
+///
+/// # Safety
+/// `msg` must be otherwise initialised; `cmsg` must outlive its use in a system call.
+unsafe fn write_pktinfo(msg: &mut libc::msghdr, cmsg: &mut CmsgBuf, from: IpAddr) {
+    // SAFETY: the header and its data are written inside `cmsg`, which is large enough for either
+    // pktinfo (CMSG_SPACE of in6_pktinfo is 32 bytes, the buffer 64).
+    unsafe {
+        {
             msg.msg_control = cmsg.as_mut_ptr().cast();
             let (level, kind, size) = match from {
                 IpAddr::V4(_) => (
@@ -182,7 +204,7 @@ pub fn send_from_to(
                 ),
             };
             msg.msg_controllen = libc::CMSG_SPACE(size as u32) as usize;
-            let hdr = libc::CMSG_FIRSTHDR(&msg);
+            let hdr = libc::CMSG_FIRSTHDR(msg);
             (*hdr).cmsg_level = level;
             (*hdr).cmsg_type = kind;
             (*hdr).cmsg_len = libc::CMSG_LEN(size as u32) as usize;
@@ -209,12 +231,212 @@ pub fn send_from_to(
                 }
             }
         }
-        libc::sendmsg(fd, &msg, libc::MSG_NOSIGNAL)
-    };
-    if n < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(n as usize)
+    }
+}
+
+/// Reads a socket address the kernel wrote into `storage`.
+fn socket_addr(storage: &libc::sockaddr_storage) -> Option<SocketAddr> {
+    match storage.ss_family as libc::c_int {
+        libc::AF_INET => {
+            // SAFETY: the family says the storage holds a sockaddr_in.
+            let a: libc::sockaddr_in = unsafe {
+                std::ptr::read_unaligned((storage as *const libc::sockaddr_storage).cast())
+            };
+            Some(SocketAddr::from((
+                Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr)),
+                u16::from_be(a.sin_port),
+            )))
+        }
+        libc::AF_INET6 => {
+            // SAFETY: the family says the storage holds a sockaddr_in6.
+            let a: libc::sockaddr_in6 = unsafe {
+                std::ptr::read_unaligned((storage as *const libc::sockaddr_storage).cast())
+            };
+            Some(SocketAddr::V6(std::net::SocketAddrV6::new(
+                Ipv6Addr::from(a.sin6_addr.s6_addr),
+                u16::from_be(a.sin6_port),
+                a.sin6_flowinfo,
+                a.sin6_scope_id,
+            )))
+        }
+        _ => None,
+    }
+}
+
+/// Buffers for receiving up to `slots` datagrams with one `recvmmsg`: every slot is as large as
+/// the largest datagram, so none is ever cut.
+pub struct RecvBatch {
+    slot_len: usize,
+    data: Box<[u8]>,
+    names: Box<[libc::sockaddr_storage]>,
+    cmsgs: Box<[CmsgBuf]>,
+    iovs: Box<[libc::iovec]>,
+    hdrs: Box<[libc::mmsghdr]>,
+}
+
+impl RecvBatch {
+    pub fn new(slots: usize, slot_len: usize) -> RecvBatch {
+        RecvBatch {
+            slot_len,
+            data: vec![0u8; slots * slot_len].into_boxed_slice(),
+            // SAFETY: all-zero is a valid value of these plain C structs.
+            names: (0..slots).map(|_| unsafe { mem::zeroed() }).collect(),
+            cmsgs: vec![[0u64; 8]; slots].into_boxed_slice(),
+            iovs: (0..slots)
+                .map(|_| libc::iovec {
+                    iov_base: std::ptr::null_mut(),
+                    iov_len: 0,
+                })
+                .collect(),
+            // SAFETY: as above.
+            hdrs: (0..slots).map(|_| unsafe { mem::zeroed() }).collect(),
+        }
+    }
+
+    pub fn slots(&self) -> usize {
+        self.hdrs.len()
+    }
+
+    /// Receives what is waiting, up to every slot; returns how many datagrams (at least one, or
+    /// `WouldBlock`).
+    pub fn recv(&mut self, fd: RawFd) -> io::Result<usize> {
+        let slots = self.hdrs.len();
+        for i in 0..slots {
+            self.iovs[i] = libc::iovec {
+                iov_base: self.data[i * self.slot_len..].as_mut_ptr().cast(),
+                iov_len: self.slot_len,
+            };
+            let h = &mut self.hdrs[i].msg_hdr;
+            h.msg_name = (&mut self.names[i] as *mut libc::sockaddr_storage).cast();
+            h.msg_namelen = mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+            h.msg_iov = &mut self.iovs[i];
+            h.msg_iovlen = 1;
+            h.msg_control = self.cmsgs[i].as_mut_ptr().cast();
+            h.msg_controllen = mem::size_of::<CmsgBuf>();
+            h.msg_flags = 0;
+            self.hdrs[i].msg_len = 0;
+        }
+        // SAFETY: every header points at buffers of this struct, of the lengths given, which live
+        // as long as the call.
+        let n = unsafe {
+            libc::recvmmsg(
+                fd,
+                self.hdrs.as_mut_ptr(),
+                slots as libc::c_uint,
+                libc::MSG_DONTWAIT,
+                std::ptr::null_mut(),
+            )
+        };
+        if n < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(n as usize)
+        }
+    }
+
+    /// Datagram `i` of the last [`recv`](Self::recv).
+    pub fn get(&self, i: usize) -> (Received, &[u8]) {
+        let h = &self.hdrs[i];
+        let len = (h.msg_len as usize).min(self.slot_len);
+        let from = socket_addr(&self.names[i])
+            .unwrap_or_else(|| SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)));
+        let got = Received {
+            len,
+            from,
+            to: parse_pktinfo(&self.cmsgs[i], h.msg_hdr.msg_controllen),
+            truncated: h.msg_hdr.msg_flags & libc::MSG_TRUNC != 0,
+        };
+        let start = i * self.slot_len;
+        (got, &self.data[start..start + len])
+    }
+}
+
+/// One datagram to send with [`SendBatch::send`].
+pub struct Outgoing<'a> {
+    pub data: &'a [u8],
+    /// Destination; `None` on a connected socket.
+    pub to: Option<SocketAddr>,
+    /// Source address to send from (pktinfo); `None` for the kernel's choice.
+    pub from: Option<IpAddr>,
+}
+
+/// Scratch space for one `sendmmsg` of many datagrams.
+#[derive(Default)]
+pub struct SendBatch {
+    names: Vec<libc::sockaddr_storage>,
+    cmsgs: Vec<CmsgBuf>,
+    iovs: Vec<libc::iovec>,
+    hdrs: Vec<libc::mmsghdr>,
+}
+
+impl SendBatch {
+    /// Sends `msgs` in order with as few system calls as the kernel allows. Returns how many were
+    /// sent before the first that failed, and that failure (the rest were not tried).
+    pub fn send(&mut self, fd: RawFd, msgs: &[Outgoing]) -> (usize, Option<io::Error>) {
+        let n = msgs.len();
+        // SAFETY: all-zero is a valid value of these plain C structs.
+        self.names.resize_with(n, || unsafe { mem::zeroed() });
+        self.cmsgs.resize(n, [0u64; 8]);
+        self.iovs.resize_with(n, || libc::iovec {
+            iov_base: std::ptr::null_mut(),
+            iov_len: 0,
+        });
+        self.hdrs.resize_with(n, || unsafe { mem::zeroed() });
+        for (i, m) in msgs.iter().enumerate() {
+            self.iovs[i] = libc::iovec {
+                iov_base: m.data.as_ptr() as *mut libc::c_void,
+                iov_len: m.data.len(),
+            };
+            // SAFETY: as above.
+            let mut h: libc::msghdr = unsafe { mem::zeroed() };
+            h.msg_iov = &mut self.iovs[i];
+            h.msg_iovlen = 1;
+            if let Some(to) = m.to {
+                let addr = SockAddr::from(to);
+                // SAFETY: a SockAddr's bytes fit a sockaddr_storage.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        addr.as_ptr().cast::<u8>(),
+                        (&mut self.names[i] as *mut libc::sockaddr_storage).cast::<u8>(),
+                        addr.len() as usize,
+                    );
+                }
+                h.msg_name = (&mut self.names[i] as *mut libc::sockaddr_storage).cast();
+                h.msg_namelen = addr.len();
+            }
+            if let Some(from) = m.from {
+                // SAFETY: the control buffer lives in self until the call below.
+                unsafe { write_pktinfo(&mut h, &mut self.cmsgs[i], from) };
+            }
+            self.hdrs[i] = libc::mmsghdr {
+                msg_hdr: h,
+                msg_len: 0,
+            };
+        }
+        let mut sent = 0;
+        while sent < n {
+            // SAFETY: headers from `sent` on point at live buffers built above.
+            let r = unsafe {
+                libc::sendmmsg(
+                    fd,
+                    self.hdrs[sent..].as_mut_ptr(),
+                    (n - sent) as libc::c_uint,
+                    libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+                )
+            };
+            if r < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return (sent, Some(e));
+            }
+            if r == 0 {
+                break;
+            }
+            sent += r as usize;
+        }
+        (sent, None)
     }
 }
 
@@ -223,6 +445,58 @@ mod tests {
     use super::*;
     use std::net::UdpSocket;
     use std::os::fd::AsRawFd;
+
+    #[test]
+    fn batches_keep_boundaries_sources_and_destinations() {
+        let server = UdpSocket::bind("0.0.0.0:0").unwrap();
+        enable_pktinfo(server.as_raw_fd(), false).unwrap();
+        let port = server.local_addr().unwrap().port();
+        let client = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let sizes = [0usize, 1, 1400, 65_507, 3];
+        for (i, &n) in sizes.iter().enumerate() {
+            client
+                .send_to(&vec![i as u8; n], ("127.0.0.5", port))
+                .unwrap();
+        }
+        let mut rx = RecvBatch::new(4, 65_536);
+        let mut got = Vec::new();
+        while got.len() < sizes.len() {
+            let n = rx.recv(server.as_raw_fd()).unwrap();
+            assert!(n <= 4);
+            for i in 0..n {
+                let (r, data) = rx.get(i);
+                assert_eq!(r.from, client.local_addr().unwrap());
+                assert_eq!(r.to, Some("127.0.0.5".parse().unwrap()));
+                assert!(!r.truncated);
+                got.push(data.to_vec());
+            }
+        }
+        for (i, d) in got.iter().enumerate() {
+            assert_eq!(d, &vec![i as u8; sizes[i]]);
+        }
+        let mut tx = SendBatch::default();
+        let msgs: Vec<Outgoing> = got
+            .iter()
+            .map(|d| Outgoing {
+                data: d,
+                to: Some(client.local_addr().unwrap()),
+                from: Some("127.0.0.5".parse().unwrap()),
+            })
+            .collect();
+        let (sent, err) = tx.send(server.as_raw_fd(), &msgs);
+        assert_eq!((sent, err.map(|e| e.to_string())), (5, None));
+        let mut buf = vec![0u8; 65_536];
+        for (i, &n) in sizes.iter().enumerate() {
+            let (len, from) = client.recv_from(&mut buf).unwrap();
+            assert_eq!(len, n);
+            assert!(buf[..len].iter().all(|&b| b == i as u8));
+            assert_eq!(from, SocketAddr::from(([127, 0, 0, 5], port)));
+        }
+        assert_eq!(
+            rx.recv(server.as_raw_fd()).unwrap_err().kind(),
+            io::ErrorKind::WouldBlock
+        );
+    }
 
     #[test]
     fn destination_is_reported_and_replies_leave_from_the_chosen_address() {
