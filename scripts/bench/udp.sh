@@ -48,7 +48,8 @@ if [ "$BUILD" = 1 ]; then
     say "building release binaries (cargo build --release -p forwarder --bins --examples)"
     cargo build --release -q -p forwarder --bins --examples
 fi
-FORWARDER=$TARGET_DIR/release/forwarder
+# BENCH_FORWARDER: another build of ours to measure (say, before a change).
+FORWARDER=${BENCH_FORWARDER:-$TARGET_DIR/release/forwarder}
 LOAD=$TARGET_DIR/release/examples/bench-load
 for b in "$FORWARDER" "$LOAD"; do
     [ -x "$b" ] || { echo "bench-udp: $b is missing (run without --no-build)" >&2; exit 1; }

@@ -38,7 +38,7 @@ enum Command {
     Pingpong(pingpong::PingpongArgs),
     /// Memory per idle connection: open N connections through the proxy and compare its RSS
     Idle(idle::IdleArgs),
-    /// UDP echo server (every datagram sent back to its sender)
+    /// UDP echo server (every non-empty datagram sent back to its sender)
     UdpEcho(udp::UdpEchoArgs),
     /// UDP datagrams at a set rate through a proxy to an echo: datagrams/s, loss, CPU per datagram
     UdpBlast(udp::UdpBlastArgs),

@@ -37,6 +37,9 @@ pub fn echo(args: UdpEchoArgs) -> anyhow::Result<()> {
             let mut buf = vec![0u8; 65_536];
             loop {
                 match socket.recv_from(&mut buf) {
+                    // Empty datagrams are not echoed: rinetd sends one when it opens a
+                    // session and takes an empty reply for the end of it.
+                    Ok((0, _)) => {}
                     Ok((n, from)) => {
                         let _ = socket.send_to(&buf[..n], from);
                     }

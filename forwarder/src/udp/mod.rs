@@ -40,6 +40,8 @@ const BATCH: usize = 16;
 const DATAGRAM_BUFFER: usize = 65_536;
 /// Socket buffers of a listening socket: room for a burst from many clients at once.
 const PORT_SOCKET_BUFFER: usize = 4 << 20;
+/// Socket buffers of a session's socket toward its backend.
+const SESSION_SOCKET_BUFFER: usize = 1 << 20;
 /// After SIGTERM, how long replies in flight may still arrive.
 pub const DRAIN_GRACE: Duration = Duration::from_secs(1);
 /// Session ids carry this bit, so they never collide with the worker's TCP connection ids.
@@ -655,6 +657,9 @@ fn connected_socket(backend: SocketAddr) -> io::Result<UdpSocket> {
         (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
     };
     let socket = UdpSocket::bind(any)?;
+    // A burst of replies must not overflow the default (~200 KiB, ~90 datagrams of 1,400 B)
+    // while the worker is busy elsewhere; a limit, not memory taken up front.
+    sys::set_buffers(socket.as_raw_fd(), SESSION_SOCKET_BUFFER);
     socket.connect(backend)?;
     Ok(socket)
 }
