@@ -38,7 +38,7 @@ done
 if [ "$QUICK" = 1 ]; then
     SECS=${SECS:-1} RATES=${RATES:-"20000 80000 200000"}
 else
-    SECS=${SECS:-3} RATES=${RATES:-"20000 50000 100000 150000 200000 300000 400000"}
+    SECS=${SECS:-3} RATES=${RATES:-"5000 10000 20000 35000 50000 100000 200000"}
 fi
 say() { echo "bench-udp: $*" >&2; }
 
@@ -48,8 +48,10 @@ if [ "$BUILD" = 1 ]; then
     say "building release binaries (cargo build --release -p forwarder --bins --examples)"
     cargo build --release -q -p forwarder --bins --examples
 fi
-# BENCH_FORWARDER: another build of ours to measure (say, before a change).
+# BENCH_FORWARDER: another build of ours to measure; BENCH_FORWARDER_B: a second build measured
+# side by side as one more target (say, before a change).
 FORWARDER=${BENCH_FORWARDER:-$TARGET_DIR/release/forwarder}
+FORWARDER_B=${BENCH_FORWARDER_B:-}
 LOAD=$TARGET_DIR/release/examples/bench-load
 for b in "$FORWARDER" "$LOAD"; do
     [ -x "$b" ] || { echo "bench-udp: $b is missing (run without --no-build)" >&2; exit 1; }
@@ -70,6 +72,12 @@ TARGETS=(direct ours nginx socat rinetd)
 declare -A OFFSET=([direct]=0 [ours]=10 [nginx]=20 [socat]=30 [rinetd]=40)
 declare -A LABEL=([direct]=direct [ours]=forwarder [nginx]="nginx stream" [socat]=socat [rinetd]=rinetd)
 declare -A PID=([direct]="")
+if [ -n "$FORWARDER_B" ]; then
+    TARGETS+=(ours_b)
+    OFFSET[ours_b]=50
+    LABEL[ours_b]="forwarder B ($(basename "$FORWARDER_B"))"
+fi
+N=${#TARGETS[@]}
 port_of() { # target service
     case $2 in echo) echo $((ECHO + ${OFFSET[$1]})) ;; sockperf) echo $((SOCKPERF + ${OFFSET[$1]})) ;; esac
 }
@@ -94,6 +102,15 @@ EOF
 start_bg "$WORK/forwarder.log" "$FORWARDER" --rules "$WORK/rules.csv" --no-web --workers 2 \
     --log-level warn --drain-timeout-s 1
 PID[ours]=$BG_PID
+if [ -n "$FORWARDER_B" ]; then
+    cat >"$WORK/rules-b.csv" <<EOF
+udp-echo,127.0.0.1:$(port_of ours_b echo)/udp,127.0.0.1,$ECHO
+udp-sockperf,127.0.0.1:$(port_of ours_b sockperf)/udp,127.0.0.1,$SOCKPERF
+EOF
+    start_bg "$WORK/forwarder-b.log" "$FORWARDER_B" --rules "$WORK/rules-b.csv" --no-web --workers 2 \
+        --log-level warn --drain-timeout-s 1
+    PID[ours_b]=$BG_PID
+fi
 
 cat >"$WORK/nginx/nginx.conf" <<EOF
 load_module /usr/lib/nginx/modules/ngx_stream_module.so;
@@ -125,8 +142,8 @@ EOF
 start_bg "$WORK/rinetd.log" rinetd -f -c "$WORK/rinetd.conf"
 PID[rinetd]=$BG_PID
 
-for t in ours nginx socat rinetd; do
-    for s in echo sockperf; do wait_udp "$(port_of $t $s)"; done
+for t in "${TARGETS[@]:1}"; do
+    for s in echo sockperf; do wait_udp "$(port_of "$t" $s)"; done
 done
 
 START=$(date -u '+%Y-%m-%d %H:%M UTC')
@@ -156,8 +173,8 @@ step=0
 for size in 64 1400; do
     for rate in $RATES; do
         step=$((step + 1))
-        for i in 0 1 2 3 4; do
-            t=${TARGETS[$(((i + step) % 5))]}
+        for ((i = 0; i < N; i++)); do
+            t=${TARGETS[$(((i + step) % N))]}
             # A target that already lost over 5 % at a lower rate is not pushed harder.
             [ -n "${GAVE_UP[$t-$size]:-}" ] && continue
             out=$WORK/res/blast-$size-$rate-$t.json
@@ -172,8 +189,7 @@ for size in 64 1400; do
         done
     done
 done
-for i in 0 1 2 3 4; do
-    t=${TARGETS[$i]}
+for t in "${TARGETS[@]}"; do
     say "ping-pong via ${LABEL[$t]}"
     run_ping "$t" "$WORK/res/ping-$t.json"
 done
