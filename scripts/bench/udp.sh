@@ -11,7 +11,7 @@
 # which loss stays below 0.1 %.
 #
 # Usage: scripts/bench-forwarder.sh --udp [--quick] [--seconds S] [--rates "R1 R2 …"] [--out FILE]
-#                                         [--keep] [--no-build]
+#                                         [--keep] [--no-build] [--from DIR]
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
@@ -20,6 +20,46 @@ cd "$ROOT"
 source scripts/lib/apt.sh
 # shellcheck source=lib.sh
 source scripts/bench/lib.sh
+
+say() { echo "bench-udp: $*" >&2; }
+
+# Prints the table of a run from its work directory (results and meta.env).
+udp_report() {
+    local dir=$1 t i size b w rate rate_txt cpu fixed loss row p50 p99
+    # shellcheck disable=SC1091 # meta.env sets START … SHOWN_AS
+    source "$dir/meta.env"
+    # The CPU figure compared at one rate every target takes: 10,000/s when tried, else the lowest.
+    local cpu_rate=10000
+    [[ " $RATES " == *" 10000 "* ]] || cpu_rate=${RATES%% *}
+    # Best step: the highest rate received back among steps with loss < 0.1 %.
+    best() { cat "$dir"/res/blast-"$2"-*-"$1".json 2>/dev/null |
+        jq -s 'map(select(.error == null and .loss_percent < 0.1)) | max_by(.received_per_s) // null'; }
+    worst() { cat "$dir"/res/blast-"$2"-*-"$1".json 2>/dev/null |
+        jq -s 'map(select(.error == null)) | max_by(.rate) // null'; }
+    echo "UDP, $START, ${SECS} s per step, rates tried: $RATES datagrams/s (4 client sessions, echo backend)."
+    echo "Load average before/after: $LOAD_BEFORE / $LOAD_AFTER; run took ${ELAPSED} s. forwarder at $COMMIT (2 workers); $VERSIONS."
+    echo
+    echo "| target | 64 B: datagrams/s at < 0.1 % loss | CPU µs/datagram there | at $cpu_rate/s | loss at highest rate tried | 1,400 B: datagrams/s at < 0.1 % loss | CPU µs/datagram there | at $cpu_rate/s | loss at highest rate tried | ping-pong p50 µs | p99 µs |"
+    echo "|---|---|---|---|---|---|---|---|---|---|---|"
+    for i in "${!TARGETS[@]}"; do
+        t=${TARGETS[$i]}
+        row="| ${SHOWN_AS[$i]}"
+        for size in 64 1400; do
+            b=$(best "$t" "$size")
+            w=$(worst "$t" "$size")
+            rate=$(jq -r 'if . == null then "none" else .received_per_s end' <<<"$b")
+            cpu=$(jq -r 'if . == null or .cpu_ns_per_datagram == null then "null" else .cpu_ns_per_datagram / 1000 end' <<<"$b")
+            fixed=$(jq -r 'if .error != null or .cpu_ns_per_datagram == null then "null" else .cpu_ns_per_datagram / 1000 end' \
+                "$dir/res/blast-$size-$cpu_rate-$t.json" 2>/dev/null || echo null)
+            loss=$(jq -r 'if . == null then "—" else "\(.loss_percent * 100 | round / 100) % at \(.rate)/s" end' <<<"$w")
+            if [ "$rate" = none ]; then rate_txt="none"; else rate_txt=$(fmt "$rate" 0); fi
+            row="$row | $rate_txt | $(fmt "$cpu" 2) | $(fmt "$fixed" 2) | $loss"
+        done
+        p50=$(jq -r '.p50_us // "null"' "$dir/res/ping-$t.json" 2>/dev/null || echo null)
+        p99=$(jq -r '.p99_us // "null"' "$dir/res/ping-$t.json" 2>/dev/null || echo null)
+        echo "$row | $(fmt "$p50" 1) | $(fmt "$p99" 1) |"
+    done
+}
 
 QUICK=0 SECS="" RATES="" OUT="" KEEP=0 BUILD=1
 while [ $# -gt 0 ]; do
@@ -30,6 +70,7 @@ while [ $# -gt 0 ]; do
     --out) OUT=$2; shift ;;
     --keep) KEEP=1 ;;
     --no-build) BUILD=0 ;;
+    --from) udp_report "$2"; exit 0 ;;
     -h | --help) sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "bench-udp: unknown option '$1'" >&2; exit 2 ;;
     esac
@@ -40,8 +81,6 @@ if [ "$QUICK" = 1 ]; then
 else
     SECS=${SECS:-3} RATES=${RATES:-"5000 10000 20000 35000 50000 100000 200000"}
 fi
-say() { echo "bench-udp: $*" >&2; }
-
 ensure_apt_packages sockperf nginx libnginx-mod-stream socat rinetd jq iproute2
 TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
 if [ "$BUILD" = 1 ]; then
@@ -197,36 +236,13 @@ ELAPSED=$(($(date +%s) - T0))
 LOAD_AFTER=$(cut -d' ' -f1-3 /proc/loadavg)
 
 # ---- report --------------------------------------------------------------------------------------
-# Best step per target and size: the highest received rate among steps with loss < 0.1 %.
-best() { # target size -> JSON of that step, or null
-    cat "$WORK"/res/blast-"$2"-*-"$1".json 2>/dev/null |
-        jq -s 'map(select(.error == null and .loss_percent < 0.1)) | max_by(.received_per_s) // null'
-}
-worst() { # target size -> the step with the highest rate tried
-    cat "$WORK"/res/blast-"$2"-*-"$1".json 2>/dev/null |
-        jq -s 'map(select(.error == null)) | max_by(.rate) // null'
-}
 {
-    echo "UDP, $START, ${SECS} s per step, rates tried: $RATES datagrams/s (4 client sessions, echo backend)."
-    echo "Load average before/after: $LOAD_BEFORE / $LOAD_AFTER; $(nproc) cores; run took ${ELAPSED} s."
-    echo "forwarder at $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?'), 2 workers; nginx $(nginx -v 2>&1 | cut -d/ -f2) (2 workers); $(socat -V 2>/dev/null | sed -n 's/^socat version \([^ ]*\).*/socat \1/p'); rinetd $(dpkg-query -W -f='${Version}' rinetd 2>/dev/null); sockperf $(sockperf --version 2>/dev/null | head -1 | sed 's/.*version \([0-9.]*\).*/\1/')."
-    echo
-    echo "| target | 64 B: datagrams/s at < 0.1 % loss | CPU µs/datagram | loss at highest rate tried | 1,400 B: datagrams/s at < 0.1 % loss | CPU µs/datagram | loss at highest rate tried | ping-pong p50 µs | p99 µs |"
-    echo "|---|---|---|---|---|---|---|---|---|"
-    for t in "${TARGETS[@]}"; do
-        row="| ${LABEL[$t]}"
-        for size in 64 1400; do
-            b=$(best "$t" "$size")
-            w=$(worst "$t" "$size")
-            rate=$(jq -r 'if . == null then "none" else .received_per_s end' <<<"$b")
-            cpu=$(jq -r 'if . == null or .cpu_ns_per_datagram == null then "null" else .cpu_ns_per_datagram / 1000 end' <<<"$b")
-            loss=$(jq -r 'if . == null then "—" else "\(.loss_percent * 100 | round / 100) % at \(.rate)/s" end' <<<"$w")
-            if [ "$rate" = none ]; then rate_txt="none"; else rate_txt=$(fmt "$rate" 0); fi
-            row="$row | $rate_txt | $(fmt "$cpu" 2) | $loss"
-        done
-        p50=$(jq -r '.p50_us // "null"' "$WORK/res/ping-$t.json" 2>/dev/null || echo null)
-        p99=$(jq -r '.p99_us // "null"' "$WORK/res/ping-$t.json" 2>/dev/null || echo null)
-        echo "$row | $(fmt "$p50" 1) | $(fmt "$p99" 1) |"
-    done
-} | tee "$WORK/table.md"
+    printf 'START=%q\nELAPSED=%q\nSECS=%q\nRATES=%q\nLOAD_BEFORE=%q\nLOAD_AFTER=%q\n' \
+        "$START" "$ELAPSED" "$SECS" "$RATES" "$LOAD_BEFORE" "$LOAD_AFTER"
+    printf 'TARGETS=(%s)\n' "${TARGETS[*]}"
+    printf 'SHOWN_AS=(%s)\n' "$(for t in "${TARGETS[@]}"; do printf '%q ' "${LABEL[$t]}"; done)"
+    printf 'COMMIT=%q\nVERSIONS=%q\n' "$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?')" \
+        "nginx $(nginx -v 2>&1 | cut -d/ -f2) (2 workers); $(socat -V 2>/dev/null | sed -n 's/^socat version \([^ ]*\).*/socat \1/p'); rinetd $(dpkg-query -W -f='${Version}' rinetd 2>/dev/null); sockperf $(sockperf --version 2>/dev/null | head -1 | sed 's/.*version \([0-9.]*\).*/\1/')"
+} >"$WORK/meta.env"
+udp_report "$WORK" | tee "$WORK/table.md"
 [ -z "$OUT" ] || cp "$WORK/table.md" "$OUT"
