@@ -377,6 +377,9 @@ impl Udp {
         if s.socket.connect(to.addr).is_err() {
             return;
         }
+        // An error still pending from the old backend (a second port-unreachable) must not be
+        // blamed on the new one: reading SO_ERROR clears it.
+        let _ = s.socket.take_error();
         shared.open(worker, failed.slot).fetch_sub(1, Relaxed);
         shared.open(worker, to.slot).fetch_add(1, Relaxed);
         shared.backend(to.slot).total.fetch_add(1, Relaxed);
