@@ -546,3 +546,39 @@ fn sigterm_stops_reading_but_lets_replies_in_flight_arrive() {
     );
     assert!(started.elapsed() < Duration::from_secs(5));
 }
+
+#[test]
+fn a_one_session_table_never_mixes_two_clients_datagrams() {
+    let echo = UdpEcho::start(Duration::ZERO);
+    let port = free_port();
+    let f = Forwarder::start(
+        &format!("a,127.0.0.1:{port}/udp,127.0.0.1,{}\n", echo.port),
+        1,
+        &["--udp-max-sessions", "1"],
+        &[port],
+    );
+    let (a, b) = (client(), client());
+    a.set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    b.set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    // Interleaved so both clients' datagrams share the forwarder's receive batches; each new
+    // session evicts the other's.
+    for i in 0..200 {
+        a.send_to(format!("a{i}").as_bytes(), local(port)).unwrap();
+        b.send_to(format!("b{i}").as_bytes(), local(port)).unwrap();
+    }
+    let mut buf = [0u8; 64];
+    for (s, tag) in [(&a, b'a'), (&b, b'b')] {
+        while let Ok((n, _)) = s.recv_from(&mut buf) {
+            assert_eq!(
+                buf[0],
+                tag,
+                "a datagram of the other client: {:?}",
+                &buf[..n]
+            );
+        }
+    }
+    assert_eq!(ping(&a, port, b"a-last"), b"a-last");
+    assert_eq!(f.metric("forwarder_active_udp_sessions"), Some(1));
+}

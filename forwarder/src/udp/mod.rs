@@ -217,7 +217,15 @@ impl Udp {
                 let local = if pktinfo { got.to } else { None };
                 let session = match self.sessions.find(key, got.from) {
                     Some(s) => Some(s),
-                    None => self.open_session(key, got.from, local, shared, registry, now),
+                    None => {
+                        // Making room may evict the session of the pending run (and hand its
+                        // key to the new one): send the run first.
+                        if let Some(prev) = run.take() {
+                            self.send_up(prev, &outgoing, shared);
+                            outgoing.clear();
+                        }
+                        self.open_session(key, got.from, local, shared, registry, now)
+                    }
                 };
                 let Some(session) = session else {
                     let pool = &self.ports[key].pool;
