@@ -11,10 +11,16 @@
 #
 # Usage: scripts/bench-forwarder.sh [--quick] [--rounds N] [--seconds S] [--idle-connections N]
 #                                   [--out FILE] [--keep] [--no-build] [--from DIR]
+#        scripts/bench-forwarder.sh --udp [...]   UDP instead: direct vs ours vs nginx stream vs
+#                                                 socat vs rinetd (scripts/bench/udp.sh)
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
+if [ "${1:-}" = --udp ]; then
+    shift
+    exec bash scripts/bench/udp.sh "$@"
+fi
 # shellcheck source=lib/apt.sh
 source scripts/lib/apt.sh
 # shellcheck source=bench/lib.sh
@@ -34,6 +40,7 @@ Usage: scripts/bench-forwarder.sh [options]
   --keep                  keep the work directory (configs, logs, raw results)
   --no-build              use the release binaries already built
   --from DIR              print the table again from a kept work directory, run nothing
+  --udp [--help]          the UDP comparison instead (its own options: --udp --help)
 Environment: CARGO_TARGET_DIR (where the release binaries are), BENCH_COMMIT (the commit named in
 the table when the tree is not a git checkout).
 EOF

@@ -1,5 +1,7 @@
 //! How many connections fit: every forwarded connection holds two sockets, and each worker
 //! process has the same open-file limit, so the worker count follows from the descriptor budget.
+//! A UDP session holds one socket (the listening socket is shared by all its sessions), so the
+//! same budget holds twice as many UDP sessions as TCP connections.
 
 use serde::Serialize;
 
@@ -39,9 +41,27 @@ pub fn plan(
     }
 }
 
+/// UDP sessions per worker and in all: `wanted` in all (0 = as many as the descriptor budget
+/// holds), spread over the plan's workers.
+pub fn udp_sessions(plan: &CapacityPlan, wanted: usize) -> (usize, usize) {
+    let per_worker = if wanted == 0 {
+        plan.per_worker * 2
+    } else {
+        wanted.div_ceil(plan.workers.max(1))
+    };
+    (per_worker, per_worker * plan.workers)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_udp_session_costs_one_descriptor() {
+        let p = plan(20_000, 0, 20_000, 256, 2);
+        assert_eq!(udp_sessions(&p, 0), (19_544, 58_632));
+        assert_eq!(udp_sessions(&p, 100), (34, 102));
+    }
 
     #[test]
     fn twenty_thousand_connections_need_three_workers_at_twenty_thousand_fds() {

@@ -100,6 +100,8 @@ pub struct ConnectionInfo {
     pub worker: usize,
     pub client: SocketAddr,
     pub listen: SocketAddr,
+    #[serde(default)]
+    pub proto: Proto,
     /// The backend's entry name.
     pub rule: String,
     pub backend: SocketAddr,
@@ -112,6 +114,18 @@ pub struct ConnectionInfo {
     pub client_half_closed: bool,
     /// The backend has sent its FIN (passed on to the client).
     pub backend_half_closed: bool,
+    /// What only a UDP session has.
+    #[serde(default)]
+    pub udp: Option<SessionFigures>,
+}
+
+/// Figures of a UDP session beyond a connection's.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionFigures {
+    pub datagrams_up: u64,
+    pub datagrams_down: u64,
+    /// Milliseconds since the last datagram either way (the session ends at the idle timeout).
+    pub idle_ms: u64,
 }
 
 /// Bits of a connection id that hold the worker-local sequence number.

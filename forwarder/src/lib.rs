@@ -1,4 +1,4 @@
-//! The forwarder: a mio (epoll) TCP port forwarder and round-robin load balancer. A supervisor
+//! The forwarder: a mio (epoll) TCP and UDP port forwarder and round-robin load balancer. A supervisor
 //! process owns the rules and the worker processes; each worker runs one event loop with its own
 //! `SO_REUSEPORT` listeners; counters and health live in a mapping they all share.
 
@@ -11,5 +11,6 @@ pub mod service;
 pub mod stats;
 pub mod supervisor;
 pub mod tcp;
+pub mod udp;
 pub mod web;
 pub mod worker;

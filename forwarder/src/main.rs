@@ -21,7 +21,7 @@ use forwarder::worker::{self, WorkerConfig};
 /// Pipes one worker may hold for splicing (two descriptors each).
 const PIPES_PER_WORKER: usize = 128;
 
-/// TCP port forwarder and round-robin load balancer.
+/// TCP and UDP port forwarder and round-robin load balancer.
 #[derive(Parser, Debug)]
 #[command(version, about)]
 struct Args {
@@ -117,12 +117,23 @@ struct Args {
     #[arg(long, value_enum, default_value_t = access_log::Format::Text)]
     access_log_format: access_log::Format,
 
+    /// End a UDP session (client address -> backend) after this long without a datagram
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
+    udp_idle_timeout_s: u64,
+
+    /// UDP sessions to hold in all before evicting the least recently active (0 = as many as
+    /// the open-file limit allows, one descriptor each)
+    #[arg(long, default_value_t = 0)]
+    udp_max_sessions: usize,
+
     #[arg(long, hide = true)]
     worker_index: Option<usize>,
     #[arg(long, hide = true)]
     worker_fds: Option<String>,
     #[arg(long, hide = true, default_value_t = 0)]
     worker_max_connections: usize,
+    #[arg(long, hide = true, default_value_t = 0)]
+    worker_udp_sessions: usize,
 }
 
 fn main() -> ExitCode {
@@ -163,6 +174,9 @@ fn run_worker(args: &Args, index: usize) -> anyhow::Result<ExitCode> {
             .access_log
             .as_deref()
             .map(|t| (access_log::Target::parse(t), args.access_log_format)),
+
+        udp_idle_timeout: Duration::from_secs(args.udp_idle_timeout_s),
+        udp_max_sessions: args.worker_udp_sessions.max(1),
     };
     worker::run(config, stats.parse()?, control.parse()?)?;
     Ok(ExitCode::SUCCESS)
@@ -227,8 +241,9 @@ fn run_supervisor(args: &Args) -> anyhow::Result<ExitCode> {
             forwarder::stats::MAX_WORKERS
         );
     }
+    let (udp_per_worker, udp_total) = capacity::udp_sessions(&plan, args.udp_max_sessions);
     eprintln!(
-        "capacity ≈ {} connections with {} workers (open-file limit {} per process{}; 2 descriptors per connection)",
+        "capacity ≈ {} connections with {} workers (open-file limit {} per process{}; 2 descriptors per connection), or {} UDP sessions (1 descriptor each)",
         plan.total,
         plan.workers,
         limit.soft,
@@ -236,7 +251,8 @@ fn run_supervisor(args: &Args) -> anyhow::Result<ExitCode> {
             format!(", raised from {}", limit.soft_before)
         } else {
             String::new()
-        }
+        },
+        udp_total
     );
     if plan.total < args.max_connections {
         tracing::warn!(
@@ -259,7 +275,8 @@ fn run_supervisor(args: &Args) -> anyhow::Result<ExitCode> {
         workers: plan.workers,
         per_worker_connections: plan.per_worker,
         capacity: plan.total,
-        worker_args: worker_args(args),
+        udp_capacity: udp_total,
+        worker_args: worker_args(args, udp_per_worker),
         health_interval: (args.health_interval_s > 0)
             .then(|| Duration::from_secs(args.health_interval_s)),
         connect_timeout: Duration::from_millis(args.connect_timeout_ms),
@@ -311,7 +328,7 @@ fn print_rules(label: &str, set: &RuleSet) {
 }
 
 /// Flags a worker needs, passed on from the supervisor's own command line.
-fn worker_args(args: &Args) -> Vec<String> {
+fn worker_args(args: &Args, udp_sessions: usize) -> Vec<String> {
     let mut v = vec![
         "--log-level".into(),
         args.log_level.clone(),
@@ -321,6 +338,10 @@ fn worker_args(args: &Args) -> Vec<String> {
         args.idle_timeout_s.to_string(),
         "--drain-timeout-s".into(),
         args.drain_timeout_s.to_string(),
+        "--udp-idle-timeout-s".into(),
+        args.udp_idle_timeout_s.to_string(),
+        "--worker-udp-sessions".into(),
+        udp_sessions.to_string(),
     ];
     if args.no_splice {
         v.push("--no-splice".into());

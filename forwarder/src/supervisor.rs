@@ -31,6 +31,8 @@ pub struct SupervisorConfig {
     /// Connections each worker takes before it stops accepting.
     pub per_worker_connections: usize,
     pub capacity: usize,
+    /// UDP sessions the workers hold before evicting (one descriptor each).
+    pub udp_capacity: usize,
     /// Arguments every worker gets after the hidden worker flags.
     pub worker_args: Vec<String>,
     pub health_interval: Option<Duration>,
@@ -75,7 +77,13 @@ pub struct Supervisor {
 pub struct StatsSnapshot {
     pub workers: usize,
     pub capacity: usize,
+    /// TCP connections open now.
     pub active: u64,
+    #[serde(default)]
+    pub udp_capacity: usize,
+    /// UDP sessions live now.
+    #[serde(default)]
+    pub udp_sessions: u64,
     /// Connections that were open in a worker when it died.
     pub lost_worker_died: u64,
     pub uptime_ms: u64,
@@ -88,10 +96,20 @@ pub struct StatsSnapshot {
 #[derive(Debug, Clone, Serialize)]
 pub struct PoolStats {
     pub listen: SocketAddr,
+    /// How the rows name the pool: `0.0.0.0:8080`, `0.0.0.0:53/udp`.
+    #[serde(default)]
+    pub label: String,
+    #[serde(default)]
+    pub proto: Proto,
+    /// Connections accepted; for UDP, sessions made.
     pub accepted: u64,
+    /// Connections no backend took; for UDP, datagrams dropped for want of a session.
     pub unrouted: u64,
     /// Connections the pool's options refused, by reason.
     pub refused: Refusals,
+    /// UDP sessions evicted to make room (always 0 for TCP).
+    #[serde(default)]
+    pub evicted: u64,
     pub backends: Vec<BackendStats>,
 }
 
@@ -116,6 +134,7 @@ pub struct BackendStats {
     pub addr: SocketAddr,
     /// `up` or `down`.
     pub state: String,
+    /// Connections (TCP) or sessions (UDP) open now.
     pub active: u64,
     /// Connections that were open when their worker died.
     pub lost_worker_died: u64,
@@ -132,6 +151,16 @@ pub struct BackendStats {
     /// While down: when the backend will next be tried (unix ms).
     pub retry_at_ms: u64,
     pub last_check_ms: u64,
+    /// UDP only: datagrams each way, and those dropped because a socket buffer was full toward
+    /// the backend (up) or the client (down).
+    #[serde(default)]
+    pub datagrams_up: u64,
+    #[serde(default)]
+    pub datagrams_down: u64,
+    #[serde(default)]
+    pub drops_up: u64,
+    #[serde(default)]
+    pub drops_down: u64,
 }
 
 /// Events the supervisor loop reacts to.
@@ -478,6 +507,7 @@ impl Supervisor {
         let now = now_ms();
         let header = self.shared.header();
         let mut active = 0;
+        let mut udp_sessions = 0;
         let pools = inner
             .rules
             .pools
@@ -486,6 +516,8 @@ impl Supervisor {
                 let p = self.shared.pool(inner.slots.pool_slot(pool)?);
                 Some(PoolStats {
                     listen: pool.listen,
+                    label: pool.label(),
+                    proto: pool.proto,
                     accepted: p.accepted.load(Relaxed),
                     unrouted: p.unrouted.load(Relaxed),
                     refused: Refusals {
@@ -494,6 +526,7 @@ impl Supervisor {
                         max_conns_per_ip: p.per_ip_full.load(Relaxed),
                         proxy_header: p.bad_header.load(Relaxed),
                     },
+                    evicted: p.evicted.load(Relaxed),
                     backends: pool
                         .rules
                         .iter()
@@ -501,7 +534,10 @@ impl Supervisor {
                             let slot = inner.slots.backend_slot(pool, rule.dest)?;
                             let s = self.shared.backend(slot);
                             let open = self.shared.active(slot);
-                            active += open;
+                            match pool.proto {
+                                Proto::Tcp => active += open,
+                                Proto::Udp => udp_sessions += open,
+                            }
                             let down = s.is_down(now);
                             Some(BackendStats {
                                 name: rule.entry.name.clone(),
@@ -530,6 +566,10 @@ impl Supervisor {
                                     0
                                 },
                                 last_check_ms: s.last_check_ms.load(Relaxed),
+                                datagrams_up: s.datagrams_up.load(Relaxed),
+                                datagrams_down: s.datagrams_down.load(Relaxed),
+                                drops_up: s.drops_up.load(Relaxed),
+                                drops_down: s.drops_down.load(Relaxed),
                             })
                         })
                         .collect(),
@@ -540,6 +580,8 @@ impl Supervisor {
             workers: self.config.workers,
             capacity: self.config.capacity,
             active,
+            udp_capacity: self.config.udp_capacity,
+            udp_sessions,
             lost_worker_died: header.lost_worker_died.load(Relaxed),
             uptime_ms: now.saturating_sub(header.started_ms.load(Relaxed)),
             accept_pauses: header.accept_pauses.load(Relaxed),

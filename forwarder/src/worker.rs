@@ -1,5 +1,6 @@
 //! A worker process: one mio (epoll, edge-triggered) event loop that owns an `SO_REUSEPORT`
-//! listener per pool and a slab of relays addressed by token. It takes orders from the supervisor
+//! listener per TCP pool and a slab of relays addressed by token, and its UDP side ([`Udp`]:
+//! a socket per UDP pool and the sessions). It takes orders from the supervisor
 //! over its control socket and counts into the shared stats mapping.
 
 use std::cmp::Reverse;
@@ -29,10 +30,12 @@ use crate::stats::Shared;
 use crate::tcp::buffers::{BufferPool, PipePool};
 use crate::tcp::direction::Resources;
 use crate::tcp::relay::{self, Ending, Next, Relay, Side, Sides, Wake};
+use crate::udp::{Udp, UdpConfig};
 
 const CONTROL: Token = Token(usize::MAX - 1);
 const SIGNALS: Token = Token(usize::MAX - 2);
-/// Listener tokens start here; relay tokens (2 per relay) stay below.
+/// Listener tokens start here; relay tokens (2 per relay) stay below, UDP tokens above
+/// ([`Udp::owns`]).
 const LISTENER_BASE: usize = 1 << 40;
 /// How long accepting pauses after the process ran out of descriptors.
 const EMFILE_PAUSE: Duration = Duration::from_millis(100);
@@ -58,6 +61,10 @@ pub struct WorkerConfig {
     pub default_deny: Vec<ipnet::IpNet>,
     /// `--access-log` and its format.
     pub access_log: Option<(access_log::Target, access_log::Format)>,
+    /// UDP sessions idle this long end.
+    pub udp_idle_timeout: Duration,
+    /// UDP sessions this worker holds before evicting the least recently active.
+    pub udp_max_sessions: usize,
 }
 
 struct Listener {
@@ -75,6 +82,7 @@ pub struct Worker {
     listeners: Slab<Listener>,
     by_addr: HashMap<SocketAddr, usize>,
     relays: Slab<Relay>,
+    udp: Udp,
     res: Resources,
     /// Connect deadlines: (deadline, relay key). Never cancelled: a relay ignores a timer that
     /// is not its current one.
@@ -129,6 +137,11 @@ pub fn run(config: WorkerConfig, stats_fd: i32, control_fd: i32) -> anyhow::Resu
         pipes: PipePool::new(config.max_pipes),
         splice: config.splice,
     };
+    let udp = Udp::new(UdpConfig {
+        worker: config.index,
+        idle_timeout: config.udp_idle_timeout,
+        max_sessions: config.udp_max_sessions,
+    });
     let mut worker = Worker {
         config,
         poll,
@@ -139,6 +152,7 @@ pub fn run(config: WorkerConfig, stats_fd: i32, control_fd: i32) -> anyhow::Resu
         listeners: Slab::new(),
         by_addr: HashMap::new(),
         relays: Slab::with_capacity(1024),
+        udp,
         res,
         timers: BinaryHeap::new(),
         again: VecDeque::new(),
@@ -173,6 +187,10 @@ impl Worker {
                             self.start_drain();
                         }
                     }
+                    token if Udp::owns(token) => {
+                        self.udp
+                            .ready(token, &self.shared, self.poll.registry(), now)
+                    }
                     Token(t) if t >= LISTENER_BASE => self.accept_ready(t - LISTENER_BASE, now),
                     Token(t) => {
                         let side = if t % 2 == 1 {
@@ -186,6 +204,8 @@ impl Worker {
                 }
             }
             self.run_again(now);
+            self.udp.run_again(&self.shared, self.poll.registry(), now);
+            self.udp.expire(&self.shared, now);
             self.expire_timers(now);
             self.resume_accepting(now);
             if now.duration_since(last_sweep) >= Duration::from_secs(1) {
@@ -193,11 +213,12 @@ impl Worker {
                 self.sweep_idle(now);
             }
             if let Some(since) = self.draining_since {
-                if self.relays.is_empty() || now.duration_since(since) >= self.config.drain_timeout
-                {
+                let done = self.relays.is_empty() && self.udp.drained(now);
+                if done || now.duration_since(since) >= self.config.drain_timeout {
                     tracing::info!(
                         worker = self.config.index,
                         left = self.relays.len(),
+                        udp_sessions = self.udp.sessions(),
                         "worker drained, exiting"
                     );
                     return Ok(());
@@ -207,7 +228,7 @@ impl Worker {
     }
 
     fn poll_timeout(&self) -> Option<Duration> {
-        if !self.again.is_empty() {
+        if !self.again.is_empty() || self.udp.has_again() {
             return Some(Duration::ZERO);
         }
         let now = Instant::now();
@@ -460,9 +481,8 @@ impl Worker {
                 if let Some(key) = key {
                     self.close(key, Ending::Closed, Instant::now());
                 }
-                Reply::Closed {
-                    found: key.is_some(),
-                }
+                let found = key.is_some() || self.udp.close(id, &self.shared);
+                Reply::Closed { found }
             }
         }
     }
@@ -471,14 +491,15 @@ impl Worker {
     /// pools serve new connections. Established relays keep their own pool and backend.
     fn apply(&mut self, pools: Vec<PoolSpec>) -> Vec<String> {
         let mut errors = Vec::new();
-        let (tcp, other): (Vec<PoolSpec>, Vec<PoolSpec>) =
+        let (tcp, udp): (Vec<PoolSpec>, Vec<PoolSpec>) =
             pools.into_iter().partition(|p| p.proto == Proto::Tcp);
-        for pool in other {
-            errors.push(format!(
-                "{}/{}: this forwarder does not forward {} yet",
-                pool.listen, pool.proto, pool.proto
-            ));
-        }
+        let udp = udp
+            .into_iter()
+            .map(|spec| {
+                ServedPool::new(spec, &self.config.default_allow, &self.config.default_deny)
+            })
+            .collect();
+        errors.extend(self.udp.apply(udp, &self.shared, self.poll.registry()));
         let wanted: HashMap<SocketAddr, PoolSpec> =
             tcp.into_iter().map(|p| (p.listen, p)).collect();
         let gone: Vec<SocketAddr> = self
@@ -537,10 +558,13 @@ impl Worker {
 
     fn connections(&self) -> Vec<ConnectionInfo> {
         let now = Instant::now();
-        self.relays
+        let mut list: Vec<ConnectionInfo> = self
+            .relays
             .iter()
             .map(|(_, r)| r.info(self.config.index, now))
-            .collect()
+            .collect();
+        list.extend(self.udp.connections(now));
+        list
     }
 
     /// Stops accepting (listeners closed, so the kernel sends new connections to other workers or
@@ -552,9 +576,12 @@ impl Worker {
         tracing::info!(
             worker = self.config.index,
             connections = self.relays.len(),
+            udp_sessions = self.udp.sessions(),
             "draining"
         );
-        self.draining_since = Some(Instant::now());
+        let now = Instant::now();
+        self.draining_since = Some(now);
+        self.udp.start_drain(self.poll.registry(), now);
         for (_, mut l) in std::mem::take(&mut self.listeners) {
             let _ = self.poll.registry().deregister(&mut l.socket);
         }

@@ -40,8 +40,9 @@ fn twenty_thousand_concurrent_connections_with_default_settings() {
         .map(|(i, (_, p))| format!("echo{i},{port},127.0.0.1,{p}\n"))
         .collect();
     let fwd = Forwarder::start(&rules, 0, &[], &[port]);
+    // Polled: the output is collected by a reader thread, which may lag behind the port opening.
     assert!(
-        fwd.process.output().contains("with 3 workers"),
+        fwd.process.wait_for_output("with 3 workers", WAIT),
         "default settings size workers for 20,000 connections:\n{}",
         fwd.process.output()
     );

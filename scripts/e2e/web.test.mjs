@@ -5,7 +5,8 @@
 // It opens the page, refuses an invalid entry with the reason next to the field, adds a rule
 // through the form, sends real traffic through the new port, watches its connection count rise
 // on the page, closes a connection from the page, checks a hostile rule name is shown as text,
-// edits a rule through the form, saves a screenshot, deletes the rules through the page (the
+// edits a rule through the form, saves a screenshot, adds a UDP rule with the form's protocol
+// choice and sees its session on the page, deletes the rules through the page (the
 // port closes, an established connection stays), checks that a save over a hand edit made
 // meanwhile is refused, and that the hand edit shows after a reload. On a second forwarder
 // whose changes need a token, served over HTTPS (HSTS sent, no warning), the page asks for the
@@ -13,6 +14,7 @@
 // HTTP, shows the banner saying the token and the rules travel unencrypted.
 
 import { chromium } from 'playwright-core';
+import dgram from 'node:dgram';
 import fs from 'node:fs';
 import net from 'node:net';
 import os from 'node:os';
@@ -330,6 +332,48 @@ try {
   await page.reload();
   await page.locator('tr.entry[data-name="hand-edit"]').waitFor({ timeout: WAIT_MS });
   assert((await page.locator('#file-text').textContent()).includes(`hand-edit,${HAND_PORT}`), 'the file text on the page');
+
+  begin('a UDP rule through the form: the protocol choice, its session on the page');
+  const UDP_PORT = await freePort();
+  const udpEcho = dgram.createSocket('udp4');
+  await new Promise((r) => udpEcho.bind(0, '127.0.0.1', r));
+  udpEcho.on('message', (msg, from) => udpEcho.send(msg, from.port, from.address));
+  const udpClient = dgram.createSocket('udp4');
+  const udpReplies = [];
+  udpClient.on('message', (m) => udpReplies.push(m.toString()));
+  try {
+    await page.getByRole('button', { name: '+ Add entry' }).click();
+    await page.getByLabel('Name').fill('udp-echo');
+    await page.getByLabel('Listening port').fill(String(UDP_PORT));
+    await page.getByLabel('Protocol').selectOption('udp');
+    await page.getByLabel('Destination IP or host').fill('127.0.0.1');
+    await page.getByLabel('Destination port').fill(String(udpEcho.address().port));
+    await page.getByRole('button', { name: 'Save' }).click();
+    await page.locator('tr.entry[data-name="udp-echo"]').waitFor({ timeout: WAIT_MS });
+    assert(
+      fs.readFileSync(RULES_FILE, 'utf8').includes(`udp-echo,${UDP_PORT}/udp,127.0.0.1,${udpEcho.address().port}`),
+      'the rules file holds the UDP rule',
+    );
+    await until('a UDP reply through the new rule', () => {
+      if (!udpReplies.length) udpClient.send('ping over udp', UDP_PORT, '127.0.0.1');
+      return udpReplies.length > 0;
+    }, 5000);
+    assert(udpReplies[0] === 'ping over udp', `the datagram came back whole: ${udpReplies[0]}`);
+    await until('1 session on the UDP rule', async () => (await rowText(page, 'udp-echo', 'active')) === '1');
+    const udpPool = page.locator(`tbody.pool[data-listen="0.0.0.0:${UDP_PORT}/udp"]`);
+    assert((await udpPool.locator('.port').innerText()).startsWith(`Port ${UDP_PORT}/udp`), 'the pool is named with /udp');
+    await until('the pool line to count sessions', async () => (await udpPool.locator('.pool-meta').innerText()).includes('1 sessions'));
+    const udpConn = page.locator('#conns-body tr[data-rule="udp-echo"]');
+    await until('the session in the connection table', async () => (await udpConn.count()) === 1);
+    assert((await udpConn.innerText()).includes('session'), 'the table row says session');
+    await page.locator('tr.entry[data-name="udp-echo"]').getByRole('button', { name: 'Edit' }).click();
+    assert((await page.getByLabel('Protocol').inputValue()) === 'udp', 'editing shows the protocol');
+    assert((await page.getByLabel('Listening port').inputValue()) === String(UDP_PORT), 'the port without its suffix');
+    await page.getByRole('button', { name: 'Cancel' }).click();
+  } finally {
+    udpClient.close();
+    udpEcho.close();
+  }
 
   begin('a forwarder with a token, over HTTPS: the page asks for it once');
   const secure = await page.goto(TOKEN_URL);

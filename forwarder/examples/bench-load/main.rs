@@ -1,7 +1,7 @@
 //! `bench-load`: the load tools behind `scripts/bench-forwarder.sh`. An echo backend, and clients
 //! that measure, through any TCP proxy on loopback, what the script compares side by side: new
 //! connections per second, closed-loop request/response messages per second, ping-pong latency and
-//! the memory an idle connection costs. Each client can read the proxy's own CPU time and RSS from
+//! the memory an idle connection costs; and for UDP, datagrams/s and loss at a set rate. Each client can read the proxy's own CPU time and RSS from
 //! /proc (the proxy's whole process tree), exactly over its measuring window, and prints one JSON
 //! line on stdout. Every load is bounded in count and in time.
 
@@ -11,6 +11,7 @@ mod idle;
 mod pingpong;
 mod procstat;
 mod rr;
+mod udp;
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
@@ -37,6 +38,10 @@ enum Command {
     Pingpong(pingpong::PingpongArgs),
     /// Memory per idle connection: open N connections through the proxy and compare its RSS
     Idle(idle::IdleArgs),
+    /// UDP echo server (every non-empty datagram sent back to its sender)
+    UdpEcho(udp::UdpEchoArgs),
+    /// UDP datagrams at a set rate through a proxy to an echo: datagrams/s, loss, CPU per datagram
+    UdpBlast(udp::UdpBlastArgs),
     /// The CPU time and RSS of a process tree, as JSON
     Proc(ProcArgs),
 }
@@ -65,6 +70,8 @@ fn main() -> ExitCode {
         Command::Rr(a) => rr::run(a),
         Command::Pingpong(a) => pingpong::run(a),
         Command::Idle(a) => idle::run(a),
+        Command::UdpEcho(a) => udp::echo(a),
+        Command::UdpBlast(a) => udp::blast(a),
         Command::Proc(a) => {
             let tree = procstat::Tree::of(a.pid);
             let sample = tree.sample();

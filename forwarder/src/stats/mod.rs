@@ -39,7 +39,8 @@ pub struct PoolSlot {
     pub next: AtomicU64,
     /// Connections accepted on this listener.
     pub accepted: AtomicU64,
-    /// Connections closed because no backend of the pool could be reached.
+    /// Connections closed because no backend of the pool could be reached; for UDP, datagrams
+    /// dropped because no session could be made for them (no backend, no socket, draining).
     pub unrouted: AtomicU64,
     /// Connections refused by the pool's access list (`allow`/`deny`, `--allow`/`--deny`).
     pub denied: AtomicU64,
@@ -49,6 +50,8 @@ pub struct PoolSlot {
     pub per_ip_full: AtomicU64,
     /// `accept_proxy` connections closed without a valid PROXY header in time.
     pub bad_header: AtomicU64,
+    /// UDP sessions ended early to make room for a new one (the session table was full).
+    pub evicted: AtomicU64,
 }
 
 /// One backend of one pool: traffic counters and passive/active health. How many connections
@@ -82,6 +85,13 @@ pub struct BackendSlot {
     pub last_error_ms: AtomicU64,
     /// Unix ms of the last active health check.
     pub last_check_ms: AtomicU64,
+    /// UDP datagrams client -> backend and backend -> client.
+    pub datagrams_up: AtomicU64,
+    pub datagrams_down: AtomicU64,
+    /// UDP datagrams dropped because the socket toward the backend (up) or the client (down) had
+    /// no room: a full buffer drops and counts, it never blocks a worker.
+    pub drops_up: AtomicU64,
+    pub drops_down: AtomicU64,
 }
 
 /// `last_error` value for a connect that did not finish in time.
@@ -251,6 +261,7 @@ impl PoolSlot {
             &self.full,
             &self.per_ip_full,
             &self.bad_header,
+            &self.evicted,
         ] {
             a.store(0, Relaxed);
         }
@@ -275,6 +286,10 @@ impl BackendSlot {
             &self.last_error,
             &self.last_error_ms,
             &self.last_check_ms,
+            &self.datagrams_up,
+            &self.datagrams_down,
+            &self.drops_up,
+            &self.drops_down,
         ] {
             a.store(0, Relaxed);
         }

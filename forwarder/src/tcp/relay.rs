@@ -460,6 +460,7 @@ impl Relay {
             worker,
             client: self.client_addr,
             listen: self.pool.spec.listen,
+            proto: self.pool.spec.proto,
             rule: b.name.clone(),
             backend: b.addr,
             state: match self.phase {
@@ -474,6 +475,7 @@ impl Relay {
             age_ms: now.duration_since(self.started).as_millis() as u64,
             client_half_closed: self.up.source_done(),
             backend_half_closed: self.down.source_done(),
+            udp: None,
         }
     }
 

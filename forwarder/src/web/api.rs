@@ -16,7 +16,7 @@ use super::entries::{self, Change, FieldError};
 use super::{call, AppState};
 use crate::control::ConnectionInfo;
 use crate::rules::file::{Snapshot, WriteError};
-use crate::rules::{self, Entry, RuleError};
+use crate::rules::{self, Entry, Proto, RuleError};
 use crate::supervisor::{StatsSnapshot, Supervisor};
 
 /// An error answer: a status and `{"error": "...", ...}`.
@@ -490,7 +490,10 @@ struct ConnectionDoc {
     id: String,
     worker: usize,
     client: String,
+    /// As the figures name the pool: `0.0.0.0:8080`, `0.0.0.0:53/udp`.
     listen: String,
+    /// `tcp` or `udp` (a UDP session: state `session`, and the datagram figures below).
+    proto: Proto,
     rule: String,
     backend: String,
     state: String,
@@ -499,6 +502,13 @@ struct ConnectionDoc {
     age_ms: u64,
     client_half_closed: bool,
     backend_half_closed: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    datagrams_up: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    datagrams_down: Option<u64>,
+    /// Milliseconds since the session's last datagram (UDP).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    idle_ms: Option<u64>,
 }
 
 #[derive(serde::Deserialize)]
@@ -532,7 +542,12 @@ pub async fn get_connections(
             id: c.id.to_string(),
             worker: c.worker,
             client: c.client.to_string(),
-            listen: c.listen.to_string(),
+            listen: rules::Listen {
+                addr: c.listen,
+                proto: c.proto,
+            }
+            .to_string(),
+            proto: c.proto,
             rule: c.rule.clone(),
             backend: c.backend.to_string(),
             state: c.state.clone(),
@@ -541,6 +556,9 @@ pub async fn get_connections(
             age_ms: c.age_ms,
             client_half_closed: c.client_half_closed,
             backend_half_closed: c.backend_half_closed,
+            datagrams_up: c.udp.as_ref().map(|u| u.datagrams_up),
+            datagrams_down: c.udp.as_ref().map(|u| u.datagrams_down),
+            idle_ms: c.udp.as_ref().map(|u| u.idle_ms),
         })
         .collect();
     let mut response = Json(docs).into_response();

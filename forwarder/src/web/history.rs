@@ -69,7 +69,7 @@ impl History {
         let mut seen_pools = Vec::new();
         let mut seen_backends = Vec::new();
         for pool in &stats.pools {
-            let listen = pool.listen.to_string();
+            let listen = pool.label.clone();
             let mut sum: Point = [now_ms, 0, 0, 0, 0];
             for b in &pool.backends {
                 let key = format!("{listen}|{}|{}", b.name, b.addr);
@@ -184,8 +184,13 @@ mod tests {
             uptime_ms: 0,
             accept_pauses: 0,
             access_log_dropped: 0,
+            udp_capacity: 0,
+            udp_sessions: 0,
             pools: vec![PoolStats {
                 listen: "0.0.0.0:8080".parse().unwrap(),
+                label: "0.0.0.0:8080".into(),
+                proto: Default::default(),
+                evicted: 0,
                 accepted: 0,
                 unrouted: 0,
                 refused: Default::default(),
@@ -210,6 +215,10 @@ mod tests {
                         down_since_ms: 0,
                         retry_at_ms: 0,
                         last_check_ms: 0,
+                        datagrams_up: 0,
+                        datagrams_down: 0,
+                        drops_up: 0,
+                        drops_down: 0,
                     })
                     .collect(),
             }],

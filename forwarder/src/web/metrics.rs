@@ -9,6 +9,7 @@ use axum::response::{IntoResponse, Response};
 
 use super::api::ApiError;
 use super::{call, AppState};
+use crate::rules::Proto;
 use crate::supervisor::StatsSnapshot;
 
 pub async fn get_metrics(State(state): State<AppState>) -> Result<Response, ApiError> {
@@ -49,7 +50,7 @@ pub fn render(stats: &StatsSnapshot) -> String {
         let _ = writeln!(out, "# HELP {} {}", f.name, f.help);
         let _ = writeln!(out, "# TYPE {} {}", f.name, f.kind);
     };
-    let process: [(Family, u64); 6] = [
+    let process: [(Family, u64); 8] = [
         (
             Family {
                 name: "forwarder_workers",
@@ -73,6 +74,22 @@ pub fn render(stats: &StatsSnapshot) -> String {
                 help: "Connections open now, all rules.",
             },
             stats.active,
+        ),
+        (
+            Family {
+                name: "forwarder_capacity_udp_sessions",
+                kind: "gauge",
+                help: "UDP sessions the workers hold before evicting the least recently active.",
+            },
+            stats.udp_capacity as u64,
+        ),
+        (
+            Family {
+                name: "forwarder_active_udp_sessions",
+                kind: "gauge",
+                help: "UDP sessions live now, all rules.",
+            },
+            stats.udp_sessions,
         ),
         (
             Family {
@@ -160,9 +177,10 @@ pub fn render(stats: &StatsSnapshot) -> String {
         for p in &stats.pools {
             let _ = writeln!(
                 out,
-                "{}{{listen=\"{}\"}} {}",
+                "{}{{listen=\"{}\"{}}} {}",
                 family.name,
                 escape(&p.listen.to_string()),
+                proto_label(p.proto),
                 get(p)
             );
         }
@@ -249,7 +267,96 @@ pub fn render(stats: &StatsSnapshot) -> String {
             for b in &p.backends {
                 let _ = writeln!(
                     out,
-                    "{}{{listen=\"{}\",name=\"{}\",backend=\"{}\"}} {}",
+                    "{}{{listen=\"{}\",name=\"{}\",backend=\"{}\"{}}} {}",
+                    family.name,
+                    escape(&p.listen.to_string()),
+                    escape(&b.name),
+                    escape(&b.addr.to_string()),
+                    proto_label(p.proto),
+                    get(b)
+                );
+            }
+        }
+    }
+    render_udp(stats, &mut out, head);
+    out
+}
+
+/// The label that tells a UDP pool's series from a TCP pool's on the same port. TCP series carry
+/// none, so they stay the series they were before UDP existed.
+fn proto_label(proto: Proto) -> &'static str {
+    match proto {
+        Proto::Tcp => "",
+        Proto::Udp => ",proto=\"udp\"",
+    }
+}
+
+/// Families only UDP pools have: evictions, datagrams each way, drops by cause.
+fn render_udp(stats: &StatsSnapshot, out: &mut String, head: impl Fn(&mut String, &Family)) {
+    let udp = || stats.pools.iter().filter(|p| p.proto == Proto::Udp);
+    let evicted = Family {
+        name: "forwarder_pool_udp_sessions_evicted_total",
+        kind: "counter",
+        help: "UDP sessions ended early because the session table was full.",
+    };
+    head(out, &evicted);
+    for p in udp() {
+        let _ = writeln!(
+            out,
+            "{}{{listen=\"{}\",proto=\"udp\"}} {}",
+            evicted.name,
+            escape(&p.listen.to_string()),
+            p.evicted
+        );
+    }
+    type Get = fn(&crate::supervisor::BackendStats) -> u64;
+    let families: [(Family, &str, Get); 4] = [
+        (
+            Family {
+                name: "forwarder_backend_datagrams_total",
+                kind: "counter",
+                help: "UDP datagrams passed, by direction (up: client to backend).",
+            },
+            "direction=\"up\"",
+            |b| b.datagrams_up,
+        ),
+        (
+            Family {
+                name: "forwarder_backend_datagrams_total",
+                kind: "",
+                help: "",
+            },
+            "direction=\"down\"",
+            |b| b.datagrams_down,
+        ),
+        (
+            Family {
+                name: "forwarder_backend_datagrams_dropped_total",
+                kind: "counter",
+                help: "UDP datagrams dropped, by cause (a full socket buffer toward the backend or the client).",
+            },
+            "cause=\"backend_buffer_full\"",
+            |b| b.drops_up,
+        ),
+        (
+            Family {
+                name: "forwarder_backend_datagrams_dropped_total",
+                kind: "",
+                help: "",
+            },
+            "cause=\"client_buffer_full\"",
+            |b| b.drops_down,
+        ),
+    ];
+    for (family, label, get) in &families {
+        if !family.kind.is_empty() {
+            head(out, family);
+        }
+        for p in udp() {
+            for b in &p.backends {
+                let _ = writeln!(
+                    out,
+                    "{}{{listen=\"{}\",name=\"{}\",backend=\"{}\",proto=\"udp\",{label}}} {}",
                     family.name,
                     escape(&p.listen.to_string()),
                     escape(&b.name),
@@ -259,7 +366,6 @@ pub fn render(stats: &StatsSnapshot) -> String {
             }
         }
     }
-    out
 }
 
 #[cfg(test)]
@@ -277,8 +383,13 @@ mod tests {
             uptime_ms: 5500,
             accept_pauses: 0,
             access_log_dropped: 0,
+            udp_capacity: 0,
+            udp_sessions: 0,
             pools: vec![PoolStats {
                 listen: "0.0.0.0:8080".parse().unwrap(),
+                label: "0.0.0.0:8080".into(),
+                proto: Default::default(),
+                evicted: 0,
                 accepted: 7,
                 unrouted: 1,
                 refused: crate::supervisor::Refusals {
@@ -306,6 +417,10 @@ mod tests {
                     down_since_ms: 0,
                     retry_at_ms: 0,
                     last_check_ms: 0,
+                    datagrams_up: 0,
+                    datagrams_down: 0,
+                    drops_up: 0,
+                    drops_down: 0,
                 }],
             }],
         };
@@ -325,7 +440,11 @@ mod tests {
         assert!(text.contains(
             "forwarder_pool_refused_total{listen=\"0.0.0.0:8080\",reason=\"max_conns\"} 2\n"
         ));
-        assert_eq!(text.matches("# TYPE ").count(), 19);
-        assert_eq!(text.matches("# HELP ").count(), 19);
+        assert_eq!(text.matches("# TYPE ").count(), 24);
+        assert_eq!(text.matches("# HELP ").count(), 24);
+        let mut families: Vec<&str> = text.lines().filter(|l| l.starts_with("# TYPE ")).collect();
+        families.sort();
+        families.dedup();
+        assert_eq!(families.len(), 24, "every family once");
     }
 }

@@ -217,7 +217,8 @@
   // ---- lookups ------------------------------------------------------------------------------
 
   function statsPool(listen) {
-    return state.stats ? state.stats.pools.find((p) => p.listen === listen) : undefined;
+    // Pools are named like the rows' listen field: `0.0.0.0:53/udp` for a UDP pool.
+    return state.stats ? state.stats.pools.find((p) => (p.label || p.listen) === listen) : undefined;
   }
 
   function statsBackend(entry) {
@@ -283,12 +284,16 @@
     if (!s) return;
     const workers = `${s.workers} worker${s.workers === 1 ? '' : 's'}`;
     const text = $('capacity-text');
-    const wanted = `≈ ${fmtInt(s.capacity)} connections with ${workers}, ${fmtInt(s.active)} in use`;
+    const hasUdp = s.pools.some((p) => p.proto === 'udp');
+    const udp = hasUdp ? ` · ≈ ${fmtInt(s.udp_capacity)} UDP sessions, ${fmtInt(s.udp_sessions)} live` : '';
+    const wanted = `≈ ${fmtInt(s.capacity)} connections with ${workers}, ${fmtInt(s.active)} in use${udp}`;
     if (text.dataset.shown !== wanted) {
       text.dataset.shown = wanted;
       text.replaceChildren(
         '≈ ', el('b', { text: fmtInt(s.capacity) }), ` connections with ${workers}, `,
         el('b', { text: fmtInt(s.active) }), ' in use',
+        ...(hasUdp ? [' · ≈ ', el('b', { text: fmtInt(s.udp_capacity) }), ' UDP sessions, ',
+          el('b', { text: fmtInt(s.udp_sessions) }), ' live'] : []),
       );
     }
     const pct = s.capacity ? Math.min(100, (100 * s.active) / s.capacity) : 0;
@@ -369,7 +374,7 @@
             el('div', { class: 'pool-chart' },
               canvas,
               el('div', { class: 'legend' },
-                el('span', null, el('span', { class: 'swatch conns' }), legendConns, ' connections'),
+                el('span', null, el('span', { class: 'swatch conns' }), legendConns, isUdp(g.listen) ? ' sessions' : ' connections'),
                 el('span', null, el('span', { class: 'swatch bytes' }), legendBytes, ' throughput'),
                 legendSpan)))));
       tbody.append(head);
@@ -495,7 +500,15 @@
       const s = statsPool(g.listen);
       const n = g.entries.length;
       const parts = [n > 1 ? `round robin over ${n} backends` : 'one backend'];
-      if (s) parts.push(`${fmtInt(s.accepted)} accepted`);
+      const udp = isUdp(g.listen);
+      if (s) parts.push(udp ? `${fmtInt(s.accepted)} sessions` : `${fmtInt(s.accepted)} accepted`);
+      if (s && s.evicted) parts.push(`${fmtInt(s.evicted)} evicted`);
+      if (s && udp) {
+        const sum = (k) => s.backends.reduce((a, b) => a + (b[k] || 0), 0);
+        parts.push(`${fmtInt(sum('datagrams_up'))} datagrams in, ${fmtInt(sum('datagrams_down'))} out`);
+        const drops = sum('drops_up') + sum('drops_down');
+        if (drops) parts.push(`${fmtInt(drops)} dropped (full buffer)`);
+      }
       const unrouted = s && s.unrouted ? `${fmtInt(s.unrouted)} unrouted` : '';
       const r = (s && s.refused) || {};
       const refusedBy = [['denied', r.denied], ['max_conns', r.max_conns], ['max_conns_per_ip', r.max_conns_per_ip], ['PROXY header', r.proxy_header]]
@@ -504,7 +517,8 @@
       const metaKey = parts.join(' · ') + unrouted;
       if (pool.meta.dataset.key !== metaKey) {
         pool.meta.dataset.key = metaKey;
-        pool.meta.replaceChildren(parts.join(' · '), unrouted ? ' · ' : '', unrouted ? el('span', { class: 'warn', text: unrouted, title: 'closed because no backend could be reached' }) : '');
+        const why = udp ? 'datagrams dropped because no session could be made' : 'closed because no backend could be reached';
+        pool.meta.replaceChildren(parts.join(' · '), unrouted ? ' · ' : '', unrouted ? el('span', { class: 'warn', text: unrouted, title: why }) : '');
       }
       const points = historyOf(g.listen);
       const last = points.length ? points[points.length - 1] : null;
@@ -716,6 +730,11 @@
 
   const FIELDS = ['name', 'listen_port', 'dest_ip', 'dest_port', 'options'];
 
+  /** True for a UDP pool's or row's listen field (`53/udp`, `0.0.0.0:53/udp`). */
+  function isUdp(listen) {
+    return /\/udp$/i.test(listen || '');
+  }
+
   function clearFormErrors() {
     for (const f of FIELDS) {
       setText(document.querySelector(`.field-error[data-for="${f}"]`), '');
@@ -729,6 +748,10 @@
     state.dialogEtag = state.etag;
     setText($('entry-title'), entry ? `Edit “${entry.name}”` : 'Add entry');
     for (const f of FIELDS) $(`f-${f}`).value = entry ? (entry[f] || '') : '';
+    // The protocol is its own choice in the form and a suffix of the listen field in the file.
+    const listen = $('f-listen_port');
+    $('f-proto').value = isUdp(listen.value) ? 'udp' : 'tcp';
+    listen.value = listen.value.replace(/\/(udp|tcp)$/i, '');
     clearFormErrors();
     $('entry-save').disabled = false;
     $('entry-dialog').showModal();
@@ -764,6 +787,7 @@
     ev.preventDefault();
     const body = {};
     for (const f of FIELDS) body[f] = $(`f-${f}`).value.trim();
+    if ($('f-proto').value === 'udp' && !isUdp(body.listen_port)) body.listen_port += '/udp';
     const save = $('entry-save');
     save.disabled = true;
     try {
