@@ -3,6 +3,7 @@
 //! logging set-up, and (for tests) starting real binaries and always killing them.
 
 pub mod fdlimit;
+pub mod garbage;
 pub mod listener;
 pub mod logging;
 pub mod shm;
