@@ -28,7 +28,7 @@ while [ $# -gt 0 ]; do
     --duration) DURATION=$2; shift 2 ;;
     --connections) CONNECTIONS=$2; shift 2 ;;
     --out) OUT=$2; shift 2 ;;
-    -h | --help) sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h | --help) sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "soak: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -88,6 +88,8 @@ cleanup() {
     stop_all
 }
 trap cleanup EXIT
+# A timeout or Ctrl-C still stops everything (the EXIT trap runs on this exit).
+trap 'exit 143' TERM INT
 now_ms() { date +%s%3N; }
 say() { printf '[soak %s] %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
 

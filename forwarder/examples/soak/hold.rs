@@ -75,7 +75,11 @@ async fn open(addr: SocketAddr, source: std::net::IpAddr, seed: u64) -> Opened {
 
 pub fn hold(args: HoldArgs) -> anyhow::Result<()> {
     crate::ensure_loopback(args.addr)?;
-    anyhow::ensure!(args.source.is_loopback(), "{} is not a loopback address", args.source);
+    anyhow::ensure!(
+        args.source.is_loopback(),
+        "{} is not a loopback address",
+        args.source
+    );
     let limit = testbed::fdlimit::raise_nofile().context("raising the open-file limit")?;
     let max = args.max.min(limit.soft as usize - 100);
     let rt = tokio::runtime::Builder::new_multi_thread()
