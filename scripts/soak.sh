@@ -149,17 +149,20 @@ for p in "$P_TLS" "$P_BULK" "$P_CHAT" "$P_WEB"; do wait_listen "$p" 20; done
 # --- sampling: connections, RSS and descriptors of the forwarder (supervisor + workers) ---
 fwd_pids() { echo "$FWD"; pgrep -P "$FWD" || true; }
 fwd_rss_kib() { local p t=0 r; for p in $(fwd_pids); do r=$(awk '/^VmRSS/ {print $2}' "/proc/$p/status" 2>/dev/null || echo 0); t=$((t + ${r:-0})); done; echo "$t"; }
-fwd_fds() { local p t=0; for p in $(fwd_pids); do t=$((t + $(find "/proc/$p/fd" -mindepth 1 -maxdepth 1 2>/dev/null | wc -l))); done; echo "$t"; }
+# Counts entries of a /proc fd folder; entries vanish while it is read (find then fails), and
+# under pipefail that failure would end the whole script: it is the count that matters.
+count_fds() { find "/proc/$1/fd" -mindepth 1 -maxdepth 1 "${@:2}" 2>/dev/null | wc -l || true; }
+fwd_fds() { local p t=0; for p in $(fwd_pids); do t=$((t + $(count_fds "$p"))); done; echo "$t"; }
 # snapshot LABEL: each forwarder process's RSS and its descriptors by kind, for the leak check's why.
 snapshot() {
     local p
     for p in $(fwd_pids); do
         printf '%s %s rss_kib=%s fds=%s: %s\n' "$1" "$p" "$(awk '/^VmRSS/ {print $2}' "/proc/$p/status" 2>/dev/null)" \
-            "$(find "/proc/$p/fd" -mindepth 1 -maxdepth 1 2>/dev/null | wc -l)" \
-            "$(find "/proc/$p/fd" -mindepth 1 -maxdepth 1 -printf '%l\n' 2>/dev/null | sed 's/:.*//; s/^\/.*/file/' | sort | uniq -c | tr -s ' \n' ' ')"
+            "$(count_fds "$p")" \
+            "$( (find "/proc/$p/fd" -mindepth 1 -maxdepth 1 -printf '%l\n' 2>/dev/null || true) | sed 's/:.*//; s/^\/.*/file/' | sort | uniq -c | tr -s ' \n' ' ')"
     done >>"$OUT/processes.txt"
 }
-front_conns() { ss -Htn state established "( sport = :$P_TLS or sport = :$P_BULK or sport = :$P_CHAT or sport = :$P_SCRATCH or sport = :$P_WEBRULE )" | wc -l; }
+front_conns() { ss -Htn state established "( sport = :$P_TLS or sport = :$P_BULK or sport = :$P_CHAT or sport = :$P_SCRATCH or sport = :$P_WEBRULE )" | wc -l || true; }
 PHASE_FILE=$OUT/phase
 echo start >"$PHASE_FILE"
 sampler() {
@@ -225,7 +228,7 @@ probe() { "$SOAK" probe --addr "127.0.0.1:$1" >/dev/null 2>&1; }
 # until SECONDS CMD...: polls CMD every 0.2 s.
 until_true() { local n=$(($1 * 5)); shift; while ! "$@"; do n=$((n - 1)); [ "$n" -gt 0 ] || return 1; sleep 0.2; done; }
 refused() { ! probe "$1"; }
-established_on() { ss -Htn state established "( sport = :$1 )" | wc -l; }
+established_on() { ss -Htn state established "( sport = :$1 )" | wc -l || true; }
 
 f_rules() {
     local t0 ok=yes detail
@@ -254,7 +257,7 @@ f_web() {
         detail="POST /api/rules -> $code, port $P_WEBRULE forwards"
     else
         local id
-        id=$(curl -s --max-time 15 "$WEB/api/rules" | jq -r '.entries[] | select(.name == "webrule") | .id')
+        id=$(curl -s --max-time 15 "$WEB/api/rules" | jq -r '.entries[] | select(.name == "webrule") | .id' || true)
         code=$(curl -s -o "$OUT/logs/web-last.json" -w '%{http_code}' --max-time 15 -X DELETE "$WEB/api/rules/$id")
         [ "$code" = 200 ] || ok=no
         WEBRULE=0
@@ -282,11 +285,16 @@ f_kill_worker() {
     mapfile -t workers < <(pgrep -P "$FWD")
     [ ${#workers[@]} -gt 0 ] || { fault "$t0" kill-worker none 0 no "no worker to kill"; return; }
     victim=${workers[RANDOM % ${#workers[@]}]}
-    # Connections it holds: two sockets each (client and backend), less its listeners.
-    held=$(( ($(find "/proc/$victim/fd" -mindepth 1 -maxdepth 1 -lname 'socket:*' 2>/dev/null | wc -l) + 1) / 2 ))
+    # What it takes down: its connections (two sockets each, client and backend; its few
+    # listeners round this up), and the connections waiting in its listeners' accept queues,
+    # which the kernel resets with it (net.ipv4.tcp_migrate_req=0, the README's known limit).
+    local conns queued
+    conns=$((($(count_fds "$victim" -lname 'socket:*') + 1) / 2))
+    queued=$(ss -Htlnp | awk -v p="pid=$victim," 'index($0, p) { q += $2 } END { print q + 0 }' || true)
+    held=$((conns + ${queued:-0}))
     kill -9 "$victim"
     until_true 10 bash -c "[ \$(pgrep -cP $FWD) -ge ${#workers[@]} ] && ! kill -0 $victim 2>/dev/null" || ok=no
-    fault "$t0" kill-worker "pid $victim" "$held" "$ok" "$(pgrep -cP "$FWD") workers after the restart"
+    fault "$t0" kill-worker "pid $victim" "$held" "$ok" "$conns connections and $queued queued; $(pgrep -cP "$FWD") workers after the restart"
 }
 
 KILL_TURN=0
@@ -345,7 +353,7 @@ LOOPS+=("$w1" "$w2" "$w3")
 wait "$w1" "$w2" "$w3" || true
 # The descriptor fault once too: a worker keeps the room it made for its most connections (its
 # connection table does not shrink), so the baseline is taken after that high-water mark.
-f_fd_budget "forwarder (warm-up)"
+f_fd_budget "forwarder (warm-up)" || fault "$(now_ms)" fd-budget "forwarder (warm-up)" 0 no "the fault's own steps failed"
 wait_quiet_front 60
 sleep 2
 RSS0=$(fwd_rss_kib) FDS0=$(fwd_fds)
@@ -372,7 +380,10 @@ k=0
 while :; do
     [ $(($(date +%s) + FAULT_EVERY)) -le "$deadline" ] || break
     while [ "$(date +%s)" -lt "$next" ]; do sleep 0.2; done
-    "${KINDS[k % ${#KINDS[@]}]}"
+    # A step of a fault that fails unexpectedly is recorded as a failed fault, never the end of
+    # the soak (which would leave nothing to judge).
+    f=${KINDS[k % ${#KINDS[@]}]}
+    "$f" || fault "$(now_ms)" "$f" script 0 no "the fault's own steps failed (exit $?)"
     k=$((k + 1))
     next=$((next + FAULT_EVERY))
 done
