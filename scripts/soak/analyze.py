@@ -20,6 +20,10 @@ import sys
 AFTER_MS = 10_000
 BEFORE_MS = 1_000
 LEAK_TOLERANCE = 0.05
+# A killed worker's connections are counted from its descriptors just before the kill (about
+# 0.1 s under load); connections it accepts in between die with it. So its toll may exceed the
+# count by this share (2,519 TLS + 13 other losses for 2,525 counted in a 10-minute run).
+HELD_RACE = 0.02
 
 
 def env(path):
@@ -140,7 +144,8 @@ def main(out):
                 continue
             if not (f["t_start_ms"] - BEFORE_MS <= end and start <= f["t_end_ms"] + AFTER_MS):
                 continue
-            take = min(n, max(f["held"] - f["explained"], 0))
+            room = f["held"] + (int(f["held"] * HELD_RACE) if f["kind"] == "kill-worker" else 0)
+            take = min(n, max(room - f["explained"], 0))
             f["explained"] += take
             n -= take
             losses += [(f"tls {name} ({cause})", cause, f, True)] * take
@@ -205,7 +210,8 @@ def main(out):
     lines = ["| figure | value |", "|---|---|"] + [f"| {a} | {b} |" for a, b in rows]
     lines += ["", "| check | result | |", "|---|---|---|"]
     lines += [f"| {name} | {'PASS' if ok else 'FAIL'} | {why} |" for name, ok, why in checks]
-    lines += ["", "Losses by fault (client side; held = the fault's victim's connections when it struck):", ""]
+    lines += ["", "Losses by fault (client side; held = the fault's victim's connections when it struck; a killed",
+              f"worker's may exceed it by {HELD_RACE:.0%}, the connections it accepted while they were counted):", ""]
     for f in faults:
         if f["kind"] in ("kill-worker", "kill-backend"):
             lines.append(f"- {f['kind']} {f['target']}: {f['explained']} lost, {f['held']} held")
