@@ -54,20 +54,44 @@ tls_addr=$SERVER_ADDR
 start_server plain --plain
 plain_addr=$SERVER_ADDR
 
-# load ADDR MODE CONCURRENCY SIZE [--plain] -> "rate p99_us errors"
+# Errors of every load, summed: any makes the script exit 1 after the table.
+total_errors=0
+
+# load OUT ADDR MODE CONCURRENCY SIZE [--plain]: runs one load and writes "rate p99_us errors" to
+# OUT. The load tool's own messages are kept in OUT.log; a tool that fails or prints no RESULT line
+# stops the script with them, instead of a row of zeros.
 load() {
-    local addr=$1 mode=$2 conc=$3 size=$4; shift 4
+    local out=$1 addr=$2 mode=$3 conc=$4 size=$5; shift 5
+    local rc=0
     "$bin/examples/echo_load" --addr "$addr" --ca "$tmp/certs/ca.crt" --mode "$mode" \
         --concurrency "$conc" --size "$size" --seconds "$BENCH_SECONDS" \
-        --threads "$LOAD_THREADS" "$@" 2>/dev/null |
-        awk '/^RESULT/ { for (i = 2; i <= NF; i++) { split($i, kv, "="); r[kv[1]] = kv[2] }
-                         print r["rate"], r["p99_us"], r["errors"] }'
+        --threads "$LOAD_THREADS" "$@" >"$out.raw" 2>"$out.log" || rc=$?
+    awk '/^RESULT/ { for (i = 2; i <= NF; i++) { split($i, kv, "="); r[kv[1]] = kv[2] }
+                     print r["rate"], r["p99_us"], r["errors"] }' "$out.raw" >"$out"
+    if [ "$rc" -ne 0 ] || ! [ -s "$out" ]; then
+        echo "echo_load $mode on $addr failed (exit $rc$( [ -s "$out" ] || echo ', no RESULT line')):" >&2
+        cat "$out.log" "$out.raw" >&2
+        exit 1
+    fi
 }
 
 row() {
     local label=$1 unit=$2 mode=$3 conc=$4 size=$5
-    read -r t_rate t_p99 t_err < <(load "$tls_addr" "$mode" "$conc" "$size")
-    read -r p_rate p_p99 p_err < <(load "$plain_addr" "$mode" "$conc" "$size" --plain)
+    load "$tmp/tls.res" "$tls_addr" "$mode" "$conc" "$size"
+    load "$tmp/plain.res" "$plain_addr" "$mode" "$conc" "$size" --plain
+    read -r t_rate t_p99 t_err <"$tmp/tls.res"
+    read -r p_rate p_p99 p_err <"$tmp/plain.res"
+    for e in "$t_err" "$p_err"; do
+        if ! [[ $e =~ ^[0-9]+$ ]]; then
+            echo "echo_load gave no error count for \"$label\"" >&2
+            exit 1
+        fi
+        total_errors=$((total_errors + e))
+    done
+    if [ "$t_err" -ne 0 ] || [ "$p_err" -ne 0 ]; then
+        echo "errors in \"$label\" (TLS $t_err, plain $p_err); the load tool said:" >&2
+        grep -v '^RESULT' "$tmp/tls.res.log" "$tmp/plain.res.log" | tail -20 >&2
+    fi
     if [ "$unit" = "MB/s" ]; then
         t_rate=$(awk -v r="$t_rate" -v s="$size" 'BEGIN { printf "%.1f", r * s / 1e6 }')
         p_rate=$(awk -v r="$p_rate" -v s="$size" 'BEGIN { printf "%.1f", r * s / 1e6 }')
@@ -84,3 +108,7 @@ echo "|---|---|---|---|---|---|"
 row "connect + handshake + 64 B echo + close, $CONC_SETUP at a time" "setups/s" handshakes "$CONC_SETUP" 64
 row "64 B echo round trips, $CONC_ECHO open connections" "round trips/s" echo "$CONC_ECHO" 64
 row "16 KiB echo, $CONC_BULK open connections" "MB/s" echo "$CONC_BULK" 16384
+if [ "$total_errors" -ne 0 ]; then
+    echo "FAIL: $total_errors failed exchanges across the loads (see above); the rates above count only the good ones" >&2
+    exit 1
+fi

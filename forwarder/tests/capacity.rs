@@ -25,7 +25,7 @@ fn twenty_thousand_concurrent_connections_with_default_settings() {
         _ => {}
     }
     // Two backend processes (each holds 10,000 sockets), one pool.
-    let backends: Vec<(ChildGuard, u16)> = (0..2)
+    let mut backends: Vec<(ChildGuard, u16)> = (0..2)
         .map(|_| {
             let port = free_port();
             let child = helper("backend", &[("HOLD_PORT", port.to_string())]);
@@ -76,13 +76,26 @@ fn twenty_thousand_concurrent_connections_with_default_settings() {
             c.output()
         );
     }
+    // Round robin gives each backend exactly half: ask each for its final count (every
+    // connection has echoed, so each was accepted by now). "accepted 10000" in the progress lines
+    // would also be there with 10,400 accepted.
+    for (b, _) in backends.iter_mut() {
+        b.child
+            .stdin
+            .as_mut()
+            .unwrap()
+            .write_all(b"count\n")
+            .unwrap();
+    }
     for (b, _) in &backends {
         assert!(
-            b.output().contains(&format!("accepted {}", PER_CLIENT)) || {
-                // The count line is printed as connections arrive; wait for the final one.
-                b.wait_for_output(&format!("accepted {}", PER_CLIENT), WAIT)
-            },
-            "round robin gives each backend half: {}",
+            b.wait_for_output("total=", WAIT),
+            "backend never answered its count: {}",
+            b.output()
+        );
+        assert!(
+            b.output().contains(&format!("total={PER_CLIENT};")),
+            "round robin gives each backend exactly half ({PER_CLIENT}): {}",
             b.output()
         );
     }
@@ -102,6 +115,7 @@ fn helper_command(role: &str) -> Command {
 
 fn helper(role: &str, env: &[(&str, String)]) -> ChildGuard {
     let mut cmd = helper_command(role);
+    cmd.stdin(Stdio::piped());
     for (k, v) in env {
         cmd.env(k, v);
     }
@@ -112,8 +126,21 @@ fn env_port() -> u16 {
     std::env::var("HOLD_PORT").unwrap().parse().unwrap()
 }
 
-/// An echo server holding up to 10,000 connections; prints "accepted N" every 1,000.
+/// An echo server holding up to 10,000 connections; prints "accepted N" every 1,000, and
+/// "total=N;" (the exact count so far) for each line read from stdin.
 fn backend_role() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counted = Arc::clone(&accepted);
+    std::thread::spawn(move || {
+        for _ in BufReader::new(std::io::stdin())
+            .lines()
+            .map_while(Result::ok)
+        {
+            println!("total={};", counted.load(Ordering::SeqCst));
+        }
+    });
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -124,14 +151,13 @@ fn backend_role() {
             .await
             .unwrap();
         println!("ready");
-        let mut accepted = 0usize;
         loop {
             let Ok((mut s, _)) = listener.accept().await else {
                 continue;
             };
-            accepted += 1;
-            if accepted.is_multiple_of(1000) {
-                println!("accepted {accepted}");
+            let n = accepted.fetch_add(1, Ordering::SeqCst) + 1;
+            if n.is_multiple_of(1000) {
+                println!("accepted {n}");
             }
             tokio::spawn(async move {
                 let (mut r, mut w) = s.split();

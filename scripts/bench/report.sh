@@ -18,14 +18,18 @@ report() {
             jq -r "($3) // null" "$f" 2>/dev/null || echo null
         done | median
     }
-    # Failed runs and wrong echoes of one load, summed over rounds.
+    # Failed runs and wrong echoes of one load, summed over rounds. A load with no result at all,
+    # or a result without its error count, is one failure: a run that produced nothing never passes.
     errors_of() {
-        local f total=0 e
+        local f total=0 e found=0
         for f in "$dir"/res/"$1"-"$2"-*.json; do
             [ -e "$f" ] || continue
-            e=$(jq -r 'if .error then 1 else (.errors // 0) end' "$f" 2>/dev/null || echo 1)
+            found=1
+            e=$(jq -r 'if .error then 1 elif (.errors | type) == "number" then .errors elif .errors == null and (keys | length) > 0 then 0 else 1 end' "$f" 2>/dev/null) || e=1
+            [[ $e =~ ^[0-9]+$ ]] || e=1
             total=$((total + e))
         done
+        [ "$found" -eq 1 ] || total=$((total + 1))
         echo "$total"
     }
 
@@ -56,9 +60,12 @@ report() {
         done
         V[errors,$t]=$errs
     done
+    # a - b, or null when either figure is missing (awk would take "null" as 0 and report no
+    # added latency at all for a run that measured nothing).
+    minus() { awk -v a="$1" -v b="$2" 'BEGIN { if (a == "" || b == "" || a == "null" || b == "null") print "null"; else print a - b }'; }
     for t in "${targets[@]}"; do
-        V[a50,$t]=$(awk -v a="${V[p50,$t]}" -v d="${V[p50,direct]}" 'BEGIN { print a - d }')
-        V[a99,$t]=$(awk -v a="${V[p99,$t]}" -v d="${V[p99,direct]}" 'BEGIN { print a - d }')
+        V[a50,$t]=$(minus "${V[p50,$t]}" "${V[p50,direct]}")
+        V[a99,$t]=$(minus "${V[p99,$t]}" "${V[p99,direct]}")
     done
     # Proxy-only figures have no direct value.
     for k in idle idlen bulk1cpu bulk8cpu pingcpu conncpu rrcpu a50 a99; do V[$k,direct]=""; done
@@ -71,20 +78,31 @@ report() {
             "$(ratio "${V[$k,ours]}" "${V[$k,haproxy]}")" "$(ratio "${V[$k,ours]}" "${V[$k,nginx]}")"
     }
     verdict() { if "$@"; then echo PASS; else echo FAIL; fi; }
+    # A target is judged only on measured figures: a missing one makes it FAIL, and says which.
+    absent() { # "TARGET KEY"... -> "; no figure for ..." naming the missing ones, or nothing
+        local tk out=()
+        for tk in "$@"; do
+            local v=${V[${tk#* },${tk% *}]}
+            if [ -z "$v" ] || [ "$v" = null ]; then out+=("$tk"); fi
+        done
+        [ ${#out[@]} -eq 0 ] || echo "; no figure for: ${out[*]}"
+    }
     cheaper() { less_than "${V[$1,ours]}" "${V[$1,haproxy]}" && less_than "${V[$1,ours]}" "${V[$1,nginx]}"; }
     no_more() { at_most "${V[$1,ours]}" "${V[$1,haproxy]}" && at_most "${V[$1,ours]}" "${V[$1,nginx]}"; }
     # "PASS (ours 1.0 vs HAProxy 2.0, nginx 3.0)"; a FAIL by less than 5 % is marked as within noise.
     versus() { # test key decimals
         local v near=""
         v=$(verdict "$1" "$2")
-        if [ "$v" = FAIL ] && awk -v a="${V[$2,ours]}" -v h="${V[$2,haproxy]}" -v n="${V[$2,nginx]}" \
+        local gone
+        gone=$(absent "ours $2" "haproxy $2" "nginx $2")
+        if [ -z "$gone" ] && [ "$v" = FAIL ] && awk -v a="${V[$2,ours]}" -v h="${V[$2,haproxy]}" -v n="${V[$2,nginx]}" \
             'BEGIN { t = 0.05; exit !(a <= h + t * (h < 0 ? -h : h) && a <= n + t * (n < 0 ? -n : n)) }'; then
             near="; within 5 %, the noise of a shared machine"
         fi
-        echo "$v (ours $(fmt "${V[$2,ours]}" "$3") vs HAProxy $(fmt "${V[$2,haproxy]}" "$3"), nginx $(fmt "${V[$2,nginx]}" "$3")$near)"
+        echo "$v (ours $(fmt "${V[$2,ours]}" "$3") vs HAProxy $(fmt "${V[$2,haproxy]}" "$3"), nginx $(fmt "${V[$2,nginx]}" "$3")$near$gone)"
     }
     local tenth
-    tenth=$(awk -v d="${V[bulk1,direct]}" 'BEGIN { print 0.9 * d }')
+    tenth=$(awk -v d="${V[bulk1,direct]}" 'BEGIN { if (d == "" || d == "null") print "null"; else print 0.9 * d }')
     echo "Run $START: ${ELAPSED} s, $ROUNDS round(s) of ${SECS} s loads (median kept), $CORES cores, kernel $KERNEL,"
     echo "load average before/after: $LOAD_BEFORE / $LOAD_AFTER. $VERSIONS; forwarder at $COMMIT ($CAPACITY)."
     echo
@@ -112,7 +130,7 @@ report() {
     row "failed loads + wrong echoes" errors 0
     echo
     echo "Targets (forwarder):"
-    echo "- single-stream throughput ≥ 0.9× direct: $(verdict at_most "$tenth" "${V[bulk1,ours]}") ($(ratio "${V[bulk1,ours]}" "${V[bulk1,direct]}"))"
+    echo "- single-stream throughput ≥ 0.9× direct: $(verdict at_most "$tenth" "${V[bulk1,ours]}") ($(ratio "${V[bulk1,ours]}" "${V[bulk1,direct]}")$(absent "ours bulk1" "direct bulk1"))"
     echo "- less CPU per MB than HAProxy and nginx, 1 stream: $(versus cheaper bulk1cpu 1)"
     echo "- less CPU per MB than HAProxy and nginx, 8 streams: $(versus cheaper bulk8cpu 1)"
     echo "- less CPU per connection than HAProxy and nginx: $(versus cheaper conncpu 1)"
@@ -120,7 +138,7 @@ report() {
     echo "- less CPU per message than HAProxy and nginx, ping-pong: $(versus cheaper pingcpu 1)"
     echo "- latency added no more than theirs, p50 µs: $(versus no_more a50 1)"
     echo "- latency added no more than theirs, p99 µs: $(versus no_more a99 1)"
-    echo "- ≤ 8 KiB RSS per idle connection: $(verdict at_most "${V[idle,ours]}" 8192) ($(fmt "${V[idle,ours]}" 0) B at $(fmt "${V[idlen,ours]}" 0) connections)"
+    echo "- ≤ 8 KiB RSS per idle connection: $(verdict at_most "${V[idle,ours]}" 8192) ($(fmt "${V[idle,ours]}" 0) B at $(fmt "${V[idlen,ours]}" 0) connections$(absent "ours idle"))"
     echo "- no failed load, every echo exact: $(verdict test "${V[errors,ours]}" -eq 0)"
     echo
     echo "HAProxy: maxconn $HA_MAXCONN, maxpipes $HA_MAXPIPES (the most its descriptor check allows under the 20,000"

@@ -203,6 +203,32 @@ load_ready() {
     [ "$(established_count "$2" "$3")" -ge "$4" ] || ! proc_alive "$1"
 }
 
+# load_errors JSON — the load client's losses and failures as one phrase for the table:
+# "0 lost, 0 errors" or "3 lost, 5 errors (reset: 3, timeout: 2)"; "no summary" when the client wrote
+# none. A connection reset mid-run is counted in connections_lost and errors, never in
+# connections_failed, so a case that checks only opened connections would miss it.
+load_errors() {
+    "$PYTHON" - "$1" <<'PY'
+import json, sys
+try:
+    s = json.load(open(sys.argv[1]))
+    lost, total = int(s["connections_lost"]), int(s["errors_total"])
+except Exception as e:
+    print(f"no summary ({type(e).__name__})")
+    sys.exit()
+causes = ", ".join(f"{k}: {v}" for k, v in sorted(s.get("errors", {}).items()) if v)
+print(f"{lost} lost, {total} errors" + (f" ({causes})" if causes else ""))
+PY
+}
+
+# load_clean JSON — true only when the summary exists and says 0 lost and 0 errors.
+load_clean() {
+    local lost total
+    lost=$(json_get "$1" connections_lost)
+    total=$(json_get "$1" errors_total)
+    [ "${lost:-x}" = 0 ] && [ "${total:-x}" = 0 ]
+}
+
 case_2() {
     local conns=${LAB_CASE2_CONNECTIONS:-1000} seconds=${LAB_CASE2_SECONDS:-20} msgs=${LAB_CHAT_MESSAGES:-50}
     local expect="$conns TLS connections all succeed while every chat message ($msgs each way) arrives"
@@ -246,9 +272,9 @@ case_2() {
     m1=$(json_get "$out/chat-client1.json" delay_ms.max)
     m2=$(json_get "$out/chat-client2.json" delay_ms.max)
     local observed
-    observed="TLS load: $(pretty "$ok") ok, $(pretty "$failed") failed; $during_before then $during_after TLS connections open on server1 while chatting; chat: client2 got ${r2:-0}/$msgs of client1's messages, client1 got ${r1:-0}/$msgs of client2's; delay avg $(pretty "$d2") / $(pretty "$d1") ms, max $(pretty "$m2") / $(pretty "$m1") ms (client1->client2 / client2->client1; idle lab: $(pretty "$idle2") / $(pretty "$idle1") ms avg)"
+    observed="TLS load: $(pretty "$ok") ok, $(pretty "$failed") failed, $(load_errors "$out/load-client.json"); $during_before then $during_after TLS connections open on server1 while chatting; chat: client2 got ${r2:-0}/$msgs of client1's messages, client1 got ${r1:-0}/$msgs of client2's; delay avg $(pretty "$d2") / $(pretty "$d1") ms, max $(pretty "$m2") / $(pretty "$m1") ms (client1->client2 / client2->client1; idle lab: $(pretty "$idle2") / $(pretty "$idle1") ms avg)"
     if [ "$loaded" -eq 1 ] && [ "$chat_rc" -eq 0 ] && [ "${ok:-0}" -eq "$conns" ] && [ "${failed:-1}" -eq 0 ] &&
-        [ "$during_after" -ge "$conns" ] && [ "${r1:-0}" -eq "$msgs" ] && [ "${r2:-0}" -eq "$msgs" ]; then
+        load_clean "$out/load-client.json" && [ "$during_after" -ge "$conns" ] && [ "${r1:-0}" -eq "$msgs" ] && [ "${r2:-0}" -eq "$msgs" ]; then
         record 2 "$expect" "$observed" PASS "$original"
     else
         record 2 "$expect" "$observed" FAIL "$original"
@@ -403,11 +429,11 @@ PY
         vs=$("$PYTHON" -c 'import sys; m, a = float(sys.argv[1]), float(sys.argv[2]); print(f"{m / 771047:.2f}x the original messages, {a / 411:.2f}x its response time")' "$msgs" "$avg")
     fi
     local observed
-    observed="client: $(pretty "$ok") ok, $(pretty "$failed") failed, $(pretty "$msgs") messages ($(pretty "$rate" 0)/s), response avg $(pretty "$avg") ms, p99 $(pretty "$p99") ms ($vs); $split"
+    observed="client: $(pretty "$ok") ok, $(pretty "$failed") failed, $(load_errors "$out/load-client.json"), $(pretty "$msgs") messages ($(pretty "$rate" 0)/s), response avg $(pretty "$avg") ms, p99 $(pretty "$p99") ms ($vs); $split"
     if [ "${LAB_CASE5_DIRECT:-0}" = 1 ]; then
         observed="$observed; $(case5_direct "$out" "$half" "$seconds" "$msgs")"
     fi
-    if [ "${ok:-0}" -eq "$conns" ] && [ "${failed:-1}" -eq 0 ] && [ "${t1:-0}" -eq "$half" ] && [ "${t2:-0}" -eq "$half" ] &&
+    if [ "${ok:-0}" -eq "$conns" ] && [ "${failed:-1}" -eq 0 ] && load_clean "$out/load-client.json" && [ "${t1:-0}" -eq "$half" ] && [ "${t2:-0}" -eq "$half" ] &&
         [ "${msgs:-0}" -gt 0 ] && [ "$split_ok" = yes ]; then
         record 5 "$expect" "$observed" PASS "$original"
     else

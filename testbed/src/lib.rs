@@ -5,6 +5,7 @@
 
 pub mod docs;
 pub mod fdlimit;
+pub mod garbage;
 pub mod listener;
 pub mod logging;
 pub mod shm;
