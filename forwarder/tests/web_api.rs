@@ -736,6 +736,13 @@ fn connections_are_listed_and_closed_and_figures_count_them() {
     let p1 = free_port();
     let fwd = Forwarder::loopback(&format!("r1,{p1},127.0.0.1,{backend}\n"));
     assert!(wait_for_listen(local(p1), WAIT));
+    // The history counts from its first sample of a pool: wait for it (a loaded machine can
+    // start the sampler late), so the connections below land after it.
+    assert!(wait_until(WAIT, || {
+        fwd.get("/api/history").json()["pools"][0]["points"]
+            .as_array()
+            .is_some_and(|pts| !pts.is_empty())
+    }));
     let mut a = echo_through(p1, "first client");
     let _b = echo_through(p1, "second");
 
