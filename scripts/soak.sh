@@ -6,7 +6,8 @@
 # Through one forwarder, at once and for the whole duration: TLS sessions from ssl-echo-client to
 # two ssl-echo-servers (round robin, in rounds of up to 60 s), byte-exact bulk streams both ways
 # (some half-closed early by one side, some with a slow reader at either end) and connection
-# churn to three checking backends (forwarder/examples/soak), and chat users on chat-server.
+# churn to three checking backends (forwarder/examples/soak), chat users on chat-server, and UDP
+# sessions to two echo backends (every datagram, 0 to 60,000 bytes, checked whole).
 # Meanwhile, one fault after another on a schedule: rewrite the rules file (a port added or
 # removed, a pool changed), add or delete a rule through the web API, SIGHUP, kill -9 a random
 # worker, kill -9 and restart a backend, stall a backend (SIGSTOP/SIGCONT), fill the forwarder's
@@ -68,6 +69,11 @@ done
 BULK=16
 CHURN=8
 CHAT_PAIRS=4
+# UDP sessions (a socket each, about 100 datagrams a second each); not part of --connections.
+UDP_SESSIONS=8
+# Short, so the sessions are gone (their sockets closed) before each measurement of descriptors:
+# a session's socket left behind is then a leak. The sessions send every ~10 ms, never idle.
+UDP_IDLE_S=5
 TLS_CONNS=$((CONNECTIONS - BULK - CHURN - 2 * CHAT_PAIRS))
 # One fault every FAULT_EVERY seconds: each kind once a minute in CI, every few minutes in long runs.
 FAULT_EVERY=$((SECS / 24))
@@ -97,6 +103,7 @@ BASE=$(pick_port_block)
 P_TLS=$BASE P_BULK=$((BASE + 1)) P_CHAT=$((BASE + 2)) P_SCRATCH=$((BASE + 3)) P_WEBRULE=$((BASE + 4))
 P_ECHO=($((BASE + 10)) $((BASE + 11))) P_B=($((BASE + 12)) $((BASE + 13)) $((BASE + 14)))
 P_CHATSRV=$((BASE + 15)) P_WEB=$((BASE + 19))
+P_UDP=$((BASE + 5)) P_UE=($((BASE + 16)) $((BASE + 17)))
 WEB=http://127.0.0.1:$P_WEB
 
 "$BIN/certs" --out "$OUT/certs" >/dev/null
@@ -118,6 +125,9 @@ for i in 0 1 2; do
     start_named "bulk$((i + 1))" "$SOAK" backend --listen "127.0.0.1:${P_B[$i]}" --id $((i + 1)) \
         --out "$OUT/traffic" --max-seconds $((SECS + 900))
 done
+for i in 0 1; do
+    start_named "udpecho$((i + 1))" "$SOAK" udp-echo --listen "127.0.0.1:${P_UE[$i]}" --max-seconds $((SECS + 900))
+done
 start_named chatsrv "$BIN/chat-server" --listen "127.0.0.1:$P_CHATSRV" --history 0 --log-level warn
 for p in "${P_ECHO[@]}" "${P_B[@]}" "$P_CHATSRV"; do wait_listen "$p" 20; done
 
@@ -135,6 +145,8 @@ write_rules() {
         echo "bulk2,$P_BULK,127.0.0.1,${P_B[1]}"
         [ "$BULK3" = 1 ] && echo "bulk3,$P_BULK,127.0.0.1,${P_B[2]}"
         echo "chat,$P_CHAT,127.0.0.1,$P_CHATSRV"
+        echo "udp1,$P_UDP/udp,127.0.0.1,${P_UE[0]}"
+        echo "udp2,$P_UDP/udp,127.0.0.1,${P_UE[1]}"
         [ "$SCRATCH" = 1 ] && echo "scratch,$P_SCRATCH,127.0.0.1,${P_B[2]}"
         [ "$WEBRULE" = 1 ] && echo "webrule,$P_WEBRULE,127.0.0.1,${P_B[0]}"
         true
@@ -142,9 +154,12 @@ write_rules() {
     mv "$RULES.tmp" "$RULES"
 }
 write_rules
-start_bg "$OUT/logs/forwarder.log" "$BIN/forwarder" --rules "$RULES" --web "127.0.0.1:$P_WEB" --workers 2 --log-level info
+start_bg "$OUT/logs/forwarder.log" "$BIN/forwarder" --rules "$RULES" --web "127.0.0.1:$P_WEB" --workers 2 --log-level info \
+    --udp-idle-timeout-s "$UDP_IDLE_S"
 FWD=$BG_PID
 for p in "$P_TLS" "$P_BULK" "$P_CHAT" "$P_WEB"; do wait_listen "$p" 20; done
+for _ in $(seq 100); do ss -Hlun "sport = :$P_UDP" | grep -q . && break; sleep 0.2; done
+ss -Hlun "sport = :$P_UDP" | grep -q . || { echo "soak: the forwarder does not listen on UDP $P_UDP" >&2; exit 1; }
 
 # --- sampling: connections, RSS and descriptors of the forwarder (supervisor + workers) ---
 fwd_pids() { echo "$FWD"; pgrep -P "$FWD" || true; }
@@ -176,14 +191,16 @@ sampler &
 SAMPLER=$!
 LOOPS+=("$SAMPLER")
 
-# Waits until no connection is established on the front ports (the load has drained).
+udp_sessions() { curl -fsS "$WEB/metrics" 2>/dev/null | awk '/^forwarder_active_udp_sessions / {print $2}'; }
+# Waits until no connection is established on the front ports and no UDP session is left (the
+# load has drained, the sessions have idled out).
 wait_quiet_front() {
     local i
     for i in $(seq $(($1 * 2))); do
-        [ "$(front_conns)" -eq 0 ] && return 0
+        [ "$(front_conns)" -eq 0 ] && [ "$(udp_sessions)" = 0 ] && return 0
         sleep 0.5
     done
-    say "warning: $(front_conns) connections still open after $1 s"
+    say "warning: $(front_conns) connections and $(udp_sessions) UDP sessions still open after $1 s"
 }
 
 # --- the load ---
@@ -362,8 +379,11 @@ tls_rounds 8 $((TLS_CONNS / 4)) warmup &
 w2=$!
 chat_pairs 5 warmup &
 w3=$!
-LOOPS+=("$w1" "$w2" "$w3")
-wait "$w1" "$w2" "$w3" || true
+"$SOAK" udp --addr "127.0.0.1:$P_UDP" --sessions "$UDP_SESSIONS" --seconds 8 --out "$OUT/traffic/warmup" \
+    >"$OUT/logs/udp-warmup.log" 2>&1 &
+w4=$!
+LOOPS+=("$w1" "$w2" "$w3" "$w4")
+wait "$w1" "$w2" "$w3" "$w4" || true
 # The descriptor fault once too: a worker keeps the room it made for its most connections (its
 # connection table does not shrink), so the baseline is taken after that high-water mark.
 f_fd_budget "forwarder (warm-up)" || fault "$(now_ms)" fd-budget "forwarder (warm-up)" 0 no "the fault's own steps failed"
@@ -379,6 +399,9 @@ SOAK_START=$(now_ms)
     >"$OUT/logs/traffic.log" 2>&1 &
 LOADS=($!)
 tls_rounds "$SECS" "$TLS_CONNS" soak &
+LOADS+=($!)
+"$SOAK" udp --addr "127.0.0.1:$P_UDP" --sessions "$UDP_SESSIONS" --seconds "$SECS" --out "$OUT/traffic/soak" \
+    >"$OUT/logs/udp.log" 2>&1 &
 LOADS+=($!)
 for c in $(seq "$CHAT_PAIRS"); do
     chat_pairs "$SECS" "soak$c" &
@@ -430,6 +453,7 @@ TLS_CONNS=$TLS_CONNS
 BULK=$BULK
 CHURN=$CHURN
 CHAT_PAIRS=$CHAT_PAIRS
+UDP_SESSIONS=$UDP_SESSIONS
 FAULT_EVERY=$FAULT_EVERY
 SOAK_START=$SOAK_START
 SOAK_END=$SOAK_END

@@ -1,10 +1,11 @@
 //! `soak`: the traffic and the backends behind `scripts/soak.sh`. Byte-exact bulk streams both
 //! ways (with early half-closes and slow readers), connection churn, a backend that checks what
 //! it receives, the descriptor-budget fault and a reload probe. Each role writes its figures and
-//! its lost or corrupted connections (with times) for the script's table. Loopback only, every
-//! loop bounded in time.
+//! its lost or corrupted connections (with times) for the script's table; UDP sessions and
+//! their echo backend likewise. Loopback only, every loop bounded in time.
 
 mod backend;
+mod datagrams;
 mod exchange;
 mod hold;
 mod record;
@@ -34,6 +35,10 @@ enum Command {
     Hold(hold::HoldArgs),
     /// One small exact exchange through an address (exit 0 if it worked)
     Probe(hold::ProbeArgs),
+    /// A UDP echo backend
+    UdpEcho(datagrams::UdpEchoArgs),
+    /// UDP sessions through the forwarder, every echo checked whole
+    Udp(datagrams::UdpArgs),
 }
 
 /// Refuses anything but loopback: the soak only sends to this host.
@@ -51,6 +56,8 @@ fn main() -> ExitCode {
         Command::Traffic(a) => traffic::run(a),
         Command::Hold(a) => hold::hold(a),
         Command::Probe(a) => hold::probe(a),
+        Command::UdpEcho(a) => datagrams::echo(a),
+        Command::Udp(a) => datagrams::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -19,6 +19,8 @@ pub struct Counts {
     /// Bytes received and found equal to the expected stream.
     pub bytes_verified: u64,
     pub bytes_sent: u64,
+    /// Datagrams that came back after their wait was over (already counted lost).
+    pub late: u64,
 }
 
 pub struct Recorder {
@@ -79,6 +81,10 @@ impl Recorder {
 
     pub fn sent(&self, n: usize) {
         self.counts().bytes_sent += n as u64;
+    }
+
+    pub fn late(&self) {
+        self.counts().late += 1;
     }
 
     pub fn ok(&self) {
