@@ -2,6 +2,8 @@
 # Two forwarder builds side by side: both run at once (2 workers, no web page) in front of one echo
 # server, and the loads alternate between them, A B A B ..., so the noise of a shared machine falls
 # on both alike. Prints each load's proxy CPU per unit of work (median over the rounds) and B/A.
+# Whichever build is B measured 3-5 % dearer in both orders (docs/benchmarks.md): run it both ways
+# round and take the geometric mean of the two ratios.
 #
 # Usage: scripts/dev/ab-forwarder.sh A_TARGET_DIR B_TARGET_DIR [ROUNDS] [SECONDS]
 #   each TARGET_DIR holds release/forwarder and release/examples/bench-load (cargo build --release
