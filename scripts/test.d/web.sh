@@ -45,9 +45,13 @@ cleanup() {
         # Each was started with setsid: the group holds the forwarder's workers too.
         kill -TERM -- "-$pid" 2>/dev/null || true
     done
-    sleep 0.3
+    # The forwarder drains first (the browser may hold a keep-alive): give it 5 s, then kill.
     for pid in "${pids[@]}"; do
-        kill -KILL -- "-$pid" 2>/dev/null || true
+        for _ in $(seq 50); do kill -0 -- "-$pid" 2>/dev/null || break; sleep 0.1; done
+        if kill -KILL -- "-$pid" 2>/dev/null; then
+            echo "web: process group $pid still running 5 s after SIGTERM; killed" >&2
+        fi
+        wait "$pid" 2>/dev/null || true
     done
     rm -rf "$work"
 }
