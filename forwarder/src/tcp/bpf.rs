@@ -1,5 +1,5 @@
 //! The `bpf(2)` system call, just what the sockmap data path needs: a `SOCKHASH` map, the
-//! stream-verdict program assembled here (eleven instructions, so no compiler at build time),
+//! stream-verdict program assembled here (fifteen instructions, so no compiler at build time),
 //! attaching one to the other, and adding and removing sockets.
 
 use std::io;
@@ -64,6 +64,8 @@ const fn insn(code: u8, dst: u8, src: u8, off: i16, imm: i32) -> Insn {
     }
 }
 
+const LDX_W: u8 = 0x61; // BPF_LDX | BPF_MEM | BPF_W
+const JEQ_IMM: u8 = 0x15; // BPF_JMP | BPF_JEQ | BPF_K
 const MOV64_REG: u8 = 0xbf; // BPF_ALU64 | BPF_MOV | BPF_X
 const MOV64_IMM: u8 = 0xb7; // BPF_ALU64 | BPF_MOV | BPF_K
 const ADD64_IMM: u8 = 0x07; // BPF_ALU64 | BPF_ADD | BPF_K
@@ -77,17 +79,26 @@ const PSEUDO_MAP_FD: u8 = 1;
 /// The stream verdict: the socket the bytes arrived on looks up its own cookie, whose entry
 /// names its peer, and the bytes leave through the peer.
 ///
+/// An empty skb (a FIN that came alone) is dropped: the relay passes FINs on itself, and
+/// redirected, an empty skb makes the peer's psock fail its send with 0 bytes, which it reports
+/// as EPIPE on the peer socket and then stops sending to it.
+///
 /// ```text
 /// r6 = r1                               ; skb
+/// r2 = *(u32 *)(r1 + 0)                 ; skb->len
+/// if r2 == 0 goto drop
 /// r0 = bpf_get_socket_cookie(r1)
 /// *(u64 *)(r10 - 8) = r0                ; key on the stack
 /// r1 = r6; r2 = map; r3 = r10 - 8; r4 = 0 (egress)
 /// r0 = bpf_sk_redirect_hash(r1, r2, r3, r4)   ; SK_PASS, or SK_DROP when no peer
 /// exit
+/// drop: r0 = SK_DROP; exit
 /// ```
-fn verdict_program(map_fd: RawFd) -> [Insn; 11] {
+fn verdict_program(map_fd: RawFd) -> [Insn; 15] {
     [
         insn(MOV64_REG, 6, 1, 0, 0),
+        insn(LDX_W, 2, 1, 0, 0),
+        insn(JEQ_IMM, 2, 0, 10, 0), // over the ten slots of the redirect
         insn(CALL, 0, 0, 0, FN_GET_SOCKET_COOKIE),
         insn(STX_DW, 10, 0, -8, 0),
         insn(MOV64_REG, 1, 6, 0, 0),
@@ -97,6 +108,8 @@ fn verdict_program(map_fd: RawFd) -> [Insn; 11] {
         insn(ADD64_IMM, 3, 0, 0, -8),
         insn(MOV64_IMM, 4, 0, 0, 0),
         insn(CALL, 0, 0, 0, FN_SK_REDIRECT_HASH),
+        insn(EXIT, 0, 0, 0, 0),
+        insn(MOV64_IMM, 0, 0, 0, 0), // SK_DROP
         insn(EXIT, 0, 0, 0, 0),
     ]
 }
@@ -288,8 +301,10 @@ mod tests {
         let p = verdict_program(7);
         assert_eq!(std::mem::size_of::<Insn>(), 8);
         // r3 = r10: dst 3 in the low nibble, src 10 in the high one.
-        assert_eq!(p[6].regs, 0xa3);
-        assert_eq!((p[4].regs, p[4].imm), (0x12, 7));
-        assert_eq!(p[10].code, EXIT);
+        assert_eq!(p[8].regs, 0xa3);
+        assert_eq!((p[6].regs, p[6].imm), (0x12, 7));
+        // The empty-skb jump lands on the drop: 2 + 1 + 10.
+        assert_eq!(p[2 + 1 + p[2].off as usize].code, MOV64_IMM);
+        assert_eq!(p[12].code, EXIT);
     }
 }

@@ -1,6 +1,6 @@
 //! One direction of a connection whose bytes the kernel moves (the sockmap data path): we never
-//! read its bytes, only the source socket's counters (`TCP_INFO`, `SO_MEMINFO`), to count what
-//! passed and to pass the FIN on once everything before it has left for the sink.
+//! read its bytes, only the sockets' counters (`TCP_INFO`, `SIOCOUTQ`), to count what passed and
+//! to pass the FIN on once everything before it is in the sink's send queue.
 
 use std::io;
 use std::net::Shutdown;
@@ -23,12 +23,16 @@ pub struct SocketCounts {
     pub fin_received: bool,
     /// Data bytes received from the peer (`tcpi_bytes_received`, less the FIN's sequence number).
     pub bytes_received: u64,
+    /// Sequence numbers the peer acknowledged (`tcpi_bytes_acked`: data, and our SYN when we
+    /// connected, and our FIN).
+    pub bytes_acked: u64,
     /// Milliseconds since data last arrived (`tcpi_last_data_recv`).
     pub last_data_recv_ms: u32,
 }
 
 /// Reads `TCP_INFO`. Offsets are those of `struct tcp_info` (linux/tcp.h), stable since 4.x:
-/// state at 0, `tcpi_last_data_recv` at 52, `tcpi_bytes_received` at 128.
+/// state at 0, `tcpi_last_data_recv` at 52, `tcpi_bytes_acked` at 120, `tcpi_bytes_received`
+/// at 128.
 pub fn socket_counts(socket: RawFd) -> io::Result<SocketCounts> {
     let mut bytes = [0u8; 240];
     let mut len = bytes.len() as libc::socklen_t;
@@ -54,30 +58,23 @@ pub fn socket_counts(socket: RawFd) -> io::Result<SocketCounts> {
     Ok(SocketCounts {
         fin_received,
         bytes_received: u64_at(128).saturating_sub(fin_received as u64),
+        bytes_acked: u64_at(120),
         last_data_recv_ms: u32_at(52),
     })
 }
 
-/// Memory the socket's received bytes still hold (`SK_MEMINFO_RMEM_ALLOC`). Bytes the verdict
-/// program redirected stay charged to the socket they arrived on until the peer's psock has
-/// handed them to the peer's send queue, so 0 means every byte received has left for the sink.
-fn receive_memory(socket: RawFd) -> io::Result<u32> {
-    let mut info = [0u32; 9]; // SK_MEMINFO_VARS
-    let mut len = std::mem::size_of_val(&info) as libc::socklen_t;
-    // SAFETY: getsockopt writes at most `len` bytes into `info`.
-    let r = unsafe {
-        libc::getsockopt(
-            socket,
-            libc::SOL_SOCKET,
-            libc::SO_MEMINFO,
-            info.as_mut_ptr() as *mut libc::c_void,
-            &mut len,
-        )
-    };
-    if r != 0 {
+/// Sequence numbers ever queued to send on `socket`: what the peer acknowledged plus what is still
+/// in the send queue (`SIOCOUTQ`). Read in that order, an ACK arriving in between moves bytes
+/// from the queue to the acknowledged count after the count was read, so the sum can come out
+/// short, never long: a FIN passed on because of it never overtakes a byte.
+fn ever_queued(socket: RawFd) -> io::Result<u64> {
+    let acked = socket_counts(socket)?.bytes_acked;
+    let mut queued: libc::c_int = 0;
+    // SAFETY: SIOCOUTQ (TIOCOUTQ) writes one c_int.
+    if unsafe { libc::ioctl(socket, libc::TIOCOUTQ, &mut queued) } != 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok(info[libc::SK_MEMINFO_RMEM_ALLOC as usize])
+    Ok(acked + queued.max(0) as u64)
 }
 
 /// What one look at a kernel direction found.
@@ -96,6 +93,9 @@ pub struct KernelDirection {
     /// Bytes of the source that we read ourselves before the kernel took over (a PROXY header),
     /// which are not this direction's traffic.
     base: u64,
+    /// [`ever_queued`] on the sink before the kernel took over: its SYN if we connected it, a
+    /// PROXY header we wrote.
+    sink_base: u64,
     /// Bytes counted as passed so far.
     bytes: u64,
     /// The source's FIN has arrived.
@@ -105,9 +105,10 @@ pub struct KernelDirection {
 }
 
 impl KernelDirection {
-    pub fn new(base: u64) -> Self {
+    pub fn new(base: u64, sink_base: u64) -> Self {
         KernelDirection {
             base,
+            sink_base,
             bytes: 0,
             source_fin: false,
             write_shut: false,
@@ -115,8 +116,16 @@ impl KernelDirection {
     }
 
     /// Looks at the source: counts the bytes it received, and once its FIN arrived and every
-    /// byte before it has left for the sink, passes the FIN on with `shutdown(Write)`.
-    pub fn step(&mut self, src: &TcpStream, dst: &TcpStream) -> Result<KernelProgress, PumpError> {
+    /// byte before it is in the sink's send queue, passes the FIN on with `shutdown(Write)`.
+    /// (Redirected bytes wait in the sink's psock queue until its worker sends them; a FIN sent
+    /// earlier would make those sends fail with EPIPE.)
+    /// With `pass_fin` false (the connection is closing) it only counts.
+    pub fn step(
+        &mut self,
+        src: &TcpStream,
+        dst: &TcpStream,
+        pass_fin: bool,
+    ) -> Result<KernelProgress, PumpError> {
         match src.take_error() {
             Ok(Some(e)) | Err(e) => return Err(PumpError::Read(e)),
             Ok(None) => {}
@@ -129,8 +138,9 @@ impl KernelDirection {
             self.bytes = passed;
         }
         self.source_fin |= counts.fin_received;
-        if self.source_fin && !self.write_shut {
-            if receive_memory(src.as_raw_fd()).map_err(PumpError::Read)? == 0 {
+        if pass_fin && self.source_fin && !self.write_shut {
+            let queued = ever_queued(dst.as_raw_fd()).map_err(PumpError::Write)?;
+            if queued.saturating_sub(self.sink_base) >= passed {
                 // NotConnected: the sink is gone already; its own direction will say so.
                 let _ = dst.shutdown(Shutdown::Write);
                 self.write_shut = true;

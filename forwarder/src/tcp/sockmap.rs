@@ -20,6 +20,24 @@ pub enum DataPath {
     Sockmap,
 }
 
+/// The data path the workers will use for `wanted`: sockmap only if the verdict program loads
+/// here (after any `--user` change), which is said once, at start. Workers load their own maps.
+pub fn check(wanted: DataPath) -> DataPath {
+    if wanted == DataPath::Splice {
+        return DataPath::Splice;
+    }
+    match Sockmap::load(2) {
+        Ok(_) => {
+            tracing::info!("data path: sockmap (the kernel moves established connections' bytes)");
+            DataPath::Sockmap
+        }
+        Err(e) => {
+            tracing::warn!("sockmap data path unavailable ({e}); using splice");
+            DataPath::Splice
+        }
+    }
+}
+
 /// A worker's map with the verdict program attached.
 pub struct Sockmap {
     map: VerdictMap,
