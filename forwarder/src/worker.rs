@@ -623,7 +623,10 @@ fn load_sockmap(config: &WorkerConfig) -> Option<Sockmap> {
     match Sockmap::load(config.max_connections.saturating_mul(2)) {
         Ok(map) => Some(map),
         Err(e) => {
-            tracing::warn!(worker = config.index, "sockmap data path unavailable ({e}); splicing");
+            tracing::warn!(
+                worker = config.index,
+                "sockmap data path unavailable ({e}); splicing"
+            );
             None
         }
     }

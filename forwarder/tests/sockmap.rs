@@ -87,7 +87,11 @@ fn bytes_sent_before_the_pair_joined_are_delivered() {
     c.set_read_timeout(Some(WAIT)).unwrap();
     c.write_all(b"early bytes").unwrap();
     std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(kernel_connections(web), 0, "the backend cannot have answered yet");
+    assert_eq!(
+        kernel_connections(web),
+        0,
+        "the backend cannot have answered yet"
+    );
     let (first, _) = listener.accept().unwrap(); // the filler: room for the retried SYN
     drop((first, filler));
     let (mut s, _) = listener.accept().unwrap();
@@ -286,7 +290,10 @@ fn stalled_backend_loses_nothing_in_the_kernel() {
     backend.read_to_end(&mut got).unwrap(); // ends: the FIN waited for every byte
     let _client = writer.join().unwrap();
     assert_eq!(got.len(), LEN);
-    assert!(got == data, "bytes lost or reordered behind a stalled backend");
+    assert!(
+        got == data,
+        "bytes lost or reordered behind a stalled backend"
+    );
 }
 
 /// Bytes a client manages to send through the forwarder in `secs` while the backend reads
@@ -325,7 +332,11 @@ fn mem_available_kib() -> i64 {
 #[test]
 fn splice_bounds_what_a_stalled_backend_makes_us_hold() {
     let (sent, fell) = accepted_behind_stalled_backend(&[], 2, 256 << 20);
-    eprintln!("splice: {} MiB accepted behind a stalled backend; MemAvailable fell {} MiB", sent >> 20, fell >> 10);
+    eprintln!(
+        "splice: {} MiB accepted behind a stalled backend; MemAvailable fell {} MiB",
+        sent >> 20,
+        fell >> 10
+    );
     assert!(sent < 32 << 20, "splice took {sent} bytes without a reader");
 }
 
@@ -340,8 +351,15 @@ fn sockmap_bounds_what_a_stalled_backend_makes_us_hold() {
         return;
     }
     let (sent, fell) = accepted_behind_stalled_backend(&SOCKMAP, 2, 256 << 20);
-    eprintln!("sockmap: {} MiB accepted behind a stalled backend; MemAvailable fell {} MiB", sent >> 20, fell >> 10);
-    assert!(sent < 32 << 20, "sockmap took {sent} bytes without a reader");
+    eprintln!(
+        "sockmap: {} MiB accepted behind a stalled backend; MemAvailable fell {} MiB",
+        sent >> 20,
+        fell >> 10
+    );
+    assert!(
+        sent < 32 << 20,
+        "sockmap took {sent} bytes without a reader"
+    );
 }
 
 #[test]

@@ -50,7 +50,9 @@ pub fn socket_counts(socket: RawFd) -> io::Result<SocketCounts> {
         return Err(io::Error::last_os_error());
     }
     if (len as usize) < 136 {
-        return Err(io::Error::other("tcp_info too short: kernel older than 4.1"));
+        return Err(io::Error::other(
+            "tcp_info too short: kernel older than 4.1",
+        ));
     }
     let u32_at = |o: usize| u32::from_ne_bytes(bytes[o..o + 4].try_into().unwrap_or([0; 4]));
     let u64_at = |o: usize| u64::from_ne_bytes(bytes[o..o + 8].try_into().unwrap_or([0; 8]));

@@ -647,13 +647,19 @@ impl Relay {
         if self.header_in > 0 && queued_to_read(&self.client) != Some(0) {
             // The kernel hands the verdict whole skbs and ignores what was read of one: the
             // PROXY header we took would go out again with the bytes that shared its skb.
-            tracing::debug!(id = self.id, "bytes came with the PROXY header; relaying in user space");
+            tracing::debug!(
+                id = self.id,
+                "bytes came with the PROXY header; relaying in user space"
+            );
             return Err(backend);
         }
         let joined = match map.join(self.client.as_raw_fd(), backend.as_raw_fd()) {
             Ok(joined) => joined,
             Err(e) => {
-                tracing::debug!(id = self.id, "not joining the sockmap ({e}); relaying in user space");
+                tracing::debug!(
+                    id = self.id,
+                    "not joining the sockmap ({e}); relaying in user space"
+                );
                 return Err(backend);
             }
         };

@@ -281,7 +281,8 @@ pub fn socket_memory(ports: &[u16]) -> u64 {
     for skmem in text.split("skmem:(").skip(1) {
         let fields = skmem.split(')').next().unwrap_or("");
         for field in fields.split(',') {
-            let (name, value) = field.split_at(field.find(|c: char| c.is_ascii_digit()).unwrap_or(0));
+            let (name, value) =
+                field.split_at(field.find(|c: char| c.is_ascii_digit()).unwrap_or(0));
             if name == "r" || name == "w" {
                 total += value.parse::<u64>().unwrap_or(0);
             }
