@@ -214,6 +214,7 @@ impl Worker {
             self.resume_accepting(now);
             if now.duration_since(last_sweep) >= Duration::from_secs(1) {
                 last_sweep = now;
+                self.refresh_kernel_counts(now);
                 self.sweep_idle(now);
             }
             if let Some(since) = self.draining_since {
@@ -369,6 +370,17 @@ impl Worker {
             }
             self.timers.pop();
             self.drive(key, now, |relay, ctx| relay.timer_expired(ctx));
+        }
+    }
+
+    /// Connections whose bytes the kernel moves report none: read their counts once a second.
+    fn refresh_kernel_counts(&mut self, now: Instant) {
+        if self.res.sockmap.is_none() {
+            return;
+        }
+        let keys: Vec<usize> = self.relays.iter().map(|(k, _)| k).collect();
+        for key in keys {
+            self.drive(key, now, |relay, ctx| relay.refresh(ctx));
         }
     }
 

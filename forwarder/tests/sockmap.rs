@@ -445,3 +445,79 @@ fn without_privilege_the_forwarder_splices_and_says_so_once() {
         "said once: {out}"
     );
 }
+
+#[test]
+fn a_reload_keeps_and_a_drain_finishes_connections_in_the_kernel() {
+    if !privileged("sockmap") {
+        return;
+    }
+    let a = Backend::echo(None);
+    let b = Backend::echo(None);
+    let (mut fwd, port, web) = start(a.port, "", &["--drain-timeout-s", "10"]);
+    let mut live = TcpStream::connect(local(port)).unwrap();
+    live.set_read_timeout(Some(WAIT)).unwrap();
+    assert_eq!(round_trip(&mut live, b"before"), b"before");
+    joined(web, 1);
+    // A reload points the port elsewhere: the connection in the kernel keeps its backend.
+    fwd.rewrite_rules(&format!("k,{port},127.0.0.1,{}\n", b.port));
+    assert_eq!(round_trip(&mut live, b"after reload"), b"after reload");
+    assert_eq!(b.accepted.load(std::sync::atomic::Ordering::SeqCst), 0);
+    // A drain waits for it, and it still carries bytes meanwhile.
+    fwd.process.signal(libc::SIGTERM);
+    assert!(fwd.process.wait_for_output("draining", WAIT));
+    assert_eq!(round_trip(&mut live, b"during drain"), b"during drain");
+    assert!(
+        fwd.process.wait_exit(Duration::from_millis(500)).is_none(),
+        "exited with a connection still open"
+    );
+    live.shutdown(Shutdown::Write).unwrap();
+    let mut rest = Vec::new();
+    live.read_to_end(&mut rest).unwrap();
+    assert!(rest.is_empty());
+    let status = fwd.process.wait_exit(WAIT).expect("exits once drained");
+    assert!(status.success(), "{status}");
+}
+
+#[test]
+fn counters_and_the_page_follow_the_kernel_while_the_connection_is_open() {
+    if !privileged("sockmap") {
+        return;
+    }
+    let backend = Backend::echo(None);
+    let (_fwd, port, web) = start(backend.port, "", &[]);
+    let mut c = TcpStream::connect(local(port)).unwrap();
+    c.set_read_timeout(Some(WAIT)).unwrap();
+    joined(web, 1);
+    let data = random_bytes(1 << 20, 17);
+    let mut writer = c.try_clone().unwrap();
+    let sent = data.clone();
+    let t = std::thread::spawn(move || writer.write_all(&sent).unwrap());
+    let mut back = vec![0u8; data.len()];
+    c.read_exact(&mut back).unwrap();
+    t.join().unwrap();
+    assert!(back == data);
+    // No FIN, no event: the worker reads the counts from TCP_INFO once a second.
+    let series = format!(
+        "{{listen=\"0.0.0.0:{port}\",name=\"k\",backend=\"127.0.0.1:{}\"}} ",
+        backend.port
+    );
+    let mut metrics = String::new();
+    let counted = wait_until(WAIT, || {
+        metrics = http_get(web, "/metrics");
+        metric(
+            &metrics,
+            &format!("forwarder_backend_bytes_up_total{series}"),
+        ) == Some(1 << 20)
+            && metric(
+                &metrics,
+                &format!("forwarder_backend_bytes_down_total{series}"),
+            ) == Some(1 << 20)
+    });
+    assert!(counted, "{metrics}");
+    let list = http_get(web, "/api/connections");
+    assert!(
+        list.contains("\"bytes_up\":1048576") && list.contains("\"bytes_down\":1048576"),
+        "{list}"
+    );
+    assert_eq!(round_trip(&mut c, b"still open"), b"still open");
+}

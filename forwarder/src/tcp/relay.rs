@@ -404,6 +404,19 @@ impl Relay {
         }
     }
 
+    /// Once a second: a connection in the kernel reports no bytes, so its counts are read from
+    /// the sockets here (two `TCP_INFO` calls), for the counters and the page. An error found on
+    /// the way (it is read, and so cleared, by this look) ends the connection as a reset would.
+    pub fn refresh(&mut self, ctx: &mut Context) -> Next {
+        if !matches!(self.phase, Phase::InKernel { .. }) {
+            return Next::Wait;
+        }
+        match self.count_kernel(false, ctx) {
+            Ok(_) => Next::Wait,
+            Err(e) => Next::Close(Ending::Failed(e)),
+        }
+    }
+
     /// True when nothing happened on the connection for `limit`. In the kernel no event reports
     /// bytes, so there the sockets' own clocks (`tcpi_last_data_recv`) must agree.
     pub fn idle_for(&self, limit: Duration, now: Instant) -> bool {
