@@ -112,12 +112,12 @@ grep -q "data path: sockmap" "$WORK/forwarder-sockmap.log" || {
     exit 1
 }
 
-# Whole-machine busy time in ms (user, nice, system, irq, softirq, steal; USER_HZ = 100), and
-# per CPU the softirq time in ms, as "total cpu0 cpu1 ...".
+# Whole-machine busy time in ms (user, nice, system, irq, softirq, steal; USER_HZ = 100), then
+# per CPU the softirq ms, then per CPU the busy ms: "total si0 si1 ... busy0 busy1 ...".
 machine_ms() {
-    awk '/^cpu / { printf "%d", ($2 + $3 + $4 + $7 + $8 + $9) * 10 }
-         /^cpu[0-9]/ { printf " %d", $8 * 10 }
-         END { print "" }' /proc/stat
+    awk '/^cpu / { total = ($2 + $3 + $4 + $7 + $8 + $9) * 10 }
+         /^cpu[0-9]/ { si = si " " $8 * 10; busy = busy " " ($2 + $3 + $4 + $7 + $8 + $9) * 10 }
+         END { print total si busy }' /proc/stat
 }
 minus() { # "a b c" "x y z" -> "a-x b-y c-z"
     paste -d' ' <(tr ' ' '\n' <<<"$1") <(tr ' ' '\n' <<<"$2") | awk '{ printf "%s%d", (NR > 1 ? " " : ""), $1 - $2 } END { print "" }'
@@ -150,7 +150,7 @@ for r in $(seq "$RUNS"); do
         per_gb=$(awk -v ms="$1" -v rx="$rx" 'BEGIN { printf "%.0f", ms / (rx / 1e9) }')
         shift
         printf '%s\t%s\t%s\t%s\t%s\n' "$t" "$r" "$gbps" "$per_gb" "$*" >>"$WORK/bulk.tsv"
-        say "run $r/$RUNS via $t: $(fmt "$gbps" 2) Gbit/s, $per_gb ms CPU per GB, softirq ms per CPU: $*"
+        say "run $r/$RUNS via $t: $(fmt "$gbps" 2) Gbit/s, $per_gb ms CPU per GB, softirq then busy ms per CPU: $*"
     done
 done
 
@@ -247,7 +247,7 @@ dist() {
         echo "| $t | $(fmt "$rate" 0) | $us | $added |"
     done
     echo
-    echo "Softirq time per CPU in each bulk run (ms; which CPU processed the packets and redirects):"
+    echo "Each bulk run: Gbit/s [softirq ms per CPU, then busy ms per CPU] (where the packets and redirects were processed):"
     echo
     for t in "${TARGETS[@]}"; do
         echo "- $t: $(awk -F'\t' -v t="$t" '$1 == t { printf "%s%s Gbit/s [%s]", (n++ ? "; " : ""), sprintf("%.1f", $3), $5 }' "$WORK/bulk.tsv")"
