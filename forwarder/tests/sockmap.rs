@@ -521,3 +521,40 @@ fn counters_and_the_page_follow_the_kernel_while_the_connection_is_open() {
     );
     assert_eq!(round_trip(&mut c, b"still open"), b"still open");
 }
+
+#[test]
+fn three_thousand_concurrent_connections_in_the_kernel() {
+    if !privileged("sockmap") {
+        return;
+    }
+    testbed::fdlimit::raise_nofile().unwrap();
+    let backend = Backend::echo(None);
+    let port = free_port();
+    let web = local(free_port());
+    let web_arg = web.to_string();
+    let mut args = vec!["--web", &web_arg];
+    args.extend_from_slice(&SOCKMAP);
+    let _fwd = Forwarder::start(
+        &format!("many,{port},127.0.0.1,{}\n", backend.port),
+        2,
+        &args,
+        &[port],
+    );
+    const N: usize = 3000;
+    let mut conns = Vec::with_capacity(N);
+    for _ in 0..N {
+        let s = TcpStream::connect(local(port)).unwrap();
+        s.set_read_timeout(Some(WAIT)).unwrap();
+        conns.push(s);
+    }
+    // All open at once, in two workers' maps; every one still carries its own bytes.
+    for (i, s) in conns.iter_mut().enumerate() {
+        s.write_all(format!("conn {i:05}\n").as_bytes()).unwrap();
+    }
+    for (i, s) in conns.iter_mut().enumerate() {
+        let mut buf = [0u8; 11];
+        s.read_exact(&mut buf).unwrap();
+        assert_eq!(&buf, format!("conn {i:05}\n").as_bytes());
+    }
+    joined(web, N as u64);
+}
