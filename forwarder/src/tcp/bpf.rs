@@ -1,6 +1,6 @@
-//! The `bpf(2)` system call, just what the sockmap data path needs: a `SOCKHASH` map, the
+//! The `bpf(2)` system call, just what the sockmap data path needs: `SOCKHASH` maps, the
 //! stream-verdict program assembled here (fifteen instructions, so no compiler at build time),
-//! attaching one to the other, and adding and removing sockets.
+//! attaching it, and adding and removing sockets.
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -76,8 +76,8 @@ const EXIT: u8 = 0x95; // BPF_JMP | BPF_EXIT
 /// `BPF_PSEUDO_MAP_FD`: the 64-bit immediate is a map descriptor the kernel swaps for the map.
 const PSEUDO_MAP_FD: u8 = 1;
 
-/// The stream verdict: the socket the bytes arrived on looks up its own cookie, whose entry
-/// names its peer, and the bytes leave through the peer.
+/// The stream verdict: the socket the bytes arrived on looks up its own cookie in the targets
+/// map, whose entry is its peer, and the bytes leave through the peer.
 ///
 /// An empty skb (a FIN that came alone) is dropped: the relay passes FINs on itself, and
 /// redirected, an empty skb makes the peer's psock fail its send with 0 bytes, which it reports
@@ -89,7 +89,7 @@ const PSEUDO_MAP_FD: u8 = 1;
 /// if r2 == 0 goto drop
 /// r0 = bpf_get_socket_cookie(r1)
 /// *(u64 *)(r10 - 8) = r0                ; key on the stack
-/// r1 = r6; r2 = map; r3 = r10 - 8; r4 = 0 (egress)
+/// r1 = r6; r2 = targets; r3 = r10 - 8; r4 = 0 (egress)
 /// r0 = bpf_sk_redirect_hash(r1, r2, r3, r4)   ; SK_PASS, or SK_DROP when no peer
 /// exit
 /// drop: r0 = SK_DROP; exit
@@ -181,16 +181,15 @@ fn owned(fd: libc::c_long) -> OwnedFd {
     unsafe { OwnedFd::from_raw_fd(fd as RawFd) }
 }
 
-/// A `SOCKHASH` map (keys: 8-byte socket cookies) with the verdict program attached. Dropping it
-/// closes both; sockets still in the map leave it when they close.
-pub struct VerdictMap {
-    map: OwnedFd,
-    _prog: OwnedFd,
+/// A `SOCKHASH` map: keys are 8-byte socket cookies, values sockets. A socket in any sockmap has
+/// a psock (the kernel's hook on it); dropping the map closes it, and a socket leaves every map
+/// when it closes.
+pub struct SockHash {
+    fd: OwnedFd,
 }
 
-impl VerdictMap {
-    /// Creates the map for `max_entries` sockets, loads the program and attaches it.
-    pub fn load(max_entries: u32) -> Result<VerdictMap, BpfError> {
+impl SockHash {
+    fn create(max_entries: u32) -> Result<SockHash, BpfError> {
         let mut attr = MapCreateAttr {
             map_type: BPF_MAP_TYPE_SOCKHASH,
             key_size: 8,
@@ -198,24 +197,15 @@ impl VerdictMap {
             max_entries: max_entries.max(2),
             map_flags: 0,
         };
-        let map = owned(bpf(BPF_MAP_CREATE, &mut attr).map_err(BpfError::MapCreate)?);
-        let prog = load_program(map.as_raw_fd())?;
-        let mut attach = ProgAttachAttr {
-            target_fd: map.as_raw_fd() as u32,
-            attach_bpf_fd: prog.as_raw_fd() as u32,
-            attach_type: BPF_SK_SKB_STREAM_VERDICT,
-            attach_flags: 0,
-        };
-        bpf(BPF_PROG_ATTACH, &mut attach).map_err(BpfError::Attach)?;
-        Ok(VerdictMap { map, _prog: prog })
+        let fd = owned(bpf(BPF_MAP_CREATE, &mut attr).map_err(BpfError::MapCreate)?);
+        Ok(SockHash { fd })
     }
 
-    /// Adds `socket` under `key`: bytes arriving on the socket whose cookie is `key` now leave
-    /// through `socket`. The socket must be an established TCP socket.
+    /// Adds `socket` under `key`; the socket must be an established TCP socket.
     pub fn insert(&self, key: u64, socket: RawFd) -> io::Result<()> {
         let value = socket as u64;
         let mut attr = ElemAttr {
-            map_fd: self.map.as_raw_fd() as u32,
+            map_fd: self.fd.as_raw_fd() as u32,
             key: &key as *const u64 as u64,
             value: &value as *const u64 as u64,
             flags: BPF_NOEXIST,
@@ -224,10 +214,10 @@ impl VerdictMap {
         bpf(BPF_MAP_UPDATE_ELEM, &mut attr).map(drop)
     }
 
-    /// Removes `key`'s entry (its socket stops being redirected to). A missing key is fine.
+    /// Removes `key`'s entry. A missing key is fine.
     pub fn remove(&self, key: u64) -> io::Result<()> {
         let mut attr = ElemAttr {
-            map_fd: self.map.as_raw_fd() as u32,
+            map_fd: self.fd.as_raw_fd() as u32,
             key: &key as *const u64 as u64,
             ..Default::default()
         };
@@ -235,6 +225,38 @@ impl VerdictMap {
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(()),
             other => other.map(drop),
         }
+    }
+}
+
+/// The verdict program and its two maps. `members` has the program attached: a socket in it has
+/// its received bytes judged. `targets` is where the program looks a socket's cookie up to find
+/// where the bytes go. Two maps, so a socket can be a target before its own bytes are judged (no
+/// moment in which bytes find no peer and are dropped) and could stop being judged while it stays
+/// a target.
+pub struct Redirector {
+    pub members: SockHash,
+    pub targets: SockHash,
+    _prog: OwnedFd,
+}
+
+impl Redirector {
+    /// Creates both maps for `max_entries` sockets each, loads the program and attaches it.
+    pub fn load(max_entries: u32) -> Result<Redirector, BpfError> {
+        let members = SockHash::create(max_entries)?;
+        let targets = SockHash::create(max_entries)?;
+        let prog = load_program(targets.fd.as_raw_fd())?;
+        let mut attach = ProgAttachAttr {
+            target_fd: members.fd.as_raw_fd() as u32,
+            attach_bpf_fd: prog.as_raw_fd() as u32,
+            attach_type: BPF_SK_SKB_STREAM_VERDICT,
+            attach_flags: 0,
+        };
+        bpf(BPF_PROG_ATTACH, &mut attach).map_err(BpfError::Attach)?;
+        Ok(Redirector {
+            members,
+            targets,
+            _prog: prog,
+        })
     }
 }
 

@@ -1,14 +1,15 @@
-//! The sockmap data path (`--data-path sockmap`): a worker's verdict map, and putting a
-//! client/backend pair into it so the kernel sends each socket's received bytes out of its peer
-//! without waking us. Each socket is stored under its *peer's* cookie: the verdict program looks
-//! up the cookie of the socket the bytes arrived on and finds the peer.
+//! The sockmap data path (`--data-path sockmap`): a worker's verdict program and maps, and
+//! putting a client/backend pair into them so the kernel sends each socket's received bytes out
+//! of its peer without waking us. In the targets map each socket is stored under its *peer's*
+//! cookie: the verdict program looks up the cookie of the socket the bytes arrived on and finds
+//! the peer. In the members map (the program's) each is under its own.
 
 use std::io;
 use std::os::fd::RawFd;
 
 use mio::{Registry, Token};
 
-use crate::tcp::bpf::{self, BpfError, VerdictMap};
+use crate::tcp::bpf::{self, BpfError, Redirector};
 
 /// Which way a worker moves the bytes of established TCP connections.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
@@ -38,12 +39,12 @@ pub fn check(wanted: DataPath) -> DataPath {
     }
 }
 
-/// A worker's map with the verdict program attached.
+/// A worker's verdict program and maps.
 pub struct Sockmap {
-    map: VerdictMap,
+    kernel: Redirector,
 }
 
-/// The two map entries of a joined pair, removed again by [`Sockmap::leave`].
+/// The map keys of a joined pair, removed again by [`Sockmap::leave`].
 #[derive(Debug)]
 pub struct Joined {
     client_key: u64,
@@ -56,46 +57,50 @@ impl Sockmap {
     pub fn load(max_sockets: usize) -> Result<Sockmap, BpfError> {
         let max = u32::try_from(max_sockets).unwrap_or(u32::MAX);
         Ok(Sockmap {
-            map: VerdictMap::load(max)?,
+            kernel: Redirector::load(max)?,
         })
     }
 
-    /// Puts an established pair into the map; from then on the kernel moves their bytes.
+    /// Puts an established pair into the maps; from then on the kernel moves their bytes.
     ///
-    /// Two traps. Bytes that arrived before a socket joined sit in its receive queue, and the
-    /// verdict only runs when the socket is told of new data, which may never come (a request
-    /// sent before the backend answered, a server's greeting): setting `SO_RCVLOWAT` makes TCP
-    /// check its queue and signal, which runs the verdict over the queued bytes in order. And
-    /// the first socket to join would have its bytes dropped (no peer to find yet) if any
-    /// arrived before the second joined: a high `SO_RCVLOWAT` holds the client's verdict back
-    /// until both are in. On failure nothing is left in the map and the pair can be relayed in
-    /// user space as if nothing happened.
+    /// Both become targets first, then members: when a socket's bytes are first judged, its
+    /// peer is there to take them. Bytes that arrived before a socket joined sit in its receive
+    /// queue, and the verdict only runs when the socket is told of new data, which may never
+    /// come (a request sent before the backend answered, a server's greeting): setting
+    /// `SO_RCVLOWAT` makes TCP check its queue and signal, which runs the verdict over the queued
+    /// bytes, in order, ahead of anything later. On failure nothing is left in the maps and the
+    /// pair can be relayed in user space as if nothing happened.
     pub fn join(&self, client: RawFd, backend: RawFd) -> io::Result<Joined> {
         let joined = Joined {
             client_key: bpf::cookie(client)?,
             backend_key: bpf::cookie(backend)?,
         };
-        // The kernel caps this at half of tcp_rmem's maximum, above what the queue can hold.
-        set_rcvlowat(client, i32::MAX)?;
-        let inserted = self
-            .map
-            .insert(joined.backend_key, client)
-            .and_then(|()| self.map.insert(joined.client_key, backend));
-        let released = set_rcvlowat(client, 1);
-        let kicked = set_rcvlowat(backend, 1);
-        if let Err(e) = inserted.and(released).and(kicked) {
+        let (c, b) = (joined.client_key, joined.backend_key);
+        let k = &self.kernel;
+        let result = k
+            .targets
+            .insert(c, backend)
+            .and_then(|()| k.targets.insert(b, client))
+            .and_then(|()| k.members.insert(c, client))
+            .and_then(|()| k.members.insert(b, backend))
+            .and_then(|()| set_rcvlowat(client, 1))
+            .and_then(|()| set_rcvlowat(backend, 1));
+        if let Err(e) = result {
             self.leave(&joined);
             return Err(e);
         }
         Ok(joined)
     }
 
-    /// Takes a pair out of the map (closing the sockets would too; this makes it explicit and
-    /// immediate, before a reset is sent).
+    /// Takes a pair out of the maps (closing the sockets would too; this makes it explicit and
+    /// immediate, before a reset is sent). Members first: nothing is judged once its target left.
     pub fn leave(&self, joined: &Joined) {
-        for key in [joined.client_key, joined.backend_key] {
-            if let Err(e) = self.map.remove(key) {
-                tracing::debug!("removing a socket from the sockmap: {e}");
+        let k = &self.kernel;
+        for map in [&k.members, &k.targets] {
+            for key in [joined.client_key, joined.backend_key] {
+                if let Err(e) = map.remove(key) {
+                    tracing::debug!("removing a socket from a sockmap: {e}");
+                }
             }
         }
     }
