@@ -99,7 +99,7 @@ fn bytes_sent_before_the_pair_joined_are_delivered() {
     let mut got = [0u8; 11];
     s.read_exact(&mut got).unwrap();
     assert_eq!(&got, b"early bytes");
-    assert_eq!(kernel_connections(web), 1, "moved by the kernel");
+    joined(web, 1); // moved by the kernel
     s.write_all(b"reply").unwrap();
     let mut back = [0u8; 5];
     c.read_exact(&mut back).unwrap();
@@ -131,7 +131,7 @@ fn bytes_sent_before_the_pair_joined_are_delivered() {
         assert_eq!(&greeting, b"220 hello\r\n", "connection {i}");
         assert_eq!(round_trip(&mut c, b"QUIT"), b"QUIT");
     }
-    assert_eq!(kernel_connections(web2), 20);
+    joined(web2, 20);
 }
 
 #[test]

@@ -186,6 +186,8 @@ enum Phase {
         down: KernelDirection,
         /// Next wait before looking at a FIN still held back by bytes in flight.
         fin_poll: Duration,
+        /// When the pending FIN look is due (one timer at a time, however many events come).
+        fin_due: Option<Instant>,
     },
 }
 
@@ -399,7 +401,9 @@ impl Relay {
             Phase::ReadingHeader { deadline } if *deadline <= ctx.now => {
                 Next::Close(Ending::BadHeader(HeaderError::Timeout))
             }
-            Phase::InKernel { .. } => self.watch_kernel(ctx),
+            Phase::InKernel {
+                fin_due: Some(due), ..
+            } if *due <= ctx.now => self.watch_kernel(ctx),
             _ => Next::Wait,
         }
     }
@@ -698,6 +702,7 @@ impl Relay {
             up: KernelDirection::new(self.header_in, 1 + header_sent),
             down: KernelDirection::new(0, 0),
             fin_poll: FIN_POLL_FIRST,
+            fin_due: None,
         };
         // A FIN (or everything) may have come already; no event would say so again.
         Ok(self.watch_kernel(ctx))
@@ -856,19 +861,31 @@ impl Relay {
             }
         }
         let Phase::InKernel {
-            up, down, fin_poll, ..
+            up,
+            down,
+            fin_poll,
+            fin_due,
+            ..
         } = &mut self.phase
         else {
             return Next::Wait;
         };
         if up.finished() && down.finished() {
-            Next::Close(Ending::Finished)
-        } else if fin_waiting {
-            let wait = *fin_poll;
-            *fin_poll = (wait * 2).min(FIN_POLL_MAX);
-            Next::Timer(ctx.now + wait)
-        } else {
-            Next::Wait
+            return Next::Close(Ending::Finished);
+        }
+        match fin_due {
+            // A look is already due later: its timer will come.
+            Some(due) if *due > ctx.now && fin_waiting => Next::Wait,
+            _ if fin_waiting => {
+                let due = ctx.now + *fin_poll;
+                *fin_poll = (*fin_poll * 2).min(FIN_POLL_MAX);
+                *fin_due = Some(due);
+                Next::Timer(due)
+            }
+            _ => {
+                *fin_due = None;
+                Next::Wait
+            }
         }
     }
 
