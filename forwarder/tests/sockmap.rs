@@ -297,8 +297,9 @@ fn stalled_backend_loses_nothing_in_the_kernel() {
 }
 
 /// Bytes a client manages to send through the forwarder in `secs` while the backend reads
-/// nothing (at most `cap`), and how much MemAvailable fell meanwhile (KiB).
-fn accepted_behind_stalled_backend(extra: &[&str], secs: u64, cap: usize) -> (usize, i64) {
+/// nothing (at most `cap`), how much MemAvailable fell meanwhile (KiB), and how much TCP memory
+/// `/proc/net/sockstat` counted more (KiB). Both are the whole machine's: other work moves them.
+fn accepted_behind_stalled_backend(extra: &[&str], secs: u64, cap: usize) -> (usize, i64, i64) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let bport = listener.local_addr().unwrap().port();
     let port = free_port();
@@ -308,6 +309,7 @@ fn accepted_behind_stalled_backend(extra: &[&str], secs: u64, cap: usize) -> (us
     std::thread::sleep(Duration::from_millis(300)); // joined (or not) by now
     c.set_nonblocking(true).unwrap();
     let before = mem_available_kib();
+    let tcp_before = sockstat_tcp_kib();
     let chunk = vec![7u8; 64 * 1024];
     let mut sent = 0;
     let until = Instant::now() + Duration::from_secs(secs);
@@ -317,7 +319,23 @@ fn accepted_behind_stalled_backend(extra: &[&str], secs: u64, cap: usize) -> (us
             Err(_) => std::thread::sleep(Duration::from_millis(10)),
         }
     }
-    (sent, before - mem_available_kib())
+    (
+        sent,
+        before - mem_available_kib(),
+        sockstat_tcp_kib() - tcp_before,
+    )
+}
+
+/// `/proc/net/sockstat`'s "TCP: ... mem N" (pages) in KiB.
+fn sockstat_tcp_kib() -> i64 {
+    std::fs::read_to_string("/proc/net/sockstat")
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("TCP:"))
+        .and_then(|l| l.split_whitespace().skip_while(|w| *w != "mem").nth(1))
+        .and_then(|v| v.parse::<i64>().ok())
+        .unwrap_or(0)
+        * 4
 }
 
 fn mem_available_kib() -> i64 {
@@ -331,11 +349,13 @@ fn mem_available_kib() -> i64 {
 
 #[test]
 fn splice_bounds_what_a_stalled_backend_makes_us_hold() {
-    let (sent, fell) = accepted_behind_stalled_backend(&[], 2, 256 << 20);
+    let (sent, fell, tcp) = accepted_behind_stalled_backend(&[], 2, 256 << 20);
     eprintln!(
-        "splice: {} MiB accepted behind a stalled backend; MemAvailable fell {} MiB",
+        "splice: {} MiB accepted behind a stalled backend; MemAvailable fell {} MiB; \
+         sockstat TCP memory {:+} MiB",
         sent >> 20,
-        fell >> 10
+        fell >> 10,
+        tcp >> 10
     );
     assert!(sent < 32 << 20, "splice took {sent} bytes without a reader");
 }
@@ -350,11 +370,13 @@ fn sockmap_bounds_what_a_stalled_backend_makes_us_hold() {
     if !privileged("sockmap") {
         return;
     }
-    let (sent, fell) = accepted_behind_stalled_backend(&SOCKMAP, 2, 256 << 20);
+    let (sent, fell, tcp) = accepted_behind_stalled_backend(&SOCKMAP, 2, 256 << 20);
     eprintln!(
-        "sockmap: {} MiB accepted behind a stalled backend; MemAvailable fell {} MiB",
+        "sockmap: {} MiB accepted behind a stalled backend; MemAvailable fell {} MiB; \
+         sockstat TCP memory {:+} MiB",
         sent >> 20,
-        fell >> 10
+        fell >> 10,
+        tcp >> 10
     );
     assert!(
         sent < 32 << 20,
