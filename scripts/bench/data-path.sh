@@ -5,7 +5,8 @@
 # Loads, each bounded in count and time: --runs single-stream iperf3 runs per target, the targets
 # alternating in a rotating order (the distribution is reported: min/p25/median/p75/max, and the
 # ratio to direct); 64-byte ping-pong with all targets in alternating 50 ms slices (bench-load);
-# closed-loop 64-byte request/response over --rr-connections connections. CPU is the whole
+# closed-loop 64-byte request/response over --rr-connections connections; new connections per
+# second (connect, 64-byte request, echo, close; joining the maps costs system calls). CPU is the whole
 # machine's (/proc/stat), since with sockmap the work happens in softirq and kernel workers that
 # no process of ours is charged for; the proxy's added cost is the figure minus direct's.
 # For each bulk run the softirq time of every CPU is kept, to see where redirected bytes are
@@ -179,6 +180,24 @@ for r in $(seq "$RR_ROUNDS"); do
         wait_quiet "$ECHO" 10
     done
 done
+# ---- new connections per second, whole-machine CPU per connection ------------------------------
+: >"$WORK/conn.tsv"
+for r in $(seq "$RR_ROUNDS"); do
+    for i in 0 1 2; do
+        t=${TARGETS[$(((i + r - 1) % 3))]}
+        out=$WORK/raw/conn-$t-$r.json
+        before=$(machine_ms)
+        "$LOAD" connrate --target "127.0.0.1:$(port_of "$t" echo)" --seconds "$SECS" --concurrency 32 \
+            >"$out" 2>"$out.err" || { say "connrate via $t failed: $(cat "$out.err")"; continue; }
+        used=$(minus "$(machine_ms)" "$before")
+        n=$(jq -r .connections "$out")
+        rate=$(jq -r .per_second "$out")
+        us=$(awk -v ms="${used%% *}" -v n="$n" 'BEGIN { printf "%.1f", ms * 1000 / n }')
+        printf '%s\t%s\t%s\t%s\n' "$t" "$r" "$rate" "$us" >>"$WORK/conn.tsv"
+        say "connrate $r/$RR_ROUNDS via $t: $(fmt "$rate" 0) connections/s ($(jq -r .errors "$out") errors), $us µs machine CPU per connection"
+        wait_quiet "$ECHO" 10
+    done
+done
 ELAPSED=$(($(date +%s) - T0))
 LOAD_AFTER=$(cut -d' ' -f1-3 /proc/loadavg)
 for t in splice sockmap; do
@@ -244,6 +263,18 @@ dist() {
         read -r _ _ rate _ _ _ < <(dist "$t" 3 "$WORK/rr.tsv")
         read -r _ _ us _ _ _ < <(dist "$t" 4 "$WORK/rr.tsv")
         added=$(awk -v a="$us" -v b="$drr" 'BEGIN { if (a == "null" || b == "null") print "—"; else printf "%.2f", a - b }')
+        echo "| $t | $(fmt "$rate" 0) | $us | $added |"
+    done
+    echo
+    echo "New connections per second (32 in flight, 64 B request and echo each, $RR_ROUNDS runs a target, medians):"
+    echo
+    echo "| target | connections/s | machine CPU µs/connection | added over direct |"
+    echo "|---|---:|---:|---:|"
+    read -r _ _ dconn _ _ _ < <(dist direct 4 "$WORK/conn.tsv")
+    for t in "${TARGETS[@]}"; do
+        read -r _ _ rate _ _ _ < <(dist "$t" 3 "$WORK/conn.tsv")
+        read -r _ _ us _ _ _ < <(dist "$t" 4 "$WORK/conn.tsv")
+        added=$(awk -v a="$us" -v b="$dconn" 'BEGIN { if (a == "null" || b == "null") print "—"; else printf "%.1f", a - b }')
         echo "| $t | $(fmt "$rate" 0) | $us | $added |"
     done
     echo
