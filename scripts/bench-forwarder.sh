@@ -13,6 +13,8 @@
 #                                   [--out FILE] [--keep] [--no-build] [--from DIR]
 #        scripts/bench-forwarder.sh --udp [...]   UDP instead: direct vs ours vs nginx stream vs
 #                                                 socat vs rinetd (scripts/bench/udp.sh)
+#        scripts/bench-forwarder.sh --data-path-compare [...]   direct vs --data-path splice vs
+#                                                 sockmap, distributions (scripts/bench/data-path.sh)
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -20,6 +22,10 @@ cd "$ROOT"
 if [ "${1:-}" = --udp ]; then
     shift
     exec bash scripts/bench/udp.sh "$@"
+fi
+if [ "${1:-}" = --data-path-compare ]; then
+    shift
+    exec bash scripts/bench/data-path.sh "$@"
 fi
 # shellcheck source=lib/apt.sh
 source scripts/lib/apt.sh
@@ -41,6 +47,9 @@ Usage: scripts/bench-forwarder.sh [options]
   --no-build              use the release binaries already built
   --from DIR              print the table again from a kept work directory, run nothing
   --udp [--help]          the UDP comparison instead (its own options: --udp --help)
+  --data-path-compare [--help]
+                          direct vs the forwarder's splice and sockmap data paths, ≥ 20
+                          alternating single-stream runs each (its own options: --help)
 Environment: CARGO_TARGET_DIR (where the release binaries are), BENCH_COMMIT (the commit named in
 the table when the tree is not a git checkout).
 EOF

@@ -16,6 +16,7 @@ use forwarder::rules::file::RulesFile;
 use forwarder::rules::{self, RuleSet};
 use forwarder::service::{self, exit::Exit};
 use forwarder::supervisor::{self, Supervisor, SupervisorConfig};
+use forwarder::tcp::sockmap::{self, DataPath};
 use forwarder::worker::{self, WorkerConfig};
 
 /// Pipes one worker may hold for splicing (two descriptors each).
@@ -90,6 +91,11 @@ struct Args {
     /// Copy bulk data through user space instead of splice(2)
     #[arg(long)]
     no_splice: bool,
+
+    /// How established TCP connections move bytes: splice (user space) or sockmap (the kernel,
+    /// via a BPF verdict program; needs CAP_BPF and CAP_NET_ADMIN, else splice is used)
+    #[arg(long, value_enum, default_value_t = DataPath::Splice)]
+    data_path: DataPath,
 
     /// After loading the rules as root, run the supervisor and workers as this user (keeping only
     /// CAP_NET_BIND_SERVICE, for ports below 1024)
@@ -168,6 +174,7 @@ fn run_worker(args: &Args, index: usize) -> anyhow::Result<ExitCode> {
         drain_timeout: Duration::from_secs(args.drain_timeout_s),
         splice: !args.no_splice,
         max_pipes: PIPES_PER_WORKER,
+        data_path: args.data_path,
         default_allow: parse_cidrs("--allow", &args.allow)?,
         default_deny: parse_cidrs("--deny", &args.deny)?,
         access_log: args
@@ -276,7 +283,7 @@ fn run_supervisor(args: &Args) -> anyhow::Result<ExitCode> {
         per_worker_connections: plan.per_worker,
         capacity: plan.total,
         udp_capacity: udp_total,
-        worker_args: worker_args(args, udp_per_worker),
+        worker_args: worker_args(args, udp_per_worker, sockmap::check(args.data_path)),
         health_interval: (args.health_interval_s > 0)
             .then(|| Duration::from_secs(args.health_interval_s)),
         connect_timeout: Duration::from_millis(args.connect_timeout_ms),
@@ -328,7 +335,7 @@ fn print_rules(label: &str, set: &RuleSet) {
 }
 
 /// Flags a worker needs, passed on from the supervisor's own command line.
-fn worker_args(args: &Args, udp_sessions: usize) -> Vec<String> {
+fn worker_args(args: &Args, udp_sessions: usize, data_path: DataPath) -> Vec<String> {
     let mut v = vec![
         "--log-level".into(),
         args.log_level.clone(),
@@ -345,6 +352,9 @@ fn worker_args(args: &Args, udp_sessions: usize) -> Vec<String> {
     ];
     if args.no_splice {
         v.push("--no-splice".into());
+    }
+    if data_path == DataPath::Sockmap {
+        v.extend(["--data-path".into(), "sockmap".into()]);
     }
     if let Some(path) = &args.access_log {
         // Workers start elsewhere than the supervisor may be asked to run: an absolute path.

@@ -144,6 +144,8 @@ pub struct BackendStats {
     /// Of the bytes each way, those moved with splice(2).
     pub spliced_up: u64,
     pub spliced_down: u64,
+    /// Connections handed to the kernel (sockmap data path).
+    pub in_kernel: u64,
     pub connect_failures: u64,
     pub last_error: String,
     pub last_error_ms: u64,
@@ -552,6 +554,7 @@ impl Supervisor {
                                 bytes_down: s.bytes_down.load(Relaxed),
                                 spliced_up: s.spliced_up.load(Relaxed),
                                 spliced_down: s.spliced_down.load(Relaxed),
+                                in_kernel: s.in_kernel.load(Relaxed),
                                 connect_failures: s.connect_failures.load(Relaxed),
                                 last_error: describe_error(s.last_error.load(Relaxed)),
                                 last_error_ms: s.last_error_ms.load(Relaxed),

@@ -30,6 +30,7 @@ use crate::stats::Shared;
 use crate::tcp::buffers::{BufferPool, PipePool};
 use crate::tcp::direction::Resources;
 use crate::tcp::relay::{self, Ending, Next, Relay, Side, Sides, Wake};
+use crate::tcp::sockmap::{DataPath, Sockmap};
 use crate::udp::{Udp, UdpConfig};
 
 const CONTROL: Token = Token(usize::MAX - 1);
@@ -55,6 +56,8 @@ pub struct WorkerConfig {
     pub drain_timeout: Duration,
     pub splice: bool,
     pub max_pipes: usize,
+    /// `--data-path`: sockmap hands established connections to the kernel.
+    pub data_path: DataPath,
     /// `--allow`: clients every pool without its own `allow` list admits (empty = all).
     pub default_allow: Vec<ipnet::IpNet>,
     /// `--deny`: clients every pool refuses, on top of its own `deny` list.
@@ -136,6 +139,7 @@ pub fn run(config: WorkerConfig, stats_fd: i32, control_fd: i32) -> anyhow::Resu
         buffers: BufferPool::new(256),
         pipes: PipePool::new(config.max_pipes),
         splice: config.splice,
+        sockmap: load_sockmap(&config),
     };
     let udp = Udp::new(UdpConfig {
         worker: config.index,
@@ -210,6 +214,7 @@ impl Worker {
             self.resume_accepting(now);
             if now.duration_since(last_sweep) >= Duration::from_secs(1) {
                 last_sweep = now;
+                self.refresh_kernel_counts(now);
                 self.sweep_idle(now);
             }
             if let Some(since) = self.draining_since {
@@ -365,6 +370,17 @@ impl Worker {
             }
             self.timers.pop();
             self.drive(key, now, |relay, ctx| relay.timer_expired(ctx));
+        }
+    }
+
+    /// Connections whose bytes the kernel moves report none: read their counts once a second.
+    fn refresh_kernel_counts(&mut self, now: Instant) {
+        if self.res.sockmap.is_none() {
+            return;
+        }
+        let keys: Vec<usize> = self.relays.iter().map(|(k, _)| k).collect();
+        for key in keys {
+            self.drive(key, now, |relay, ctx| relay.refresh(ctx));
         }
     }
 
@@ -607,6 +623,24 @@ fn relay_context<'a>(
         connect_timeout: config.connect_timeout,
         now,
         access_log,
+    }
+}
+
+/// The worker's own verdict map for `--data-path sockmap` (two sockets per connection). The
+/// supervisor checked that it loads; should it fail here anyway, connections are spliced.
+fn load_sockmap(config: &WorkerConfig) -> Option<Sockmap> {
+    if config.data_path != DataPath::Sockmap {
+        return None;
+    }
+    match Sockmap::load(config.max_connections.saturating_mul(2)) {
+        Ok(map) => Some(map),
+        Err(e) => {
+            tracing::warn!(
+                worker = config.index,
+                "sockmap data path unavailable ({e}); splicing"
+            );
+            None
+        }
     }
 }
 

@@ -70,7 +70,13 @@ fn transfer_exact(extra: &[&str]) {
         series("forwarder_backend_spliced_bytes_up_total"),
         series("forwarder_backend_spliced_bytes_down_total"),
     );
-    if extra.contains(&"--no-splice") {
+    let in_kernel = series("forwarder_backend_sockmap_connections_total");
+    if extra.contains(&"sockmap") {
+        // The kernel moved every byte: nothing went through our pipes, and the counts above
+        // came from the sockets' TCP_INFO.
+        assert_eq!((up, down), (0, 0), "sockmap splices nothing");
+        assert_eq!(in_kernel, 1, "the connection was handed to the kernel");
+    } else if extra.contains(&"--no-splice") {
         assert_eq!((up, down), (0, 0), "--no-splice copies every byte");
     } else {
         // The first reads are copied until they fill whole buffers; the bulk is spliced.
@@ -88,6 +94,14 @@ fn thirty_two_mib_both_ways_exact_with_splice() {
 #[test]
 fn thirty_two_mib_both_ways_exact_with_copying() {
     transfer_exact(&["--no-splice"]);
+}
+
+#[test]
+fn thirty_two_mib_both_ways_exact_in_the_kernel() {
+    if !common::privileged("sockmap") {
+        return;
+    }
+    transfer_exact(&["--data-path", "sockmap"]);
 }
 
 #[test]

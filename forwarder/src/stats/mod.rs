@@ -73,6 +73,8 @@ pub struct BackendSlot {
     pub spliced_up: AtomicU64,
     /// Of `bytes_down`, bytes moved with splice(2).
     pub spliced_down: AtomicU64,
+    /// Connections whose bytes the kernel moved (`--data-path sockmap`).
+    pub in_kernel: AtomicU64,
     pub connect_failures: AtomicU64,
     /// Unix ms until which the backend is skipped; 0 = up.
     pub down_until_ms: AtomicU64,
@@ -279,6 +281,7 @@ impl BackendSlot {
             &self.bytes_down,
             &self.spliced_up,
             &self.spliced_down,
+            &self.in_kernel,
             &self.connect_failures,
             &self.down_until_ms,
             &self.down_since_ms,

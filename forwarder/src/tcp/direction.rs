@@ -10,6 +10,7 @@ use std::os::fd::AsRawFd;
 use mio::net::TcpStream;
 
 use crate::tcp::buffers::{BufferPool, Pipe, PipePool};
+use crate::tcp::sockmap::Sockmap;
 
 /// Most bytes one direction moves per event before yielding to other connections.
 pub const FAIR_SHARE_BYTES: u64 = 1 << 20;
@@ -20,6 +21,9 @@ pub struct Resources {
     pub pipes: PipePool,
     /// Whether bulk transfers may use splice(2).
     pub splice: bool,
+    /// `--data-path sockmap`, when the verdict program loaded: established connections are
+    /// handed to the kernel.
+    pub sockmap: Option<Sockmap>,
 }
 
 /// Bytes read from the source and not yet written to the sink.

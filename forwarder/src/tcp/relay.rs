@@ -2,10 +2,13 @@
 //! (falling over to the next one on refusal or timeout), relaying both directions, closed. The
 //! worker only hands it readiness events and timer expiries through [`Relay::ready`] and acts on
 //! the [`Next`] it returns; every way a connection ends comes back as [`Next::Close`] and goes
-//! through [`Relay::close`], which frees and counts.
+//! through [`Relay::close`], which frees and counts. With the sockmap data path an established
+//! pair is handed to the kernel ([`Phase::InKernel`]): the relay then only hears of hang-ups and
+//! errors, and counts from the sockets' kernel counters.
 
-use std::io;
+use std::io::{self, Write};
 use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
 use std::rc::Rc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
@@ -19,7 +22,14 @@ use crate::control::ConnectionInfo;
 use crate::stats::per_ip::Admit;
 use crate::stats::{now_ms, Shared, ERR_TIMEOUT};
 use crate::tcp::direction::{Direction, Progress, PumpError, Resources};
+use crate::tcp::kernel_direction::{socket_counts, KernelDirection};
 use crate::tcp::proxy::{self, HeaderError};
+use crate::tcp::sockmap::{self, Joined};
+
+/// First wait before looking again at a FIN whose bytes the kernel is still passing on; doubled
+/// on each look up to [`FIN_POLL_MAX`] (a stalled sink may hold them for long).
+const FIN_POLL_FIRST: Duration = Duration::from_millis(1);
+const FIN_POLL_MAX: Duration = Duration::from_millis(100);
 
 /// What a relay needs from its worker while it handles one event.
 pub struct Context<'a> {
@@ -165,6 +175,20 @@ enum Phase {
     Relaying {
         backend: TcpStream,
     },
+    /// The kernel moves the bytes (sockmap): the worker hears only of hang-ups and errors.
+    InKernel {
+        backend: TcpStream,
+        /// The pair's map entries, removed on close.
+        joined: Joined,
+        /// client → backend
+        up: KernelDirection,
+        /// backend → client
+        down: KernelDirection,
+        /// Next wait before looking at a FIN still held back by bytes in flight.
+        fin_poll: Duration,
+        /// When the pending FIN look is due (one timer at a time, however many events come).
+        fin_due: Option<Instant>,
+    },
 }
 
 /// One client connection and its backend.
@@ -186,6 +210,9 @@ pub struct Relay {
     reserved: bool,
     /// Length of the PROXY header sent ahead of the client's bytes (0 = none).
     header_len: u64,
+    /// Length of the PROXY header read from the client (`accept_proxy`; 0 = none): the kernel
+    /// counts it among the client's bytes, the page must not.
+    header_in: u64,
     /// Bytes of that header not yet taken off the up count.
     header_uncounted: u64,
     /// The client's address is counted against `max_conns_per_ip` (release it at the end).
@@ -221,6 +248,7 @@ impl Relay {
             backend_index: 0,
             reserved: false,
             header_len: 0,
+            header_in: 0,
             header_uncounted: 0,
             first_fin: None,
             per_ip_counted: false,
@@ -317,6 +345,7 @@ impl Relay {
                 Err(e) => return Next::Close(Ending::Failed(PumpError::Read(e))),
             }
         }
+        self.header_in = header.len as u64;
         if let Some((client, reached)) = header.addrs {
             self.client_addr = client;
             self.reached = Some(reached);
@@ -352,6 +381,8 @@ impl Relay {
                 let sides = self.sides_for(side, wake);
                 self.pump(sides, ctx)
             }
+            // Only hang-ups and errors are reported: look at both directions.
+            Phase::InKernel { .. } => self.watch_kernel(ctx),
         }
     }
 
@@ -370,13 +401,42 @@ impl Relay {
             Phase::ReadingHeader { deadline } if *deadline <= ctx.now => {
                 Next::Close(Ending::BadHeader(HeaderError::Timeout))
             }
+            Phase::InKernel {
+                fin_due: Some(due), ..
+            } if *due <= ctx.now => self.watch_kernel(ctx),
             _ => Next::Wait,
         }
     }
 
-    /// True when nothing happened on the connection for `limit`.
+    /// Once a second: a connection in the kernel reports no bytes, so its counts are read from
+    /// the sockets here (two `TCP_INFO` calls), for the counters and the page. An error found on
+    /// the way (it is read, and so cleared, by this look) ends the connection as a reset would.
+    pub fn refresh(&mut self, ctx: &mut Context) -> Next {
+        if !matches!(self.phase, Phase::InKernel { .. }) {
+            return Next::Wait;
+        }
+        match self.count_kernel(false, ctx) {
+            Ok(_) => Next::Wait,
+            Err(e) => Next::Close(Ending::Failed(e)),
+        }
+    }
+
+    /// True when nothing happened on the connection for `limit`. In the kernel no event reports
+    /// bytes, so there the sockets' own clocks (`tcpi_last_data_recv`) must agree.
     pub fn idle_for(&self, limit: Duration, now: Instant) -> bool {
-        now.duration_since(self.last_active) >= limit
+        if now.duration_since(self.last_active) < limit {
+            return false;
+        }
+        match &self.phase {
+            Phase::InKernel { backend, .. } => [self.client.as_raw_fd(), backend.as_raw_fd()]
+                .iter()
+                .all(|&fd| {
+                    socket_counts(fd).map_or(true, |c| {
+                        Duration::from_millis(c.last_data_recv_ms.into()) >= limit
+                    })
+                }),
+            _ => true,
+        }
     }
 
     /// The one way a connection ends: frees what the directions hold, closes both sockets (with
@@ -384,8 +444,17 @@ impl Relay {
     pub fn close(mut self, ending: &Ending, ctx: &mut Context) {
         self.up.discard(ctx.res);
         self.down.discard(ctx.res);
+        if matches!(self.phase, Phase::InKernel { .. }) {
+            // The last bytes' count (no FIN: a reset may be what goes out), then out of the map.
+            let _ = self.count_kernel(false, ctx);
+            if let (Phase::InKernel { joined, .. }, Some(map)) = (&self.phase, &ctx.res.sockmap) {
+                map.leave(joined);
+            }
+        }
         let backend = match &self.phase {
-            Phase::Connecting { backend, .. } | Phase::Relaying { backend } => Some(backend),
+            Phase::Connecting { backend, .. }
+            | Phase::Relaying { backend }
+            | Phase::InKernel { backend, .. } => Some(backend),
             Phase::Accepted | Phase::ReadingHeader { .. } => None,
         };
         if ending.resets() {
@@ -422,13 +491,8 @@ impl Relay {
         if let Some(log) = ctx.access_log {
             self.log(log, ending, ctx);
         }
-        tracing::debug!(
-            id = self.id,
-            up = self.up.bytes(),
-            down = self.down.bytes(),
-            ?ending,
-            "closed"
-        );
+        let (up, down) = self.bytes();
+        tracing::debug!(id = self.id, up, down, ?ending, "closed");
         // Dropping the sockets closes them, which also takes them out of the epoll set.
     }
 
@@ -444,8 +508,8 @@ impl Relay {
             listen: self.pool.spec.listen,
             rule: backend.map(|b| b.name.as_str()),
             backend: backend.map(|b| b.addr),
-            bytes_up: self.up.bytes() - (self.header_len - self.header_uncounted),
-            bytes_down: self.down.bytes(),
+            bytes_up: self.bytes().0,
+            bytes_down: self.bytes().1,
             duration: ctx.now.saturating_duration_since(self.started),
             ending: ending.word(self.first_fin),
         };
@@ -467,15 +531,34 @@ impl Relay {
                 Phase::Accepted | Phase::ReadingHeader { .. } | Phase::Connecting { .. } => {
                     "connecting".into()
                 }
-                Phase::Relaying { .. } => "relaying".into(),
+                Phase::Relaying { .. } | Phase::InKernel { .. } => "relaying".into(),
             },
-            // What the up direction delivered, less the header part of it.
-            bytes_up: self.up.bytes() - (self.header_len - self.header_uncounted),
-            bytes_down: self.down.bytes(),
+            bytes_up: self.bytes().0,
+            bytes_down: self.bytes().1,
             age_ms: now.duration_since(self.started).as_millis() as u64,
-            client_half_closed: self.up.source_done(),
-            backend_half_closed: self.down.source_done(),
+            client_half_closed: self.source_done().0,
+            backend_half_closed: self.source_done().1,
             udp: None,
+        }
+    }
+
+    /// Bytes passed up and down: what the directions delivered (less the PROXY header we
+    /// sent), or in the kernel, what the sockets counted when last looked at.
+    fn bytes(&self) -> (u64, u64) {
+        match &self.phase {
+            Phase::InKernel { up, down, .. } => (up.bytes(), down.bytes()),
+            _ => (
+                self.up.bytes() - (self.header_len - self.header_uncounted),
+                self.down.bytes(),
+            ),
+        }
+    }
+
+    /// Whether the client and the backend sent their FIN.
+    fn source_done(&self) -> (bool, bool) {
+        match &self.phase {
+            Phase::InKernel { up, down, .. } => (up.source_done(), down.source_done()),
+            _ => (self.up.source_done(), self.down.source_done()),
         }
     }
 
@@ -523,27 +606,106 @@ impl Relay {
         };
         let _ = backend.set_nodelay(true);
         let _ = socket2::SockRef::from(&backend).set_keepalive(true);
-        self.phase = Phase::Relaying { backend };
-        if let Some(version) = self.pool.spec.backends[self.backend_index]
+        let header = self.pool.spec.backends[self.backend_index]
             .options
             .send_proxy
-        {
-            let reached = self
-                .reached
-                .or_else(|| self.client.local_addr().ok())
-                .unwrap_or(self.pool.spec.listen);
-            let header = proxy::encode(version, self.client_addr, reached);
-            self.header_len = header.len() as u64;
-            self.header_uncounted = self.header_len;
-            // Goes out before any client byte: the up direction flushes what it holds first.
-            self.up.preload(&header, ctx.res);
-        }
+            .map(|version| {
+                let reached = self
+                    .reached
+                    .or_else(|| self.client.local_addr().ok())
+                    .unwrap_or(self.pool.spec.listen);
+                proxy::encode(version, self.client_addr, reached)
+            });
         let slot = ctx.shared.backend(self.backend_slot());
         slot.total.fetch_add(1, Relaxed);
         if slot.record_success() {
             tracing::info!(backend = %self.backend_addr(), "backend up");
         }
+        let mut header = header;
+        let backend = match self.hand_to_kernel(backend, &mut header, ctx) {
+            Ok(next) => return next,
+            Err(backend) => backend,
+        };
+        self.phase = Phase::Relaying { backend };
+        if let Some(header) = header {
+            self.header_len = header.len() as u64;
+            self.header_uncounted = self.header_len;
+            // Goes out before any client byte: the up direction flushes what it holds first.
+            self.up.preload(&header, ctx.res);
+        }
         self.pump(Sides::BOTH, ctx)
+    }
+
+    /// With the sockmap data path: writes the PROXY header (taking it out of `header`) and puts
+    /// the pair into the worker's map, so the kernel moves their bytes. Gives the backend back
+    /// when the pair cannot join (no map, or a socket already past ESTABLISHED): the relay then
+    /// moves the bytes itself, and nothing was read or lost.
+    fn hand_to_kernel(
+        &mut self,
+        mut backend: TcpStream,
+        header: &mut Option<Vec<u8>>,
+        ctx: &mut Context,
+    ) -> Result<Next, TcpStream> {
+        let Some(map) = ctx.res.sockmap.as_ref() else {
+            return Err(backend);
+        };
+        let mut header_sent = 0;
+        if let Some(bytes) = header.take() {
+            // A fresh connection's send buffer takes a PROXY header (at most 232 bytes) whole.
+            match backend.write(&bytes) {
+                Ok(n) if n == bytes.len() => header_sent = n as u64,
+                Ok(_) => {
+                    let short = io::Error::new(io::ErrorKind::WriteZero, "PROXY header cut short");
+                    return Ok(Next::Close(Ending::Failed(PumpError::Write(short))));
+                }
+                Err(e) => return Ok(Next::Close(Ending::Failed(PumpError::Write(e)))),
+            }
+        }
+        if self.header_in > 0 && queued_to_read(&self.client) != Some(0) {
+            // The kernel hands the verdict whole skbs and ignores what was read of one: the
+            // PROXY header we took would go out again with the bytes that shared its skb.
+            tracing::debug!(
+                id = self.id,
+                "bytes came with the PROXY header; relaying in user space"
+            );
+            return Err(backend);
+        }
+        let joined = match map.join(self.client.as_raw_fd(), backend.as_raw_fd()) {
+            Ok(joined) => joined,
+            Err(e) => {
+                tracing::debug!(
+                    id = self.id,
+                    "not joining the sockmap ({e}); relaying in user space"
+                );
+                return Err(backend);
+            }
+        };
+        for (socket, token) in [
+            (self.client.as_raw_fd(), Token(self.key * 2)),
+            (backend.as_raw_fd(), Token(self.key * 2 + 1)),
+        ] {
+            if let Err(e) = sockmap::watch_hangups_only(ctx.registry, socket, token) {
+                // Still registered for everything: spurious wake-ups only, bytes still move.
+                tracing::debug!(id = self.id, "re-arming for hang-ups only: {e}");
+            }
+        }
+        ctx.shared
+            .backend(self.backend_slot())
+            .in_kernel
+            .fetch_add(1, Relaxed);
+        self.phase = Phase::InKernel {
+            backend,
+            joined,
+            // Sequence numbers already queued on each sink: the SYN of the connect we made
+            // (acknowledged by the backend's SYN-ACK; an accepted socket counts none), and the
+            // PROXY header written above.
+            up: KernelDirection::new(self.header_in, 1 + header_sent),
+            down: KernelDirection::new(0, 0),
+            fin_poll: FIN_POLL_FIRST,
+            fin_due: None,
+        };
+        // A FIN (or everything) may have come already; no event would say so again.
+        Ok(self.watch_kernel(ctx))
     }
 
     /// The backend being connected failed: mark it, then try the next backend of the pool, or
@@ -683,6 +845,74 @@ impl Relay {
         }
     }
 
+    /// In the kernel: after a hang-up, an error or a FIN timer, looks at both directions,
+    /// counts what passed, and passes on FINs whose bytes have left.
+    fn watch_kernel(&mut self, ctx: &mut Context) -> Next {
+        let fin_waiting = match self.count_kernel(true, ctx) {
+            Ok(waiting) => waiting,
+            Err(e) => return Next::Close(Ending::Failed(e)),
+        };
+        if self.first_fin.is_none() {
+            let (client, backend) = self.source_done();
+            if client {
+                self.first_fin = Some(Side::Client);
+            } else if backend {
+                self.first_fin = Some(Side::Backend);
+            }
+        }
+        let Phase::InKernel {
+            up,
+            down,
+            fin_poll,
+            fin_due,
+            ..
+        } = &mut self.phase
+        else {
+            return Next::Wait;
+        };
+        if up.finished() && down.finished() {
+            return Next::Close(Ending::Finished);
+        }
+        match fin_due {
+            // A look is already due later: its timer will come.
+            Some(due) if *due > ctx.now && fin_waiting => Next::Wait,
+            _ if fin_waiting => {
+                let due = ctx.now + *fin_poll;
+                *fin_poll = (*fin_poll * 2).min(FIN_POLL_MAX);
+                *fin_due = Some(due);
+                Next::Timer(due)
+            }
+            _ => {
+                *fin_due = None;
+                Next::Wait
+            }
+        }
+    }
+
+    /// Steps both kernel directions (passing FINs on unless closing) and adds what they passed
+    /// to the backend's counters. Returns whether a FIN waits for bytes still in flight.
+    fn count_kernel(&mut self, pass_fin: bool, ctx: &mut Context) -> Result<bool, PumpError> {
+        let slot = ctx.shared.backend(self.backend_slot());
+        let Phase::InKernel {
+            backend, up, down, ..
+        } = &mut self.phase
+        else {
+            return Ok(false);
+        };
+        let mut waiting = false;
+        let up_step = up.step(&self.client, backend, pass_fin);
+        if let Ok(p) = &up_step {
+            slot.bytes_up.fetch_add(p.moved, Relaxed);
+            waiting |= p.fin_waiting;
+        }
+        let down_step = down.step(backend, &self.client, pass_fin);
+        if let Ok(p) = &down_step {
+            slot.bytes_down.fetch_add(p.moved, Relaxed);
+            waiting |= p.fin_waiting;
+        }
+        up_step.and(down_step).map(|_| waiting)
+    }
+
     /// The backend slot counting this connection.
     fn backend_slot(&self) -> usize {
         self.pool.spec.backends[self.backend_index].slot
@@ -691,6 +921,14 @@ impl Relay {
     fn backend_addr(&self) -> SocketAddr {
         self.pool.spec.backends[self.backend_index].addr
     }
+}
+
+/// Bytes waiting in the socket's receive queue (`FIONREAD`); None if it cannot be asked.
+fn queued_to_read(stream: &TcpStream) -> Option<usize> {
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one c_int.
+    let r = unsafe { libc::ioctl(stream.as_raw_fd(), libc::FIONREAD, &mut n) };
+    (r == 0).then_some(n.max(0) as usize)
 }
 
 /// The outcome of a non-blocking connect after an event on the socket: None while it is still in
@@ -770,6 +1008,7 @@ mod tests {
                     buffers: BufferPool::new(4),
                     pipes: PipePool::new(4),
                     splice,
+                    sockmap: None,
                 },
                 relay: Some(Relay::new(
                     1,

@@ -209,6 +209,7 @@ mod tests {
                         bytes_down: bytes * 2,
                         spliced_up: 0,
                         spliced_down: 0,
+                        in_kernel: 0,
                         connect_failures: 0,
                         last_error: String::new(),
                         last_error_ms: 0,

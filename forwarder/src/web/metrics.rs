@@ -187,7 +187,7 @@ pub fn render(stats: &StatsSnapshot) -> String {
     }
 
     type BackendGet = fn(&crate::supervisor::BackendStats) -> u64;
-    let backend_families: [(Family, BackendGet); 9] = [
+    let backend_families: [(Family, BackendGet); 10] = [
         (
             Family {
                 name: "forwarder_backend_up",
@@ -251,6 +251,14 @@ pub fn render(stats: &StatsSnapshot) -> String {
                 help: "Of the bytes from the backend to clients, those moved with splice(2).",
             },
             |b| b.spliced_down,
+        ),
+        (
+            Family {
+                name: "forwarder_backend_sockmap_connections_total",
+                kind: "counter",
+                help: "Connections whose bytes the kernel moved (--data-path sockmap).",
+            },
+            |b| b.in_kernel,
         ),
         (
             Family {
@@ -411,6 +419,7 @@ mod tests {
                     bytes_down: 20,
                     spliced_up: 0,
                     spliced_down: 16,
+                    in_kernel: 0,
                     connect_failures: 1,
                     last_error: String::new(),
                     last_error_ms: 0,
@@ -440,11 +449,11 @@ mod tests {
         assert!(text.contains(
             "forwarder_pool_refused_total{listen=\"0.0.0.0:8080\",reason=\"max_conns\"} 2\n"
         ));
-        assert_eq!(text.matches("# TYPE ").count(), 24);
-        assert_eq!(text.matches("# HELP ").count(), 24);
+        assert_eq!(text.matches("# TYPE ").count(), 25);
+        assert_eq!(text.matches("# HELP ").count(), 25);
         let mut families: Vec<&str> = text.lines().filter(|l| l.starts_with("# TYPE ")).collect();
         families.sort();
         families.dedup();
-        assert_eq!(families.len(), 24, "every family once");
+        assert_eq!(families.len(), 25, "every family once");
     }
 }

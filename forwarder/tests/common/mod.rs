@@ -243,3 +243,50 @@ pub fn metric(text: &str, series: &str) -> Option<u64> {
 pub fn rules_file(path: &Path) -> String {
     std::fs::read_to_string(path).unwrap()
 }
+
+/// True when the test runs as root (BPF programs need CAP_BPF and CAP_NET_ADMIN); otherwise says
+/// that `what` is skipped.
+pub fn privileged(what: &str) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    if !root {
+        eprintln!("{what}: needs root, skipped");
+    }
+    root
+}
+
+/// Connections the forwarder handed to the kernel (`--data-path sockmap`), over all backends.
+pub fn kernel_connections(web: SocketAddr) -> u64 {
+    http_get(web, "/metrics")
+        .lines()
+        .filter(|l| l.starts_with("forwarder_backend_sockmap_connections_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+/// Kernel memory of the TCP sockets with local or remote port in `ports` (`ss -tm`): bytes
+/// queued to receive (`r`) and to send (`w`), summed.
+pub fn socket_memory(ports: &[u16]) -> u64 {
+    let filter = ports
+        .iter()
+        .map(|p| format!("sport = :{p} or dport = :{p}"))
+        .collect::<Vec<_>>()
+        .join(" or ");
+    let out = Command::new("ss")
+        .args(["-tmnH", &format!("( {filter} )")])
+        .output()
+        .expect("ss (iproute2) runs");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut total = 0;
+    for skmem in text.split("skmem:(").skip(1) {
+        let fields = skmem.split(')').next().unwrap_or("");
+        for field in fields.split(',') {
+            let (name, value) =
+                field.split_at(field.find(|c: char| c.is_ascii_digit()).unwrap_or(0));
+            if name == "r" || name == "w" {
+                total += value.parse::<u64>().unwrap_or(0);
+            }
+        }
+    }
+    total
+}
