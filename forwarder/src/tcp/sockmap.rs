@@ -29,7 +29,12 @@ pub fn check(wanted: DataPath) -> DataPath {
     }
     match Sockmap::load(2) {
         Ok(_) => {
-            tracing::info!("data path: sockmap (the kernel moves established connections' bytes)");
+            // Opt-in with a known hazard: say it where the operator looks first.
+            tracing::warn!(
+                "data path: sockmap (the kernel moves established connections' bytes); \
+                 behind a backend that stops reading, the kernel queues what the client sends \
+                 without bound (README, forwarder: kernel data path)"
+            );
             DataPath::Sockmap
         }
         Err(e) => {
