@@ -83,6 +83,7 @@ pub fn wait_for_listen(addr: SocketAddr, timeout: Duration) -> bool {
 pub struct ChildGuard {
     pub child: Child,
     output: Arc<Mutex<String>>,
+    readers: Vec<std::thread::JoinHandle<()>>,
     name: String,
 }
 
@@ -98,6 +99,7 @@ impl ChildGuard {
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
         let output = Arc::new(Mutex::new(String::new()));
+        let mut readers = Vec::new();
         for stream in [
             child
                 .stdout
@@ -112,17 +114,18 @@ impl ChildGuard {
         .flatten()
         {
             let out = Arc::clone(&output);
-            std::thread::spawn(move || {
+            readers.push(std::thread::spawn(move || {
                 for line in BufReader::new(stream).lines().map_while(Result::ok) {
                     let mut o = out.lock().unwrap_or_else(|p| p.into_inner());
                     o.push_str(&line);
                     o.push('\n');
                 }
-            });
+            }));
         }
         ChildGuard {
             child,
             output,
+            readers,
             name,
         }
     }
@@ -170,6 +173,8 @@ impl ChildGuard {
 
 impl Drop for ChildGuard {
     fn drop(&mut self) {
+        // Whether it had ended on its own tells a crash from a test's own failure.
+        let ended = self.child.try_wait().ok().flatten();
         // SAFETY: negative pid = the process group we created in spawn().
         unsafe {
             libc_kill(-(self.child.id() as i32), 9);
@@ -177,7 +182,20 @@ impl Drop for ChildGuard {
         let _ = self.child.kill();
         let _ = self.child.wait();
         if std::thread::panicking() {
-            eprintln!("--- output of {} ---\n{}", self.name, self.output());
+            // The group is dead, so the pipes reach EOF: read what it printed last (bounded, in
+            // case something outside the group still holds a pipe).
+            wait_until(Duration::from_secs(2), || {
+                self.readers.iter().all(|r| r.is_finished())
+            });
+            let state = match ended {
+                Some(status) => format!("it had exited on its own: {status}"),
+                None => "it was running until the test ended".to_string(),
+            };
+            eprintln!(
+                "--- output of {} ({state}) ---\n{}",
+                self.name,
+                self.output()
+            );
         }
     }
 }
