@@ -239,21 +239,7 @@ fn five_thousand_concurrent_connections() {
         &[port],
     );
     const N: usize = 5000;
-    let mut conns = Vec::with_capacity(N);
-    for _ in 0..N {
-        let s = TcpStream::connect(local(port)).unwrap();
-        s.set_read_timeout(Some(WAIT)).unwrap();
-        conns.push(s);
-    }
-    // All open at once; every one still carries its own bytes.
-    for (i, s) in conns.iter_mut().enumerate() {
-        s.write_all(format!("conn {i:05}\n").as_bytes()).unwrap();
-    }
-    for (i, s) in conns.iter_mut().enumerate() {
-        let mut buf = [0u8; 11];
-        s.read_exact(&mut buf).unwrap();
-        assert_eq!(&buf, format!("conn {i:05}\n").as_bytes());
-    }
+    let conns = all_open_each_echoes_its_own(port, N, WAIT);
     assert!(wait_until(WAIT, || backend
         .accepted
         .load(std::sync::atomic::Ordering::SeqCst)

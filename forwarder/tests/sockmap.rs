@@ -563,20 +563,7 @@ fn three_thousand_concurrent_connections_in_the_kernel() {
         &[port],
     );
     const N: usize = 3000;
-    let mut conns = Vec::with_capacity(N);
-    for _ in 0..N {
-        let s = TcpStream::connect(local(port)).unwrap();
-        s.set_read_timeout(Some(WAIT)).unwrap();
-        conns.push(s);
-    }
-    // All open at once, in two workers' maps; every one still carries its own bytes.
-    for (i, s) in conns.iter_mut().enumerate() {
-        s.write_all(format!("conn {i:05}\n").as_bytes()).unwrap();
-    }
-    for (i, s) in conns.iter_mut().enumerate() {
-        let mut buf = [0u8; 11];
-        s.read_exact(&mut buf).unwrap();
-        assert_eq!(&buf, format!("conn {i:05}\n").as_bytes());
-    }
+    // All open at once, in two workers' maps.
+    let _conns = all_open_each_echoes_its_own(port, N, WAIT);
     joined(web, N as u64);
 }

@@ -210,6 +210,26 @@ pub fn read_tag(port: u16, len: usize) -> String {
     String::from_utf8(tag).unwrap()
 }
 
+/// Opens `n` connections to an echo behind `port`, all at once, then checks that each one carries
+/// its own bytes (a tag sent on every one, read back on every one). Returns them still open.
+pub fn all_open_each_echoes_its_own(port: u16, n: usize, wait: Duration) -> Vec<TcpStream> {
+    let mut conns = Vec::with_capacity(n);
+    for _ in 0..n {
+        let s = TcpStream::connect(local(port)).unwrap();
+        s.set_read_timeout(Some(wait)).unwrap();
+        conns.push(s);
+    }
+    for (i, s) in conns.iter_mut().enumerate() {
+        s.write_all(format!("conn {i:05}\n").as_bytes()).unwrap();
+    }
+    for (i, s) in conns.iter_mut().enumerate() {
+        let mut buf = [0u8; 11];
+        s.read_exact(&mut buf).unwrap();
+        assert_eq!(&buf, format!("conn {i:05}\n").as_bytes());
+    }
+    conns
+}
+
 /// Sends `msg` and reads the same number of bytes back.
 pub fn round_trip(s: &mut TcpStream, msg: &[u8]) -> Vec<u8> {
     s.write_all(msg).unwrap();
