@@ -89,16 +89,7 @@ say() { echo "bench-forwarder: $*" >&2; }
 
 # ---- tools and binaries --------------------------------------------------------------------------
 ensure_apt_packages iperf3 sockperf haproxy nginx libnginx-mod-stream jq iproute2
-TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
-if [ "$BUILD" = 1 ]; then
-    say "building release binaries (cargo build --release -p forwarder --bins --examples)"
-    cargo build --release -q -p forwarder --bins --examples
-fi
-FORWARDER=$TARGET_DIR/release/forwarder
-LOAD=$TARGET_DIR/release/examples/bench-load
-for b in "$FORWARDER" "$LOAD"; do
-    [ -x "$b" ] || { echo "bench-forwarder: $b is missing (run without --no-build)" >&2; exit 1; }
-done
+release_binaries bench-forwarder
 
 WORK=$(mktemp -d /tmp/bench-forwarder.XXXXXX)
 mkdir -p "$WORK/res" "$WORK/raw" "$WORK/nginx"

@@ -66,16 +66,7 @@ if [ "$RUNS" -gt 200 ] || [ "$SECS" -gt 60 ]; then echo "data-path: at most 200 
 say() { echo "data-path: $*" >&2; }
 
 ensure_apt_packages iperf3 jq iproute2
-TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
-if [ "$BUILD" = 1 ]; then
-    say "building release binaries (cargo build --release -p forwarder --bins --examples)"
-    cargo build --release -q -p forwarder --bins --examples
-fi
-FORWARDER=$TARGET_DIR/release/forwarder
-LOAD=$TARGET_DIR/release/examples/bench-load
-for b in "$FORWARDER" "$LOAD"; do
-    [ -x "$b" ] || { echo "data-path: $b is missing (run without --no-build)" >&2; exit 1; }
-done
+release_binaries data-path
 
 WORK=$(mktemp -d /tmp/bench-data-path.XXXXXX)
 mkdir -p "$WORK/raw"

@@ -4,6 +4,23 @@
 
 BENCH_PIDS=()
 
+# Builds the release forwarder and bench-load when BUILD=1, then checks they are there; sets
+# TARGET_DIR, FORWARDER (BENCH_FORWARDER when set: another build to measure) and LOAD.
+# Usage: release_binaries TOOL-NAME (named in the messages).
+release_binaries() {
+    TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
+    if [ "${BUILD:-1}" = 1 ]; then
+        echo "$1: building release binaries (cargo build --release -p forwarder --bins --examples)" >&2
+        cargo build --release -q -p forwarder --bins --examples
+    fi
+    FORWARDER=${BENCH_FORWARDER:-$TARGET_DIR/release/forwarder}
+    LOAD=$TARGET_DIR/release/examples/bench-load
+    local b
+    for b in "$FORWARDER" "$LOAD"; do
+        [ -x "$b" ] || { echo "$1: $b is missing (run without --no-build)" >&2; exit 1; }
+    done
+}
+
 # Starts "$@" in its own session (so its whole process group can be killed by id), output to $LOG.
 # Usage: start_bg LOGFILE cmd args...; the pid is left in $BG_PID.
 start_bg() {

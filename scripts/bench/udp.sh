@@ -82,19 +82,10 @@ else
     SECS=${SECS:-3} RATES=${RATES:-"5000 10000 20000 35000 50000 100000 200000"}
 fi
 ensure_apt_packages sockperf nginx libnginx-mod-stream socat rinetd jq iproute2
-TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
-if [ "$BUILD" = 1 ]; then
-    say "building release binaries (cargo build --release -p forwarder --bins --examples)"
-    cargo build --release -q -p forwarder --bins --examples
-fi
 # BENCH_FORWARDER: another build of ours to measure; BENCH_FORWARDER_B: a second build measured
 # side by side as one more target (say, before a change).
-FORWARDER=${BENCH_FORWARDER:-$TARGET_DIR/release/forwarder}
+release_binaries bench-udp
 FORWARDER_B=${BENCH_FORWARDER_B:-}
-LOAD=$TARGET_DIR/release/examples/bench-load
-for b in "$FORWARDER" "$LOAD"; do
-    [ -x "$b" ] || { echo "bench-udp: $b is missing (run without --no-build)" >&2; exit 1; }
-done
 
 WORK=$(mktemp -d /tmp/bench-udp.XXXXXX)
 mkdir -p "$WORK/res" "$WORK/raw" "$WORK/nginx"
