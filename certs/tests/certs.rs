@@ -154,7 +154,7 @@ fn binary_writes_four_files_with_modes_and_fingerprints_then_refuses_to_overwrit
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
-    assert_eq!(names.len(), 4, "{names:?}");
+    assert_eq!(names.len(), 6, "{names:?}");
 }
 
 #[test]

@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::tls::TlsOptions;
+
 /// How long each connection keeps exchanging messages.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -43,6 +45,21 @@ pub struct RunConfig {
     /// the kernel picks. An agent replaces them with its own.
     #[serde(default)]
     pub source_ips: Vec<IpAddr>,
+    /// Version, suites, ALPN, client certificate, resumption (`--tls-version` and friends).
+    #[serde(default)]
+    pub tls_options: TlsOptions,
+    /// Handshake-capacity mode (`--churn`): open loop, no barrier; `workload` is then each
+    /// connection's lifetime, counted from its own handshake.
+    #[serde(default)]
+    pub churn: Option<Churn>,
+}
+
+/// `--churn R`: new connections at `rate` per second (over the whole run) for `window_s`
+/// seconds, whatever the earlier ones are doing.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Churn {
+    pub rate: f64,
+    pub window_s: f64,
 }
 
 impl RunConfig {
@@ -52,6 +69,21 @@ impl RunConfig {
 
     pub fn tls(&self) -> bool {
         self.ca.is_some()
+    }
+
+    /// About how many connections are open at once: all of them, except in churn mode, where
+    /// each lives its lifetime (a message lifetime is taken as under a second) plus a margin.
+    pub fn open_at_once(&self) -> u64 {
+        match (self.churn, self.workload) {
+            (None, _) => self.connections,
+            (Some(c), w) => {
+                let life_s = match w {
+                    Workload::DurationSecs(s) => s,
+                    Workload::Count(_) => 1.0,
+                };
+                ((c.rate * (life_s + 1.0) * 1.2).ceil() as u64).clamp(1, self.connections.max(1))
+            }
+        }
     }
 
     /// The local address connection `id` binds to, if any were given.
@@ -116,6 +148,8 @@ mod tests {
             rate: None,
             timeout_ms: 1000,
             source_ips: Vec::new(),
+            tls_options: TlsOptions::default(),
+            churn: None,
         }
     }
 

@@ -744,6 +744,8 @@ mod tests {
             rate: None,
             timeout_ms: 1,
             source_ips: Vec::new(),
+            tls_options: Default::default(),
+            churn: None,
         };
         // One agent with room for 20,000 per process, one with 10,000.
         let split = split_over_agents(&config, &[20_000, 10_000]);

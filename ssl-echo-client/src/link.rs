@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncBufReadExt, AsyncWrite, AsyncWriteExt, BufReader, Lines};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, Lines};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 
@@ -88,6 +88,35 @@ pub async fn recv<T: DeserializeOwned>(r: &mut Reader) -> anyhow::Result<Option<
             })?))
         }
     }
+}
+
+/// A line longer than the limit [`recv_bounded`] was given.
+#[derive(Debug, thiserror::Error)]
+#[error("a line longer than {0} bytes")]
+pub struct LineTooLong(pub usize);
+
+/// Like [`recv`], but reads at most `max` bytes for the line (a stranger cannot make the agent
+/// buffer without end); a longer one is a [`LineTooLong`] error. Also `None` when the other side
+/// closed in the middle of a line.
+pub async fn recv_bounded<T: DeserializeOwned>(
+    r: &mut Reader,
+    max: usize,
+) -> anyhow::Result<Option<T>> {
+    let mut line = Vec::new();
+    (&mut *r.get_mut())
+        .take(max as u64 + 1)
+        .read_until(b'\n', &mut line)
+        .await?;
+    if line.last() != Some(&b'\n') {
+        if line.len() > max {
+            return Err(LineTooLong(max).into());
+        }
+        return Ok(None);
+    }
+    let text = String::from_utf8_lossy(&line);
+    Ok(Some(serde_json::from_str(text.trim_end()).with_context(
+        || format!("unreadable message: {text:.200}"),
+    )?))
 }
 
 /// Splits a connection into its two sides.

@@ -43,6 +43,22 @@ pub struct ConnectionRecord {
     pub response_us_sum: u64,
     pub response_us_max: Option<u64>,
     pub failure: Option<Failure>,
+    /// What the TLS handshake negotiated (`TLSv1.3`, the rustls suite name, the ALPN protocol,
+    /// whether the server resumed a session); `None` for plain TCP or before the handshake.
+    #[serde(default)]
+    pub tls_version: Option<String>,
+    #[serde(default)]
+    pub cipher_suite: Option<String>,
+    #[serde(default)]
+    pub alpn: Option<String>,
+    #[serde(default)]
+    pub resumed: Option<bool>,
+    /// Churn mode: when the connection started, in ms after its process's go, and how far behind
+    /// its schedule that was (the client's own lateness, not the server's).
+    #[serde(default)]
+    pub started_ms: Option<f64>,
+    #[serde(default)]
+    pub start_lag_ms: Option<f64>,
 }
 
 impl ConnectionRecord {
@@ -63,7 +79,22 @@ impl ConnectionRecord {
             response_us_sum: 0,
             response_us_max: None,
             failure: None,
+            tls_version: None,
+            cipher_suite: None,
+            alpn: None,
+            resumed: None,
+            started_ms: None,
+            start_lag_ms: None,
         }
+    }
+
+    /// When the handshake (or, for plain TCP, the connect) finished, in ms after the process's
+    /// go; churn mode only (`started_ms` set) and only for connections that got that far.
+    pub fn established_ms(&self) -> Option<f64> {
+        if !self.established() {
+            return None;
+        }
+        Some(self.started_ms? + self.connect_ms? + self.handshake_ms.unwrap_or(0.0))
     }
 
     /// True when the connection got through phase 1.
@@ -100,11 +131,12 @@ fn ms(d: Duration) -> f64 {
 
 /// Runs connection `id` from connect to close. `permit` limits how many connections are being
 /// opened at once and is released as soon as this one is open (or failed); `go` carries the
-/// barrier: the instant phase 2 starts, or a closed channel if the run was abandoned.
+/// barrier: the instant phase 2 starts, or a closed channel if the run was abandoned. In churn
+/// mode there is no barrier: phase 2 starts as soon as the connection is open.
 pub async fn run(
     id: u64,
     shared: Arc<Shared>,
-    permit: OwnedSemaphorePermit,
+    permit: Option<OwnedSemaphorePermit>,
     mut go: watch::Receiver<Option<Instant>>,
 ) -> ConnectionRecord {
     let mut record = ConnectionRecord::new(id, shared.process);
@@ -123,6 +155,12 @@ pub async fn run(
             record.local_ip = Some(est.local.ip());
             record.connect_ms = Some(ms(est.connect));
             record.handshake_ms = est.handshake.map(ms);
+            if let Some(n) = est.negotiated {
+                record.tls_version = Some(n.version);
+                record.cipher_suite = Some(n.suite);
+                record.alpn = n.alpn;
+                record.resumed = Some(n.resumed);
+            }
             shared.recorder.phase1_done(true);
             (est.stream, est.local)
         }
@@ -136,6 +174,8 @@ pub async fn run(
         }
     };
     let go_at = match go.wait_for(|v| v.is_some()).await {
+        // Churn: the lifetime counts from this connection's own handshake.
+        Ok(_) if shared.config.churn.is_some() => Instant::now(),
         Ok(v) => v.expect("wait_for returned a Some"),
         Err(_) => {
             record.failure = Some(Failure::new(
