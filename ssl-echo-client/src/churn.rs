@@ -13,7 +13,7 @@ use tokio::task::JoinHandle;
 use crate::config::ShardPlan;
 use crate::coordinator::FD_RESERVE;
 use crate::failure::{Cause, Failure, Phase};
-use crate::session::{self, ConnectionRecord, Shared};
+use crate::session::{self, ChurnStart, ConnectionRecord, Shared};
 
 /// A start this far behind its schedule counts as late in the summary.
 pub const LATE_START: Duration = Duration::from_millis(10);
@@ -70,8 +70,10 @@ pub async fn open_all(
         handles.push(tokio::spawn(async move {
             let mut record = session::run(id, shared, None, go_rx).await;
             drop(permit);
-            record.started_ms = Some(ms(started.saturating_duration_since(go)));
-            record.start_lag_ms = Some(ms(started.saturating_duration_since(at)));
+            record.opening_mut().churn = Some(ChurnStart {
+                started_ms: ms(started.saturating_duration_since(go)),
+                start_lag_ms: ms(started.saturating_duration_since(at)),
+            });
             record
         }));
     }

@@ -580,19 +580,17 @@ fn write_tls_columns(
     r: &crate::session::ConnectionRecord,
     f: &Formats,
 ) -> Result<(), XlsxError> {
-    for (col, v) in [(16, &r.tls_version), (17, &r.cipher_suite), (18, &r.alpn)] {
-        if let Some(v) = v {
-            ws.write_string(row, col, v)?;
+    if let Some(t) = r.tls() {
+        ws.write_string(row, 16, &t.version)?;
+        ws.write_string(row, 17, &t.suite)?;
+        if let Some(alpn) = &t.alpn {
+            ws.write_string(row, 18, alpn)?;
         }
+        ws.write_number(row, 19, u32::from(t.resumed) as f64)?;
     }
-    if let Some(resumed) = r.resumed {
-        ws.write_number(row, 19, u32::from(resumed) as f64)?;
-    }
-    if let Some(v) = r.started_ms {
-        ws.write_number_with_format(row, 20, v, &f.ms)?;
-    }
-    if let Some(v) = r.start_lag_ms {
-        ws.write_number_with_format(row, 21, v, &f.ms)?;
+    if let Some(c) = r.churn_start() {
+        ws.write_number_with_format(row, 20, c.started_ms, &f.ms)?;
+        ws.write_number_with_format(row, 21, c.start_lag_ms, &f.ms)?;
     }
     Ok(())
 }

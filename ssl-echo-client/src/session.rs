@@ -14,6 +14,7 @@ use crate::config::{RunConfig, Workload};
 use crate::connector::{Connector, Stream};
 use crate::failure::{Cause, Failure, Phase};
 use crate::recorder::Recorder;
+use crate::tls::Negotiated;
 
 /// The report's row for one connection. Fixed size: memory per connection stays bounded however
 /// many messages it exchanges.
@@ -43,22 +44,11 @@ pub struct ConnectionRecord {
     pub response_us_sum: u64,
     pub response_us_max: Option<u64>,
     pub failure: Option<Failure>,
-    /// What the TLS handshake negotiated (`TLSv1.3`, the rustls suite name, the ALPN protocol,
-    /// whether the server resumed a session); `None` for plain TCP or before the handshake.
+    /// How phase 1 went beyond its timings (what TLS negotiated, the churn schedule); `None`
+    /// when there is nothing to say. One box, so a record (and every message that carries one)
+    /// stays small.
     #[serde(default)]
-    pub tls_version: Option<String>,
-    #[serde(default)]
-    pub cipher_suite: Option<String>,
-    #[serde(default)]
-    pub alpn: Option<String>,
-    #[serde(default)]
-    pub resumed: Option<bool>,
-    /// Churn mode: when the connection started, in ms after its process's go, and how far behind
-    /// its schedule that was (the client's own lateness, not the server's).
-    #[serde(default)]
-    pub started_ms: Option<f64>,
-    #[serde(default)]
-    pub start_lag_ms: Option<f64>,
+    pub opening: Option<Box<Opening>>,
 }
 
 impl ConnectionRecord {
@@ -79,22 +69,31 @@ impl ConnectionRecord {
             response_us_sum: 0,
             response_us_max: None,
             failure: None,
-            tls_version: None,
-            cipher_suite: None,
-            alpn: None,
-            resumed: None,
-            started_ms: None,
-            start_lag_ms: None,
+            opening: None,
         }
     }
 
     /// When the handshake (or, for plain TCP, the connect) finished, in ms after the process's
-    /// go; churn mode only (`started_ms` set) and only for connections that got that far.
+    /// go; churn mode only and only for connections that got that far.
     pub fn established_ms(&self) -> Option<f64> {
         if !self.established() {
             return None;
         }
-        Some(self.started_ms? + self.connect_ms? + self.handshake_ms.unwrap_or(0.0))
+        Some(self.churn_start()?.started_ms + self.connect_ms? + self.handshake_ms.unwrap_or(0.0))
+    }
+
+    /// What the TLS handshake negotiated (`None` for plain TCP, or before the handshake).
+    pub fn tls(&self) -> Option<&Negotiated> {
+        self.opening.as_ref()?.tls.as_ref()
+    }
+
+    /// When a churn-mode connection started (`None` outside churn mode).
+    pub fn churn_start(&self) -> Option<&ChurnStart> {
+        self.opening.as_ref()?.churn.as_ref()
+    }
+
+    pub fn opening_mut(&mut self) -> &mut Opening {
+        self.opening.get_or_insert_with(Box::default)
     }
 
     /// True when the connection got through phase 1.
@@ -112,6 +111,23 @@ impl ConnectionRecord {
         self.response_us_min = Some(self.response_us_min.map_or(us, |m| m.min(us)));
         self.response_us_max = Some(self.response_us_max.map_or(us, |m| m.max(us)));
     }
+}
+
+/// The details of a connection's phase 1 that not every run has.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Opening {
+    #[serde(default)]
+    pub tls: Option<Negotiated>,
+    #[serde(default)]
+    pub churn: Option<ChurnStart>,
+}
+
+/// When a churn-mode connection started, in ms after its process's go, and how far behind its
+/// schedule that was (the client's own lateness, not the server's).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChurnStart {
+    pub started_ms: f64,
+    pub start_lag_ms: f64,
 }
 
 /// What every connection of one process shares.
@@ -156,10 +172,7 @@ pub async fn run(
             record.connect_ms = Some(ms(est.connect));
             record.handshake_ms = est.handshake.map(ms);
             if let Some(n) = est.negotiated {
-                record.tls_version = Some(n.version);
-                record.cipher_suite = Some(n.suite);
-                record.alpn = n.alpn;
-                record.resumed = Some(n.resumed);
+                record.opening_mut().tls = Some(n);
             }
             shared.recorder.phase1_done(true);
             (est.stream, est.local)

@@ -185,17 +185,13 @@ impl TlsNegotiated {
     /// From the records; `None` when no connection finished a TLS handshake.
     pub fn of(records: &[ConnectionRecord]) -> Option<TlsNegotiated> {
         let mut n = TlsNegotiated::default();
-        for r in records {
-            let Some(version) = &r.tls_version else {
-                continue;
-            };
+        for t in records.iter().filter_map(ConnectionRecord::tls) {
             n.handshakes += 1;
-            *n.versions.entry(version.clone()).or_insert(0) += 1;
-            let suite = r.cipher_suite.clone().unwrap_or_else(|| "none".into());
-            *n.suites.entry(suite).or_insert(0) += 1;
-            let alpn = r.alpn.clone().unwrap_or_else(|| "none".into());
+            *n.versions.entry(t.version.clone()).or_insert(0) += 1;
+            *n.suites.entry(t.suite.clone()).or_insert(0) += 1;
+            let alpn = t.alpn.clone().unwrap_or_else(|| "none".into());
             *n.alpn.entry(alpn).or_insert(0) += 1;
-            n.resumed += u64::from(r.resumed == Some(true));
+            n.resumed += u64::from(t.resumed);
         }
         n.resumed_pct = 100.0 * n.resumed as f64 / n.handshakes.max(1) as f64;
         (n.handshakes > 0).then_some(n)
@@ -259,9 +255,9 @@ impl ChurnFigures {
             window_s: churn.window_s,
             ..ChurnFigures::default()
         };
-        for r in records.iter().filter(|r| r.started_ms.is_some()) {
+        for r in records.iter().filter(|r| r.churn_start().is_some()) {
             f.opened += 1;
-            let lag = r.start_lag_ms.unwrap_or(0.0);
+            let lag = r.churn_start().map_or(0.0, |c| c.start_lag_ms);
             f.started_late += u64::from(lag > late_ms);
             f.start_lag_max_ms = f.start_lag_max_ms.max(lag);
             let Some(at) = r.established_ms() else {
@@ -520,8 +516,10 @@ mod tests {
 
     fn churned(id: u64, started_ms: f64, handshake_ms: Option<f64>) -> ConnectionRecord {
         let mut r = ConnectionRecord::new(id, 0);
-        r.started_ms = Some(started_ms);
-        r.start_lag_ms = Some(if id == 3 { 25.0 } else { 0.5 });
+        r.opening_mut().churn = Some(crate::session::ChurnStart {
+            started_ms,
+            start_lag_ms: if id == 3 { 25.0 } else { 0.5 },
+        });
         r.connect_ms = Some(1.0);
         r.handshake_ms = handshake_ms;
         if handshake_ms.is_none() {
@@ -558,10 +556,12 @@ mod tests {
         let mut records = Vec::new();
         for i in 0..4 {
             let mut r = ConnectionRecord::new(i, 0);
-            r.tls_version = Some(if i == 0 { "TLSv1.2" } else { "TLSv1.3" }.into());
-            r.cipher_suite = Some("S".into());
-            r.alpn = (i % 2 == 0).then(|| "h2".to_string());
-            r.resumed = Some(i > 0);
+            r.opening_mut().tls = Some(crate::tls::Negotiated {
+                version: if i == 0 { "TLSv1.2" } else { "TLSv1.3" }.into(),
+                suite: "S".into(),
+                alpn: (i % 2 == 0).then(|| "h2".to_string()),
+                resumed: i > 0,
+            });
             records.push(r);
         }
         records.push(ConnectionRecord::new(9, 0)); // failed before its handshake

@@ -181,7 +181,7 @@ impl TlsVersion {
 }
 
 /// What one connection's handshake settled on.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Negotiated {
     /// `TLSv1.2` or `TLSv1.3`.
     pub version: String,
