@@ -345,7 +345,10 @@ pub async fn run(
             }
             let total = sum(&shards);
             connect_s = started.elapsed().as_secs_f64();
-            display.connected(&total, started.elapsed());
+            match &config.churn {
+                Some(churn) => display.churn_started(churn),
+                None => display.connected(&total, started.elapsed()),
+            }
             if let Some(api) = &opts.forwarder {
                 let asked = Instant::now();
                 let map = match api.connections_of_at_least(total.up).await {

@@ -169,3 +169,42 @@ pub async fn connect(name: &str, token: Option<&str>) -> anyhow::Result<AgentLin
         None => bail!("closed the connection without a welcome"),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A reader on a loopback connection whose other end wrote `bytes` and closed.
+    async fn reader_of(bytes: &'static [u8]) -> Reader {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let mut s = TcpStream::connect(addr).await.unwrap();
+            s.write_all(bytes).await.unwrap();
+        });
+        let (stream, _) = listener.accept().await.unwrap();
+        split(stream).0
+    }
+
+    #[tokio::test]
+    async fn a_bounded_read_takes_a_line_refuses_a_long_one_and_sees_a_cut_one() {
+        let mut r = reader_of(b"{\"type\":\"stop\"}\n{\"type\":\"stop\"}\n").await;
+        assert!(matches!(
+            recv_bounded::<ToAgent>(&mut r, 64).await.unwrap(),
+            Some(ToAgent::Stop)
+        ));
+        // The rest of the stream is still read line by line afterwards.
+        assert!(matches!(
+            recv::<ToAgent>(&mut r).await.unwrap(),
+            Some(ToAgent::Stop)
+        ));
+
+        let mut r = reader_of(&[b'x'; 100]).await;
+        let e = recv_bounded::<ToAgent>(&mut r, 64).await.unwrap_err();
+        assert!(e.is::<LineTooLong>(), "{e}");
+        assert_eq!(e.to_string(), "a line longer than 64 bytes");
+
+        let mut r = reader_of(b"{\"type\":").await;
+        assert!(recv_bounded::<ToAgent>(&mut r, 64).await.unwrap().is_none());
+    }
+}

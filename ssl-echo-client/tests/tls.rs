@@ -247,6 +247,13 @@ fn churn_holds_its_rate_against_the_echo_server() {
         "{}",
         run.stderr
     );
+    assert!(
+        run.stderr.contains(
+            "churn: opening 200 connections at 50.0/s over 4.0 s (open loop, no barrier)"
+        ),
+        "{}",
+        run.stderr
+    );
     let tls = sheet(&setup.report, "TLS");
     let labels: Vec<String> = (0..tls.height()).map(|r| text(&tls, r, 0)).collect();
     assert!(labels.iter().any(|l| l == "achieved (/s)"), "{labels:?}");
