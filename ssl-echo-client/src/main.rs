@@ -53,12 +53,20 @@ fn run(args: &Args) -> anyhow::Result<ExitCode> {
 
     if config.tls() {
         if let Some(path) = std::env::var_os(ssl_echo_client::tls::KEY_LOG_ENV) {
-            eprintln!(
+            // With --agents the connections are made on the agents' PCs, from their environment.
+            if !args.agents.is_empty() {
+                eprintln!(
+                    "{}: the agents make the connections; set it where each agent runs",
+                    ssl_echo_client::tls::KEY_LOG_ENV
+                );
+            } else {
+                eprintln!(
                 "{}={}: writing every connection's TLS secrets there (whoever has the file can \
                  decrypt a capture of this run)",
                 ssl_echo_client::tls::KEY_LOG_ENV,
-                std::path::Path::new(&path).display()
-            );
+                    std::path::Path::new(&path).display()
+                );
+            }
         }
     }
     let agents = !args.agents.is_empty();
