@@ -72,18 +72,17 @@ impl RunConfig {
     }
 
     /// About how many connections are open at once: all of them, except in churn mode, where
-    /// each lives its lifetime (a message lifetime is taken as under a second) plus a margin.
+    /// each lives its lifetime (a message lifetime is taken as under a second) plus a margin, at
+    /// this config's opening rate (`connect_rate`: the churn rate, or an agent's share of it).
     pub fn open_at_once(&self) -> u64 {
-        match (self.churn, self.workload) {
-            (None, _) => self.connections,
-            (Some(c), w) => {
-                let life_s = match w {
-                    Workload::DurationSecs(s) => s,
-                    Workload::Count(_) => 1.0,
-                };
-                ((c.rate * (life_s + 1.0) * 1.2).ceil() as u64).clamp(1, self.connections.max(1))
-            }
+        if self.churn.is_none() {
+            return self.connections;
         }
+        let life_s = match self.workload {
+            Workload::DurationSecs(s) => s,
+            Workload::Count(_) => 1.0,
+        };
+        ((self.connect_rate * (life_s + 1.0) * 1.2).ceil() as u64).clamp(1, self.connections.max(1))
     }
 
     /// The local address connection `id` binds to, if any were given.
@@ -162,6 +161,23 @@ mod tests {
         assert_eq!(firsts, vec![0, 6667, 13334]);
         let rate: f64 = plans.iter().map(|p| p.connect_rate).sum();
         assert!((rate - 1000.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn churn_sizes_for_the_connections_open_at_once() {
+        let mut c = config(100_000);
+        assert_eq!(c.open_at_once(), 100_000);
+        c.churn = Some(Churn {
+            rate: 1000.0,
+            window_s: 100.0,
+        });
+        c.workload = Workload::DurationSecs(2.0);
+        // 1000/s living 2 s (+1 s margin, +20 %).
+        assert_eq!(c.open_at_once(), 3_600);
+        c.workload = Workload::Count(5);
+        assert_eq!(c.open_at_once(), 2_400);
+        c.connections = 50;
+        assert_eq!(c.open_at_once(), 50);
     }
 
     #[test]

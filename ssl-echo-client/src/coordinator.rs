@@ -217,7 +217,9 @@ pub fn split_over_agents(config: &RunConfig, nofile: &[u64]) -> Vec<Vec<ShardPla
             let mut part = config.clone();
             part.connections = share;
             part.connect_rate = config.connect_rate * share as f64 / config.connections as f64;
-            let processes = testbed::fdlimit::processes_needed(share, 1, FD_RESERVE, limit);
+            // In churn mode, sized for the connections open at once, not for all of them.
+            let processes =
+                testbed::fdlimit::processes_needed(part.open_at_once(), 1, FD_RESERVE, limit);
             let mut plans = split(&part, processes);
             for p in &mut plans {
                 p.first_id += first_id;
