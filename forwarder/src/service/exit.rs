@@ -61,7 +61,7 @@ pub const SIGNALS: &[(&str, &str)] = &[
     ("SIGINT", "the same as SIGTERM (Ctrl-C)"),
     (
         "SIGUSR1",
-        "log one status line per listen port (connections accepted, backends up and down, active connections); workers ignore it",
+        "log one status line per listen port (connections accepted, backends up and down, active connections) and have the workers reopen the --access-log file (for logrotate); a worker sent it directly reopens its access log",
     ),
 ];
 

@@ -183,3 +183,13 @@ mod tests {
         assert_eq!(shared.backend(1).total.load(Relaxed), 0, "and reset");
     }
 }
+
+impl crate::stats::snapshot::SlotLookup for Slots {
+    fn pool_slot(&self, pool: &Pool) -> Option<usize> {
+        Slots::pool_slot(self, pool)
+    }
+
+    fn backend_slot(&self, pool: &Pool, dest: SocketAddr) -> Option<usize> {
+        Slots::backend_slot(self, pool, dest)
+    }
+}
