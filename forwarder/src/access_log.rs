@@ -20,7 +20,15 @@ pub const QUEUE_LINES: usize = 8192;
 
 /// How lines are written.
 #[derive(
-    Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Serialize, serde::Deserialize,
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Default,
+    clap::ValueEnum,
+    serde::Serialize,
+    serde::Deserialize,
 )]
 pub enum Format {
     /// `TIME CLIENT LISTEN RULE BACKEND up=N down=N ms=N ENDING`

@@ -96,7 +96,12 @@ pub fn receive_config(fds: &Inherited) -> anyhow::Result<WorkerConfig> {
             ),
             Ok(n) => reader.push(&buf[..n]),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
                 bail!(
                     "no configuration frame on control socket {fd} within {} s: a worker is \
                      started by the supervisor",
@@ -127,8 +132,7 @@ pub struct Worker {
 /// Runs a worker until it is told to stop and has drained.
 pub fn run(config: WorkerConfig, fds: Inherited) -> anyhow::Result<()> {
     // SAFETY: the supervisor passed these descriptors to this process for exactly this use.
-    let shared =
-        unsafe { Shared::from_inherited(fds.stats_fd) }.context("mapping shared stats")?;
+    let shared = unsafe { Shared::from_inherited(fds.stats_fd) }.context("mapping shared stats")?;
     let control_std = unsafe { std::os::unix::net::UnixStream::from_raw_fd(fds.control_fd) };
     control_std.set_read_timeout(None)?;
     control_std.set_nonblocking(true)?;

@@ -118,7 +118,12 @@ pub struct BackendStats {
 }
 
 /// Reads the counters of every pool and backend of `rules`.
-pub fn read(shared: &Shared, rules: &RuleSet, slots: &impl SlotLookup, sizes: Sizes) -> StatsSnapshot {
+pub fn read(
+    shared: &Shared,
+    rules: &RuleSet,
+    slots: &impl SlotLookup,
+    sizes: Sizes,
+) -> StatsSnapshot {
     let now = now_ms();
     let header = shared.header();
     let mut active = 0;

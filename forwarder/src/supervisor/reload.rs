@@ -208,7 +208,6 @@ pub fn describe_pool(p: &rules::Pool) -> String {
         .join(", ")
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -265,7 +264,8 @@ mod tests {
     #[test]
     fn moving_lines_or_adding_comments_changes_nothing() {
         let old = set("a,127.0.0.1:7108,127.0.0.1,9001\nb,127.0.0.1:7109,127.0.0.1,9002\n");
-        let new = set("# moved\n\nb,127.0.0.1:7109,127.0.0.1,9002\na,127.0.0.1:7108,127.0.0.1,9001\n");
+        let new =
+            set("# moved\n\nb,127.0.0.1:7109,127.0.0.1,9002\na,127.0.0.1:7108,127.0.0.1,9001\n");
         assert!(changes(&old, &new).is_empty());
     }
 
@@ -285,6 +285,8 @@ mod tests {
         assert_eq!(e.0.len(), 1);
         assert_eq!((e.0[0].file.as_str(), e.0[0].line), ("entries.csv", 1));
         assert_eq!(e.0[0].field, "listen_port");
-        assert!(e.0[0].message.starts_with(&format!("cannot listen on 127.0.0.1:{port}: ")));
+        assert!(e.0[0]
+            .message
+            .starts_with(&format!("cannot listen on 127.0.0.1:{port}: ")));
     }
 }

@@ -28,7 +28,11 @@ pub(super) struct WorkerHandle {
 }
 
 impl Supervisor {
-    pub(super) fn spawn_worker(&self, index: usize, specs: &[PoolSpec]) -> anyhow::Result<WorkerHandle> {
+    pub(super) fn spawn_worker(
+        &self,
+        index: usize,
+        specs: &[PoolSpec],
+    ) -> anyhow::Result<WorkerHandle> {
         let (ours, theirs) = UnixStream::pair().context("creating control socket pair")?;
         let stats_fd = self.shared.raw_fd();
         let control_fd = theirs.as_raw_fd();

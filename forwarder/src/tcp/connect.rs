@@ -39,7 +39,12 @@ impl Relay {
 
     /// Starts a non-blocking connect to backend `index`, whose place the balancer reserved;
     /// `tried` are the ones already tried.
-    pub(super) fn connect(&mut self, index: usize, mut tried: Vec<usize>, ctx: &mut Context) -> Next {
+    pub(super) fn connect(
+        &mut self,
+        index: usize,
+        mut tried: Vec<usize>,
+        ctx: &mut Context,
+    ) -> Next {
         self.backend_index = index;
         self.reserved = true;
         let addr = self.pool.spec.backends[index].addr;

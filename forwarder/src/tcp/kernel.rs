@@ -301,7 +301,11 @@ impl Relay {
 
     /// Steps both kernel directions (passing FINs on unless closing) and adds what they passed
     /// to the backend's counters. Returns whether a FIN waits for bytes still in flight.
-    pub(super) fn count_kernel(&mut self, pass_fin: bool, ctx: &mut Context) -> Result<bool, PumpError> {
+    pub(super) fn count_kernel(
+        &mut self,
+        pass_fin: bool,
+        ctx: &mut Context,
+    ) -> Result<bool, PumpError> {
         let slot = ctx.shared.backend(self.backend_slot());
         let Phase::InKernel {
             backend, up, down, ..

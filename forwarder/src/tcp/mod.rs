@@ -232,7 +232,9 @@ impl Tcp {
             .map(|(k, _)| k);
         if let Some(key) = key {
             let now = Instant::now();
-            self.drive(key, shared, registry, now, |_, _| Next::Close(Ending::Closed));
+            self.drive(key, shared, registry, now, |_, _| {
+                Next::Close(Ending::Closed)
+            });
         }
         key.is_some()
     }

@@ -22,8 +22,8 @@ use crate::balance::{self, next_backend, pick_backend, ServedPool};
 use crate::control::{ConnectionInfo, SessionFigures, ID_WORKER_SHIFT};
 use crate::listeners::Listeners;
 use crate::rules::Proto;
-use crate::tokens::{self, Owner};
 use crate::stats::{now_ms, Shared};
+use crate::tokens::{self, Owner};
 use sessions::SessionTable;
 use sys::{Outgoing, RecvBatch, SendBatch};
 
@@ -586,8 +586,7 @@ impl Udp {
             tracing::debug!(worker = self.config.worker, addr = %port.pool.spec.listen, "stopped listening (udp)");
         }
         // Datagrams may have queued between bind and register.
-        self.again
-            .extend(opened.into_iter().map(tokens::udp_port));
+        self.again.extend(opened.into_iter().map(tokens::udp_port));
         errors
     }
 
