@@ -164,11 +164,12 @@ fn run_worker(fds: &str) -> anyhow::Result<ExitCode> {
     let (stats, control) = fds
         .split_once(',')
         .context("--worker-fds is STATS,CONTROL")?;
-    let fds = worker::Inherited {
+    let mut fds = worker::Inherited {
         stats_fd: stats.parse().context("--worker-fds: STATS")?,
         control_fd: control.parse().context("--worker-fds: CONTROL")?,
+        pending: Default::default(),
     };
-    let config = worker::receive_config(&fds).context("starting a worker")?;
+    let config = worker::receive_config(&mut fds).context("starting a worker")?;
     testbed::logging::init(&config.log_level);
     testbed::fdlimit::raise_nofile().context("raising the open-file limit")?;
     worker::run(config, fds)?;

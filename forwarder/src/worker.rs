@@ -61,11 +61,14 @@ pub struct WorkerConfig {
 pub struct Inherited {
     pub stats_fd: i32,
     pub control_fd: i32,
+    /// What was read off the control socket after the configuration frame (the supervisor
+    /// sends the first rules right behind it).
+    pub pending: FrameReader,
 }
 
 /// Reads the worker's settings off the control socket (blocking, for at most [`CONFIG_WAIT`]).
 /// A worker started by hand has no supervisor on the other end: it gets an error saying so.
-pub fn receive_config(fds: &Inherited) -> anyhow::Result<WorkerConfig> {
+pub fn receive_config(fds: &mut Inherited) -> anyhow::Result<WorkerConfig> {
     let fd = fds.control_fd;
     // SAFETY: fstat on any integer is harmless; it tells whether the descriptor is a socket
     // before this process takes ownership of it.
@@ -111,7 +114,8 @@ pub fn receive_config(fds: &Inherited) -> anyhow::Result<WorkerConfig> {
             Err(e) => return Err(e).context("reading the configuration frame"),
         }
     };
-    // The configuration is the only frame sent before the worker answers; nothing is left over.
+    fds.pending = reader;
+    // Still owned as the raw descriptor, which `run` takes over.
     std::mem::forget(control);
     Ok(config)
 }
@@ -184,12 +188,14 @@ pub fn run(config: WorkerConfig, fds: Inherited) -> anyhow::Result<()> {
         poll,
         shared,
         control,
-        control_in: FrameReader::default(),
+        control_in: fds.pending,
         control_out: Vec::new(),
         tcp,
         udp,
         draining_since: None,
     };
+    // Frames that came with the configuration: no event will announce them again.
+    worker.control_ready()?;
     worker.event_loop(&mut signals)
 }
 

@@ -1,8 +1,8 @@
 //! The TCP half of a worker ([`Tcp`]): its `SO_REUSEPORT` listeners, the slab of relays, the
 //! connect and FIN timers, the relays to pump again, and the accept pause. One connection's life
-//! is [`relay`] (the phases: [`connect`], [`proxy`] for the PROXY header, [`kernel`] when the
-//! sockmap data path moves the bytes); [`direction`] moves the bytes one way in user space with
-//! [`buffers`]; [`sockmap`] and [`bpf`] are the kernel data path.
+//! is [`relay`] (the phases: [`proxy`] for the PROXY header, [`connect`], [`relaying`] in user
+//! space, [`kernel`] when the sockmap data path moves the bytes); [`direction`] moves the bytes
+//! one way in user space with [`buffers`]; [`sockmap`] and [`bpf`] are the kernel data path.
 
 pub mod bpf;
 pub mod buffers;
@@ -11,6 +11,7 @@ pub mod direction;
 pub mod kernel;
 pub mod proxy;
 pub mod relay;
+pub mod relaying;
 pub mod sockmap;
 
 use std::cmp::Reverse;
