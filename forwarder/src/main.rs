@@ -137,13 +137,17 @@ struct Args {
     /// socket. The worker's settings then come as one frame on that socket.
     #[arg(long, hide = true, value_name = "STATS,CONTROL")]
     worker_fds: Option<String>,
+    /// With --worker-fds: which worker this is, as a label for `ps` (the configuration frame
+    /// says it too, and the two must agree).
+    #[arg(long, hide = true, requires = "worker_fds")]
+    worker_index: Option<usize>,
 }
 
 fn main() -> ExitCode {
     testbed::docs::generate_if_asked::<Args>(&service::man_sections());
     let args = Args::parse();
     let result = match &args.worker_fds {
-        Some(fds) => run_worker(fds),
+        Some(fds) => run_worker(fds, args.worker_index),
         None => {
             testbed::logging::init(&args.log_level);
             run_supervisor(&args)
@@ -159,7 +163,7 @@ fn main() -> ExitCode {
 }
 
 /// A worker: every setting comes from the supervisor's configuration frame, none from flags.
-fn run_worker(fds: &str) -> anyhow::Result<ExitCode> {
+fn run_worker(fds: &str, label: Option<usize>) -> anyhow::Result<ExitCode> {
     service::signals::ignore_in_worker();
     let (stats, control) = fds
         .split_once(',')
@@ -170,6 +174,12 @@ fn run_worker(fds: &str) -> anyhow::Result<ExitCode> {
         pending: Default::default(),
     };
     let config = worker::receive_config(&mut fds).context("starting a worker")?;
+    if let Some(label) = label.filter(|&l| l != config.index) {
+        bail!(
+            "--worker-index {label} but the configuration frame is worker {}'s",
+            config.index
+        );
+    }
     testbed::logging::init(&config.log_level);
     testbed::fdlimit::raise_nofile().context("raising the open-file limit")?;
     worker::run(config, fds)?;

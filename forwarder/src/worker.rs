@@ -355,3 +355,86 @@ impl Worker {
         self.tcp.start_drain(self.poll.registry());
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+    use std::os::fd::IntoRawFd;
+
+    use super::*;
+
+    fn config() -> WorkerConfig {
+        WorkerConfig {
+            index: 3,
+            log_level: "debug".into(),
+            max_connections: 10,
+            connect_timeout: Duration::from_millis(250),
+            idle_timeout: None,
+            drain_timeout: Duration::from_secs(1),
+            splice: true,
+            max_pipes: 4,
+            data_path: DataPath::Splice,
+            default_allow: vec!["10.0.0.0/8".parse().unwrap()],
+            default_deny: Vec::new(),
+            access_log: Some((
+                access_log::Target::File("/var/log/f.log".into()),
+                access_log::Format::Json,
+            )),
+            udp_idle_timeout: Duration::from_secs(60),
+            udp_max_sessions: 5,
+        }
+    }
+
+    fn inherited(control: std::os::unix::net::UnixStream) -> Inherited {
+        Inherited {
+            stats_fd: -1,
+            control_fd: control.into_raw_fd(),
+            pending: FrameReader::default(),
+        }
+    }
+
+    #[test]
+    fn the_configuration_frame_arrives_whole_and_what_follows_is_kept() {
+        let (mut sup, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+        let mut bytes = Vec::new();
+        control::encode(&config(), &mut bytes).unwrap();
+        control::encode(&(1u64, Request::ListConnections), &mut bytes).unwrap();
+        sup.write_all(&bytes).unwrap();
+        let mut fds = inherited(theirs);
+        assert_eq!(receive_config(&mut fds).unwrap(), config());
+        let next = fds
+            .pending
+            .next_frame::<Numbered<Request>>()
+            .unwrap()
+            .unwrap();
+        assert!(matches!(next, (1, Request::ListConnections)));
+        // SAFETY: the test owns the descriptor receive_config left open.
+        drop(unsafe { std::os::unix::net::UnixStream::from_raw_fd(fds.control_fd) });
+    }
+
+    #[test]
+    fn without_a_supervisor_the_worker_says_how_it_is_started() {
+        let (sup, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+        drop(sup);
+        let e = receive_config(&mut inherited(theirs))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("closed before the configuration frame"), "{e}");
+        assert!(e.contains("started by the supervisor"), "{e}");
+        let file = std::fs::File::open("/dev/null").unwrap();
+        let fd = file.into_raw_fd();
+        let e = receive_config(&mut Inherited {
+            stats_fd: -1,
+            control_fd: fd,
+            pending: FrameReader::default(),
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains(&format!("descriptor {fd} is not a control socket")),
+            "{e}"
+        );
+        // SAFETY: receive_config refused it without taking it.
+        unsafe { libc::close(fd) };
+    }
+}

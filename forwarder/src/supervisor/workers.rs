@@ -38,7 +38,10 @@ impl Supervisor {
         let control_fd = theirs.as_raw_fd();
         let mut cmd = testbed::workers::worker_command(&[stats_fd, control_fd])
             .context("finding own executable")?;
-        cmd.arg("--worker-fds")
+        // The index is there for `ps` only; the worker's settings come in the frame below.
+        cmd.arg("--worker-index")
+            .arg(index.to_string())
+            .arg("--worker-fds")
             .arg(format!("{stats_fd},{control_fd}"));
         let child = cmd.spawn().context("starting a worker process")?;
         drop(theirs);
