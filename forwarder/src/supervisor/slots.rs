@@ -123,6 +123,16 @@ fn take(free: &mut Vec<usize>, next: &mut usize, max: usize) -> Result<usize, Sl
     Ok(*next - 1)
 }
 
+impl crate::stats::snapshot::SlotLookup for Slots {
+    fn pool_slot(&self, pool: &Pool) -> Option<usize> {
+        Slots::pool_slot(self, pool)
+    }
+
+    fn backend_slot(&self, pool: &Pool, dest: SocketAddr) -> Option<usize> {
+        Slots::backend_slot(self, pool, dest)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::atomic::Ordering::Relaxed;
@@ -181,15 +191,5 @@ mod tests {
             .unwrap();
         assert_eq!(e[2].backends[0].slot, 1, "idle retired slot reused");
         assert_eq!(shared.backend(1).total.load(Relaxed), 0, "and reset");
-    }
-}
-
-impl crate::stats::snapshot::SlotLookup for Slots {
-    fn pool_slot(&self, pool: &Pool) -> Option<usize> {
-        Slots::pool_slot(self, pool)
-    }
-
-    fn backend_slot(&self, pool: &Pool, dest: SocketAddr) -> Option<usize> {
-        Slots::backend_slot(self, pool, dest)
     }
 }
