@@ -19,11 +19,10 @@ fn transfer_exact(extra: &[&str]) {
     let backend = Backend::echo(None);
     let port = free_port();
     let fwd = Forwarder::builder()
-        .rules(&format!("echo,{port},127.0.0.1,{}\n", backend.port))
+        .forward("echo", port, backend.port)
         .workers(2)
         .web("127.0.0.1")
         .args(extra)
-        .listening(&[port])
         .start();
     let web = fwd.web();
     const LEN: usize = 32 << 20;
@@ -238,9 +237,8 @@ fn five_thousand_concurrent_connections() {
     let backend = Backend::echo(None);
     let port = free_port();
     let fwd = Forwarder::builder()
-        .rules(&format!("many,{port},127.0.0.1,{}\n", backend.port))
+        .forward("many", port, backend.port)
         .workers(2)
-        .listening(&[port])
         .start();
     const N: usize = 5000;
     let conns = all_open_each_echoes_its_own(port, N, WAIT);

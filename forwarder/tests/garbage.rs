@@ -32,11 +32,10 @@ fn start() -> Setup {
     let backend = Backend::echo(None);
     let port = free_port();
     let forwarder = Forwarder::builder()
-        .rules(&format!("echo,{port},127.0.0.1,{}\n", backend.port))
+        .forward("echo", port, backend.port)
         .workers(2)
         .web("127.0.0.1")
         .args(["--max-connections", "2000"])
-        .listening(&[port])
         .start();
     Setup {
         web: forwarder.web(),

@@ -20,9 +20,8 @@ fn reload_adds_removes_and_changes_rules_while_connections_live() {
     let b = Backend::echo(Some("BB"));
     let (p1, p2) = (free_port(), free_port());
     let fwd = Forwarder::builder()
-        .rules(&format!("one,{p1},127.0.0.1,{}\n", a.port))
+        .forward("one", p1, a.port)
         .workers(2)
-        .listening(&[p1])
         .start();
 
     let mut live = TcpStream::connect(local(p1)).unwrap();
@@ -62,9 +61,8 @@ fn bad_reload_keeps_the_old_rules_and_names_the_line() {
     let a = Backend::echo(Some("AA"));
     let p1 = free_port();
     let fwd = Forwarder::builder()
-        .rules(&format!("one,{p1},127.0.0.1,{}\n", a.port))
+        .forward("one", p1, a.port)
         .workers(1)
-        .listening(&[p1])
         .start();
     fwd.rewrite_rules(&format!(
         "one,{p1},127.0.0.1,{}\n# comment\nbroken,99999,127.0.0.1,80\n",
@@ -90,9 +88,8 @@ fn sighup_reloads() {
     let a = Backend::echo(Some("AA"));
     let (p1, p2) = (free_port(), free_port());
     let fwd = Forwarder::builder()
-        .rules(&format!("one,{p1},127.0.0.1,{}\n", a.port))
+        .forward("one", p1, a.port)
         .workers(1)
-        .listening(&[p1])
         .start();
     // Write without the watcher noticing first is racy; SIGHUP must work regardless.
     std::fs::write(&fwd.rules, format!("two,{p2},127.0.0.1,{}\n", a.port)).unwrap();
@@ -106,9 +103,8 @@ fn killed_worker_is_restarted_and_the_port_keeps_serving() {
     let a = Backend::echo(Some("AA"));
     let p1 = free_port();
     let fwd = Forwarder::builder()
-        .rules(&format!("one,{p1},127.0.0.1,{}\n", a.port))
+        .forward("one", p1, a.port)
         .workers(2)
-        .listening(&[p1])
         .start();
     assert!(wait_until(WAIT, || fwd.worker_pids().len() == 2));
     let before = fwd.worker_pids();
@@ -144,9 +140,8 @@ fn a_reload_a_worker_cannot_take_fails_whole_and_a_later_one_works() {
     let a = Backend::echo(Some("AA"));
     let (p1, p2) = (free_port(), free_port());
     let fwd = Forwarder::builder()
-        .rules(&format!("one,{p1},127.0.0.1,{}\n", a.port))
+        .forward("one", p1, a.port)
         .workers(2)
-        .listening(&[p1])
         .start();
     assert!(wait_until(WAIT, || fwd.worker_pids().len() == 2));
     let stopped = fwd.worker_pids()[0] as i32;
@@ -255,10 +250,9 @@ fn sigterm_drains_established_connections_then_exits_zero() {
     let a = Backend::echo(None);
     let p1 = free_port();
     let mut fwd = Forwarder::builder()
-        .rules(&format!("one,{p1},127.0.0.1,{}\n", a.port))
+        .forward("one", p1, a.port)
         .workers(1)
         .args(["--drain-timeout-s", "10"])
-        .listening(&[p1])
         .start();
     let mut live = TcpStream::connect(local(p1)).unwrap();
     live.set_read_timeout(Some(WAIT)).unwrap();
@@ -283,10 +277,9 @@ fn idle_connections_are_closed_after_the_idle_timeout() {
     let a = Backend::echo(None);
     let p1 = free_port();
     let _fwd = Forwarder::builder()
-        .rules(&format!("one,{p1},127.0.0.1,{}\n", a.port))
+        .forward("one", p1, a.port)
         .workers(1)
         .args(["--idle-timeout-s", "1"])
-        .listening(&[p1])
         .start();
     let mut busy = TcpStream::connect(local(p1)).unwrap();
     let mut idle = TcpStream::connect(local(p1)).unwrap();
@@ -309,9 +302,8 @@ fn sigterm_to_the_whole_process_group_stops_without_restarts() {
     let a = Backend::echo(None);
     let p1 = free_port();
     let mut fwd = Forwarder::builder()
-        .rules(&format!("one,{p1},127.0.0.1,{}\n", a.port))
+        .forward("one", p1, a.port)
         .workers(2)
-        .listening(&[p1])
         .start();
     assert!(wait_until(WAIT, || fwd.worker_pids().len() == 2));
     // As `kill -TERM -PGID` or Ctrl-C in a terminal: every process gets the signal at once.

@@ -79,10 +79,9 @@ fn the_global_deny_list_applies_to_every_pool() {
     let b = Backend::echo(Some("OK"));
     let port = free_port();
     let fwd = Forwarder::builder()
-        .rules(&format!("open,{port},127.0.0.1,{}\n", b.port))
+        .forward("open", port, b.port)
         .workers(1)
         .args(["--deny", "127.0.0.7", "--allow", "127.0.0.0/8"])
-        .listening(&[port])
         .start();
     assert_eq!(tag_from([127, 0, 0, 8], port).as_deref(), Some("OK"));
     assert_eq!(tag_from([127, 0, 0, 7], port), None);
@@ -260,9 +259,8 @@ fn a_bad_option_in_a_live_edit_keeps_the_old_rules() {
     let a = Backend::echo(Some("AA"));
     let port = free_port();
     let fwd = Forwarder::builder()
-        .rules(&format!("a,{port},127.0.0.1,{}\n", a.port))
+        .forward("a", port, a.port)
         .workers(1)
-        .listening(&[port])
         .start();
     fwd.rewrite_rules(&format!(
         "a,{port},127.0.0.1,{},\"weight=0 allow=10.0.0.0/8\"\n",

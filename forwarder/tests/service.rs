@@ -304,9 +304,8 @@ fn sigusr1_logs_status_and_hup_to_the_group_spares_the_workers() {
     let backend = Backend::echo(None);
     let p1 = free_port();
     let fwd = Forwarder::builder()
-        .rules(&format!("web1,{p1},127.0.0.1,{}\n", backend.port))
+        .forward("web1", p1, backend.port)
         .workers(2)
-        .listening(&[p1])
         .start();
     assert!(wait_until(WAIT, || fwd.worker_pids().len() == 2));
     let workers = fwd.worker_pids();

@@ -556,11 +556,10 @@ fn three_thousand_concurrent_connections_in_the_kernel() {
     let backend = Backend::echo(None);
     let port = free_port();
     let fwd = Forwarder::builder()
-        .rules(&format!("many,{port},127.0.0.1,{}\n", backend.port))
+        .forward("many", port, backend.port)
         .workers(2)
         .web("127.0.0.1")
         .args(SOCKMAP)
-        .listening(&[port])
         .start();
     let web = fwd.web();
     const N: usize = 3000;

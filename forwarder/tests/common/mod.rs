@@ -51,6 +51,15 @@ impl Builder {
         self
     }
 
+    /// Adds the rule `name,listen_port,127.0.0.1,backend_port` and waits for `listen_port` to
+    /// listen: the one-port-to-one-backend set-up most tests need.
+    pub fn forward(mut self, name: &str, listen_port: u16, backend_port: u16) -> Builder {
+        self.rules
+            .push_str(&format!("{name},{listen_port},127.0.0.1,{backend_port}\n"));
+        self.listening.push(listen_port);
+        self
+    }
+
     /// Runs on the rules file at `path` as it is, instead of writing one.
     pub fn rules_at(mut self, path: &Path) -> Builder {
         self.rules_at = Some(path.to_path_buf());
