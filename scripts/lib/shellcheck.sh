@@ -8,9 +8,10 @@ cd "$(dirname "$0")/../.."
 source scripts/lib/apt.sh
 ensure_apt_packages shellcheck
 
+# Ours only: npm's node_modules (scripts/e2e) brings scripts of its own.
 mapfile -t scripts < <(
-    find scripts .ci packaging -type f \( -name '*.sh' -o -path .ci/run \
-        -o -name postinst -o -name postrm -o -name prerm -o -name preinst \) | sort
+    find scripts .ci packaging -name node_modules -prune -o -type f \( -name '*.sh' -o -path .ci/run \
+        -o -name postinst -o -name postrm -o -name prerm -o -name preinst \) -print | sort
 )
 # -x follows `source`; -P lists where relative `source` paths are looked up.
 shellcheck -x -P SCRIPTDIR:scripts/lib:scripts/bench:scripts/lab "${scripts[@]}"
