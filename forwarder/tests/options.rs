@@ -65,6 +65,8 @@ fn an_allowed_client_is_served_and_a_denied_one_closed_counted_and_logged_once()
         2,
         "no backend connect"
     );
+    // The log reaches us through a reader thread, possibly after the figures: wait for it.
+    fwd.process.wait_for_output("client=127.0.0.66", WAIT);
     let out = fwd.process.output();
     // Once per address per worker and minute: at most two workers' worth.
     let logged = out.matches("client=127.0.0.66").count();

@@ -294,6 +294,8 @@ fn idle_sessions_expire_and_a_full_table_evicts_the_least_recently_active() {
         .map(|&i| c[i].local_addr().unwrap().to_string())
         .collect();
     assert_eq!(clients, expect, "sessions 1 and 2 were evicted");
+    // The log reaches us through a reader thread, possibly after the figures: wait for it.
+    f.process.wait_for_output("udp session table full", WAIT);
     assert_eq!(
         f.process.output().matches("udp session table full").count(),
         1,
