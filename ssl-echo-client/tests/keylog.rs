@@ -11,7 +11,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::*;
-use testbed::testing::{wait_until, ChildGuard};
+use testbed_dev::testing::{wait_until, ChildGuard};
 
 const LIMIT: Duration = Duration::from_secs(120);
 

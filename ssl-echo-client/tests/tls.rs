@@ -7,7 +7,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use testbed::testing::wait_until;
+use testbed_dev::testing::wait_until;
 
 const LIMIT: Duration = Duration::from_secs(120);
 
