@@ -454,9 +454,7 @@ fn summary_sheet(outcome: &Outcome, s: &Summary, f: &Formats) -> Result<Workshee
     if s.corrected_response_ms.is_some() {
         ws.write_string_with_format(row, 2, "from intended send", &f.header)?;
     }
-    if s.handshake_ms.max > 0.0 {
-        ws.write_string_with_format(row, 4, "connect + handshake", &f.header)?;
-    }
+
     row += 1;
     let corrected = s.corrected_response_ms.map(|c| c.named());
     for (i, (name, value)) in s.response_ms.named().into_iter().enumerate() {
@@ -465,10 +463,15 @@ fn summary_sheet(outcome: &Outcome, s: &Summary, f: &Formats) -> Result<Workshee
         if let Some(c) = &corrected {
             ws.write_number_with_format(row, 2, c[i].1, &f.ms)?;
         }
-        if s.handshake_ms.max > 0.0 {
-            ws.write_number_with_format(row, 4, s.handshake_ms.named()[i].1, &f.ms)?;
-        }
         row += 1;
+    }
+
+    if s.handshake_ms.max > 0.0 {
+        row += 1;
+        heading(&mut ws, &mut row, "Open time (ms): connect + handshake")?;
+        for (name, value) in s.handshake_ms.named() {
+            num(&mut ws, &mut row, &format!("open {name}"), value, &f.ms)?;
+        }
     }
 
     row += 1;
