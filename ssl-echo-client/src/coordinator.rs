@@ -444,7 +444,7 @@ pub async fn run(
                     Event::Msg(i, WorkerMsg::Connected { .. }) => shards[i].connected = true,
                     Event::Msg(i, WorkerMsg::Connection(mut r)) => {
                         r.agent = endpoints[shards[i].endpoint].agent.clone();
-                        records.push(r);
+                        records.push(*r);
                     }
                     Event::Msg(i, WorkerMsg::Interval(report)) => {
                         let live = sum(&shards);

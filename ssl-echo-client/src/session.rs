@@ -303,7 +303,7 @@ impl Schedule {
             return None;
         }
         let at = self.start + self.interval.mul_f64(k as f64);
-        (!self.deadline.is_some_and(|d| at >= d)).then_some(at)
+        self.deadline.is_none_or(|d| at < d).then_some(at)
     }
 
     /// Every due time from message `k` to the end of the schedule.

@@ -37,7 +37,7 @@ pub enum WorkerMsg {
         ok: u64,
         failed: u64,
     },
-    Connection(ConnectionRecord),
+    Connection(Box<ConnectionRecord>),
     /// One second of phase 2 (from the meter).
     Interval(IntervalReport),
     Finished {
@@ -53,7 +53,7 @@ pub enum WorkerMsg {
         by_backend_corrected: Vec<HistogramDump>,
         /// The send window and the drain, and the meter's totals.
         #[serde(default)]
-        window: ShardWindow,
+        window: Box<ShardWindow>,
     },
 }
 
@@ -146,7 +146,7 @@ pub async fn drive(
             r.failure = Some(Failure::new(Cause::Other, Phase::Exchange, e));
             r
         });
-        emit(WorkerMsg::Connection(record));
+        emit(WorkerMsg::Connection(Box::new(record)));
     }
     let exchange_s = go_at.map_or(0.0, |at| at.elapsed().as_secs_f64());
     let _ = meter_end.send(());
@@ -178,7 +178,7 @@ pub async fn drive(
             .iter()
             .map(HistogramDump::of)
             .collect(),
-        window,
+        window: Box::new(window),
     });
 }
 

@@ -368,7 +368,7 @@ fn the_hiccup_meter_rises_when_the_client_is_starved() {
             "50",
         ];
         let mut cmd = std::process::Command::new("taskset");
-        cmd.args(&args);
+        cmd.args(args);
         ClientProcess::spawn(cmd).finish(LIMIT)
     };
     let calm = run_pinned("calm.xlsx");
