@@ -163,6 +163,12 @@ pub struct Args {
     #[arg(long, value_name = "R", value_parser = positive_f64, conflicts_with = "rate")]
     pub total_rate: Option<f64>,
 
+    /// While waiting at the barrier, each open connection echoes one message this often (not
+    /// counted in the figures), so a gateway's idle timeout does not cut the first connections
+    /// while the last are opened (0 = off).
+    #[arg(long, value_name = "SECS", default_value_t = 0.0, value_parser = non_negative_f64)]
+    pub keepalive_s: f64,
+
     /// Connections of one process being opened (connect + handshake) at once at most.
     #[arg(long, value_name = "N", default_value_t = crate::shard::MAX_CONNECTING as u64,
           value_parser = clap::value_parser!(u64).range(1..))]
@@ -263,6 +269,7 @@ impl Args {
             timeout_ms: self.timeout_ms,
             source_ips: self.source_ip.clone(),
             max_connecting: self.max_connecting,
+            keepalive_ms: (self.keepalive_s * 1000.0).round() as u64,
             payload,
         })
     }

@@ -46,6 +46,9 @@ pub struct RunConfig {
     /// Connections of one process being opened at once at most (`--max-connecting`).
     #[serde(default = "default_max_connecting")]
     pub max_connecting: u64,
+    /// While waiting at the barrier, an open connection echoes one message this often (0 = off).
+    #[serde(default)]
+    pub keepalive_ms: u64,
     /// What every message carries instead of `message` (`--size`, `--message-file`).
     #[serde(default)]
     pub payload: Option<Payload>,
@@ -170,6 +173,7 @@ mod tests {
             timeout_ms: 1000,
             source_ips: Vec::new(),
             max_connecting: 500,
+            keepalive_ms: 0,
             payload: None,
         }
     }

@@ -836,6 +836,7 @@ mod tests {
             timeout_ms: 1,
             source_ips: Vec::new(),
             max_connecting: 500,
+            keepalive_ms: 0,
             payload: None,
         };
         // One agent with room for 20,000 per process, one with 10,000.

@@ -54,6 +54,9 @@ pub struct ConnectionRecord {
     /// message in flight included).
     #[serde(default)]
     pub sends_failed: u64,
+    /// Keep-alive messages echoed while waiting at the barrier (`--keepalive-s`).
+    #[serde(default)]
+    pub keepalives: u64,
 }
 
 impl ConnectionRecord {
@@ -78,6 +81,7 @@ impl ConnectionRecord {
             corrected_us_sum: 0,
             corrected_us_max: None,
             sends_failed: 0,
+            keepalives: 0,
         }
     }
 
@@ -163,15 +167,21 @@ pub async fn run(
             return record;
         }
     };
-    let go_at = match go.wait_for(|v| v.is_some()).await {
-        Ok(v) => v.expect("wait_for returned a Some"),
-        Err(_) => {
+    let go_at = match wait_for_go(&mut stream, &mut go, &mut record, &shared).await {
+        Ok(Some(at)) => at,
+        Ok(None) => {
             record.failure = Some(Failure::new(
                 Cause::Other,
                 Phase::Exchange,
                 "run abandoned before the barrier",
             ));
             shared.recorder.closed();
+            return record;
+        }
+        Err(failure) => {
+            tracing::debug!(id, "at the barrier: {failure}");
+            shared.recorder.closed();
+            record.failure = Some(failure);
             return record;
         }
     };
@@ -198,6 +208,50 @@ pub async fn run(
     }
     shared.recorder.closed();
     record
+}
+
+/// Waits at the barrier for the go (`None`: the run was abandoned). With `--keepalive-s`, an
+/// open connection sends one message every so often while it waits and checks its echo, so a
+/// gateway's idle timeout does not cut the connections that opened first while the last ones
+/// are still being opened. Keep-alive messages are counted apart (`keepalives`), not in the
+/// figures; one that fails loses the connection.
+async fn wait_for_go(
+    stream: &mut Stream,
+    go: &mut watch::Receiver<Option<Instant>>,
+    record: &mut ConnectionRecord,
+    shared: &Shared,
+) -> Result<Option<Instant>, Failure> {
+    let every = Duration::from_millis(shared.config.keepalive_ms);
+    loop {
+        let waited = async {
+            match go.wait_for(|v| v.is_some()).await {
+                // wait_for returns a value for which the predicate held.
+                Ok(v) => Some(v.expect("wait_for returned a Some")),
+                Err(_) => None,
+            }
+        };
+        if every.is_zero() {
+            return Ok(waited.await);
+        }
+        tokio::select! {
+            at = waited => return Ok(at),
+            _ = tokio::time::sleep(every) => {}
+        }
+        let message = &shared.payload[..];
+        let mut echo = vec![0u8; message.len()];
+        // Not this connection's record: keep-alive bytes are not the run's figures.
+        let mut scratch = ConnectionRecord::new(record.id, record.process);
+        match tokio::time::timeout(
+            shared.config.timeout(),
+            echo_once(stream, message, &mut echo, &mut scratch),
+        )
+        .await
+        {
+            Ok(Ok(())) => record.keepalives += 1,
+            Ok(Err(failure)) => return Err(failure),
+            Err(_) => return Err(Failure::timeout(Phase::Exchange, shared.config.timeout_ms)),
+        }
+    }
 }
 
 /// Phase 2 for one connection: closed loop (send, wait, send) or, with `--rate`, sends on a

@@ -200,6 +200,9 @@ pub struct Summary {
     pub offered_messages_per_sec: Option<f64>,
     #[serde(default)]
     pub sends_failed: u64,
+    /// Keep-alive messages echoed at the barrier (`--keepalive-s`), not in the figures.
+    #[serde(default)]
+    pub keepalives: u64,
     /// Closed loop only: N / rate against the measured mean.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub littles_law: Option<LittlesLaw>,
@@ -301,6 +304,7 @@ impl Summary {
             messages_drained: outcome.window.drained,
             offered_messages_per_sec: c.rate.map(|r| r * connections_ok as f64),
             sends_failed: records.iter().map(|r| r.sends_failed).sum(),
+            keepalives: records.iter().map(|r| r.keepalives).sum(),
             littles_law: (c.rate.is_none() && messages > 0).then(|| {
                 let active = records.iter().filter(|r| r.established()).count() as u64;
                 LittlesLaw {
@@ -369,7 +373,17 @@ impl Summary {
                 if self.processes == 1 { "" } else { "es" }
             ),
         );
-        row("connect phase", format!("{:.2} s", self.connect_s));
+        row(
+            "connect phase",
+            if self.keepalives > 0 {
+                format!(
+                    "{:.2} s ({} keep-alive echoes at the barrier)",
+                    self.connect_s, self.keepalives
+                )
+            } else {
+                format!("{:.2} s", self.connect_s)
+            },
+        );
         row(
             "messages",
             format!(

@@ -69,6 +69,7 @@ async fn a_handshake_that_finishes_after_the_limit_is_a_timeout() {
         timeout_ms: limit.as_millis() as u64,
         source_ips: Vec::new(),
         max_connecting: 500,
+        keepalive_ms: 0,
         payload: None,
     };
     let connector = Connector::new(&config).unwrap();

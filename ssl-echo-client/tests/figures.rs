@@ -37,6 +37,15 @@ struct PacedServer {
 
 impl PacedServer {
     fn start(act: impl Fn(usize, u64) -> Act + Send + Sync + 'static, message_len: usize) -> Self {
+        PacedServer::start_idle(act, message_len, None)
+    }
+
+    /// The same, closing a connection that sends nothing for `idle` (a gateway's idle timeout).
+    fn start_idle(
+        act: impl Fn(usize, u64) -> Act + Send + Sync + 'static,
+        message_len: usize,
+        idle: Option<Duration>,
+    ) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         let answered = Arc::new(AtomicU64::new(0));
@@ -50,6 +59,7 @@ impl PacedServer {
                 let Ok(stream) = stream else { return };
                 let c = accepted.fetch_add(1, Ordering::SeqCst);
                 let (act, count, log) = (Arc::clone(&act), Arc::clone(&count), Arc::clone(&log));
+                let _ = stream.set_read_timeout(idle);
                 std::thread::spawn(move || serve(stream, c, &*act, &count, &log, message_len));
             }
         });
@@ -468,4 +478,51 @@ fn summary_text(path: &std::path::Path, label: &str) -> String {
         .find(|&r| text(&s, r, 0) == label)
         .map(|r| text(&s, r, 1))
         .unwrap_or_else(|| panic!("no {label:?} row"))
+}
+
+#[test]
+fn keepalives_at_the_barrier_hold_connections_a_gateway_would_cut_for_idling() {
+    // 6 connections opened at 3/s: the first waits about 2 s at the barrier; the server cuts a
+    // connection silent for 1 s.
+    let message = "keep";
+    let run_with = |keepalive: &str| {
+        let server = PacedServer::start_idle(
+            |_, _| Act::EchoAfter(Duration::ZERO),
+            message.len(),
+            Some(Duration::from_secs(1)),
+        );
+        let setup = Setup::plain_to(server.port, "keepalive.xlsx");
+        let run = setup.run(
+            &[
+                "--connections",
+                "6",
+                "--connect-rate",
+                "3",
+                "--count",
+                "5",
+                "--message",
+                message,
+                "--keepalive-s",
+                keepalive,
+                "--max-errors",
+                "6",
+            ],
+            LIMIT,
+        );
+        assert!(run.status.success(), "{}", run.stderr);
+        (run.json(), server.answered.load(Ordering::Relaxed))
+    };
+    let (without, _) = run_with("0");
+    assert!(
+        without["connections_lost"].as_u64().unwrap() >= 1,
+        "the first connections idle past the server's limit: {without}"
+    );
+    assert_eq!(without["keepalives"], 0);
+    let (with, answered) = run_with("0.3");
+    assert_eq!(with["connections_lost"], 0, "{with}");
+    assert_eq!(with["messages"], 30, "keep-alives are not in the figures");
+    assert_eq!(with["bytes_sent"], 30 * 4);
+    let keepalives = with["keepalives"].as_u64().unwrap();
+    assert!(keepalives >= 3, "{keepalives}");
+    assert_eq!(answered, 30 + keepalives, "the server echoed both");
 }
