@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
-use testbed::testing::ChildGuard;
+use testbed_dev::testing::ChildGuard;
 
 const LIMIT: Duration = Duration::from_secs(120);
 
@@ -457,7 +457,7 @@ fn objectives_pass_with_exit_0_and_fail_with_exit_4() {
     assert_eq!(summary_text(&setup.report, "p99<10s"), "pass");
 
     // Too many errors win over a missed objective: 3.
-    let dead = Setup::plain_to(testbed::testing::free_port(), "dead-slo.xlsx");
+    let dead = Setup::plain_to(testbed_dev::testing::free_port(), "dead-slo.xlsx");
     let run = dead.run(
         &["--connections", "3", "--count", "1", "--slo", "errors<1%"],
         LIMIT,
