@@ -22,6 +22,9 @@ use crate::recorder::new_histogram;
 /// the figures may then be the client's limit, not the target's (Locust warns at 90 % too).
 pub const SATURATED_PCT: f64 = 90.0;
 
+/// Intervals shorter than this (the last, partial one) are not judged for saturation.
+const MIN_JUDGED_S: f64 = 0.5;
+
 /// One second, every process joined.
 struct Joined {
     seen: usize,
@@ -221,9 +224,11 @@ impl Intervals {
         };
         let mut cpu: Vec<(usize, f64, u32)> = j.cpu.clone();
         cpu.sort_by_key(|c| c.0);
-        let saturated = cpu
-            .iter()
-            .any(|&(_, pct, threads)| pct > SATURATED_PCT * f64::from(threads.max(1)));
+        // A short last interval (the closes at the end) says little: judged on whole seconds.
+        let saturated = j.length_s >= MIN_JUDGED_S
+            && cpu
+                .iter()
+                .any(|&(_, pct, threads)| pct > SATURATED_PCT * f64::from(threads.max(1)));
         self.saturated_seconds += u64::from(saturated);
         let hiccup = Spread::of(&j.hiccup);
         self.latest = Latest {
