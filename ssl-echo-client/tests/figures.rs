@@ -526,3 +526,61 @@ fn keepalives_at_the_barrier_hold_connections_a_gateway_would_cut_for_idling() {
     assert!(keepalives >= 3, "{keepalives}");
     assert_eq!(answered, 30 + keepalives, "the server echoed both");
 }
+
+#[test]
+fn per_agent_figures_under_rate_are_the_corrected_ones_with_the_measured_beside() {
+    // The whole server stalls for 1 s once it has answered 100 messages.
+    let message = "agent-stall";
+    let stall_at = Arc::new(std::sync::OnceLock::<Instant>::new());
+    let count = Arc::new(AtomicU64::new(0));
+    let (stall, n) = (Arc::clone(&stall_at), Arc::clone(&count));
+    let server = PacedServer::start(
+        move |_, _| {
+            if n.fetch_add(1, Ordering::SeqCst) == 100 {
+                let _ = stall.set(Instant::now());
+            }
+            match stall.get() {
+                Some(&at) if at.elapsed() < Duration::from_secs(1) => {
+                    Act::EchoAfter(Duration::from_secs(1) - at.elapsed())
+                }
+                _ => Act::EchoAfter(Duration::ZERO),
+            }
+        },
+        message.len(),
+    );
+    let setup = Setup::plain_to(server.port, "agent-rate.xlsx");
+    let agent = Agent::start(&[]);
+    let run = setup.run(
+        &[
+            "--agents",
+            &agent.addr,
+            "--connections",
+            "8",
+            "--duration",
+            "3",
+            "--rate",
+            "20",
+            "--message",
+            message,
+        ],
+        LIMIT,
+    );
+    assert!(run.status.success(), "{}", run.stderr);
+    let j = run.json();
+    let a = &j["agents"][0];
+    let (c, m) = (&a["corrected_response_ms"], &a["response_ms"]);
+    assert!(
+        f(&c["p90"]) > 300.0 && f(&c["p90"]) > 2.0 * f(&m["p90"]),
+        "{a}"
+    );
+    // The agent's corrected figures are the run's (one agent).
+    assert_eq!(c, &j["corrected_response_ms"]);
+    assert!(f(&a["fairness"]["jain"]) > 0.9, "{a}");
+    // The Agents sheet: the percentile columns are the corrected ones, the measured p99 beside.
+    let rows = sheet(&setup.report, "Agents");
+    assert_eq!(text(&rows, 0, 9), "p90 ms");
+    assert!((num(&rows, 1, 9) - f(&c["p90"])).abs() < 1e-6);
+    assert_eq!(text(&rows, 0, 14), "uncorrected p99 ms");
+    assert!((num(&rows, 1, 14) - f(&m["p99"])).abs() < 1e-6);
+    assert_eq!(text(&rows, 0, 18), "Jain's index");
+}
