@@ -8,7 +8,9 @@
 #   SIZES=1000 DURATION=5 scripts/bench/bench-client.sh
 #
 # Env: SIZES ("1000 20000"), DURATION (15), BASE_PORT (28005; uses BASE_PORT..BASE_PORT+2),
-# OUT (target/bench-client: JSON summaries and xlsx reports), CARGO_TARGET_DIR.
+# OUT (target/bench-client: JSON summaries and xlsx reports), CARGO_TARGET_DIR, PATHS ("direct
+# forwarder"), CLIENT_BIN (another ssl-echo-client build to measure, e.g. the one before a
+# change, against the same servers).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 # shellcheck source=scripts/lib/apt.sh
@@ -23,6 +25,7 @@ BASE_PORT=${BASE_PORT:-28005}
 TARGET=${CARGO_TARGET_DIR:-target}
 OUT=${OUT:-$TARGET/bench-client}
 BIN=$TARGET/release
+CLIENT=${CLIENT_BIN:-$BIN/ssl-echo-client}
 
 # The original lab's 20,000-connection figures.
 ORIG_MESSAGES=771047
@@ -102,7 +105,7 @@ printf 'bench,127.0.0.1:%s,127.0.0.1,%s\nbench,127.0.0.1:%s,127.0.0.1,%s\n' \
     "$fwd" "$echo_a" "$fwd" "$echo_b" >"$work/rules.csv"
 start "$BIN/forwarder" --rules "$work/rules.csv" --no-web --log-level warn
 wait_port "$fwd"
-paths="direct forwarder"
+paths=${PATHS:-"direct forwarder"}
 
 run() {
     local path=$1 size=$2 port=$3
@@ -111,7 +114,7 @@ run() {
     local before after
     before=$(peer_ticks)
     /usr/bin/time -f '%U %S' -o "$OUT/$name.time" \
-        "$BIN/ssl-echo-client" --port "$port" --ca "$work/certs/ca.crt" --connections "$size" \
+        "$CLIENT" --port "$port" --ca "$work/certs/ca.crt" --connections "$size" \
         --duration "$DURATION" --max-errors "$size" --report "$OUT/client-$name.xlsx" --json >"$OUT/$name.json"
     after=$(peer_ticks)
     # (--max-errors: failures are figures here, printed below, not a reason to stop the benchmark.)
@@ -131,9 +134,9 @@ done
 
 orig_rate=$(jq -n "$ORIG_MESSAGES / $ORIG_SECONDS")
 echo "load average now: $(cut -d' ' -f1-3 /proc/loadavg) on $(nproc) CPUs" >&2
-printf '\n%-10s %6s %5s %10s %10s %8s %8s %8s %8s %8s %7s %9s %9s %8s %8s %10s\n' \
+printf '\n%-10s %6s %5s %10s %10s %8s %8s %8s %8s %8s %7s %9s %9s %8s %8s %10s %9s %6s %6s\n' \
     path conns procs messages "msg/s" "avg ms" "p50" "p90" "p99" "max" errors "x orig/s" "orig avg" \
-    "cli cpu" "srv cpu" "msg/cpu-s"
+    "cli cpu" "srv cpu" "msg/cpu-s" "cli us/msg" "jain" "min/c"
 for size in $SIZES; do
     for path in $paths; do
         f="$OUT/$path-$size.json"
@@ -146,8 +149,11 @@ for size in $SIZES; do
              ((.messages_per_sec / $orig * 100|round) / 100),
              (if .connections == 20000 then $origavg else "-" end),
              $cli, $peer,
-             ((.messages / (($cli|tonumber) + ($peer|tonumber))) | floor)] | @tsv' "$f" |
-            awk -F'\t' '{printf "%-10s %6s %5s %10s %10s %8s %8s %8s %8s %8s %7s %9s %9s %8s %8s %10s\n", $1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16}'
+             ((.messages / (($cli|tonumber) + ($peer|tonumber))) | floor),
+             (if .messages > 0 then (($cli|tonumber) * 1e6 / .messages * 10 | round) / 10 else "-" end),
+             (if .fairness then (.fairness.jain * 1000 | round) / 1000 else "-" end),
+             (if .fairness then .fairness.min else "-" end)] | @tsv' "$f" |
+            awk -F'\t' '{printf "%-10s %6s %5s %10s %10s %8s %8s %8s %8s %8s %7s %9s %9s %8s %8s %10s %9s %6s %6s\n", $1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16,$17,$18,$19}'
     done
 done
 printf '%-10s %6s %5s %10s %10s %8s\n' original 20000 "?" "$ORIG_MESSAGES" "$(printf '%.0f' "$orig_rate")" "$ORIG_AVG_MS"

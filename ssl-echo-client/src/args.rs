@@ -8,9 +8,10 @@ use anyhow::{bail, Context};
 use clap::Parser;
 
 use crate::agent::AgentArgs;
-use crate::config::{Churn, RunConfig, Workload};
+use crate::config::{Churn, Payload, RunConfig, Workload, MAX_MESSAGE_BYTES};
 use crate::coordinator::OnLoss;
 use crate::prompt::{self, DEFAULT_CONNECTIONS, DEFAULT_COUNT, DEFAULT_MESSAGE};
+use crate::slo::Slo;
 use crate::tls::{TlsOptions, TlsVersion};
 
 /// Opens N TLS (or plain TCP) connections to an echo server, sends a message M times on each
@@ -179,6 +180,51 @@ pub struct Args {
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub max_errors: u64,
 
+    /// A service-level objective, judged at the end on the corrected figures under --rate (exit
+    /// status 4 when one fails): `p99<20ms`, `errors<0.1%`, `handshake.p99<150ms`, `rate>=5000`.
+    /// Repeat for several.
+    #[arg(long, value_name = "OBJECTIVE")]
+    pub slo: Vec<Slo>,
+
+    /// Write one JSON record per second of phase 2 here (messages, msg/s, percentiles, client
+    /// CPU and hiccups), as the run goes.
+    #[arg(long, value_name = "PATH")]
+    pub json_lines: Option<PathBuf>,
+
+    /// Write the response times here in HdrHistogram's interval-log format, one interval per
+    /// second (plot with HdrHistogram's tools).
+    #[arg(long, value_name = "PATH")]
+    pub hdr_log: Option<PathBuf>,
+
+    /// Messages of N random bytes (from --seed) instead of --message text.
+    #[arg(long, value_name = "N", conflicts_with_all = ["message", "message_file"],
+          value_parser = clap::value_parser!(u64).range(1..=MAX_MESSAGE_BYTES))]
+    pub size: Option<u64>,
+
+    /// Seed of the --size bytes: the same seed gives the same bytes.
+    #[arg(long, value_name = "S", default_value_t = 1)]
+    pub seed: u64,
+
+    /// Send this file's bytes as every message instead of --message text.
+    #[arg(long, value_name = "PATH", conflicts_with = "message")]
+    pub message_file: Option<PathBuf>,
+
+    /// Messages per second over all connections together on a fixed schedule (split evenly:
+    /// --rate R/N each); instead of --rate.
+    #[arg(long, value_name = "R", value_parser = positive_f64, conflicts_with = "rate")]
+    pub total_rate: Option<f64>,
+
+    /// While waiting at the barrier, each open connection echoes one message this often (not
+    /// counted in the figures), so a gateway's idle timeout does not cut the first connections
+    /// while the last are opened (0 = off).
+    #[arg(long, value_name = "SECS", default_value_t = 0.0, value_parser = non_negative_f64)]
+    pub keepalive_s: f64,
+
+    /// Connections of one process being opened (connect + handshake) at once at most.
+    #[arg(long, value_name = "N", default_value_t = crate::shard::MAX_CONNECTING as u64,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_connecting: u64,
+
     /// Log filter (error, warn, info, debug, trace); RUST_LOG overrides it.
     #[arg(long, default_value = "warn")]
     pub log_level: String,
@@ -242,6 +288,8 @@ impl Args {
     fn nothing_to_send_given(&self) -> bool {
         self.message.is_none()
             && self.churn.is_none()
+            && self.size.is_none()
+            && self.message_file.is_none()
             && self.count.is_none()
             && self.duration.is_none()
             && self.connections.is_none()
@@ -270,6 +318,18 @@ impl Args {
         if message.is_empty() {
             bail!("--message must not be empty: an empty message has no echo to check");
         }
+        let payload = match (self.size, &self.message_file) {
+            (Some(size), _) => Some(Payload::Random {
+                size,
+                seed: self.seed,
+            }),
+            (None, Some(path)) => Some(read_message_file(path)?),
+            (None, None) => None,
+        };
+        let rate = match self.total_rate {
+            Some(total) => Some(total / connections as f64),
+            None => self.rate,
+        };
         let addr = resolve_addr(&self.host, self.port)?;
         let (workload, connections, churn) = match self.churn {
             None => (workload, connections, None),
@@ -298,7 +358,7 @@ impl Args {
             connections,
             // In churn mode the opening rate is the churn rate; split() shares it out.
             connect_rate: churn.map_or(self.connect_rate, |c| c.rate),
-            rate: self.rate,
+            rate,
             timeout_ms: self.timeout_ms,
             source_ips: self.source_ip.clone(),
             tls_options: TlsOptions {
@@ -310,8 +370,32 @@ impl Args {
                 resume: self.resume,
             },
             churn,
+            max_connecting: self.max_connecting,
+            keepalive_ms: (self.keepalive_s * 1000.0).round() as u64,
+            payload,
         })
     }
+}
+
+/// Reads `--message-file` once (the parent), for every process and agent.
+fn read_message_file(path: &std::path::Path) -> anyhow::Result<Payload> {
+    use base64::Engine as _;
+    let shown = path.display();
+    let meta = std::fs::metadata(path).with_context(|| format!("--message-file {shown}"))?;
+    if meta.len() > MAX_MESSAGE_BYTES {
+        bail!(
+            "--message-file {shown}: {} bytes is more than the {MAX_MESSAGE_BYTES} a message may have",
+            meta.len()
+        );
+    }
+    let bytes = std::fs::read(path).with_context(|| format!("--message-file {shown}"))?;
+    if bytes.is_empty() {
+        bail!("--message-file {shown}: the file is empty: an empty message has no echo to check");
+    }
+    Ok(Payload::File {
+        path: shown.to_string(),
+        base64: base64::engine::general_purpose::STANDARD.encode(bytes),
+    })
 }
 
 /// Looks `host` up once; IPv4 first (the servers listen on 0.0.0.0 by default).
@@ -394,6 +478,20 @@ mod tests {
         assert!(e.to_string().contains("--churn"), "{e}");
         let e = parse(&["--churn", "10", "--lifetime", "soon"]).unwrap_err();
         assert!(e.to_string().contains("expected seconds"), "{e}");
+        let e = parse(&["--slo", "p99<20"]).unwrap_err();
+        assert!(e.to_string().contains("a time needs a unit"), "{e}");
+        let e = parse(&["--size", "10", "--message", "x"]).unwrap_err();
+        assert!(e.to_string().contains("cannot be used with"), "{e}");
+        let e = parse(&["--rate", "1", "--total-rate", "5"]).unwrap_err();
+        assert!(e.to_string().contains("cannot be used with"), "{e}");
+        let e = parse(&["--message-file", "/nonexistent/m.bin", "--count", "1"])
+            .unwrap()
+            .resolve()
+            .unwrap_err();
+        assert!(
+            format!("{e:#}").starts_with("--message-file /nonexistent/m.bin: "),
+            "{e:#}"
+        );
     }
 
     #[test]
@@ -455,5 +553,35 @@ mod tests {
         assert_eq!(c.workload, Workload::Count(1));
         let e = parse(&["--churn", "5", "--count", "2"]).unwrap_err();
         assert!(e.to_string().contains("cannot be used with"), "{e}");
+    }
+
+    #[test]
+    fn traffic_shape_flags_resolve() {
+        let c = parse(&[
+            "--count",
+            "1",
+            "--connections",
+            "40",
+            "--total-rate",
+            "1000",
+            "--size",
+            "64",
+        ])
+        .unwrap()
+        .resolve()
+        .unwrap();
+        assert_eq!(c.rate, Some(25.0));
+        assert_eq!(c.payload, Some(Payload::Random { size: 64, seed: 1 }));
+        assert_eq!(c.payload_bytes().unwrap().len(), 64);
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("m.bin");
+        std::fs::write(&f, [0u8, 255, 10]).unwrap();
+        let c = parse(&["--count", "1", "--message-file", f.to_str().unwrap()])
+            .unwrap()
+            .resolve()
+            .unwrap();
+        assert_eq!(c.payload_bytes().unwrap(), [0u8, 255, 10]);
+        let a = parse(&["--slo", "p99<20ms", "--slo", "errors<0.1%"]).unwrap();
+        assert_eq!(a.slo.len(), 2);
     }
 }

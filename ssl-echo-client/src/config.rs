@@ -52,6 +52,15 @@ pub struct RunConfig {
     /// connection's lifetime, counted from its own handshake.
     #[serde(default)]
     pub churn: Option<Churn>,
+    /// Connections of one process being opened at once at most (`--max-connecting`).
+    #[serde(default = "default_max_connecting")]
+    pub max_connecting: u64,
+    /// While waiting at the barrier, an open connection echoes one message this often (0 = off).
+    #[serde(default)]
+    pub keepalive_ms: u64,
+    /// What every message carries instead of `message` (`--size`, `--message-file`).
+    #[serde(default)]
+    pub payload: Option<Payload>,
 }
 
 /// `--churn R`: new connections at `rate` per second (over the whole run) for `window_s`
@@ -60,6 +69,32 @@ pub struct RunConfig {
 pub struct Churn {
     pub rate: f64,
     pub window_s: f64,
+}
+
+fn default_max_connecting() -> u64 {
+    crate::shard::MAX_CONNECTING as u64
+}
+
+/// A message that is not the `--message` text.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Payload {
+    /// `size` random bytes drawn from `seed` (the same bytes in every process and on every
+    /// agent, so a run can be repeated exactly).
+    Random { size: u64, seed: u64 },
+    /// The bytes of a file (`--message-file`), read once by the parent, base64 for the trip.
+    File { path: String, base64: String },
+}
+
+/// The largest message (`--size`, `--message-file`): the echo is held in memory per connection.
+pub const MAX_MESSAGE_BYTES: u64 = 16 << 20;
+
+/// `size` bytes from a generator seeded with `seed`.
+pub fn random_bytes(size: u64, seed: u64) -> Vec<u8> {
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let mut bytes = vec![0u8; size as usize];
+    rng.fill(&mut bytes);
+    bytes
 }
 
 impl RunConfig {
@@ -83,6 +118,27 @@ impl RunConfig {
             Workload::Count(_) => 1.0,
         };
         ((self.connect_rate * (life_s + 1.0) * 1.2).ceil() as u64).clamp(1, self.connections.max(1))
+    }
+
+    /// The bytes of every message.
+    pub fn payload_bytes(&self) -> anyhow::Result<Vec<u8>> {
+        use base64::Engine as _;
+        Ok(match &self.payload {
+            None => self.message.as_bytes().to_vec(),
+            Some(Payload::Random { size, seed }) => random_bytes(*size, *seed),
+            Some(Payload::File { path, base64 }) => base64::engine::general_purpose::STANDARD
+                .decode(base64)
+                .map_err(|e| anyhow::anyhow!("--message-file {path}: {e}"))?,
+        })
+    }
+
+    /// How the message is described in the outputs.
+    pub fn payload_name(&self) -> String {
+        match &self.payload {
+            None => self.message.clone(),
+            Some(Payload::Random { size, seed }) => format!("{size} random bytes (seed {seed})"),
+            Some(Payload::File { path, .. }) => format!("file {path}"),
+        }
     }
 
     /// The local address connection `id` binds to, if any were given.
@@ -149,6 +205,9 @@ mod tests {
             source_ips: Vec::new(),
             tls_options: TlsOptions::default(),
             churn: None,
+            max_connecting: 500,
+            keepalive_ms: 0,
+            payload: None,
         }
     }
 
@@ -178,6 +237,23 @@ mod tests {
         assert_eq!(c.open_at_once(), 2_400);
         c.connections = 50;
         assert_eq!(c.open_at_once(), 50);
+    }
+
+    #[test]
+    fn random_payloads_repeat_with_their_seed() {
+        let mut c = config(1);
+        c.payload = Some(Payload::Random {
+            size: 1000,
+            seed: 7,
+        });
+        let a = c.payload_bytes().unwrap();
+        assert_eq!(a.len(), 1000);
+        assert_eq!(a, c.payload_bytes().unwrap());
+        assert_ne!(a, random_bytes(1000, 8));
+        assert!(a.iter().any(|&b| b != a[0]), "not one repeated byte");
+        assert_eq!(c.payload_name(), "1000 random bytes (seed 7)");
+        c.payload = None;
+        assert_eq!(c.payload_bytes().unwrap(), b"hi");
     }
 
     #[test]
