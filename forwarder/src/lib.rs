@@ -6,6 +6,8 @@ pub mod access_log;
 pub mod balance;
 pub mod capacity;
 pub mod control;
+pub mod outbound;
+pub mod rate;
 pub mod rules;
 pub mod service;
 pub mod stats;

@@ -132,6 +132,11 @@ struct Args {
     #[arg(long, default_value_t = 0)]
     udp_max_sessions: usize,
 
+    /// Outbound address of every backend connection whose row has no source= (bind before
+    /// connect); once for IPv4 and once for IPv6 at most [default: the route's choice]
+    #[arg(long, value_name = "ADDR")]
+    source: Vec<std::net::IpAddr>,
+
     #[arg(long, hide = true)]
     worker_index: Option<usize>,
     #[arg(long, hide = true)]
@@ -209,6 +214,8 @@ fn run_supervisor(args: &Args) -> anyhow::Result<ExitCode> {
             )));
         }
     };
+    let default_sources =
+        forwarder::outbound::parse_default_sources(&args.source).map_err(Exit::config)?;
     print_rules(&label, &set);
     if let Err(e) = supervisor::check_bindable(&set, &label) {
         eprintln!("{e}");
@@ -288,6 +295,7 @@ fn run_supervisor(args: &Args) -> anyhow::Result<ExitCode> {
             .then(|| Duration::from_secs(args.health_interval_s)),
         connect_timeout: Duration::from_millis(args.connect_timeout_ms),
         drain_timeout: Duration::from_secs(args.drain_timeout_s),
+        default_sources,
     };
     let sup = Supervisor::new(config, set)?;
     if let Some(problem) = service::privilege::rules_write_problem(&rules_path) {

@@ -38,6 +38,8 @@ pub struct SupervisorConfig {
     pub health_interval: Option<Duration>,
     pub connect_timeout: Duration,
     pub drain_timeout: Duration,
+    /// `--source`: the outbound address of backends without `source=` (one per family).
+    pub default_sources: Vec<std::net::IpAddr>,
 }
 
 struct WorkerHandle {
@@ -186,7 +188,8 @@ impl Supervisor {
             .capacity
             .store(config.capacity as u64, Relaxed);
         let mut slots = Slots::default();
-        let specs = slots.assign(&rules, &shared)?;
+        let mut specs = slots.assign(&rules, &shared)?;
+        crate::outbound::apply_default_sources(&mut specs, &config.default_sources);
         let inner = Inner {
             rules,
             specs,
@@ -439,7 +442,7 @@ impl Supervisor {
         }
         // Slots are committed only once every worker took the rules.
         let mut slots = inner.slots.clone();
-        let specs = match slots.assign(&new, &self.shared) {
+        let mut specs = match slots.assign(&new, &self.shared) {
             Ok(s) => s,
             Err(e) => {
                 return Err(RulesError(vec![RuleError {
@@ -450,6 +453,7 @@ impl Supervisor {
                 }]))
             }
         };
+        crate::outbound::apply_default_sources(&mut specs, &self.config.default_sources);
         let failures = deliver(&mut inner.workers, &specs);
         if !failures.is_empty() {
             // All or nothing: put the workers that switched back on the rules in force.
@@ -628,17 +632,15 @@ impl Supervisor {
         let spawned = std::thread::Builder::new()
             .name("health".into())
             .spawn(move || loop {
-                let backends: Vec<(usize, SocketAddr, String)> = {
+                let backends: Vec<crate::control::BackendSpec> = {
                     let inner = me.lock();
-                    inner
-                        .specs
-                        .iter()
-                        .flat_map(|p| p.backends.iter().map(|b| (b.slot, b.addr, b.name.clone())))
-                        .collect()
+                    inner.specs.iter().flat_map(|p| p.backends.clone()).collect()
                 };
-                for (slot, addr, name) in backends {
-                    let s = me.shared.backend(slot);
-                    let result = std::net::TcpStream::connect_timeout(&addr, me.config.connect_timeout);
+                for b in backends {
+                    let (addr, name) = (b.addr, b.name);
+                    let s = me.shared.backend(b.slot);
+                    // From the row's outbound address, interface and mark: the path connections take.
+                    let result = crate::outbound::connect_tcp_blocking(addr, &b.options, me.config.connect_timeout);
                     s.last_check_ms.store(now_ms(), Relaxed);
                     match result {
                         Ok(_) => {

@@ -62,6 +62,16 @@ pub struct BackendOptions {
     pub send_proxy: Option<ProxyVersion>,
     /// Most connections open to this backend at once (0 = no limit).
     pub max_conns: u64,
+    /// The address the forwarder's socket toward this backend is bound to (`source=`; else
+    /// `--source`, else the route's choice).
+    #[serde(default)]
+    pub source: Option<IpAddr>,
+    /// The interface that socket is bound to (`interface=`, `SO_BINDTODEVICE`).
+    #[serde(default)]
+    pub interface: Option<String>,
+    /// The mark its packets carry (`mark=`, `SO_MARK`), for policy routing and nft.
+    #[serde(default)]
+    pub mark: Option<u32>,
 }
 
 impl Default for BackendOptions {
@@ -70,6 +80,9 @@ impl Default for BackendOptions {
             weight: 1,
             send_proxy: None,
             max_conns: 0,
+            source: None,
+            interface: None,
+            mark: None,
         }
     }
 }
@@ -122,6 +135,9 @@ const KEYS: &[(&str, bool, bool)] = &[
     ("weight", false, true),
     ("send_proxy", false, false),
     ("max_conns", false, true),
+    ("source", false, true),
+    ("interface", false, true),
+    ("mark", false, true),
     ("balance", true, true),
     ("allow", true, true),
     ("deny", true, true),
@@ -174,6 +190,26 @@ pub fn parse_options(text: &str, proto: Proto) -> Result<RowOptions, String> {
                 })
             }
             "max_conns" => out.backend.max_conns = number(key, needs("N")?, 1, u64::MAX)?,
+            "source" => {
+                let v = needs("ADDR")?;
+                let bare = v
+                    .strip_prefix('[')
+                    .and_then(|v| v.strip_suffix(']'))
+                    .unwrap_or(v);
+                out.backend.source = Some(
+                    bare.parse::<IpAddr>()
+                        .map_err(|_| format!("source=\"{v}\" is not an IP address"))?,
+                );
+            }
+            "interface" => {
+                let v = needs("NAME")?;
+                // IFNAMSIZ is 16 with the NUL.
+                if v.len() > 15 || v.contains('/') {
+                    return Err(format!("interface=\"{v}\" is not an interface name"));
+                }
+                out.backend.interface = Some(v.to_string());
+            }
+            "mark" => out.backend.mark = Some(mark(needs("N")?)?),
             "balance" => {
                 out.pool.balance = match needs("roundrobin|leastconn|source")? {
                     "roundrobin" => Balance::RoundRobin,
@@ -204,6 +240,24 @@ pub fn parse_options(text: &str, proto: Proto) -> Result<RowOptions, String> {
         }
     }
     Ok(out)
+}
+
+/// `mark=4737` or `mark=0x1281`: a non-zero 32-bit firewall mark.
+fn mark(value: &str) -> Result<u32, String> {
+    let parsed = match value
+        .strip_prefix("0x")
+        .or_else(|| value.strip_prefix("0X"))
+    {
+        Some(hex) => u32::from_str_radix(hex, 16),
+        None => value.parse::<u32>(),
+    };
+    match parsed {
+        Ok(0) => Err("mark=0 is no mark: give 1-4294967295 (or 0x1-0xffffffff)".into()),
+        Ok(n) => Ok(n),
+        Err(_) => Err(format!(
+            "mark=\"{value}\" is not a 32-bit number (decimal or 0x hex)"
+        )),
+    }
 }
 
 fn number(key: &str, value: &str, min: u64, max: u64) -> Result<u64, String> {
@@ -274,6 +328,14 @@ mod tests {
         assert_eq!(o.backend.weight, 3);
         assert_eq!(o.backend.send_proxy, Some(ProxyVersion::V2));
         assert_eq!(o.backend.max_conns, 500);
+        let out = parse_options("source=[::1] interface=eth1 mark=0x1281", Proto::Udp).unwrap();
+        assert_eq!(out.backend.source, Some("::1".parse().unwrap()));
+        assert_eq!(out.backend.interface.as_deref(), Some("eth1"));
+        assert_eq!(out.backend.mark, Some(0x1281));
+        assert_eq!(
+            parse_options("mark=4737", Proto::Tcp).unwrap().backend.mark,
+            Some(4737)
+        );
         assert_eq!(o.pool.balance, Balance::LeastConn);
         assert_eq!(o.pool.allow.len(), 2);
         assert!(o.pool.accept_proxy);
@@ -308,6 +370,16 @@ mod tests {
         assert_eq!(
             e("balance=random"),
             "balance \"random\" is not roundrobin, leastconn or source"
+        );
+        assert_eq!(e("source=10.0.0"), "source=\"10.0.0\" is not an IP address");
+        assert_eq!(
+            e("mark=0x"),
+            "mark=\"0x\" is not a 32-bit number (decimal or 0x hex)"
+        );
+        assert!(e("mark=0").starts_with("mark=0 is no mark"));
+        assert_eq!(
+            e("interface=a-very-long-name0"),
+            "interface=\"a-very-long-name0\" is not an interface name"
         );
         assert_eq!(
             parse_options("send_proxy=v1", Proto::Udp).unwrap_err(),

@@ -19,6 +19,7 @@ use mio::{Interest, Registry, Token};
 use crate::access_log::{AccessLog, Record};
 use crate::balance::{self, next_backend, pick_backend, Refusal, ServedPool};
 use crate::control::ConnectionInfo;
+use crate::outbound;
 use crate::stats::per_ip::Admit;
 use crate::stats::{now_ms, Shared, ERR_TIMEOUT};
 use crate::tcp::direction::{Direction, Progress, PumpError, Resources};
@@ -569,8 +570,14 @@ impl Relay {
     fn connect(&mut self, index: usize, mut tried: Vec<usize>, ctx: &mut Context) -> Next {
         self.backend_index = index;
         self.reserved = true;
-        let addr = self.pool.spec.backends[index].addr;
-        let mut backend = match TcpStream::connect(addr) {
+        let spec = &self.pool.spec.backends[index];
+        let addr = spec.addr;
+        let opened = if outbound::is_plain(&spec.options) {
+            TcpStream::connect(addr)
+        } else {
+            outbound::connect_tcp(addr, &spec.options)
+        };
+        let mut backend = match opened {
             Ok(s) => s,
             Err(e) => {
                 tracing::warn!("cannot open a socket to {addr}: {e}");

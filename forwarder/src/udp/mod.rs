@@ -21,7 +21,7 @@ use mio::{Interest, Registry, Token};
 use slab::Slab;
 
 use crate::balance::{self, next_backend, pick_backend, ServedPool};
-use crate::control::{ConnectionInfo, SessionFigures, ID_WORKER_SHIFT};
+use crate::control::{BackendSpec, ConnectionInfo, SessionFigures, ID_WORKER_SHIFT};
 use crate::rules::Proto;
 use crate::stats::{now_ms, Shared};
 use sessions::SessionTable;
@@ -344,7 +344,7 @@ impl Udp {
         };
         // From here the backend's place is reserved: give it back if the session cannot be made.
         let backend = &pool.spec.backends[index];
-        let socket = connected_socket(backend.addr).and_then(|mut socket| {
+        let socket = connected_socket(backend).and_then(|mut socket| {
             let key = self.sessions.vacant_key();
             registry.register(&mut socket, Token(SESSION_BASE + key), Interest::READABLE)?;
             Ok(socket)
@@ -674,17 +674,13 @@ fn reuseport_socket(addr: SocketAddr) -> io::Result<UdpSocket> {
     Ok(UdpSocket::from_std(socket.into()))
 }
 
-/// A non-blocking UDP socket connected to `backend` (an ephemeral local port).
-fn connected_socket(backend: SocketAddr) -> io::Result<UdpSocket> {
-    let any: SocketAddr = if backend.is_ipv6() {
-        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
-    } else {
-        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
-    };
-    let socket = UdpSocket::bind(any)?;
+/// A non-blocking UDP socket connected to `backend` (an ephemeral local port, on the row's
+/// outbound address, interface and mark).
+fn connected_socket(backend: &BackendSpec) -> io::Result<UdpSocket> {
+    let socket = UdpSocket::from_std(crate::outbound::bind_udp(backend.addr, &backend.options)?);
     // A burst of replies must not overflow the default (~200 KiB, ~90 datagrams of 1,400 B)
     // while the worker is busy elsewhere; a limit, not memory taken up front.
     sys::set_buffers(socket.as_raw_fd(), SESSION_SOCKET_BUFFER);
-    socket.connect(backend)?;
+    socket.connect(backend.addr)?;
     Ok(socket)
 }
