@@ -217,6 +217,14 @@ fn run_supervisor(args: &Args) -> anyhow::Result<ExitCode> {
     let default_sources =
         forwarder::outbound::parse_default_sources(&args.source).map_err(Exit::config)?;
     print_rules(&label, &set);
+    if args.data_path == DataPath::Sockmap {
+        for p in set.pools.iter().filter(|p| p.options.rates.any()) {
+            eprintln!(
+                "  {}: bandwidth limits: relayed in user space (the sockmap data path cannot hold bytes back)",
+                p.label()
+            );
+        }
+    }
     if let Err(e) = supervisor::check_bindable(&set, &label) {
         eprintln!("{e}");
         bail!(Exit::cannot_bind(format!(

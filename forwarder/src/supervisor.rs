@@ -112,6 +112,9 @@ pub struct PoolStats {
     /// UDP sessions evicted to make room (always 0 for TCP).
     #[serde(default)]
     pub evicted: u64,
+    /// Bandwidth limits in force and what they held back.
+    #[serde(default)]
+    pub limits: crate::rate::LimitStats,
     pub backends: Vec<BackendStats>,
 }
 
@@ -190,6 +193,7 @@ impl Supervisor {
         let mut slots = Slots::default();
         let mut specs = slots.assign(&rules, &shared)?;
         crate::outbound::apply_default_sources(&mut specs, &config.default_sources);
+        shared.publish_rates(&specs);
         let inner = Inner {
             rules,
             specs,
@@ -476,6 +480,7 @@ impl Supervisor {
                     .collect(),
             ));
         }
+        self.shared.publish_rates(&specs);
         inner.slots = slots;
         inner.reload_error = None;
         log_changes(&inner.rules, &new);
@@ -533,6 +538,7 @@ impl Supervisor {
                         proxy_header: p.bad_header.load(Relaxed),
                     },
                     evicted: p.evicted.load(Relaxed),
+                    limits: crate::rate::LimitStats::of(p),
                     backends: pool
                         .rules
                         .iter()

@@ -5,7 +5,7 @@
 //! same word held locally ([`throttle`]).
 
 pub mod shared;
-// pub mod throttle;
+pub mod throttle;
 
 use serde::{Deserialize, Serialize};
 
@@ -90,6 +90,103 @@ impl Rates {
     }
 }
 
+/// A pool's limits and what they did, for the page, the API and `/metrics`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LimitStats {
+    /// The limits in force (bits per second, 0 = none).
+    pub rates: Rates,
+    /// Time connection directions were held back, summed over connections (ms).
+    pub throttled_ms: u64,
+    /// Bytes that passed after their direction had been held back.
+    pub throttled_bytes: u64,
+    /// UDP datagrams dropped for being over a limit.
+    pub rate_drops: u64,
+}
+
+impl LimitStats {
+    pub fn of(slot: &crate::stats::PoolSlot) -> LimitStats {
+        use std::sync::atomic::Ordering::Relaxed;
+        LimitStats {
+            rates: Rates::from_array(std::array::from_fn(|i| slot.rates[i].load(Relaxed))),
+            throttled_ms: slot.throttled_us.load(Relaxed) / 1000,
+            throttled_bytes: slot.throttled_bytes.load(Relaxed),
+            rate_drops: slot.rate_drops.load(Relaxed),
+        }
+    }
+}
+
+/// The `/metrics` families of limited pools (pools without limits have no series).
+pub fn render_metrics(
+    stats: &crate::supervisor::StatsSnapshot,
+    out: &mut String,
+    head: impl Fn(&mut String, &'static str, &'static str, &'static str),
+) {
+    use std::fmt::Write;
+    let limited = || stats.pools.iter().filter(|p| p.limits.rates.any());
+    let label = |p: &crate::supervisor::PoolStats| {
+        let proto = match p.proto {
+            crate::rules::Proto::Tcp => "",
+            crate::rules::Proto::Udp => ",proto=\"udp\"",
+        };
+        format!("listen=\"{}\"{proto}", p.listen)
+    };
+    let limit = "forwarder_pool_rate_limit_bits_per_second";
+    head(
+        out,
+        limit,
+        "gauge",
+        "Bandwidth limits in force, by scope (conn, ip, pool) and direction.",
+    );
+    for p in limited() {
+        let r = p.limits.rates.as_array();
+        for (i, key) in Rates::KEYS.iter().enumerate() {
+            if r[i] == 0 {
+                continue;
+            }
+            let scope = key.split("rate").next().unwrap_or("").trim_end_matches('_');
+            let scope = if scope.is_empty() { "pool" } else { scope };
+            let direction = if key.ends_with("_up") { "up" } else { "down" };
+            let _ = writeln!(
+                out,
+                "{limit}{{{},scope=\"{scope}\",direction=\"{direction}\"}} {}",
+                label(p),
+                r[i]
+            );
+        }
+    }
+    let held = "forwarder_pool_throttled_seconds_total";
+    head(
+        out,
+        held,
+        "counter",
+        "Time connection directions were held back by a bandwidth limit, summed.",
+    );
+    for p in limited() {
+        let ms = p.limits.throttled_ms;
+        let _ = writeln!(out, "{held}{{{}}} {}.{:03}", label(p), ms / 1000, ms % 1000);
+    }
+    let bytes = "forwarder_pool_throttled_bytes_total";
+    head(
+        out,
+        bytes,
+        "counter",
+        "Bytes that passed after a bandwidth limit had held their direction back.",
+    );
+    for p in limited() {
+        let _ = writeln!(out, "{bytes}{{{}}} {}", label(p), p.limits.throttled_bytes);
+    }
+    let drops = "forwarder_pool_rate_dropped_datagrams_total";
+    head(
+        out,
+        drops,
+        "counter",
+        "UDP datagrams dropped for being over a bandwidth limit.",
+    );
+    for p in limited().filter(|p| p.proto == crate::rules::Proto::Udp) {
+        let _ = writeln!(out, "{drops}{{{}}} {}", label(p), p.limits.rate_drops);
+    }
+}
+
 /// Smallest limit: 1 kbit/s (below it a bucket's burst floor would dominate the rate).
 pub const MIN_BITS_PER_S: u64 = 1_000;
 
@@ -139,9 +236,10 @@ pub fn format_bits(bits: u64) -> String {
 }
 
 /// Least burst, as time at the rate: a bucket of one loopback round trip (tens of µs) would wake
-/// its connection for every few kilobytes. 5 ms keeps a limited connection at a few hundred
-/// wake-ups per second at most.
-pub const MIN_BURST_NS: u64 = 5_000_000;
+/// its connection for every few kilobytes, and a connection woken later than its bucket takes to
+/// fill loses the difference. 20 ms keeps a limited connection at about 200 wake-ups a second
+/// (one each quarter burst) and tolerates a wake-up 15 ms late on a busy machine.
+pub const MIN_BURST_NS: u64 = 20_000_000;
 /// Least burst in bytes: below one full TCP segment train a slow limit would send tiny packets.
 pub const MIN_BURST_BYTES: u64 = 16 * 1024;
 
@@ -151,6 +249,9 @@ pub const MIN_BURST_BYTES: u64 = 16 * 1024;
 pub struct Limit {
     pub bytes_per_s: u64,
     pub burst_ns: u64,
+    /// How far back the bucket's filling is counted past its burst: what a direction that was
+    /// waiting for its wake-up (not idle) missed while the wake-up was late. 0 for a plain bucket.
+    pub catch_up_ns: u64,
 }
 
 impl Limit {
@@ -162,6 +263,7 @@ impl Limit {
         Limit {
             bytes_per_s,
             burst_ns: rtt_ns.max(MIN_BURST_NS).max(bytes_floor_ns),
+            catch_up_ns: 0,
         }
     }
 
@@ -175,15 +277,21 @@ impl Limit {
         (ns as u128 * self.bytes_per_s as u128 / 1_000_000_000) as u64
     }
 
+    /// Where the bucket's account starts at `now`: its arrival time, or — a bucket full for
+    /// longer, whose surplus is forfeit — `now` (less any catch-up).
+    fn base(&self, tat: u64, now: u64) -> u64 {
+        tat.max(now.saturating_sub(self.catch_up_ns))
+    }
+
     /// Bytes the bucket lets through now, given its arrival time `tat`.
     pub fn available(&self, tat: u64, now: u64) -> u64 {
-        let ahead = tat.saturating_sub(now);
-        self.bytes_in(self.burst_ns.saturating_sub(ahead))
+        let base = self.base(tat, now);
+        self.bytes_in((now + self.burst_ns).saturating_sub(base))
     }
 
     /// The arrival time after `bytes` went through at `now`.
     pub fn charged(&self, tat: u64, now: u64, bytes: u64) -> u64 {
-        tat.max(now).saturating_add(self.cost_ns(bytes))
+        self.base(tat, now).saturating_add(self.cost_ns(bytes))
     }
 
     /// When an empty bucket holds a quarter of its burst again: waking sooner would move a
@@ -245,11 +353,11 @@ mod tests {
     #[test]
     fn a_bucket_passes_its_rate_over_time_and_one_burst_at_once() {
         let limit = Limit::new(8_000_000, 0); // 1 MB/s
-        assert_eq!(limit.burst_ns, 16_384_000, "16 KiB at 1 MB/s is over 5 ms");
+        assert_eq!(limit.burst_ns, 20_000_000, "20 ms at 1 MB/s is over 16 KiB");
         let mut b = LocalBucket::default();
         let t0 = 1_000_000_000_000;
         let first = b.available(&limit, t0);
-        assert_eq!(first, 16_384, "a fresh bucket holds one burst");
+        assert_eq!(first, 20_000, "a fresh bucket holds one burst");
         b.charge(&limit, t0, first);
         assert_eq!(b.available(&limit, t0), 0);
         // Taking whatever is available every millisecond for a second moves the rate, plus the
@@ -262,12 +370,12 @@ mod tests {
             b.charge(&limit, now, n);
             moved += n;
         }
-        let expected = 1_000_000 + 16_384;
+        let expected = 1_000_000 + 20_000;
         assert!(moved.abs_diff(expected) < 1_000, "{moved} vs {expected}");
         // Empty: refilled to a quarter of the burst at the time named.
         let at = b.refilled_at(&limit);
         assert!(at > now);
-        assert_eq!(b.available(&limit, at), 16_384 / 4);
+        assert_eq!(b.available(&limit, at), 20_000 / 4);
     }
 
     #[test]
@@ -285,6 +393,11 @@ mod tests {
     fn the_burst_follows_the_round_trip_above_the_floors() {
         assert_eq!(Limit::new(1_000_000_000, 0).burst_ns, MIN_BURST_NS);
         assert_eq!(Limit::new(1_000_000_000, 40_000_000).burst_ns, 40_000_000);
+        assert_eq!(
+            Limit::new(1_000_000, 0).burst_ns,
+            131_072_000,
+            "16 KiB at 125 kB/s"
+        );
         let rates = Rates {
             ip_down: 5,
             ..Rates::default()

@@ -24,8 +24,8 @@ pub const ENTRIES: usize = 1 << 14;
 pub const TABLE_WORDS: usize = ENTRIES * ENTRY_WORDS;
 /// Entries an address may use from its home position on.
 pub const PROBE: usize = 8;
-/// An entry idle this long has full buckets for any rate of at least 1 kbit/s with the largest
-/// burst we use, so it may be taken over.
+/// A bucket whose arrival time has passed is full, as good as a fresh one; one past by this much
+/// belongs to an address gone quiet, so its entry may be taken over.
 const STALE_NS: u64 = 2_000_000_000;
 
 /// Bytes `bucket` lets through now.
@@ -143,7 +143,7 @@ mod tests {
         let later = now + 4_000_000_000;
         let e = entry(&t, mine, later);
         assert!(holds(&t, e, mine));
-        assert_eq!(available(&t[e + 1], &limit, later), 16_384);
+        assert_eq!(available(&t[e + 1], &limit, later), 20_000);
     }
 
     #[test]
@@ -152,7 +152,7 @@ mod tests {
         let limit = Limit::new(80_000_000, 0); // 10 MB/s
         let now = 1_000_000_000;
         let n = available(&bucket, &limit, now);
-        assert_eq!(n, 50_000, "5 ms at 10 MB/s");
+        assert_eq!(n, 200_000, "20 ms at 10 MB/s");
         charge(&bucket, &limit, now, n);
         assert_eq!(available(&bucket, &limit, now), 0);
         assert!(refilled_at(&bucket, &limit) > now);

@@ -99,6 +99,9 @@ pub struct PoolOptions {
     pub accept_proxy: bool,
     /// Most connections one client address may have open at once (0 = no limit).
     pub max_conns_per_ip: u64,
+    /// Bandwidth limits: per connection, per client address, for the whole pool.
+    #[serde(default)]
+    pub rates: crate::rate::Rates,
 }
 
 impl PoolOptions {
@@ -143,6 +146,12 @@ const KEYS: &[(&str, bool, bool)] = &[
     ("deny", true, true),
     ("accept_proxy", true, false),
     ("max_conns_per_ip", true, false),
+    ("conn_rate_up", true, true),
+    ("conn_rate_down", true, true),
+    ("ip_rate_up", true, true),
+    ("ip_rate_down", true, true),
+    ("rate_up", true, true),
+    ("rate_down", true, true),
 ];
 
 /// Parses the options column; the error says which item is wrong and why.
@@ -236,6 +245,10 @@ pub fn parse_options(text: &str, proto: Proto) -> Result<RowOptions, String> {
             "max_conns_per_ip" => {
                 out.pool.max_conns_per_ip = number(key, needs("N")?, 1, u64::MAX)?;
             }
+            rate if rate.contains("rate_") => {
+                let bits = crate::rate::parse_bits(key, needs("BITS")?)?;
+                out.pool.rates.set(rate, bits);
+            }
             _ => unreachable!("every key of KEYS is handled"),
         }
     }
@@ -296,6 +309,7 @@ pub fn pool_conflict(a: &RowOptions, b: &RowOptions) -> Option<&'static str> {
             "deny" => a.pool.deny != b.pool.deny,
             "accept_proxy" => a.pool.accept_proxy != b.pool.accept_proxy,
             "max_conns_per_ip" => a.pool.max_conns_per_ip != b.pool.max_conns_per_ip,
+            rate if rate.contains("rate_") => a.pool.rates.get(rate) != b.pool.rates.get(rate),
             _ => false,
         })
 }
@@ -309,6 +323,9 @@ pub fn merge_pool(into: &mut PoolOptions, row: &RowOptions) {
             "deny" => into.deny = row.pool.deny.clone(),
             "accept_proxy" => into.accept_proxy = row.pool.accept_proxy,
             "max_conns_per_ip" => into.max_conns_per_ip = row.pool.max_conns_per_ip,
+            rate if rate.contains("rate_") => {
+                into.rates.set(rate, row.pool.rates.get(rate).unwrap_or(0));
+            }
             _ => {}
         }
     }
@@ -384,6 +401,32 @@ mod tests {
         assert_eq!(
             parse_options("send_proxy=v1", Proto::Udp).unwrap_err(),
             "send_proxy is for TCP rules only"
+        );
+    }
+
+    #[test]
+    fn rates_are_pool_options_in_bits_per_second() {
+        let a = parse_options(
+            "conn_rate_down=20m ip_rate_up=1.5m rate_down=1g",
+            Proto::Udp,
+        )
+        .unwrap();
+        assert_eq!(a.pool.rates.conn_down, 20_000_000);
+        assert_eq!(a.pool.rates.ip_up, 1_500_000);
+        assert_eq!(a.pool.rates.pool_down, 1_000_000_000);
+        assert_eq!(a.pool_keys, ["conn_rate_down", "ip_rate_up", "rate_down"]);
+        let b = parse_options("weight=2 rate_down=500m", Proto::Tcp).unwrap();
+        assert_eq!(pool_conflict(&a, &b), Some("rate_down"));
+        let mut pool = PoolOptions::default();
+        merge_pool(&mut pool, &a);
+        merge_pool(&mut pool, &parse_options("weight=2", Proto::Tcp).unwrap());
+        assert_eq!(
+            pool.rates, a.pool.rates,
+            "one row's limits hold for the pool"
+        );
+        assert_eq!(
+            parse_options("rate_up=fast", Proto::Tcp).unwrap_err(),
+            "rate_up=\"fast\" is not a rate: bits per second, with k, m or g (rate_down=20m)"
         );
     }
 

@@ -20,6 +20,7 @@ use crate::access_log::{AccessLog, Record};
 use crate::balance::{self, next_backend, pick_backend, Refusal, ServedPool};
 use crate::control::ConnectionInfo;
 use crate::outbound;
+use crate::rate::throttle::{self, Throttle, Way};
 use crate::stats::per_ip::Admit;
 use crate::stats::{now_ms, Shared, ERR_TIMEOUT};
 use crate::tcp::direction::{Direction, Progress, PumpError, Resources};
@@ -227,6 +228,9 @@ pub struct Relay {
     down: Direction,
     started: Instant,
     last_active: Instant,
+    /// The pool's bandwidth limits as this connection answers to them; None while the pool has
+    /// none (taken on at the next pump when an edit adds one).
+    throttle: Option<Box<Throttle>>,
 }
 
 impl Relay {
@@ -258,6 +262,7 @@ impl Relay {
             down: Direction::default(),
             started: now,
             last_active: now,
+            throttle: None,
         }
     }
 
@@ -405,7 +410,30 @@ impl Relay {
             Phase::InKernel {
                 fin_due: Some(due), ..
             } if *due <= ctx.now => self.watch_kernel(ctx),
+            Phase::Relaying { .. } if self.throttle.is_some() => self.throttle_expired(ctx),
             _ => Next::Wait,
+        }
+    }
+
+    /// A bandwidth wake-up: pump the held directions that may read again (to EAGAIN: their
+    /// sockets raised no edge while held), or arm the next wake-up.
+    fn throttle_expired(&mut self, ctx: &mut Context) -> Next {
+        let now = crate::rate::now_ns();
+        let Some(t) = self.throttle.as_mut() else {
+            return Next::Wait;
+        };
+        t.fired();
+        let sides = Sides {
+            up: t.due(Way::Up, now),
+            down: t.due(Way::Down, now),
+            until_eagain: true,
+        };
+        if sides.up || sides.down {
+            return self.pump(sides, ctx);
+        }
+        match t.timer(ctx.now, now) {
+            Some(at) => Next::Timer(at),
+            None => Next::Wait,
         }
     }
 
@@ -513,6 +541,10 @@ impl Relay {
             bytes_down: self.bytes().1,
             duration: ctx.now.saturating_duration_since(self.started),
             ending: ending.word(self.first_fin),
+            throttled: self
+                .throttle
+                .as_ref()
+                .map(|t| (t.held_ms(crate::rate::now_ns()), t.held_bytes)),
         };
         log.write(&record, ctx.shared);
     }
@@ -656,6 +688,12 @@ impl Relay {
         let Some(map) = ctx.res.sockmap.as_ref() else {
             return Err(backend);
         };
+        if self.pool.spec.options.rates.any()
+            || Throttle::pool_limited(ctx.shared, self.pool.spec.slot)
+        {
+            // The kernel's verdict program cannot hold bytes back: limits are kept in user space.
+            return Err(backend);
+        }
         let mut header_sent = 0;
         if let Some(bytes) = header.take() {
             // A fresh connection's send buffer takes a PROXY header (at most 232 bytes) whole.
@@ -784,8 +822,27 @@ impl Relay {
         let mut up = Progress::default();
         let mut down = Progress::default();
         let mut result = Ok(());
+        if self.throttle.is_none() && Throttle::pool_limited(ctx.shared, self.pool.spec.slot) {
+            let rtt = throttle::socket_rtt_ns(self.client.as_raw_fd())
+                .max(throttle::socket_rtt_ns(backend.as_raw_fd()));
+            self.throttle = Some(Box::new(Throttle::new(
+                self.pool.spec.slot,
+                self.client_addr.ip(),
+                rtt,
+            )));
+        }
+        let now_ns = if self.throttle.is_some() {
+            crate::rate::now_ns()
+        } else {
+            0
+        };
+        let budget = |t: &mut Option<Box<Throttle>>, way: Way| match t {
+            Some(t) => t.allowance(ctx.shared, way, now_ns),
+            None => u64::MAX,
+        };
         if sides.up {
             let other = self.down.finished();
+            let budget = budget(&mut self.throttle, Way::Up);
             result = self
                 .up
                 .pump(
@@ -794,11 +851,13 @@ impl Relay {
                     ctx.res,
                     sides.until_eagain,
                     other,
+                    budget,
                 )
                 .map(|p| up = p);
         }
         if sides.down && result.is_ok() {
             let other = self.up.finished();
+            let budget = budget(&mut self.throttle, Way::Down);
             result = self
                 .down
                 .pump(
@@ -807,8 +866,17 @@ impl Relay {
                     ctx.res,
                     sides.until_eagain,
                     other,
+                    budget,
                 )
                 .map(|p| down = p);
+        }
+        if let Some(t) = self.throttle.as_mut() {
+            if sides.up {
+                t.charge(ctx.shared, Way::Up, now_ns, up.read, up.throttled);
+            }
+            if sides.down {
+                t.charge(ctx.shared, Way::Down, now_ns, down.read, down.throttled);
+            }
         }
         if self.first_fin.is_none() {
             if self.up.source_done() {
@@ -847,6 +915,12 @@ impl Relay {
                 down: down.yielded,
                 until_eagain: true,
             })
+        } else if let Some(at) = self
+            .throttle
+            .as_mut()
+            .and_then(|t| t.timer(ctx.now, now_ns))
+        {
+            Next::Timer(at)
         } else {
             Next::Wait
         }

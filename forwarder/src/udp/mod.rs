@@ -22,6 +22,7 @@ use slab::Slab;
 
 use crate::balance::{self, next_backend, pick_backend, ServedPool};
 use crate::control::{BackendSpec, ConnectionInfo, SessionFigures, ID_WORKER_SHIFT};
+use crate::rate::throttle::{Throttle, Way};
 use crate::rules::Proto;
 use crate::stats::{now_ms, Shared};
 use sessions::SessionTable;
@@ -73,6 +74,11 @@ struct Flow {
     bytes: u64,
 }
 
+/// The burst of a UDP session's limits, as time at the rate: a datagram cannot wait for its
+/// bucket the way a TCP read can, and datagrams that queued while the worker was busy elsewhere
+/// arrive here as one burst; 100 ms of them pass, so only the excess over the rate is dropped.
+const UDP_BURST_NS: u64 = 100_000_000;
+
 /// One client address's session: its connected socket toward the backend.
 struct Session {
     id: u64,
@@ -85,11 +91,26 @@ struct Session {
     created: Instant,
     up: Flow,
     down: Flow,
+    /// The pool's bandwidth limits as this session answers to them (None while it has none).
+    throttle: Option<Box<Throttle>>,
 }
 
 impl Session {
     fn slot(&self) -> usize {
         self.pool.spec.backends[self.backend].slot
+    }
+
+    /// Whether a datagram of `len` bytes going `way` is within the pool's limits (charged when
+    /// it is); one load of the pool's slot when the pool has none.
+    fn within_rate(&mut self, shared: &Shared, way: Way, len: usize, client: IpAddr) -> bool {
+        let slot = self.pool.spec.slot;
+        if !Throttle::pool_limited(shared, slot) {
+            return true;
+        }
+        let t = self
+            .throttle
+            .get_or_insert_with(|| Box::new(Throttle::new(slot, client, UDP_BURST_NS)));
+        t.admit_datagram(shared, way, crate::rate::now_ns(), len as u64)
     }
 }
 
@@ -231,9 +252,14 @@ impl Udp {
                     continue; // refused or unroutable: counted where it was decided
                 };
                 self.sessions.touch(session, now_ms);
-                if let (Some(local), Some(s)) = (local, self.sessions.get_mut(session)) {
-                    // Answer from wherever the client sent its latest datagram.
-                    s.local = Some(local);
+                if let Some(s) = self.sessions.get_mut(session) {
+                    if let Some(local) = local {
+                        // Answer from wherever the client sent its latest datagram.
+                        s.local = Some(local);
+                    }
+                    if !s.within_rate(shared, Way::Up, data.len(), got.from.ip()) {
+                        continue; // over a limit: dropped, counted in the pool's rate_drops
+                    }
                 }
                 if run != Some(session) {
                     if let Some(prev) = run {
@@ -372,6 +398,7 @@ impl Udp {
             created: now,
             up: Flow::default(),
             down: Flow::default(),
+            throttle: None,
         };
         Some(self.sessions.insert(port, client, self.ms(now), session))
     }
@@ -446,13 +473,19 @@ impl Udp {
             if backend.failures_in_row.load(Relaxed) > 0 && backend.record_success() {
                 tracing::info!(backend = %s.pool.spec.backends[s.backend].addr, "backend up");
             }
+            let rx = &self.rx;
+            let from = s.local;
             let outgoing: Vec<Outgoing> = (0..n)
-                .map(|i| Outgoing {
-                    data: self.rx.get(i).1,
+                .map(|i| rx.get(i).1)
+                .filter(|data| s.within_rate(shared, Way::Down, data.len(), client.ip()))
+                .map(|data| Outgoing {
+                    data,
                     to: Some(client),
-                    from: s.local,
+                    from,
                 })
                 .collect();
+            let n_read = n;
+            let n = outgoing.len();
             let fd = self.ports[port].socket.as_raw_fd();
             let mut done = 0;
             while done < n {
@@ -485,7 +518,7 @@ impl Udp {
                 }
             }
             moved = true;
-            if n < self.rx.slots() {
+            if n_read < self.rx.slots() {
                 more = false;
                 break;
             }

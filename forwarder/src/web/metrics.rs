@@ -287,6 +287,9 @@ pub fn render(stats: &StatsSnapshot) -> String {
         }
     }
     render_udp(stats, &mut out, head);
+    crate::rate::render_metrics(stats, &mut out, |out, name, kind, help| {
+        head(out, &Family { name, kind, help })
+    });
     out
 }
 
@@ -398,6 +401,7 @@ mod tests {
                 label: "0.0.0.0:8080".into(),
                 proto: Default::default(),
                 evicted: 0,
+                limits: Default::default(),
                 accepted: 7,
                 unrouted: 1,
                 refused: crate::supervisor::Refusals {
