@@ -26,6 +26,9 @@ const PIPES_PER_WORKER: usize = 128;
 #[derive(Parser, Debug)]
 #[command(version, about)]
 struct Args {
+    #[command(subcommand)]
+    command: Option<Command>,
+
     /// Rules file: rows of name,listen_port,dest_ip,dest_port [default: ./entries.csv, created with
     /// an example when missing]
     #[arg(long)]
@@ -147,10 +150,29 @@ struct Args {
     worker_udp_sessions: usize,
 }
 
+#[derive(clap::Subcommand, Debug)]
+enum Command {
+    /// Print, apply or undo the policy routing rules with `transparent` need on this gateway
+    /// (fwmark 0x1281 -> local route table 1281, nft table inet forwarder_tproxy)
+    TransparentSetup {
+        #[arg(value_enum)]
+        action: service::tproxy::Action,
+    },
+}
+
 fn main() -> ExitCode {
     testbed::docs::generate_if_asked::<Args>(&service::man_sections());
     let args = Args::parse();
     testbed::logging::init(&args.log_level);
+    if let Some(Command::TransparentSetup { action }) = args.command {
+        return match service::tproxy::run(action) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("forwarder transparent-setup: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let result = match args.worker_index {
         Some(index) => run_worker(&args, index),
         None => run_supervisor(&args),
@@ -217,6 +239,18 @@ fn run_supervisor(args: &Args) -> anyhow::Result<ExitCode> {
     let default_sources =
         forwarder::outbound::parse_default_sources(&args.source).map_err(Exit::config)?;
     print_rules(&label, &set);
+    let transparent: Vec<String> = set
+        .rules()
+        .filter(|r| r.options.transparent)
+        .map(|r| format!("{} ({} -> {})", r.entry.name, r.entry.listen_port, r.dest))
+        .collect();
+    if !transparent.is_empty() {
+        eprintln!(
+            "transparent (the backend sees the client's address; replies must route back through \
+             this host, see `forwarder transparent-setup print`): {}",
+            transparent.join(", ")
+        );
+    }
     if args.data_path == DataPath::Sockmap {
         for p in set.pools.iter().filter(|p| p.options.rates.any()) {
             eprintln!(
@@ -236,7 +270,16 @@ fn run_supervisor(args: &Args) -> anyhow::Result<ExitCode> {
         eprintln!("{label}: OK");
         return Ok(ExitCode::SUCCESS);
     }
-    service::privilege::drop_to(args.user.as_deref(), args.refuse_root)
+    // Transparent sources and marks need CAP_NET_ADMIN after --user too (only when a rule asks).
+    let net_admin = set
+        .rules()
+        .any(|r| r.options.transparent || r.options.mark.is_some());
+    let keep: &[u32] = if net_admin {
+        &[service::privilege::CAP_NET_ADMIN]
+    } else {
+        &[]
+    };
+    service::privilege::drop_to(args.user.as_deref(), args.refuse_root, keep)
         .map_err(|e| Exit::config(e.to_string()))?;
 
     // Read before anything starts, so a bad pair is one line and nothing to clean up.

@@ -12,9 +12,36 @@ use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 use crate::control::PoolSpec;
 use crate::rules::BackendOptions;
 
+/// Transparent connects to one backend that time out before the forwarder says why they likely
+/// do (once).
+pub const TRANSPARENT_HINT_AFTER: u64 = 5;
+
+/// Counts a timed-out connect to `backend`; at the [`TRANSPARENT_HINT_AFTER`]th for a
+/// transparent backend, says once what the likely cause is.
+pub fn note_timeout(backend: &crate::control::BackendSpec, shared: &crate::stats::Shared) {
+    if !backend.options.transparent {
+        return;
+    }
+    let slot = shared.backend(backend.slot);
+    let n = slot
+        .transparent_timeouts
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        + 1;
+    if n == TRANSPARENT_HINT_AFTER {
+        tracing::warn!(
+            "backend {}: {n} transparent connects timed out: do replies to client addresses route \
+             back through this host? see docs/transparent.md (forwarder transparent-setup print)",
+            backend.addr
+        );
+    }
+}
+
 /// Whether a backend's socket needs anything beyond what a plain `connect` gives.
 pub fn is_plain(options: &BackendOptions) -> bool {
-    options.source.is_none() && options.interface.is_none() && options.mark.is_none()
+    options.source.is_none()
+        && options.interface.is_none()
+        && options.mark.is_none()
+        && !options.transparent
 }
 
 /// A non-blocking TCP socket toward `backend` with the row's outbound options, its connect
@@ -22,16 +49,20 @@ pub fn is_plain(options: &BackendOptions) -> bool {
 /// (`IP_BIND_ADDRESS_NO_PORT`): a bind with port 0 would pick a port before the kernel knows
 /// the destination, and so exhaust the ephemeral range at one port per connection instead of
 /// per (source, destination) pair.
+///
+/// With `transparent` the socket is bound to `client`'s address (`IP_TRANSPARENT` lets a socket
+/// use an address that is not the host's), so the backend sees the client as the source.
 pub fn connect_tcp(
     backend: SocketAddr,
     options: &BackendOptions,
+    client: IpAddr,
 ) -> io::Result<mio::net::TcpStream> {
     let socket = Socket::new(
         Domain::for_address(backend),
         Type::STREAM.nonblocking().cloexec(),
         Some(Protocol::TCP),
     )?;
-    prepare(&socket, options, true)?;
+    prepare(&socket, options, true, backend, Some(client))?;
     match socket.connect(&backend.into()) {
         Ok(()) => {}
         Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
@@ -40,13 +71,17 @@ pub fn connect_tcp(
     Ok(mio::net::TcpStream::from_std(socket.into()))
 }
 
-/// A blocking connect with the row's outbound options, for health checks.
+/// A blocking connect with the row's outbound options, for health checks: from the gateway's own
+/// address even for a transparent backend (a check has no client).
 pub fn connect_tcp_blocking(
     backend: SocketAddr,
     options: &BackendOptions,
     timeout: std::time::Duration,
 ) -> io::Result<std::net::TcpStream> {
-    if is_plain(options) {
+    if is_plain(&BackendOptions {
+        transparent: false,
+        ..options.clone()
+    }) {
         return std::net::TcpStream::connect_timeout(&backend, timeout);
     }
     let socket = Socket::new(
@@ -54,21 +89,25 @@ pub fn connect_tcp_blocking(
         Type::STREAM.cloexec(),
         Some(Protocol::TCP),
     )?;
-    prepare(&socket, options, true)?;
+    prepare(&socket, options, true, backend, None)?;
     socket.connect_timeout(&backend.into(), timeout)?;
     Ok(socket.into())
 }
 
-/// A non-blocking UDP socket bound with the row's outbound options (an ephemeral port), not
-/// yet connected.
-pub fn bind_udp(backend: SocketAddr, options: &BackendOptions) -> io::Result<UdpSocket> {
+/// A non-blocking UDP socket bound with the row's outbound options (an ephemeral port; with
+/// `transparent`, on `client`'s address), not yet connected.
+pub fn bind_udp(
+    backend: SocketAddr,
+    options: &BackendOptions,
+    client: IpAddr,
+) -> io::Result<UdpSocket> {
     let socket = Socket::new(
         Domain::for_address(backend),
         Type::DGRAM.nonblocking().cloexec(),
         Some(Protocol::UDP),
     )?;
-    prepare(&socket, options, false)?;
-    if options.source.is_none() {
+    prepare(&socket, options, false, backend, Some(client))?;
+    if options.source.is_none() && !options.transparent {
         let any: SocketAddr = if backend.is_ipv6() {
             (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
         } else {
@@ -81,20 +120,54 @@ pub fn bind_udp(backend: SocketAddr, options: &BackendOptions) -> io::Result<Udp
 
 /// Mark, device and source address, in the order the kernel needs them: the device and mark
 /// before the bind, so the bind (and the route the connect picks) already sees them.
-fn prepare(socket: &Socket, options: &BackendOptions, tcp: bool) -> io::Result<()> {
+fn prepare(
+    socket: &Socket,
+    options: &BackendOptions,
+    tcp: bool,
+    backend: SocketAddr,
+    client: Option<IpAddr>,
+) -> io::Result<()> {
     if let Some(mark) = options.mark {
         socket.set_mark(mark)?;
     }
     if let Some(name) = &options.interface {
         socket.bind_device(Some(name.as_bytes()))?;
     }
-    if let Some(ip) = options.source {
+    let transparent_source = match client {
+        Some(client) if options.transparent => Some(same_family(client, backend)?),
+        _ => None,
+    };
+    if transparent_source.is_some() {
+        if backend.is_ipv4() {
+            socket.set_ip_transparent_v4(true)?;
+        } else {
+            socket.set_ip_transparent_v6(true)?;
+        }
+    }
+    if let Some(ip) = options.source.or(transparent_source) {
         if tcp {
             set_bind_address_no_port(socket)?;
         }
         socket.bind(&SockAddr::from(SocketAddr::new(ip, 0)))?;
     }
     Ok(())
+}
+
+/// The client's address in the backend's family (a dual-stack listener reports IPv4 clients as
+/// `::ffff:a.b.c.d`); an IPv6 client cannot be the source toward an IPv4 backend, nor the reverse.
+fn same_family(client: IpAddr, backend: SocketAddr) -> io::Result<IpAddr> {
+    let client = match client {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(client, IpAddr::V4),
+        v4 => v4,
+    };
+    if client.is_ipv4() == backend.is_ipv4() {
+        Ok(client)
+    } else {
+        Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            format!("transparent: client {client} and backend {backend} are of different families"),
+        ))
+    }
 }
 
 fn set_bind_address_no_port(socket: &Socket) -> io::Result<()> {
@@ -273,10 +346,11 @@ mod tests {
     fn a_tcp_connect_leaves_from_the_source_named() {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let backend = listener.local_addr().unwrap();
-        let _s = connect_tcp(backend, &opts(Some("127.0.0.5"), Some("lo"))).unwrap();
+        let any = "0.0.0.0".parse().unwrap();
+        let _s = connect_tcp(backend, &opts(Some("127.0.0.5"), Some("lo")), any).unwrap();
         let (_, peer) = listener.accept().unwrap();
         assert_eq!(peer.ip(), "127.0.0.5".parse::<IpAddr>().unwrap());
-        let u = bind_udp(backend, &opts(Some("127.0.0.6"), None)).unwrap();
+        let u = bind_udp(backend, &opts(Some("127.0.0.6"), None), any).unwrap();
         assert_eq!(
             u.local_addr().unwrap().ip(),
             "127.0.0.6".parse::<IpAddr>().unwrap()

@@ -72,6 +72,10 @@ pub struct BackendOptions {
     /// The mark its packets carry (`mark=`, `SO_MARK`), for policy routing and nft.
     #[serde(default)]
     pub mark: Option<u32>,
+    /// `transparent`: the connection to the backend carries the client's address as its source
+    /// (`IP_TRANSPARENT`); replies come back through `forwarder transparent-setup`'s routing.
+    #[serde(default)]
+    pub transparent: bool,
 }
 
 impl Default for BackendOptions {
@@ -83,6 +87,7 @@ impl Default for BackendOptions {
             source: None,
             interface: None,
             mark: None,
+            transparent: false,
         }
     }
 }
@@ -141,6 +146,7 @@ const KEYS: &[(&str, bool, bool)] = &[
     ("source", false, true),
     ("interface", false, true),
     ("mark", false, true),
+    ("transparent", false, true),
     ("balance", true, true),
     ("allow", true, true),
     ("deny", true, true),
@@ -219,6 +225,13 @@ pub fn parse_options(text: &str, proto: Proto) -> Result<RowOptions, String> {
                 out.backend.interface = Some(v.to_string());
             }
             "mark" => out.backend.mark = Some(mark(needs("N")?)?),
+            "transparent" => {
+                out.backend.transparent = match value {
+                    None | Some("on") | Some("yes") | Some("true") => true,
+                    Some("off") | Some("no") | Some("false") => false,
+                    Some(other) => return Err(format!("transparent \"{other}\" is not on or off")),
+                }
+            }
             "balance" => {
                 out.pool.balance = match needs("roundrobin|leastconn|source")? {
                     "roundrobin" => Balance::RoundRobin,
@@ -250,6 +263,22 @@ pub fn parse_options(text: &str, proto: Proto) -> Result<RowOptions, String> {
                 out.pool.rates.set(rate, bits);
             }
             _ => unreachable!("every key of KEYS is handled"),
+        }
+    }
+    if out.backend.transparent {
+        if out.backend.send_proxy.is_some() {
+            return Err(
+                "send_proxy and transparent on one backend: a transparent backend sees \
+                        the client's address as the source already; keep one of them"
+                    .into(),
+            );
+        }
+        if out.backend.source.is_some() {
+            return Err(
+                "source= and transparent on one backend: transparent uses the client's address \
+                 as the source; keep one of them"
+                    .into(),
+            );
         }
     }
     Ok(out)
@@ -397,6 +426,14 @@ mod tests {
         assert_eq!(
             e("interface=a-very-long-name0"),
             "interface=\"a-very-long-name0\" is not an interface name"
+        );
+        assert!(e("transparent send_proxy=v2").starts_with("send_proxy and transparent on one"));
+        assert!(e("transparent source=127.0.0.1").starts_with("source= and transparent"));
+        assert!(
+            parse_options("transparent", Proto::Udp)
+                .unwrap()
+                .backend
+                .transparent
         );
         assert_eq!(
             parse_options("send_proxy=v1", Proto::Udp).unwrap_err(),

@@ -109,6 +109,9 @@ pub struct BackendSlot {
     /// no room: a full buffer drops and counts, it never blocks a worker.
     pub drops_up: AtomicU64,
     pub drops_down: AtomicU64,
+    /// Connects of a `transparent` backend that timed out (the hint about the return route is
+    /// logged by whichever worker counts the [`crate::outbound::TRANSPARENT_HINT_AFTER`]th).
+    pub transparent_timeouts: AtomicU64,
 }
 
 /// `last_error` value for a connect that did not finish in time.
@@ -327,6 +330,7 @@ impl BackendSlot {
             &self.spliced_down,
             &self.in_kernel,
             &self.connect_failures,
+            &self.transparent_timeouts,
             &self.down_until_ms,
             &self.down_since_ms,
             &self.failures_in_row,

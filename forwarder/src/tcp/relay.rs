@@ -607,7 +607,7 @@ impl Relay {
         let opened = if outbound::is_plain(&spec.options) {
             TcpStream::connect(addr)
         } else {
-            outbound::connect_tcp(addr, &spec.options)
+            outbound::connect_tcp(addr, &spec.options, self.client_addr.ip())
         };
         let mut backend = match opened {
             Ok(s) => s,
@@ -761,6 +761,9 @@ impl Relay {
         };
         let tried = std::mem::take(tried);
         let failed = &self.pool.spec.backends[self.backend_index];
+        if code == ERR_TIMEOUT {
+            outbound::note_timeout(failed, ctx.shared);
+        }
         if ctx
             .shared
             .backend(failed.slot)

@@ -370,7 +370,7 @@ impl Udp {
         };
         // From here the backend's place is reserved: give it back if the session cannot be made.
         let backend = &pool.spec.backends[index];
-        let socket = connected_socket(backend).and_then(|mut socket| {
+        let socket = connected_socket(backend, client.ip()).and_then(|mut socket| {
             let key = self.sessions.vacant_key();
             registry.register(&mut socket, Token(SESSION_BASE + key), Interest::READABLE)?;
             Ok(socket)
@@ -709,8 +709,12 @@ fn reuseport_socket(addr: SocketAddr) -> io::Result<UdpSocket> {
 
 /// A non-blocking UDP socket connected to `backend` (an ephemeral local port, on the row's
 /// outbound address, interface and mark).
-fn connected_socket(backend: &BackendSpec) -> io::Result<UdpSocket> {
-    let socket = UdpSocket::from_std(crate::outbound::bind_udp(backend.addr, &backend.options)?);
+fn connected_socket(backend: &BackendSpec, client: IpAddr) -> io::Result<UdpSocket> {
+    let socket = UdpSocket::from_std(crate::outbound::bind_udp(
+        backend.addr,
+        &backend.options,
+        client,
+    )?);
     // A burst of replies must not overflow the default (~200 KiB, ~90 datagrams of 1,400 B)
     // while the worker is busy elsewhere; a limit, not memory taken up front.
     sys::set_buffers(socket.as_raw_fd(), SESSION_SOCKET_BUFFER);
