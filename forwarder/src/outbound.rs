@@ -36,6 +36,15 @@ pub fn note_timeout(backend: &crate::control::BackendSpec, shared: &crate::stats
     }
 }
 
+/// Whether a socket made for backend options `a` serves backend options `b` as well (a UDP
+/// session moving to another backend keeps its socket).
+pub fn same_socket(a: &BackendOptions, b: &BackendOptions) -> bool {
+    a.source == b.source
+        && a.interface == b.interface
+        && a.mark == b.mark
+        && a.transparent == b.transparent
+}
+
 /// Whether a backend's socket needs anything beyond what a plain `connect` gives.
 pub fn is_plain(options: &BackendOptions) -> bool {
     options.source.is_none()

@@ -425,7 +425,11 @@ impl Udp {
             return;
         };
         let to = &s.pool.spec.backends[next];
-        if s.socket.connect(to.addr).is_err() {
+        // The socket was bound for the failed backend's source, interface and mark: it can move
+        // only to a backend that wants the same (else the session ends when it goes idle).
+        if !crate::outbound::same_socket(&failed.options, &to.options)
+            || s.socket.connect(to.addr).is_err()
+        {
             balance::release(&s.pool, shared, worker, next);
             return;
         }
