@@ -243,3 +243,56 @@ fn the_named_address_and_the_marks_route_reach_the_backend() {
     assert_eq!(lab.seen_through(7103).as_deref(), Some("10.128.1.11"));
     drop(fwd);
 }
+
+/// The effective capability set of `pid` (`CapEff:` in /proc/PID/status).
+fn cap_eff(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let hex = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .unwrap()
+        .trim();
+    u64::from_str_radix(hex, 16).unwrap()
+}
+
+#[test]
+fn after_user_cap_net_admin_is_kept_only_when_a_rule_marks_or_is_transparent() {
+    if !common::privileged("--user nobody") {
+        return;
+    }
+    const NET_ADMIN: u64 = 1 << 12;
+    let backend = TcpListener::bind("127.0.0.1:0").unwrap();
+    let bport = backend.local_addr().unwrap().port();
+    who_server(backend);
+    for (options, kept) in [("mark=0x1281", true), ("weight=1", false)] {
+        let dir = tempfile::tempdir().unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let path = dir.path().join("entries.csv");
+        let p = free_port();
+        std::fs::write(&path, format!("m,{p},127.0.0.1,{bport},{options}\n")).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_forwarder"));
+        cmd.arg("--rules")
+            .arg(&path)
+            .args(["--no-web", "--workers", "1", "--user", "nobody"]);
+        let fwd = ChildGuard::spawn(cmd);
+        assert!(
+            wait_until(WAIT, || common::is_listening(p)),
+            "{}",
+            fwd.output()
+        );
+        let workers = common::children_of(fwd.pid());
+        assert_eq!(workers.len(), 1);
+        for pid in [fwd.pid(), workers[0]] {
+            assert_eq!(cap_eff(pid) & NET_ADMIN != 0, kept, "{options}: pid {pid}");
+        }
+        // As nobody, the marked connection still reaches the backend (SO_MARK needs the cap).
+        assert_eq!(
+            seen_from(local(p)).as_deref(),
+            Some("127.0.0.1"),
+            "{options}:\n{}",
+            fwd.output()
+        );
+    }
+}
