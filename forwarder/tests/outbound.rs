@@ -10,7 +10,7 @@ use std::process::Command;
 
 use common::netns::{sh, Netns};
 use common::{Forwarder, WAIT};
-use testbed::testing::{free_port, wait_until, ChildGuard};
+use testbed_dev::testing::{free_port, wait_until, ChildGuard};
 
 /// A TCP server that tells each client the address it came from, then closes.
 fn who_server(listener: TcpListener) {
@@ -53,7 +53,12 @@ fn the_backend_sees_the_source_a_row_names_or_the_default() {
          default,{c},127.0.0.1,{bport}\n\
          dns,{u}/udp,127.0.0.1,{uport},source=127.0.0.5\n"
     );
-    let fwd = Forwarder::start(&rules, 2, &["--source", "127.0.0.4"], &[a, b, c]);
+    let fwd = Forwarder::builder()
+        .rules(&rules)
+        .workers(2)
+        .args(["--source", "127.0.0.4"])
+        .listening(&[a, b, c])
+        .start();
     assert_eq!(seen_from(local(a)).as_deref(), Some("127.0.0.2"));
     assert_eq!(seen_from(local(b)).as_deref(), Some("127.0.0.3"));
     assert_eq!(
@@ -137,7 +142,11 @@ fn an_address_the_host_does_not_have_is_refused_naming_the_line() {
     let bport = backend.local_addr().unwrap().port();
     who_server(backend);
     let p = free_port();
-    let fwd = Forwarder::start(&format!("a,{p},127.0.0.1,{bport}\n"), 1, &[], &[p]);
+    let fwd = Forwarder::builder()
+        .rules(&format!("a,{p},127.0.0.1,{bport}\n"))
+        .workers(1)
+        .listening(&[p])
+        .start();
     std::fs::write(
         &fwd.rules,
         format!("a,{p},127.0.0.1,{bport},source=192.0.2.1\n"),

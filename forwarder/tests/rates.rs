@@ -13,8 +13,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{http_get, metric, Forwarder, WAIT};
-use testbed::testing::{free_port, wait_until};
+use common::{metric, Forwarder, WAIT};
+use testbed_dev::testing::{free_port, wait_until};
 
 /// A backend that reads and counts every byte, in all and per client address.
 struct Sink {
@@ -160,12 +160,14 @@ fn a_connection_limit_holds_for_one_and_for_each_of_eight() {
     let _one = one_at_a_time();
     let sink = Sink::start();
     let p = free_port();
-    let fwd = Forwarder::start(
-        &format!("lim,{p},127.0.0.1,{},conn_rate_up=24m\n", sink.port),
-        1,
-        &[],
-        &[p],
-    );
+    let fwd = Forwarder::builder()
+        .rules(&format!(
+            "lim,{p},127.0.0.1,{},conn_rate_up=24m\n",
+            sink.port
+        ))
+        .workers(1)
+        .listening(&[p])
+        .start();
     let one = Senders::start(p, "127.0.0.1", 1, MAX);
     let total = || sink.total.load(Relaxed);
     assert_near(
@@ -200,13 +202,12 @@ fn each_client_address_gets_its_own_ip_rate_shared_by_its_connections() {
     let _one = one_at_a_time();
     let sink = Sink::start();
     let p = free_port();
-    let web = SocketAddr::from(([127, 0, 0, 1], free_port()));
-    let fwd = Forwarder::start(
-        &format!("lim,{p},127.0.0.1,{},ip_rate_up=30m\n", sink.port),
-        2,
-        &["--web", &web.to_string()],
-        &[p],
-    );
+    let fwd = Forwarder::builder()
+        .rules(&format!("lim,{p},127.0.0.1,{},ip_rate_up=30m\n", sink.port))
+        .workers(2)
+        .web("127.0.0.1")
+        .listening(&[p])
+        .start();
     let _a = Senders::start(p, "127.0.0.3", 8, MAX);
     let _b = Senders::start(p, "127.0.0.4", 1, MAX);
     let (a, b) = (|| sink.from("127.0.0.3"), || sink.from("127.0.0.4"));
@@ -217,7 +218,7 @@ fn each_client_address_gets_its_own_ip_rate_shared_by_its_connections() {
         ],
         WARMUP,
     );
-    let metrics = http_get(web, "/metrics");
+    let metrics = fwd.text("/metrics");
     let listen = format!("0.0.0.0:{p}");
     assert_eq!(
         metric(&metrics, &format!("forwarder_pool_rate_limit_bits_per_second{{listen=\"{listen}\",scope=\"ip\",direction=\"up\"}}")),
@@ -244,12 +245,11 @@ fn a_pool_limit_holds_over_three_workers() {
     let _one = one_at_a_time();
     let sink = Sink::start();
     let p = free_port();
-    let fwd = Forwarder::start(
-        &format!("lim,{p},127.0.0.1,{},rate_up=60m\n", sink.port),
-        3,
-        &[],
-        &[p],
-    );
+    let fwd = Forwarder::builder()
+        .rules(&format!("lim,{p},127.0.0.1,{},rate_up=60m\n", sink.port))
+        .workers(3)
+        .listening(&[p])
+        .start();
     let _s: Vec<Senders> = (5..11)
         .map(|i| Senders::start(p, &format!("127.0.0.{i}"), 2, MAX))
         .collect();
@@ -271,7 +271,11 @@ fn an_edited_limit_applies_to_a_running_transfer() {
     let sink = Sink::start();
     let p = free_port();
     let rule = |rate: &str| format!("lim,{p},127.0.0.1,{},conn_rate_up={rate}\n", sink.port);
-    let fwd = Forwarder::start(&rule("16m"), 2, &[], &[p]);
+    let fwd = Forwarder::builder()
+        .rules(&rule("16m"))
+        .workers(2)
+        .listening(&[p])
+        .start();
     let _s = Senders::start(p, "127.0.0.1", 1, MAX);
     let total = || sink.total.load(Relaxed);
     assert_near(&[("before the edit, 16m", 16e6, &total)], WARMUP);
@@ -304,12 +308,11 @@ fn udp_over_the_rate_is_dropped_and_counted() {
     });
     let _one = one_at_a_time();
     let p = free_port();
-    let fwd = common::udp::Forwarder::start(
-        &format!("u,{p}/udp,127.0.0.1,{bport},rate_up=8m\n"),
-        1,
-        &[],
-        &[p],
-    );
+    let fwd = Forwarder::builder()
+        .rules(&format!("u,{p}/udp,127.0.0.1,{bport},rate_up=8m\n"))
+        .web("127.0.0.1")
+        .udp_bound(&[p])
+        .start();
     let client = UdpSocket::bind("127.0.0.1:0").unwrap();
     let to = SocketAddr::from(([127, 0, 0, 1], p));
     let dropped = || {
@@ -371,22 +374,21 @@ fn iperf3_streams_land_within_five_percent_of_conn_and_ip_rates() {
     let server_port = free_port();
     let mut server = std::process::Command::new("iperf3");
     server.args(["-s", "-p", &server_port.to_string(), "-B", "127.0.0.1"]);
-    let server = testbed::testing::ChildGuard::spawn(server);
+    let server = testbed_dev::testing::ChildGuard::spawn(server);
     assert!(
         wait_until(WAIT, || common::is_listening(server_port)),
         "iperf3 -s never listened:\n{}",
         server.output()
     );
     let (conn, ip) = (free_port(), free_port());
-    let fwd = Forwarder::start(
-        &format!(
+    let fwd = Forwarder::builder()
+        .rules(&format!(
             "conn,{conn},127.0.0.1,{server_port},conn_rate_up=10m\n\
              ip,{ip},127.0.0.1,{server_port},ip_rate_up=40m\n"
-        ),
-        2,
-        &[],
-        &[conn, ip],
-    );
+        ))
+        .workers(2)
+        .listening(&[conn, ip])
+        .start();
     for (port, streams, limit, what) in [
         (conn, 1, 10e6, "iperf3 one stream, conn_rate_up=10m"),
         (conn, 8, 80e6, "iperf3 -P 8, conn_rate_up=10m each"),

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use common::netns::{sh, Netns};
 use common::WAIT;
-use testbed::testing::{wait_until, ChildGuard};
+use testbed_dev::testing::{wait_until, ChildGuard};
 
 fn who_server(listener: TcpListener) {
     std::thread::spawn(move || {

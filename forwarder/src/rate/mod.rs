@@ -117,13 +117,13 @@ impl LimitStats {
 
 /// The `/metrics` families of limited pools (pools without limits have no series).
 pub fn render_metrics(
-    stats: &crate::supervisor::StatsSnapshot,
+    stats: &crate::stats::snapshot::StatsSnapshot,
     out: &mut String,
     head: impl Fn(&mut String, &'static str, &'static str, &'static str),
 ) {
     use std::fmt::Write;
     let limited = || stats.pools.iter().filter(|p| p.limits.rates.any());
-    let label = |p: &crate::supervisor::PoolStats| {
+    let label = |p: &crate::stats::snapshot::PoolStats| {
         let proto = match p.proto {
             crate::rules::Proto::Tcp => "",
             crate::rules::Proto::Udp => ",proto=\"udp\"",
