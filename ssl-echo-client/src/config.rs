@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::tls::TlsOptions;
+
 /// How long each connection keeps exchanging messages.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -43,6 +45,21 @@ pub struct RunConfig {
     /// the kernel picks. An agent replaces them with its own.
     #[serde(default)]
     pub source_ips: Vec<IpAddr>,
+    /// Version, suites, ALPN, client certificate, resumption (`--tls-version` and friends).
+    #[serde(default)]
+    pub tls_options: TlsOptions,
+    /// Handshake-capacity mode (`--churn`): open loop, no barrier; `workload` is then each
+    /// connection's lifetime, counted from its own handshake.
+    #[serde(default)]
+    pub churn: Option<Churn>,
+}
+
+/// `--churn R`: new connections at `rate` per second (over the whole run) for `window_s`
+/// seconds, whatever the earlier ones are doing.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Churn {
+    pub rate: f64,
+    pub window_s: f64,
 }
 
 impl RunConfig {
@@ -52,6 +69,20 @@ impl RunConfig {
 
     pub fn tls(&self) -> bool {
         self.ca.is_some()
+    }
+
+    /// About how many connections are open at once: all of them, except in churn mode, where
+    /// each lives its lifetime (a message lifetime is taken as under a second) plus a margin, at
+    /// this config's opening rate (`connect_rate`: the churn rate, or an agent's share of it).
+    pub fn open_at_once(&self) -> u64 {
+        if self.churn.is_none() {
+            return self.connections;
+        }
+        let life_s = match self.workload {
+            Workload::DurationSecs(s) => s,
+            Workload::Count(_) => 1.0,
+        };
+        ((self.connect_rate * (life_s + 1.0) * 1.2).ceil() as u64).clamp(1, self.connections.max(1))
     }
 
     /// The local address connection `id` binds to, if any were given.
@@ -116,6 +147,8 @@ mod tests {
             rate: None,
             timeout_ms: 1000,
             source_ips: Vec::new(),
+            tls_options: TlsOptions::default(),
+            churn: None,
         }
     }
 
@@ -128,6 +161,23 @@ mod tests {
         assert_eq!(firsts, vec![0, 6667, 13334]);
         let rate: f64 = plans.iter().map(|p| p.connect_rate).sum();
         assert!((rate - 1000.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn churn_sizes_for_the_connections_open_at_once() {
+        let mut c = config(100_000);
+        assert_eq!(c.open_at_once(), 100_000);
+        c.churn = Some(Churn {
+            rate: 1000.0,
+            window_s: 100.0,
+        });
+        c.workload = Workload::DurationSecs(2.0);
+        // 1000/s living 2 s (+1 s margin, +20 %).
+        assert_eq!(c.open_at_once(), 3_600);
+        c.workload = Workload::Count(5);
+        assert_eq!(c.open_at_once(), 2_400);
+        c.connections = 50;
+        assert_eq!(c.open_at_once(), 50);
     }
 
     #[test]

@@ -217,7 +217,9 @@ pub fn split_over_agents(config: &RunConfig, nofile: &[u64]) -> Vec<Vec<ShardPla
             let mut part = config.clone();
             part.connections = share;
             part.connect_rate = config.connect_rate * share as f64 / config.connections as f64;
-            let processes = testbed::fdlimit::processes_needed(share, 1, FD_RESERVE, limit);
+            // In churn mode, sized for the connections open at once, not for all of them.
+            let processes =
+                testbed::fdlimit::processes_needed(part.open_at_once(), 1, FD_RESERVE, limit);
             let mut plans = split(&part, processes);
             for p in &mut plans {
                 p.first_id += first_id;
@@ -345,7 +347,10 @@ pub async fn run(
             }
             let total = sum(&shards);
             connect_s = started.elapsed().as_secs_f64();
-            display.connected(&total, started.elapsed());
+            match &config.churn {
+                Some(churn) => display.churn_started(churn),
+                None => display.connected(&total, started.elapsed()),
+            }
             if let Some(api) = &opts.forwarder {
                 let asked = Instant::now();
                 let map = match api.connections_of_at_least(total.up).await {
@@ -744,6 +749,8 @@ mod tests {
             rate: None,
             timeout_ms: 1,
             source_ips: Vec::new(),
+            tls_options: Default::default(),
+            churn: None,
         };
         // One agent with room for 20,000 per process, one with 10,000.
         let split = split_over_agents(&config, &[20_000, 10_000]);

@@ -5,15 +5,18 @@
 //!
 //! One hop from `main`: [`args`] (command line) → [`coordinator`] (processes and the barrier) →
 //! [`shard`] (one process's connections) → [`session`] (one connection) → [`summary`] and
-//! [`report`].
+//! [`report`]. TLS settings and what each handshake negotiated: [`tls`]; handshake capacity
+//! (`--churn`): [`churn`]; the agent's control port limits: [`gate`].
 
 pub mod agent;
 pub mod args;
 pub mod backends;
+pub mod churn;
 pub mod config;
 pub mod connector;
 pub mod coordinator;
 pub mod failure;
+pub mod gate;
 pub mod link;
 pub mod live;
 pub mod prompt;
@@ -22,4 +25,5 @@ pub mod report;
 pub mod session;
 pub mod shard;
 pub mod summary;
+pub mod tls;
 pub mod worker;

@@ -75,6 +75,20 @@ impl Display {
         self.last_messages = snap.messages;
     }
 
+    /// Churn mode has no phase 1 to report: says what the open loop will do instead.
+    pub fn churn_started(&mut self, churn: &crate::config::Churn) {
+        if let Some(bar) = self.bar.take() {
+            bar.finish_and_clear();
+        }
+        eprintln!(
+            "churn: opening {} connections at {:.1}/s over {:.1} s (open loop, no barrier)",
+            self.total, churn.rate, churn.window_s
+        );
+        self.phase2_start = Some(Instant::now());
+        self.last_print = Instant::now();
+        self.last_messages = 0;
+    }
+
     /// Phase 2 progress; prints when it is time to.
     pub fn exchanging(&mut self, snap: &LiveSnapshot) {
         let every = if self.terminal {

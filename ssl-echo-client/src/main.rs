@@ -51,12 +51,30 @@ fn run(args: &Args) -> anyhow::Result<ExitCode> {
         ))
     });
 
+    if config.tls() {
+        if let Some(path) = std::env::var_os(ssl_echo_client::tls::KEY_LOG_ENV) {
+            // With --agents the connections are made on the agents' PCs, from their environment.
+            if !args.agents.is_empty() {
+                eprintln!(
+                    "{}: the agents make the connections; set it where each agent runs",
+                    ssl_echo_client::tls::KEY_LOG_ENV
+                );
+            } else {
+                eprintln!(
+                "{}={}: writing every connection's TLS secrets there (whoever has the file can \
+                 decrypt a capture of this run)",
+                ssl_echo_client::tls::KEY_LOG_ENV,
+                    std::path::Path::new(&path).display()
+                );
+            }
+        }
+    }
     let agents = !args.agents.is_empty();
     let processes = if agents {
         1 // this process only coordinates
     } else {
         let needed =
-            testbed::fdlimit::processes_needed(config.connections, 1, FD_RESERVE, limit.soft);
+            testbed::fdlimit::processes_needed(config.open_at_once(), 1, FD_RESERVE, limit.soft);
         let processes = args.processes.unwrap_or(needed).min(config.connections);
         eprintln!(
             "{} connection{} over {} process{} (open-file limit {})",

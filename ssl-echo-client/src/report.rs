@@ -22,6 +22,7 @@ pub const CONNECTIONS: &str = "Connections";
 pub const TIMELINE: &str = "Timeline";
 pub const AGENTS: &str = "Agents";
 pub const BACKENDS: &str = "Backends";
+pub const TLS: &str = "TLS";
 
 /// Column titles of the Agents and Backends sheets, in order (the first is the agent's or the
 /// backend's name).
@@ -43,7 +44,7 @@ pub const GROUP_COLUMNS: [&str; 14] = [
 ];
 
 /// Column titles of the Connections sheet, in order.
-pub const CONNECTION_COLUMNS: [&str; 16] = [
+pub const CONNECTION_COLUMNS: [&str; 22] = [
     "id",
     "process",
     "local port",
@@ -60,6 +61,12 @@ pub const CONNECTION_COLUMNS: [&str; 16] = [
     "agent",
     "local address",
     "backend",
+    "TLS version",
+    "cipher suite",
+    "ALPN",
+    "resumed",
+    "started ms",
+    "start lag ms",
 ];
 
 /// Column titles of the Timeline sheet, in order.
@@ -119,6 +126,9 @@ pub fn write(path: &Path, outcome: &Outcome, summary: &Summary) -> anyhow::Resul
     }
     if !summary.backends.is_empty() {
         workbook.push_worksheet(group_sheet(BACKENDS, &summary.backends, &f)?);
+    }
+    if summary.negotiated.is_some() || summary.churn.is_some() {
+        workbook.push_worksheet(tls_sheet(summary, &f)?);
     }
     workbook
         .save(path)
@@ -461,6 +471,7 @@ fn connections_sheet(outcome: &Outcome, f: &Formats) -> Result<Worksheet, XlsxEr
         if let Some(b) = &r.backend {
             ws.write_string(row, 15, b)?;
         }
+        write_tls_columns(&mut ws, row, r, f)?;
     }
     let last = outcome.records.len() as u32;
     ws.autofilter(0, 0, last.max(1), (CONNECTION_COLUMNS.len() - 1) as u16)?;
@@ -557,6 +568,90 @@ fn timeline_sheet(outcome: &Outcome, f: &Formats) -> Result<Worksheet, XlsxError
             let avg = sec.response_us_sum as f64 / sec.messages as f64 / 1000.0;
             ws.write_number_with_format(row, 3, avg, &f.ms)?;
             ws.write_number_with_format(row, 4, sec.response_us_max as f64 / 1000.0, &f.ms)?;
+        }
+    }
+    Ok(ws)
+}
+
+/// Columns 16.. of the Connections sheet: what the handshake negotiated, and the churn schedule.
+fn write_tls_columns(
+    ws: &mut Worksheet,
+    row: u32,
+    r: &crate::session::ConnectionRecord,
+    f: &Formats,
+) -> Result<(), XlsxError> {
+    if let Some(t) = r.tls() {
+        ws.write_string(row, 16, &t.version)?;
+        ws.write_string(row, 17, &t.suite)?;
+        if let Some(alpn) = &t.alpn {
+            ws.write_string(row, 18, alpn)?;
+        }
+        ws.write_number(row, 19, u32::from(t.resumed) as f64)?;
+    }
+    if let Some(c) = r.churn_start() {
+        ws.write_number_with_format(row, 20, c.started_ms, &f.ms)?;
+        ws.write_number_with_format(row, 21, c.start_lag_ms, &f.ms)?;
+    }
+    Ok(())
+}
+
+/// The "TLS" sheet: what the handshakes negotiated (counts by version, suite, ALPN; the resumed
+/// share) and, with `--churn`, the handshake capacity figures. Label in column A, value in B.
+fn tls_sheet(s: &Summary, f: &Formats) -> Result<Worksheet, XlsxError> {
+    let mut ws = Worksheet::new();
+    ws.set_name(TLS)?;
+    ws.set_column_width(0, 44)?;
+    ws.set_column_width(1, 14)?;
+    let mut row = 0;
+    let num = |ws: &mut Worksheet, row: &mut u32, k: &str, v: f64, fmt: &Format| {
+        ws.write_string(*row, 0, k)?;
+        ws.write_number_with_format(*row, 1, v, fmt)?;
+        *row += 1;
+        Ok::<(), XlsxError>(())
+    };
+    if let Some(n) = &s.negotiated {
+        ws.write_string_with_format(row, 0, "Negotiated", &f.heading)?;
+        row += 1;
+        num(&mut ws, &mut row, "handshakes", n.handshakes as f64, &f.int)?;
+        num(&mut ws, &mut row, "resumed", n.resumed as f64, &f.int)?;
+        num(&mut ws, &mut row, "resumed %", n.resumed_pct, &f.rate)?;
+        for (title, counts) in [
+            ("version", &n.versions),
+            ("cipher suite", &n.suites),
+            ("ALPN", &n.alpn),
+        ] {
+            for (name, count) in counts {
+                num(
+                    &mut ws,
+                    &mut row,
+                    &format!("{title} {name}"),
+                    *count as f64,
+                    &f.int,
+                )?;
+            }
+        }
+        row += 1;
+    }
+    if let Some(c) = &s.churn {
+        ws.write_string_with_format(row, 0, "Handshake capacity (--churn)", &f.heading)?;
+        row += 1;
+        for (k, v, fmt) in [
+            ("asked (/s)", c.asked_per_sec, &f.rate),
+            ("window (s)", c.window_s, &f.ms),
+            ("opened", c.opened as f64, &f.int),
+            ("up", c.established as f64, &f.int),
+            ("failed", c.failed as f64, &f.int),
+            ("achieved (/s)", c.achieved_per_sec, &f.rate),
+            ("achieved % of asked", c.achieved_pct, &f.rate),
+            ("handshake p50 ms", c.handshake_ms.p50, &f.ms),
+            ("handshake p99 ms", c.handshake_ms.p99, &f.ms),
+            ("handshake max ms", c.handshake_ms.max, &f.ms),
+            ("connect p50 ms", c.connect_ms.p50, &f.ms),
+            ("connect p99 ms", c.connect_ms.p99, &f.ms),
+            ("started late (> 10 ms)", c.started_late as f64, &f.int),
+            ("max start lag ms", c.start_lag_max_ms, &f.ms),
+        ] {
+            num(&mut ws, &mut row, k, v, fmt)?;
         }
     }
     Ok(ws)

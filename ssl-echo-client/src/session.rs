@@ -14,6 +14,7 @@ use crate::config::{RunConfig, Workload};
 use crate::connector::{Connector, Stream};
 use crate::failure::{Cause, Failure, Phase};
 use crate::recorder::Recorder;
+use crate::tls::Negotiated;
 
 /// The report's row for one connection. Fixed size: memory per connection stays bounded however
 /// many messages it exchanges.
@@ -43,6 +44,11 @@ pub struct ConnectionRecord {
     pub response_us_sum: u64,
     pub response_us_max: Option<u64>,
     pub failure: Option<Failure>,
+    /// How phase 1 went beyond its timings (what TLS negotiated, the churn schedule); `None`
+    /// when there is nothing to say. One box, so a record (and every message that carries one)
+    /// stays small.
+    #[serde(default)]
+    pub opening: Option<Box<Opening>>,
 }
 
 impl ConnectionRecord {
@@ -63,7 +69,31 @@ impl ConnectionRecord {
             response_us_sum: 0,
             response_us_max: None,
             failure: None,
+            opening: None,
         }
+    }
+
+    /// When the handshake (or, for plain TCP, the connect) finished, in ms after the process's
+    /// go; churn mode only and only for connections that got that far.
+    pub fn established_ms(&self) -> Option<f64> {
+        if !self.established() {
+            return None;
+        }
+        Some(self.churn_start()?.started_ms + self.connect_ms? + self.handshake_ms.unwrap_or(0.0))
+    }
+
+    /// What the TLS handshake negotiated (`None` for plain TCP, or before the handshake).
+    pub fn tls(&self) -> Option<&Negotiated> {
+        self.opening.as_ref()?.tls.as_ref()
+    }
+
+    /// When a churn-mode connection started (`None` outside churn mode).
+    pub fn churn_start(&self) -> Option<&ChurnStart> {
+        self.opening.as_ref()?.churn.as_ref()
+    }
+
+    pub fn opening_mut(&mut self) -> &mut Opening {
+        self.opening.get_or_insert_with(Box::default)
     }
 
     /// True when the connection got through phase 1.
@@ -83,6 +113,23 @@ impl ConnectionRecord {
     }
 }
 
+/// The details of a connection's phase 1 that not every run has.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Opening {
+    #[serde(default)]
+    pub tls: Option<Negotiated>,
+    #[serde(default)]
+    pub churn: Option<ChurnStart>,
+}
+
+/// When a churn-mode connection started, in ms after its process's go, and how far behind its
+/// schedule that was (the client's own lateness, not the server's).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChurnStart {
+    pub started_ms: f64,
+    pub start_lag_ms: f64,
+}
+
 /// What every connection of one process shares.
 pub struct Shared {
     pub config: RunConfig,
@@ -100,11 +147,12 @@ fn ms(d: Duration) -> f64 {
 
 /// Runs connection `id` from connect to close. `permit` limits how many connections are being
 /// opened at once and is released as soon as this one is open (or failed); `go` carries the
-/// barrier: the instant phase 2 starts, or a closed channel if the run was abandoned.
+/// barrier: the instant phase 2 starts, or a closed channel if the run was abandoned. In churn
+/// mode there is no barrier: phase 2 starts as soon as the connection is open.
 pub async fn run(
     id: u64,
     shared: Arc<Shared>,
-    permit: OwnedSemaphorePermit,
+    permit: Option<OwnedSemaphorePermit>,
     mut go: watch::Receiver<Option<Instant>>,
 ) -> ConnectionRecord {
     let mut record = ConnectionRecord::new(id, shared.process);
@@ -123,6 +171,9 @@ pub async fn run(
             record.local_ip = Some(est.local.ip());
             record.connect_ms = Some(ms(est.connect));
             record.handshake_ms = est.handshake.map(ms);
+            if let Some(n) = est.negotiated {
+                record.opening_mut().tls = Some(n);
+            }
             shared.recorder.phase1_done(true);
             (est.stream, est.local)
         }
@@ -136,6 +187,8 @@ pub async fn run(
         }
     };
     let go_at = match go.wait_for(|v| v.is_some()).await {
+        // Churn: the lifetime counts from this connection's own handshake.
+        Ok(_) if shared.config.churn.is_some() => Instant::now(),
         Ok(v) => v.expect("wait_for returned a Some"),
         Err(_) => {
             record.failure = Some(Failure::new(

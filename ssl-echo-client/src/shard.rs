@@ -71,8 +71,13 @@ pub async fn drive(
     });
     let (go_tx, go_rx) = watch::channel(None);
 
-    let ramp = tokio::spawn(open_all(plan.clone(), shared, go_rx));
-    recorder.wait_phase1(plan.connections).await;
+    // Churn mode opens nothing before the go: it is an open loop that starts at the go.
+    let churn = plan.config.churn.is_some();
+    let ramp =
+        (!churn).then(|| tokio::spawn(open_all(plan.clone(), Arc::clone(&shared), go_rx.clone())));
+    if !churn {
+        recorder.wait_phase1(plan.connections).await;
+    }
     let phase1 = recorder.snapshot();
     emit(WorkerMsg::Progress(phase1));
     emit(WorkerMsg::Connected {
@@ -89,12 +94,16 @@ pub async fn drive(
         None => drop(go_tx),
     }
 
-    let handles = match ramp.await {
-        Ok(handles) => handles,
-        Err(e) => {
-            tracing::error!("connection ramp failed: {e}");
-            Vec::new()
-        }
+    let handles = match (ramp, go_at) {
+        (Some(ramp), _) => match ramp.await {
+            Ok(handles) => handles,
+            Err(e) => {
+                tracing::error!("connection ramp failed: {e}");
+                Vec::new()
+            }
+        },
+        (None, Some(at)) => crate::churn::open_all(&plan, shared, go_rx, at).await,
+        (None, None) => Vec::new(),
     };
     for (offset, handle) in handles.into_iter().enumerate() {
         let record = handle.await.unwrap_or_else(|e| {
@@ -139,7 +148,7 @@ async fn open_all(
         handles.push(tokio::spawn(session::run(
             plan.first_id + i,
             Arc::clone(&shared),
-            permit,
+            Some(permit),
             go.clone(),
         )));
     }

@@ -157,6 +157,154 @@ pub struct Summary {
     /// Why the forwarder could not be asked.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub backends_error: Option<String>,
+    /// What the TLS handshakes negotiated (TLS runs only).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub negotiated: Option<TlsNegotiated>,
+    /// Handshake capacity (`--churn` runs only).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub churn: Option<ChurnFigures>,
+}
+
+/// Counts of what the handshakes settled on, over every connection that finished one.
+#[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TlsNegotiated {
+    pub handshakes: u64,
+    /// By version (`TLSv1.3`, `TLSv1.2`).
+    pub versions: BTreeMap<String, u64>,
+    /// By rustls suite name.
+    pub suites: BTreeMap<String, u64>,
+    /// By ALPN protocol; `none` when the server chose none.
+    pub alpn: BTreeMap<String, u64>,
+    /// Handshakes the server resumed from an earlier session (`--resume`).
+    pub resumed: u64,
+    /// resumed / handshakes, in percent.
+    pub resumed_pct: f64,
+}
+
+impl TlsNegotiated {
+    /// From the records; `None` when no connection finished a TLS handshake.
+    pub fn of(records: &[ConnectionRecord]) -> Option<TlsNegotiated> {
+        let mut n = TlsNegotiated::default();
+        for t in records.iter().filter_map(ConnectionRecord::tls) {
+            n.handshakes += 1;
+            *n.versions.entry(t.version.clone()).or_insert(0) += 1;
+            *n.suites.entry(t.suite.clone()).or_insert(0) += 1;
+            let alpn = t.alpn.clone().unwrap_or_else(|| "none".into());
+            *n.alpn.entry(alpn).or_insert(0) += 1;
+            n.resumed += u64::from(t.resumed);
+        }
+        n.resumed_pct = 100.0 * n.resumed as f64 / n.handshakes.max(1) as f64;
+        (n.handshakes > 0).then_some(n)
+    }
+
+    /// The terminal's short line: `TLSv1.3 ×40 · TLS13_AES_256_GCM_SHA384 ×40 · ALPN h2 ×40 ·
+    /// resumed 38 of 40 (95.0 %)`.
+    pub fn line(&self) -> String {
+        let counts = |m: &BTreeMap<String, u64>| {
+            m.iter()
+                .map(|(k, v)| format!("{k} ×{v}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        format!(
+            "{} · {} · ALPN {} · resumed {} of {} ({:.1} %)",
+            counts(&self.versions),
+            counts(&self.suites),
+            counts(&self.alpn),
+            self.resumed,
+            self.handshakes,
+            self.resumed_pct
+        )
+    }
+}
+
+/// Handshake capacity: what `--churn` asked for and what the server gave.
+#[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChurnFigures {
+    /// New connections per second asked for, and over how many seconds.
+    pub asked_per_sec: f64,
+    pub window_s: f64,
+    /// Connections started (all of them unless the run was stopped).
+    pub opened: u64,
+    /// Connections that finished connect and handshake.
+    pub established: u64,
+    pub failed: u64,
+    /// Established connections per second, between the first and the last to finish their
+    /// handshake (a server that falls behind stretches that span, so this drops).
+    pub achieved_per_sec: f64,
+    /// achieved / asked, in percent.
+    pub achieved_pct: f64,
+    /// TLS handshake times (for plain TCP: connect times).
+    pub handshake_ms: Latency,
+    pub connect_ms: Latency,
+    /// Starts more than [`crate::churn::LATE_START`] behind schedule (the client fell behind,
+    /// or ran out of descriptors), and the worst lag.
+    pub started_late: u64,
+    pub start_lag_max_ms: f64,
+}
+
+impl ChurnFigures {
+    pub fn of(churn: &crate::config::Churn, records: &[ConnectionRecord]) -> ChurnFigures {
+        let mut handshake = crate::recorder::new_histogram();
+        let mut connect = crate::recorder::new_histogram();
+        let us = |ms: f64| (ms * 1000.0).round().max(1.0) as u64;
+        let mut done: Vec<f64> = Vec::new();
+        let late_ms = crate::churn::LATE_START.as_secs_f64() * 1000.0;
+        let mut f = ChurnFigures {
+            asked_per_sec: churn.rate,
+            window_s: churn.window_s,
+            ..ChurnFigures::default()
+        };
+        for r in records.iter().filter(|r| r.churn_start().is_some()) {
+            f.opened += 1;
+            let lag = r.churn_start().map_or(0.0, |c| c.start_lag_ms);
+            f.started_late += u64::from(lag > late_ms);
+            f.start_lag_max_ms = f.start_lag_max_ms.max(lag);
+            let Some(at) = r.established_ms() else {
+                f.failed += 1;
+                continue;
+            };
+            f.established += 1;
+            done.push(at);
+            if let Some(c) = r.connect_ms {
+                connect.saturating_record(us(c));
+            }
+            if let Some(h) = r.handshake_ms.or(r.connect_ms) {
+                handshake.saturating_record(us(h));
+            }
+        }
+        done.sort_by(f64::total_cmp);
+        if let (Some(first), Some(last)) = (done.first(), done.last()) {
+            let span_s = (last - first) / 1000.0;
+            if done.len() >= 2 && span_s > 0.0 {
+                f.achieved_per_sec = (done.len() - 1) as f64 / span_s;
+            }
+        }
+        f.achieved_pct = 100.0 * f.achieved_per_sec / churn.rate;
+        f.handshake_ms = Latency::of(&handshake);
+        f.connect_ms = Latency::of(&connect);
+        f
+    }
+
+    /// The terminal's line.
+    pub fn line(&self) -> String {
+        format!(
+            "asked {:.1}/s for {:.1} s: {} opened, {} up, {} failed; achieved {:.1}/s ({:.1} % of \
+             asked); handshake p50 {:.3} p99 {:.3} max {:.3} ms; {} started late (max lag {:.1} ms)",
+            self.asked_per_sec,
+            self.window_s,
+            self.opened,
+            self.established,
+            self.failed,
+            self.achieved_per_sec,
+            self.achieved_pct,
+            self.handshake_ms.p50,
+            self.handshake_ms.p99,
+            self.handshake_ms.max,
+            self.started_late,
+            self.start_lag_max_ms
+        )
+    }
 }
 
 impl Summary {
@@ -224,6 +372,11 @@ impl Summary {
             agents_lost: outcome.lost.clone(),
             backends: backend_groups(outcome),
             backends_error: outcome.backends_error.clone(),
+            negotiated: TlsNegotiated::of(records),
+            churn: c
+                .churn
+                .as_ref()
+                .map(|churn| ChurnFigures::of(churn, records)),
         }
     }
 
@@ -314,6 +467,12 @@ impl Summary {
         if let Some(e) = &self.backends_error {
             row("backends", e.clone());
         }
+        if let Some(n) = &self.negotiated {
+            row("negotiated", n.line());
+        }
+        if let Some(c) = &self.churn {
+            row("churn", c.line());
+        }
         if let Some(r) = &self.report {
             row("report", r.clone());
         }
@@ -354,6 +513,70 @@ pub fn per_sec(n: u64, secs: f64) -> f64 {
 mod tests {
     use super::*;
     use crate::recorder::new_histogram;
+
+    fn churned(id: u64, started_ms: f64, handshake_ms: Option<f64>) -> ConnectionRecord {
+        let mut r = ConnectionRecord::new(id, 0);
+        r.opening_mut().churn = Some(crate::session::ChurnStart {
+            started_ms,
+            start_lag_ms: if id == 3 { 25.0 } else { 0.5 },
+        });
+        r.connect_ms = Some(1.0);
+        r.handshake_ms = handshake_ms;
+        if handshake_ms.is_none() {
+            r.failure = Some(Failure::timeout(crate::failure::Phase::Handshake, 10));
+        }
+        r
+    }
+
+    #[test]
+    fn churn_rate_is_measured_between_the_first_and_last_handshake() {
+        let churn = crate::config::Churn {
+            rate: 10.0,
+            window_s: 0.5,
+        };
+        // Five due every 100 ms; the server gets slower, so they finish further apart.
+        let records: Vec<ConnectionRecord> = vec![
+            churned(0, 0.0, Some(2.0)),
+            churned(1, 100.0, Some(2.0)),
+            churned(2, 200.0, Some(52.0)),
+            churned(3, 325.0, Some(102.0)),
+            churned(4, 400.0, None),
+        ];
+        let f = ChurnFigures::of(&churn, &records);
+        assert_eq!((f.opened, f.established, f.failed), (5, 4, 1));
+        // Done at 3, 103, 253, 428 ms: 3 intervals over 425 ms.
+        assert!((f.achieved_per_sec - 3.0 / 0.425).abs() < 1e-9, "{f:?}");
+        assert!((f.achieved_pct - 100.0 * 3.0 / 0.425 / 10.0).abs() < 1e-9);
+        assert_eq!((f.started_late, f.start_lag_max_ms), (1, 25.0));
+        assert!((f.handshake_ms.max - 102.0).abs() < 0.2, "{f:?}");
+    }
+
+    #[test]
+    fn negotiated_counts_and_the_resumed_share() {
+        let mut records = Vec::new();
+        for i in 0..4 {
+            let mut r = ConnectionRecord::new(i, 0);
+            r.opening_mut().tls = Some(crate::tls::Negotiated {
+                version: if i == 0 { "TLSv1.2" } else { "TLSv1.3" }.into(),
+                suite: "S".into(),
+                alpn: (i % 2 == 0).then(|| "h2".to_string()),
+                resumed: i > 0,
+            });
+            records.push(r);
+        }
+        records.push(ConnectionRecord::new(9, 0)); // failed before its handshake
+        let n = TlsNegotiated::of(&records).unwrap();
+        assert_eq!(n.handshakes, 4);
+        assert_eq!(n.versions["TLSv1.3"], 3);
+        assert_eq!(n.alpn["none"], 2);
+        assert_eq!(n.resumed, 3);
+        assert_eq!(n.resumed_pct, 75.0);
+        assert_eq!(
+            n.line(),
+            "TLSv1.2 ×1, TLSv1.3 ×3 · S ×4 · ALPN h2 ×2, none ×2 · resumed 3 of 4 (75.0 %)"
+        );
+        assert_eq!(TlsNegotiated::of(&records[4..]), None);
+    }
 
     #[test]
     fn percentiles_of_one_to_a_thousand_ms() {
