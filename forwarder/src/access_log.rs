@@ -53,6 +53,9 @@ pub struct Record<'a> {
     /// How it ended: `client_fin`, `backend_fin`, `reset`, `idle_timeout`, `denied`,
     /// `no_backend`, `limit`, `bad_proxy_header`, `closed`.
     pub ending: &'static str,
+    /// In a pool with bandwidth limits: (ms its directions were held back, bytes that passed
+    /// after being held). Written only for such pools, so other lines keep their fields.
+    pub throttled: Option<(u64, u64)>,
 }
 
 impl Record<'_> {
@@ -67,8 +70,11 @@ impl Record<'_> {
                 let backend = self.backend.map_or("-".to_string(), |b| b.to_string());
                 // A rule name is free text: spaces would split the field.
                 let rule = self.rule.unwrap_or("-").replace(char::is_whitespace, "_");
+                let throttled = self.throttled.map_or(String::new(), |(ms, bytes)| {
+                    format!(" throttled_ms={ms} throttled_bytes={bytes}")
+                });
                 format!(
-                    "{time} {} {} {rule} {backend} up={} down={} ms={ms} {}\n",
+                    "{time} {} {} {rule} {backend} up={} down={} ms={ms} {}{throttled}\n",
                     self.client, self.listen, self.bytes_up, self.bytes_down, self.ending
                 )
             }
@@ -83,8 +89,12 @@ impl Record<'_> {
                     "bytes_down": self.bytes_down,
                     "duration_ms": ms,
                     "ending": self.ending,
-                })
-                .to_string();
+                });
+                if let Some((ms, bytes)) = self.throttled {
+                    line["throttled_ms"] = ms.into();
+                    line["throttled_bytes"] = bytes.into();
+                }
+                let mut line = line.to_string();
                 line.push('\n');
                 line
             }
@@ -232,6 +242,7 @@ mod tests {
             bytes_down: 12,
             duration: Duration::from_millis(3),
             ending: "client_fin",
+            throttled: None,
         }
     }
 
@@ -256,6 +267,16 @@ mod tests {
             .ends_with(" - - up=5 down=12 ms=3 denied\n"));
         let v: serde_json::Value = serde_json::from_str(&denied.format(Format::Json)).unwrap();
         assert!(v["backend"].is_null());
+        let limited = Record {
+            throttled: Some((250, 4096)),
+            ..record()
+        };
+        assert!(limited
+            .format(Format::Text)
+            .ends_with(" client_fin throttled_ms=250 throttled_bytes=4096\n"));
+        let v: serde_json::Value = serde_json::from_str(&limited.format(Format::Json)).unwrap();
+        assert_eq!(v["throttled_ms"], 250);
+        assert!(v.get("throttled_ms").is_some());
     }
 
     #[test]

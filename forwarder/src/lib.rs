@@ -7,6 +7,8 @@ pub mod balance;
 pub mod capacity;
 pub mod control;
 pub mod listeners;
+pub mod outbound;
+pub mod rate;
 pub mod rules;
 pub mod service;
 pub mod stats;

@@ -27,6 +27,9 @@ const PIPES_PER_WORKER: usize = 128;
 #[derive(Parser, Debug)]
 #[command(version, about)]
 struct Args {
+    #[command(subcommand)]
+    command: Option<Command>,
+
     /// Rules file: rows of name,listen_port,dest_ip,dest_port [default: ./entries.csv, created with
     /// an example when missing]
     #[arg(long)]
@@ -133,6 +136,11 @@ struct Args {
     #[arg(long, default_value_t = 0)]
     udp_max_sessions: usize,
 
+    /// Outbound address of every backend connection whose row has no source= (bind before
+    /// connect); once for IPv4 and once for IPv6 at most [default: the route's choice]
+    #[arg(long, value_name = "ADDR")]
+    source: Vec<std::net::IpAddr>,
+
     /// Set by the supervisor when it starts a worker: the inherited stats mapping and control
     /// socket. The worker's settings then come as one frame on that socket.
     #[arg(long, hide = true, value_name = "STATS,CONTROL")]
@@ -143,9 +151,29 @@ struct Args {
     worker_index: Option<usize>,
 }
 
+#[derive(clap::Subcommand, Debug)]
+enum Command {
+    /// Print, apply or undo the policy routing rules with `transparent` need on this gateway
+    /// (fwmark 0x1281 -> local route table 1281, nft table inet forwarder_tproxy)
+    TransparentSetup {
+        #[arg(value_enum)]
+        action: service::tproxy::Action,
+    },
+}
+
 fn main() -> ExitCode {
     testbed::docs::generate_if_asked::<Args>(&service::man_sections());
     let args = Args::parse();
+    if let Some(Command::TransparentSetup { action }) = args.command {
+        testbed::logging::init(&args.log_level);
+        return match service::tproxy::run(action) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("forwarder transparent-setup: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let result = match &args.worker_fds {
         Some(fds) => run_worker(fds, args.worker_index),
         None => {
@@ -206,7 +234,29 @@ fn run_supervisor(args: &Args) -> anyhow::Result<ExitCode> {
             )));
         }
     };
+    let default_sources =
+        forwarder::outbound::parse_default_sources(&args.source).map_err(Exit::config)?;
     print_rules(&label, &set);
+    let transparent: Vec<String> = set
+        .rules()
+        .filter(|r| r.options.transparent)
+        .map(|r| format!("{} ({} -> {})", r.entry.name, r.entry.listen_port, r.dest))
+        .collect();
+    if !transparent.is_empty() {
+        eprintln!(
+            "transparent (the backend sees the client's address; replies must route back through \
+             this host, see `forwarder transparent-setup print`): {}",
+            transparent.join(", ")
+        );
+    }
+    if args.data_path == DataPath::Sockmap {
+        for p in set.pools.iter().filter(|p| p.options.rates.any()) {
+            eprintln!(
+                "  {}: bandwidth limits: relayed in user space (the sockmap data path cannot hold bytes back)",
+                p.label()
+            );
+        }
+    }
     if let Err(e) = supervisor::check_bindable(&set, &label) {
         eprintln!("{e}");
         bail!(Exit::cannot_bind(format!(
@@ -218,7 +268,16 @@ fn run_supervisor(args: &Args) -> anyhow::Result<ExitCode> {
         eprintln!("{label}: OK");
         return Ok(ExitCode::SUCCESS);
     }
-    service::privilege::drop_to(args.user.as_deref(), args.refuse_root)
+    // Transparent sources and marks need CAP_NET_ADMIN after --user too (only when a rule asks).
+    let net_admin = set
+        .rules()
+        .any(|r| r.options.transparent || r.options.mark.is_some());
+    let keep: &[u32] = if net_admin {
+        &[service::privilege::CAP_NET_ADMIN]
+    } else {
+        &[]
+    };
+    service::privilege::drop_to(args.user.as_deref(), args.refuse_root, keep)
         .map_err(|e| Exit::config(e.to_string()))?;
 
     // Read before anything starts, so a bad pair is one line and nothing to clean up.
@@ -289,6 +348,7 @@ fn run_supervisor(args: &Args) -> anyhow::Result<ExitCode> {
             .then(|| Duration::from_secs(args.health_interval_s)),
         connect_timeout: Duration::from_millis(args.connect_timeout_ms),
         drain_timeout: Duration::from_secs(args.drain_timeout_s),
+        default_sources,
     };
     let sup = Supervisor::new(config, set)?;
     if let Some(problem) = service::privilege::rules_write_problem(&rules_path) {

@@ -62,6 +62,20 @@ pub struct BackendOptions {
     pub send_proxy: Option<ProxyVersion>,
     /// Most connections open to this backend at once (0 = no limit).
     pub max_conns: u64,
+    /// The address the forwarder's socket toward this backend is bound to (`source=`; else
+    /// `--source`, else the route's choice).
+    #[serde(default)]
+    pub source: Option<IpAddr>,
+    /// The interface that socket is bound to (`interface=`, `SO_BINDTODEVICE`).
+    #[serde(default)]
+    pub interface: Option<String>,
+    /// The mark its packets carry (`mark=`, `SO_MARK`), for policy routing and nft.
+    #[serde(default)]
+    pub mark: Option<u32>,
+    /// `transparent`: the connection to the backend carries the client's address as its source
+    /// (`IP_TRANSPARENT`); replies come back through `forwarder transparent-setup`'s routing.
+    #[serde(default)]
+    pub transparent: bool,
 }
 
 impl Default for BackendOptions {
@@ -70,6 +84,10 @@ impl Default for BackendOptions {
             weight: 1,
             send_proxy: None,
             max_conns: 0,
+            source: None,
+            interface: None,
+            mark: None,
+            transparent: false,
         }
     }
 }
@@ -86,6 +104,9 @@ pub struct PoolOptions {
     pub accept_proxy: bool,
     /// Most connections one client address may have open at once (0 = no limit).
     pub max_conns_per_ip: u64,
+    /// Bandwidth limits: per connection, per client address, for the whole pool.
+    #[serde(default)]
+    pub rates: crate::rate::Rates,
 }
 
 impl PoolOptions {
@@ -122,11 +143,21 @@ const KEYS: &[(&str, bool, bool)] = &[
     ("weight", false, true),
     ("send_proxy", false, false),
     ("max_conns", false, true),
+    ("source", false, true),
+    ("interface", false, true),
+    ("mark", false, true),
+    ("transparent", false, true),
     ("balance", true, true),
     ("allow", true, true),
     ("deny", true, true),
     ("accept_proxy", true, false),
     ("max_conns_per_ip", true, false),
+    ("conn_rate_up", true, true),
+    ("conn_rate_down", true, true),
+    ("ip_rate_up", true, true),
+    ("ip_rate_down", true, true),
+    ("rate_up", true, true),
+    ("rate_down", true, true),
 ];
 
 /// Parses the options column; the error says which item is wrong and why.
@@ -174,6 +205,33 @@ pub fn parse_options(text: &str, proto: Proto) -> Result<RowOptions, String> {
                 })
             }
             "max_conns" => out.backend.max_conns = number(key, needs("N")?, 1, u64::MAX)?,
+            "source" => {
+                let v = needs("ADDR")?;
+                let bare = v
+                    .strip_prefix('[')
+                    .and_then(|v| v.strip_suffix(']'))
+                    .unwrap_or(v);
+                out.backend.source = Some(
+                    bare.parse::<IpAddr>()
+                        .map_err(|_| format!("source=\"{v}\" is not an IP address"))?,
+                );
+            }
+            "interface" => {
+                let v = needs("NAME")?;
+                // IFNAMSIZ is 16 with the NUL.
+                if v.len() > 15 || v.contains('/') {
+                    return Err(format!("interface=\"{v}\" is not an interface name"));
+                }
+                out.backend.interface = Some(v.to_string());
+            }
+            "mark" => out.backend.mark = Some(mark(needs("N")?)?),
+            "transparent" => {
+                out.backend.transparent = match value {
+                    None | Some("on") | Some("yes") | Some("true") => true,
+                    Some("off") | Some("no") | Some("false") => false,
+                    Some(other) => return Err(format!("transparent \"{other}\" is not on or off")),
+                }
+            }
             "balance" => {
                 out.pool.balance = match needs("roundrobin|leastconn|source")? {
                     "roundrobin" => Balance::RoundRobin,
@@ -200,10 +258,48 @@ pub fn parse_options(text: &str, proto: Proto) -> Result<RowOptions, String> {
             "max_conns_per_ip" => {
                 out.pool.max_conns_per_ip = number(key, needs("N")?, 1, u64::MAX)?;
             }
+            rate if rate.contains("rate_") => {
+                let bits = crate::rate::parse_bits(key, needs("BITS")?)?;
+                out.pool.rates.set(rate, bits);
+            }
             _ => unreachable!("every key of KEYS is handled"),
         }
     }
+    if out.backend.transparent {
+        if out.backend.send_proxy.is_some() {
+            return Err(
+                "send_proxy and transparent on one backend: a transparent backend sees \
+                        the client's address as the source already; keep one of them"
+                    .into(),
+            );
+        }
+        if out.backend.source.is_some() {
+            return Err(
+                "source= and transparent on one backend: transparent uses the client's address \
+                 as the source; keep one of them"
+                    .into(),
+            );
+        }
+    }
     Ok(out)
+}
+
+/// `mark=4737` or `mark=0x1281`: a non-zero 32-bit firewall mark.
+fn mark(value: &str) -> Result<u32, String> {
+    let parsed = match value
+        .strip_prefix("0x")
+        .or_else(|| value.strip_prefix("0X"))
+    {
+        Some(hex) => u32::from_str_radix(hex, 16),
+        None => value.parse::<u32>(),
+    };
+    match parsed {
+        Ok(0) => Err("mark=0 is no mark: give 1-4294967295 (or 0x1-0xffffffff)".into()),
+        Ok(n) => Ok(n),
+        Err(_) => Err(format!(
+            "mark=\"{value}\" is not a 32-bit number (decimal or 0x hex)"
+        )),
+    }
 }
 
 fn number(key: &str, value: &str, min: u64, max: u64) -> Result<u64, String> {
@@ -242,6 +338,7 @@ pub fn pool_conflict(a: &RowOptions, b: &RowOptions) -> Option<&'static str> {
             "deny" => a.pool.deny != b.pool.deny,
             "accept_proxy" => a.pool.accept_proxy != b.pool.accept_proxy,
             "max_conns_per_ip" => a.pool.max_conns_per_ip != b.pool.max_conns_per_ip,
+            rate if rate.contains("rate_") => a.pool.rates.get(rate) != b.pool.rates.get(rate),
             _ => false,
         })
 }
@@ -255,6 +352,9 @@ pub fn merge_pool(into: &mut PoolOptions, row: &RowOptions) {
             "deny" => into.deny = row.pool.deny.clone(),
             "accept_proxy" => into.accept_proxy = row.pool.accept_proxy,
             "max_conns_per_ip" => into.max_conns_per_ip = row.pool.max_conns_per_ip,
+            rate if rate.contains("rate_") => {
+                into.rates.set(rate, row.pool.rates.get(rate).unwrap_or(0));
+            }
             _ => {}
         }
     }
@@ -274,6 +374,14 @@ mod tests {
         assert_eq!(o.backend.weight, 3);
         assert_eq!(o.backend.send_proxy, Some(ProxyVersion::V2));
         assert_eq!(o.backend.max_conns, 500);
+        let out = parse_options("source=[::1] interface=eth1 mark=0x1281", Proto::Udp).unwrap();
+        assert_eq!(out.backend.source, Some("::1".parse().unwrap()));
+        assert_eq!(out.backend.interface.as_deref(), Some("eth1"));
+        assert_eq!(out.backend.mark, Some(0x1281));
+        assert_eq!(
+            parse_options("mark=4737", Proto::Tcp).unwrap().backend.mark,
+            Some(4737)
+        );
         assert_eq!(o.pool.balance, Balance::LeastConn);
         assert_eq!(o.pool.allow.len(), 2);
         assert!(o.pool.accept_proxy);
@@ -309,9 +417,53 @@ mod tests {
             e("balance=random"),
             "balance \"random\" is not roundrobin, leastconn or source"
         );
+        assert_eq!(e("source=10.0.0"), "source=\"10.0.0\" is not an IP address");
+        assert_eq!(
+            e("mark=0x"),
+            "mark=\"0x\" is not a 32-bit number (decimal or 0x hex)"
+        );
+        assert!(e("mark=0").starts_with("mark=0 is no mark"));
+        assert_eq!(
+            e("interface=a-very-long-name0"),
+            "interface=\"a-very-long-name0\" is not an interface name"
+        );
+        assert!(e("transparent send_proxy=v2").starts_with("send_proxy and transparent on one"));
+        assert!(e("transparent source=127.0.0.1").starts_with("source= and transparent"));
+        assert!(
+            parse_options("transparent", Proto::Udp)
+                .unwrap()
+                .backend
+                .transparent
+        );
         assert_eq!(
             parse_options("send_proxy=v1", Proto::Udp).unwrap_err(),
             "send_proxy is for TCP rules only"
+        );
+    }
+
+    #[test]
+    fn rates_are_pool_options_in_bits_per_second() {
+        let a = parse_options(
+            "conn_rate_down=20m ip_rate_up=1.5m rate_down=1g",
+            Proto::Udp,
+        )
+        .unwrap();
+        assert_eq!(a.pool.rates.conn_down, 20_000_000);
+        assert_eq!(a.pool.rates.ip_up, 1_500_000);
+        assert_eq!(a.pool.rates.pool_down, 1_000_000_000);
+        assert_eq!(a.pool_keys, ["conn_rate_down", "ip_rate_up", "rate_down"]);
+        let b = parse_options("weight=2 rate_down=500m", Proto::Tcp).unwrap();
+        assert_eq!(pool_conflict(&a, &b), Some("rate_down"));
+        let mut pool = PoolOptions::default();
+        merge_pool(&mut pool, &a);
+        merge_pool(&mut pool, &parse_options("weight=2", Proto::Tcp).unwrap());
+        assert_eq!(
+            pool.rates, a.pool.rates,
+            "one row's limits hold for the pool"
+        );
+        assert_eq!(
+            parse_options("rate_up=fast", Proto::Tcp).unwrap_err(),
+            "rate_up=\"fast\" is not a rate: bits per second, with k, m or g (rate_down=20m)"
         );
     }
 

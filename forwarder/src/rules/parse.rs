@@ -146,6 +146,10 @@ pub fn validate(entries: &[(usize, Entry)], file: &str) -> Result<RuleSet, Rules
         let options = parse_options(&entry.options, proto)
             .map_err(|m| errors.push(err(file, line, "options", m)))
             .ok();
+        if let (Some(dest), Some(options)) = (dest, &options) {
+            crate::outbound::check(&options.backend, dest)
+                .unwrap_or_else(|m| errors.push(err(file, line, "options", m)));
+        }
         if errors.len() > before {
             continue;
         }

@@ -52,6 +52,21 @@ pub struct PoolSlot {
     pub bad_header: AtomicU64,
     /// UDP sessions ended early to make room for a new one (the session table was full).
     pub evicted: AtomicU64,
+    /// The pool's bandwidth limits in force, bits per second ([`crate::rate::Rates`] order; 0 =
+    /// none), written by the supervisor on every apply and read by connections on every pump,
+    /// so an edit reaches connections already open.
+    pub rates: [AtomicU64; 6],
+    /// Non-zero when any of `rates` is: the one word an unlimited connection looks at.
+    pub limited: AtomicU64,
+    /// The pool's own buckets (`rate_up`, `rate_down`): GCRA arrival times ([`crate::rate`]).
+    pub bucket_up: AtomicU64,
+    pub bucket_down: AtomicU64,
+    /// Time connection directions spent held back by a limit, summed (µs).
+    pub throttled_us: AtomicU64,
+    /// Bytes that passed after a limit had held their direction back.
+    pub throttled_bytes: AtomicU64,
+    /// UDP datagrams dropped for being over a limit.
+    pub rate_drops: AtomicU64,
 }
 
 /// One backend of one pool: traffic counters and passive/active health. How many connections
@@ -94,6 +109,9 @@ pub struct BackendSlot {
     /// no room: a full buffer drops and counts, it never blocks a worker.
     pub drops_up: AtomicU64,
     pub drops_down: AtomicU64,
+    /// Connects of a `transparent` backend that timed out (the hint about the return route is
+    /// logged by whichever worker counts the [`crate::outbound::TRANSPARENT_HINT_AFTER`]th).
+    pub transparent_timeouts: AtomicU64,
 }
 
 /// `last_error` value for a connect that did not finish in time.
@@ -108,6 +126,8 @@ struct Layout {
     open: [[AtomicU64; MAX_BACKENDS]; MAX_WORKERS],
     /// Open connections per client address and pool ([`per_ip`]).
     per_ip: [AtomicU64; per_ip::TABLE_WORDS],
+    /// Bandwidth buckets per client address and pool ([`crate::rate::shared`]).
+    ip_buckets: [AtomicU64; crate::rate::shared::TABLE_WORDS],
 }
 
 /// The shared mapping. Created by the supervisor before it starts workers; a worker maps the
@@ -169,6 +189,24 @@ impl Shared {
     pub fn pool(&self, slot: usize) -> &PoolSlot {
         // SAFETY: as above; indexing is bounds-checked.
         unsafe { &(*self.ptr).pools[slot] }
+    }
+
+    /// The per-address bandwidth buckets (`ip_rate_up/down`).
+    pub fn ip_buckets(&self) -> &[AtomicU64] {
+        // SAFETY: as above.
+        unsafe { &(*self.ptr).ip_buckets }
+    }
+
+    /// Publishes each pool's bandwidth limits, where its connections read them.
+    pub fn publish_rates(&self, specs: &[crate::control::PoolSpec]) {
+        for spec in specs {
+            let slot = self.pool(spec.slot);
+            let rates = spec.options.rates.as_array();
+            for (word, value) in slot.rates.iter().zip(rates) {
+                word.store(value, Relaxed);
+            }
+            slot.limited.store(spec.options.rates.any() as u64, Relaxed);
+        }
     }
 
     pub fn backend(&self, slot: usize) -> &BackendSlot {
@@ -264,7 +302,16 @@ impl PoolSlot {
             &self.per_ip_full,
             &self.bad_header,
             &self.evicted,
-        ] {
+            &self.limited,
+            &self.bucket_up,
+            &self.bucket_down,
+            &self.throttled_us,
+            &self.throttled_bytes,
+            &self.rate_drops,
+        ]
+        .into_iter()
+        .chain(&self.rates)
+        {
             a.store(0, Relaxed);
         }
     }
@@ -283,6 +330,7 @@ impl BackendSlot {
             &self.spliced_down,
             &self.in_kernel,
             &self.connect_failures,
+            &self.transparent_timeouts,
             &self.down_until_ms,
             &self.down_since_ms,
             &self.failures_in_row,

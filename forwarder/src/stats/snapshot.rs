@@ -62,6 +62,9 @@ pub struct PoolStats {
     /// UDP sessions evicted to make room (always 0 for TCP).
     #[serde(default)]
     pub evicted: u64,
+    /// Bandwidth limits in force and what they held back.
+    #[serde(default)]
+    pub limits: crate::rate::LimitStats,
     pub backends: Vec<BackendStats>,
 }
 
@@ -146,6 +149,7 @@ pub fn read(
                     proxy_header: p.bad_header.load(Relaxed),
                 },
                 evicted: p.evicted.load(Relaxed),
+                limits: crate::rate::LimitStats::of(p),
                 backends: pool
                     .rules
                     .iter()

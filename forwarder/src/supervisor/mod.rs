@@ -8,7 +8,6 @@ pub mod reload;
 pub mod slots;
 mod workers;
 
-use std::net::SocketAddr;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{mpsc, Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -41,6 +40,8 @@ pub struct SupervisorConfig {
     pub health_interval: Option<Duration>,
     pub connect_timeout: Duration,
     pub drain_timeout: Duration,
+    /// `--source`: the outbound address of backends without `source=` (one per family).
+    pub default_sources: Vec<std::net::IpAddr>,
 }
 
 struct Inner {
@@ -86,7 +87,9 @@ impl Supervisor {
             .capacity
             .store(config.capacity as u64, Relaxed);
         let mut slots = Slots::default();
-        let specs = slots.assign(&rules, &shared)?;
+        let mut specs = slots.assign(&rules, &shared)?;
+        crate::outbound::apply_default_sources(&mut specs, &config.default_sources);
+        shared.publish_rates(&specs);
         let inner = Inner {
             rules,
             specs,
@@ -261,17 +264,15 @@ impl Supervisor {
         let spawned = std::thread::Builder::new()
             .name("health".into())
             .spawn(move || loop {
-                let backends: Vec<(usize, SocketAddr, String)> = {
+                let backends: Vec<crate::control::BackendSpec> = {
                     let inner = me.lock();
-                    inner
-                        .specs
-                        .iter()
-                        .flat_map(|p| p.backends.iter().map(|b| (b.slot, b.addr, b.name.clone())))
-                        .collect()
+                    inner.specs.iter().flat_map(|p| p.backends.clone()).collect()
                 };
-                for (slot, addr, name) in backends {
-                    let s = me.shared.backend(slot);
-                    let result = std::net::TcpStream::connect_timeout(&addr, me.config.connect_timeout);
+                for b in backends {
+                    let (addr, name) = (b.addr, b.name);
+                    let s = me.shared.backend(b.slot);
+                    // From the row's outbound address, interface and mark: the path connections take.
+                    let result = crate::outbound::connect_tcp_blocking(addr, &b.options, me.config.connect_timeout);
                     s.last_check_ms.store(now_ms(), Relaxed);
                     match result {
                         Ok(_) => {

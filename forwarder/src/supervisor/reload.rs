@@ -55,7 +55,7 @@ impl Supervisor {
         }
         // Slots are committed only once every worker took the rules.
         let mut slots = inner.slots.clone();
-        let specs = match slots.assign(&new, &self.shared) {
+        let mut specs = match slots.assign(&new, &self.shared) {
             Ok(s) => s,
             Err(e) => {
                 return Err(RulesError(vec![RuleError {
@@ -66,6 +66,7 @@ impl Supervisor {
                 }]))
             }
         };
+        crate::outbound::apply_default_sources(&mut specs, &self.config.default_sources);
         let failures = deliver(&mut inner.workers, &specs);
         if !failures.is_empty() {
             // All or nothing: put the workers that switched back on the rules in force.
@@ -88,6 +89,7 @@ impl Supervisor {
                     .collect(),
             ));
         }
+        self.shared.publish_rates(&specs);
         inner.slots = slots;
         inner.reload_error = None;
         log_changes(&inner.rules, &new);

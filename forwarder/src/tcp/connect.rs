@@ -47,8 +47,14 @@ impl Relay {
     ) -> Next {
         self.backend_index = index;
         self.reserved = true;
-        let addr = self.pool.spec.backends[index].addr;
-        let mut backend = match TcpStream::connect(addr) {
+        let spec = &self.pool.spec.backends[index];
+        let addr = spec.addr;
+        let opened = if crate::outbound::is_plain(&spec.options) {
+            TcpStream::connect(addr)
+        } else {
+            crate::outbound::connect_tcp(addr, &spec.options, self.client_addr.ip())
+        };
+        let mut backend = match opened {
             Ok(s) => s,
             Err(e) => {
                 tracing::warn!("cannot open a socket to {addr}: {e}");
@@ -121,6 +127,9 @@ impl Relay {
         };
         let tried = std::mem::take(tried);
         let failed = &self.pool.spec.backends[self.backend_index];
+        if code == crate::stats::ERR_TIMEOUT {
+            crate::outbound::note_timeout(failed, ctx.shared);
+        }
         if ctx
             .shared
             .backend(failed.slot)

@@ -19,6 +19,7 @@ use mio::{Interest, Registry};
 use crate::access_log::{AccessLog, Record};
 use crate::balance::{self, ServedPool};
 use crate::control::ConnectionInfo;
+use crate::rate::throttle::Throttle;
 use crate::stats::{Shared, ERR_TIMEOUT};
 use crate::tcp::connect::connect_result;
 use crate::tcp::direction::{Direction, PumpError, Resources};
@@ -222,6 +223,9 @@ pub struct Relay {
     pub(super) down: Direction,
     pub(super) started: Instant,
     pub(super) last_active: Instant,
+    /// The pool's bandwidth limits as this connection answers to them; None while the pool has
+    /// none (taken on at the next pump when an edit adds one).
+    pub(super) throttle: Option<Box<Throttle>>,
 }
 
 impl Relay {
@@ -253,6 +257,7 @@ impl Relay {
             down: Direction::default(),
             started: now,
             last_active: now,
+            throttle: None,
         }
     }
 
@@ -342,6 +347,7 @@ impl Relay {
             Phase::InKernel {
                 fin_due: Some(due), ..
             } if *due <= ctx.now => self.watch_kernel(ctx),
+            Phase::Relaying { .. } if self.throttle.is_some() => self.throttle_expired(ctx),
             _ => Next::Wait,
         }
     }
@@ -450,6 +456,10 @@ impl Relay {
             bytes_down: self.bytes().1,
             duration: ctx.now.saturating_duration_since(self.started),
             ending: ending.word(self.first_fin),
+            throttled: self
+                .throttle
+                .as_ref()
+                .map(|t| (t.held_ms(crate::rate::now_ns()), t.held_bytes)),
         };
         log.write(&record, ctx.shared);
     }

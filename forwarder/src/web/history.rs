@@ -192,6 +192,7 @@ mod tests {
                 label: "0.0.0.0:8080".into(),
                 proto: Default::default(),
                 evicted: 0,
+                limits: Default::default(),
                 accepted: 0,
                 unrouted: 0,
                 refused: Default::default(),

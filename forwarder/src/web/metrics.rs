@@ -287,6 +287,9 @@ pub fn render(stats: &StatsSnapshot) -> String {
         }
     }
     render_udp(stats, &mut out, head);
+    crate::rate::render_metrics(stats, &mut out, |out, name, kind, help| {
+        head(out, &Family { name, kind, help })
+    });
     out
 }
 
@@ -398,6 +401,7 @@ mod tests {
                 label: "0.0.0.0:8080".into(),
                 proto: Default::default(),
                 evicted: 0,
+                limits: Default::default(),
                 accepted: 7,
                 unrouted: 1,
                 refused: crate::stats::snapshot::Refusals {
@@ -449,11 +453,11 @@ mod tests {
         assert!(text.contains(
             "forwarder_pool_refused_total{listen=\"0.0.0.0:8080\",reason=\"max_conns\"} 2\n"
         ));
-        assert_eq!(text.matches("# TYPE ").count(), 25);
-        assert_eq!(text.matches("# HELP ").count(), 25);
+        assert_eq!(text.matches("# TYPE ").count(), 29);
+        assert_eq!(text.matches("# HELP ").count(), 29);
         let mut families: Vec<&str> = text.lines().filter(|l| l.starts_with("# TYPE ")).collect();
         families.sort();
         families.dedup();
-        assert_eq!(families.len(), 25, "every family once");
+        assert_eq!(families.len(), 29, "every family once");
     }
 }

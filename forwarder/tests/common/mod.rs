@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod http;
+pub mod netns;
 pub mod udp;
 
 use std::ffi::{OsStr, OsString};

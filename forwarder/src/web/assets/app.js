@@ -63,6 +63,33 @@
     return `${Math.floor(h / 24)} d ${h % 24} h`;
   }
 
+  /** "20 Mbit/s" from bits per second. */
+  function fmtBits(n) {
+    const units = [[1e9, 'Gbit/s'], [1e6, 'Mbit/s'], [1e3, 'kbit/s']];
+    for (const [scale, unit] of units) {
+      if (n >= scale) return `${Number((n / scale).toFixed(2))} ${unit}`;
+    }
+    return `${n} bit/s`;
+  }
+
+  /** A pool's bandwidth limits and what they held back, as parts of its summary line. */
+  function limitParts(l) {
+    const r = l.rates || {};
+    const scopes = [['conn', 'per connection'], ['ip', 'per client'], ['pool', 'for the pool']];
+    const limits = [];
+    for (const [k, words] of scopes) {
+      const up = r[`${k}_up`];
+      const down = r[`${k}_down`];
+      if (up) limits.push(`up ${fmtBits(up)} ${words}`);
+      if (down) limits.push(`down ${fmtBits(down)} ${words}`);
+    }
+    if (!limits.length) return [];
+    const parts = [`limited: ${limits.join(', ')}`];
+    if (l.throttled_ms) parts.push(`held back ${fmtDuration(l.throttled_ms)} (${fmtBytes(l.throttled_bytes)} delayed)`);
+    if (l.rate_drops) parts.push(`${fmtInt(l.rate_drops)} datagrams over the limit dropped`);
+    return parts;
+  }
+
   /** "Connection refused (os error 111)" -> "connection refused". */
   function plainError(text) {
     const t = String(text || '').replace(/\s*\(os error \d+\)$/, '');
@@ -503,6 +530,7 @@
       const udp = isUdp(g.listen);
       if (s) parts.push(udp ? `${fmtInt(s.accepted)} sessions` : `${fmtInt(s.accepted)} accepted`);
       if (s && s.evicted) parts.push(`${fmtInt(s.evicted)} evicted`);
+      if (s && s.limits) parts.push(...limitParts(s.limits));
       if (s && udp) {
         const sum = (k) => s.backends.reduce((a, b) => a + (b[k] || 0), 0);
         parts.push(`${fmtInt(sum('datagrams_up'))} datagrams in, ${fmtInt(sum('datagrams_down'))} out`);
