@@ -52,18 +52,29 @@ pub struct BackendSpec {
     pub slot: usize,
     #[serde(default)]
     pub options: BackendOptions,
+    /// `addr`'s port starts a destination range as long as the pool's: a client that reached
+    /// the pool's k-th port goes to `addr`'s port + k.
+    #[serde(default)]
+    pub port_range: bool,
 }
 
 /// One listening address and transport, and its backends.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PoolSpec {
     pub listen: SocketAddr,
+    /// How many ports from `listen`'s the pool listens on (1 unless the rule is a range).
+    #[serde(default = "one_port")]
+    pub ports: u16,
     #[serde(default)]
     pub proto: Proto,
     pub slot: usize,
     #[serde(default)]
     pub options: PoolOptions,
     pub backends: Vec<BackendSpec>,
+}
+
+fn one_port() -> u16 {
+    1
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -210,6 +210,16 @@ fn run_supervisor(args: &Args) -> anyhow::Result<ExitCode> {
         }
     };
     print_rules(&label, &set);
+    // Raised before `--check` answers, so it checks against the limit the start will have.
+    let limit = testbed::fdlimit::raise_nofile().context("raising the open-file limit")?;
+    let listen_budget = capacity::listen_budget(limit.soft, PIPES_PER_WORKER * 2);
+    if let Err(e) = forwarder::ranges::check_limits(&set, &label, listen_budget) {
+        eprintln!("{e}");
+        bail!(Exit::config(format!(
+            "{label}: {} error(s); nothing started",
+            e.0.len()
+        )));
+    }
     if let Err(e) = supervisor::check_bindable(&set, &label) {
         eprintln!("{e}");
         bail!(Exit::cannot_bind(format!(
@@ -230,7 +240,6 @@ fn run_supervisor(args: &Args) -> anyhow::Result<ExitCode> {
         _ => None,
     };
 
-    let limit = testbed::fdlimit::raise_nofile().context("raising the open-file limit")?;
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);
@@ -238,7 +247,7 @@ fn run_supervisor(args: &Args) -> anyhow::Result<ExitCode> {
         args.max_connections,
         args.workers,
         limit.soft,
-        PIPES_PER_WORKER * 2,
+        PIPES_PER_WORKER * 2 + forwarder::ranges::listeners_per_worker(&set),
         cores,
     );
     if plan.workers > forwarder::stats::MAX_WORKERS {
@@ -288,6 +297,7 @@ fn run_supervisor(args: &Args) -> anyhow::Result<ExitCode> {
             .then(|| Duration::from_secs(args.health_interval_s)),
         connect_timeout: Duration::from_millis(args.connect_timeout_ms),
         drain_timeout: Duration::from_secs(args.drain_timeout_s),
+        listen_budget,
     };
     let sup = Supervisor::new(config, set)?;
     if let Some(problem) = service::privilege::rules_write_problem(&rules_path) {
@@ -331,6 +341,13 @@ fn print_rules(label: &str, set: &RuleSet) {
             p.label(),
             supervisor::describe_pool(p)
         );
+        if !p.ports.is_single() {
+            eprintln!(
+                "  {:<22}    {} ports served port by port: one listening socket per port per worker",
+                "",
+                p.ports.len()
+            );
+        }
     }
 }
 

@@ -38,6 +38,9 @@ pub struct SupervisorConfig {
     pub health_interval: Option<Duration>,
     pub connect_timeout: Duration,
     pub drain_timeout: Duration,
+    /// Listening sockets a worker may hold ([`crate::capacity::listen_budget`]); every reload is
+    /// checked against it as `--check` and the start were.
+    pub listen_budget: usize,
 }
 
 struct WorkerHandle {
@@ -185,6 +188,7 @@ impl Supervisor {
             .header()
             .capacity
             .store(config.capacity as u64, Relaxed);
+        crate::ranges::check_limits(&rules, config.rules.label(), config.listen_budget)?;
         let mut slots = Slots::default();
         let specs = slots.assign(&rules, &shared)?;
         let inner = Inner {
@@ -411,27 +415,20 @@ impl Supervisor {
     /// Makes `new` the rules in force: new ports are checked for being free, then every worker
     /// switches over. Established connections are untouched.
     pub fn apply(&self, new: RuleSet) -> Result<(), RulesError> {
+        crate::ranges::check_limits(&new, self.config.rules.label(), self.config.listen_budget)?;
         let mut inner = self.lock();
-        let old: Vec<(SocketAddr, Proto)> = inner
+        let old: std::collections::HashSet<(SocketAddr, Proto)> = inner
             .rules
             .pools
             .iter()
-            .map(|p| (p.listen, p.proto))
+            .flat_map(|p| crate::ranges::listen_addrs(p).map(|a| (a, p.proto)))
             .collect();
         let mut errors = Vec::new();
-        for pool in new
-            .pools
-            .iter()
-            .filter(|p| !old.contains(&(p.listen, p.proto)))
-        {
-            if let Err(e) = probe_bind(pool.listen, pool.proto) {
-                let line = pool.rules.first().map(|r| r.line).unwrap_or(0);
-                errors.push(RuleError {
-                    file: self.config.rules.label().to_string(),
-                    line,
-                    field: "listen_port".into(),
-                    message: format!("cannot listen on {}: {e}", pool.label()),
-                });
+        for pool in &new.pools {
+            let fresh =
+                crate::ranges::listen_addrs(pool).filter(|a| !old.contains(&(*a, pool.proto)));
+            if let Some(e) = probe_pool(pool, fresh, self.config.rules.label()) {
+                errors.push(e);
             }
         }
         if !errors.is_empty() {
@@ -727,25 +724,55 @@ fn probe_bind(addr: SocketAddr, proto: Proto) -> std::io::Result<()> {
     s.bind(&addr.into())
 }
 
-/// Checks every new listen address of `set` (for `--check` and start-up).
+/// Checks every listen address of `set` (for `--check` and start-up).
 pub fn check_bindable(set: &RuleSet, file: &str) -> Result<(), RulesError> {
     let errors: Vec<RuleError> = set
         .pools
         .iter()
-        .filter_map(|p| {
-            probe_bind(p.listen, p.proto).err().map(|e| RuleError {
-                file: file.to_string(),
-                line: p.rules.first().map(|r| r.line).unwrap_or(0),
-                field: "listen_port".into(),
-                message: format!("cannot listen on {}: {e}", p.label()),
-            })
-        })
+        .filter_map(|p| probe_pool(p, crate::ranges::listen_addrs(p), file))
         .collect();
     if errors.is_empty() {
         Ok(())
     } else {
         Err(RulesError(errors))
     }
+}
+
+/// Probes `addrs` of `pool` (all its ports, or those not listened on yet); the error names the
+/// first port that cannot be listened on, and how many others of a range cannot either.
+fn probe_pool(
+    pool: &rules::Pool,
+    addrs: impl Iterator<Item = SocketAddr>,
+    file: &str,
+) -> Option<RuleError> {
+    let mut first: Option<(SocketAddr, std::io::Error)> = None;
+    let mut more = 0usize;
+    for addr in addrs {
+        if let Err(e) = probe_bind(addr, pool.proto) {
+            match first {
+                None => first = Some((addr, e)),
+                Some(_) => more += 1,
+            }
+        }
+    }
+    let (addr, e) = first?;
+    let what = if pool.ports.is_single() {
+        pool.label()
+    } else {
+        let suffix = if pool.proto == Proto::Udp { "/udp" } else { "" };
+        let others = if more > 0 {
+            format!(" and {more} more port(s) of the range")
+        } else {
+            String::new()
+        };
+        format!("{addr}{suffix} (of {}){others}", pool.label())
+    };
+    Some(RuleError {
+        file: file.to_string(),
+        line: pool.rules.first().map(|r| r.line).unwrap_or(0),
+        field: "listen_port".into(),
+        message: format!("cannot listen on {what}: {e}"),
+    })
 }
 
 fn log_changes(old: &RuleSet, new: &RuleSet) {
@@ -783,8 +810,8 @@ pub fn describe_pool(p: &rules::Pool) -> String {
     p.rules
         .iter()
         .map(|r| match r.entry.options.trim() {
-            "" => format!("{} {}", r.entry.name, r.dest),
-            options => format!("{} {} [{options}]", r.entry.name, r.dest),
+            "" => format!("{} {}", r.entry.name, r.dest_label()),
+            options => format!("{} {} [{options}]", r.entry.name, r.dest_label()),
         })
         .collect::<Vec<_>>()
         .join(", ")

@@ -507,8 +507,10 @@ impl Worker {
     /// pools serve new connections. Established relays keep their own pool and backend.
     fn apply(&mut self, pools: Vec<PoolSpec>) -> Vec<String> {
         let mut errors = Vec::new();
-        let (tcp, udp): (Vec<PoolSpec>, Vec<PoolSpec>) =
-            pools.into_iter().partition(|p| p.proto == Proto::Tcp);
+        let (tcp, udp): (Vec<PoolSpec>, Vec<PoolSpec>) = pools
+            .into_iter()
+            .flat_map(crate::ranges::port_specs)
+            .partition(|p| p.proto == Proto::Tcp);
         let udp = udp
             .into_iter()
             .map(|spec| {

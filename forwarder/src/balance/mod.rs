@@ -256,6 +256,7 @@ mod tests {
     fn pool(weights: &[u32], balance: Balance) -> ServedPool {
         let mut spec = PoolSpec {
             listen: "0.0.0.0:1".parse().unwrap(),
+            ports: 1,
             proto: Default::default(),
             slot: 0,
             options: Default::default(),
@@ -270,6 +271,7 @@ mod tests {
                         weight,
                         ..Default::default()
                     },
+                    port_range: false,
                 })
                 .collect(),
         };

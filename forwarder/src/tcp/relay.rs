@@ -985,6 +985,7 @@ mod tests {
             accepted.set_nonblocking(true).unwrap();
             let pool = PoolSpec {
                 listen: front.local_addr().unwrap(),
+                ports: 1,
                 proto: Default::default(),
                 slot: 0,
                 options: Default::default(),
@@ -996,6 +997,7 @@ mod tests {
                         addr,
                         slot: i,
                         options: Default::default(),
+                        port_range: false,
                     })
                     .collect(),
             };

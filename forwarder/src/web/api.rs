@@ -544,6 +544,7 @@ pub async fn get_connections(
             client: c.client.to_string(),
             listen: rules::Listen {
                 addr: c.listen,
+                ports: rules::PortRange::single(c.listen.port()),
                 proto: c.proto,
             }
             .to_string(),

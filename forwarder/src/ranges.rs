@@ -1,0 +1,161 @@
+//! How a pool over a port range is served. A worker is handed one [`PoolSpec`] per pool; a
+//! range pool becomes one spec per port here ([`port_specs`]), each with its backends' ports
+//! moved to the same offset, all counting into the range's one pool slot and backend slots (one
+//! series per rule on the page and in `/metrics`, one round-robin turn for the whole range).
+
+use std::net::SocketAddr;
+
+use crate::control::PoolSpec;
+use crate::rules::{Pool, RuleError, RuleSet, RulesError};
+use crate::stats::{MAX_BACKENDS, MAX_POOLS};
+
+/// The specs a worker listens with for `spec`: `spec` itself for a single port, else one per
+/// port of the range, the k-th listening on the first port + k and sending to each backend's
+/// port + k (or to its one port).
+pub fn port_specs(spec: PoolSpec) -> Vec<PoolSpec> {
+    if spec.ports <= 1 {
+        return vec![spec];
+    }
+    (0..spec.ports)
+        .map(|k| {
+            let mut one = spec.clone();
+            one.listen = at_offset(spec.listen, k);
+            one.ports = 1;
+            for b in &mut one.backends {
+                if b.port_range {
+                    b.addr = at_offset(b.addr, k);
+                    b.port_range = false;
+                }
+            }
+            one
+        })
+        .collect()
+}
+
+/// Every address `pool` listens on, first port first.
+pub fn listen_addrs(pool: &Pool) -> impl Iterator<Item = SocketAddr> + '_ {
+    pool.ports
+        .ports()
+        .map(|port| SocketAddr::new(pool.listen.ip(), port))
+}
+
+/// Listening sockets each worker holds for `set`: one per port of every pool (TCP and UDP).
+pub fn listeners_per_worker(set: &RuleSet) -> usize {
+    set.pools.iter().map(|p| p.ports.len() as usize).sum()
+}
+
+/// The limits a rules file must fit, checked the same way by `--check`, at start and on every
+/// live edit (page, file, SIGHUP), so that none of them accepts what another refuses:
+/// - every port listened on costs each worker one descriptor; together they must leave room
+///   for connections: at most `listen_budget` (see `capacity::listen_budget`);
+/// - the shared counters hold [`MAX_POOLS`] pools (a range is one pool, however many ports)
+///   and [`MAX_BACKENDS`] rows.
+///
+/// The error names the line of the pool that goes over.
+pub fn check_limits(set: &RuleSet, file: &str, listen_budget: usize) -> Result<(), RulesError> {
+    let mut errors = Vec::new();
+    let mut listeners = 0usize;
+    let mut backends = 0usize;
+    for (i, pool) in set.pools.iter().enumerate() {
+        let line = pool.rules.first().map_or(0, |r| r.line);
+        let before = listeners;
+        listeners += pool.ports.len() as usize;
+        if listeners > listen_budget && before <= listen_budget {
+            errors.push(RuleError {
+                file: file.to_string(),
+                line,
+                field: "listen_port".into(),
+                message: format!(
+                    "{} needs {} listening sockets per worker, {listeners} with the rows before it; \
+                     each worker has room for {listen_budget} (its open-file \
+                     limit less what connections need); use fewer or smaller ranges",
+                    pool.label(),
+                    pool.ports.len(),
+                ),
+            });
+        }
+        let before = backends;
+        backends += pool.rules.len();
+        if backends > MAX_BACKENDS && before <= MAX_BACKENDS {
+            errors.push(RuleError {
+                file: file.to_string(),
+                line: pool
+                    .rules
+                    .get(MAX_BACKENDS - before)
+                    .map_or(line, |r| r.line),
+                field: "row".into(),
+                message: format!("too many rows: at most {MAX_BACKENDS} destinations"),
+            });
+        }
+        if i == MAX_POOLS {
+            errors.push(RuleError {
+                file: file.to_string(),
+                line,
+                field: "listen_port".into(),
+                message: format!("too many pools: at most {MAX_POOLS} listen ports or ranges"),
+            });
+        }
+    }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(RulesError(errors))
+    }
+}
+
+/// `addr` with its port moved up by `k` (validation made sure the range fits below 65,536).
+fn at_offset(addr: SocketAddr, k: u16) -> SocketAddr {
+    SocketAddr::new(addr.ip(), addr.port().saturating_add(k))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rules::parse;
+    use crate::stats::{slots::Slots, Shared};
+
+    #[test]
+    fn a_range_pool_is_one_spec_per_port_sharing_its_slots() {
+        let set = parse(
+            "game,27000-27099,127.0.0.9,28000-28099\nweb,8000-8999,127.0.0.5,443\nweb2,8000-8999,127.0.0.6,8000-8999\nssh,22,127.0.0.1,2222\n",
+            "f",
+        )
+        .unwrap();
+        let shared = Shared::create().unwrap();
+        let specs = Slots::default().assign(&set, &shared).unwrap();
+        let game = port_specs(specs[0].clone());
+        assert_eq!(game.len(), 100);
+        assert_eq!(game[0].listen, "0.0.0.0:27000".parse().unwrap());
+        assert_eq!(game[99].listen, "0.0.0.0:27099".parse().unwrap());
+        assert_eq!(
+            game[42].backends[0].addr,
+            "127.0.0.9:28042".parse().unwrap()
+        );
+        assert!(game.iter().all(|s| s.slot == specs[0].slot && s.ports == 1));
+        let web = port_specs(specs[1].clone());
+        assert_eq!(web.len(), 1000);
+        assert_eq!(web[7].listen, "0.0.0.0:8007".parse().unwrap());
+        assert_eq!(web[7].backends[0].addr, "127.0.0.5:443".parse().unwrap());
+        assert_eq!(web[7].backends[1].addr, "127.0.0.6:8007".parse().unwrap());
+        assert_eq!(web[7].backends[1].slot, specs[1].backends[1].slot);
+        assert_eq!(port_specs(specs[2].clone()), vec![specs[2].clone()]);
+        assert_eq!(listeners_per_worker(&set), 1101);
+    }
+
+    #[test]
+    fn limits_count_ports_against_the_budget_and_name_the_line() {
+        let set = parse(
+            "a,7000,127.0.0.1,1\nb,10000-10099,127.0.0.1,2\nc,20000-20999,127.0.0.1,3\n",
+            "entries.csv",
+        )
+        .unwrap();
+        assert!(check_limits(&set, "entries.csv", 1101).is_ok());
+        let e = check_limits(&set, "entries.csv", 1000).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "entries.csv:3: listen_port: 0.0.0.0:20000-20999 needs 1000 listening sockets per \
+             worker, 1101 with the rows before it; each worker has room for 1000 (its open-file \
+             limit less what connections need); use fewer or smaller ranges"
+        );
+    }
+}
