@@ -41,8 +41,10 @@ pub struct Record<'a> {
     pub bytes_down: u64,
     pub duration: Duration,
     /// How it ended: `client_fin`, `backend_fin`, `reset`, `idle_timeout`, `denied`,
-    /// `no_backend`, `limit`, `bad_proxy_header`, `closed`.
+    /// `no_backend`, `limit`, `bad_proxy_header`, `no_sni_route`, `bad_tls_hello`, `closed`.
     pub ending: &'static str,
+    /// The TLS server name the client asked for (pools with `sni=` rows only).
+    pub sni: Option<&'a str>,
 }
 
 impl Record<'_> {
@@ -57,8 +59,10 @@ impl Record<'_> {
                 let backend = self.backend.map_or("-".to_string(), |b| b.to_string());
                 // A rule name is free text: spaces would split the field.
                 let rule = self.rule.unwrap_or("-").replace(char::is_whitespace, "_");
+                // Only SNI pools' lines carry the name, so other lines keep their fields.
+                let sni = self.sni.map_or(String::new(), |n| format!(" sni={n}"));
                 format!(
-                    "{time} {} {} {rule} {backend} up={} down={} ms={ms} {}\n",
+                    "{time} {} {} {rule} {backend} up={} down={} ms={ms} {}{sni}\n",
                     self.client, self.listen, self.bytes_up, self.bytes_down, self.ending
                 )
             }
@@ -73,6 +77,7 @@ impl Record<'_> {
                     "bytes_down": self.bytes_down,
                     "duration_ms": ms,
                     "ending": self.ending,
+                    "sni": self.sni,
                 })
                 .to_string();
                 line.push('\n');
@@ -222,6 +227,7 @@ mod tests {
             bytes_down: 12,
             duration: Duration::from_millis(3),
             ending: "client_fin",
+            sni: None,
         }
     }
 
@@ -246,6 +252,15 @@ mod tests {
             .ends_with(" - - up=5 down=12 ms=3 denied\n"));
         let v: serde_json::Value = serde_json::from_str(&denied.format(Format::Json)).unwrap();
         assert!(v["backend"].is_null());
+        let named = Record {
+            sni: Some("a.test"),
+            ..record()
+        };
+        assert!(named
+            .format(Format::Text)
+            .ends_with(" client_fin sni=a.test\n"));
+        let v: serde_json::Value = serde_json::from_str(&named.format(Format::Json)).unwrap();
+        assert_eq!(v["sni"], "a.test");
     }
 
     #[test]

@@ -128,6 +128,9 @@ pub struct ConnectionInfo {
     /// What only a UDP session has.
     #[serde(default)]
     pub udp: Option<SessionFigures>,
+    /// The TLS server name the client asked for (pools with `sni=` rows only).
+    #[serde(default)]
+    pub sni: Option<String>,
 }
 
 /// Figures of a UDP session beyond a connection's.

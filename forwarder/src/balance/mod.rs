@@ -8,6 +8,7 @@
 //! skipped; when every backend is down one is tried anyway (fail open).
 
 pub mod acl;
+pub mod sni;
 
 use std::net::IpAddr;
 use std::sync::atomic::Ordering::Relaxed;
@@ -27,11 +28,28 @@ pub struct ServedPool {
     /// Backend indices in smooth weighted round-robin order, one period long; empty when every
     /// weight is equal (plain modulo then, as before weights existed).
     schedule: Vec<u16>,
+    /// Routes by TLS server name, when rows of the pool carry `sni=`: a connection is then
+    /// served by the group its ClientHello names ([`sni::SniRoutes::route`]).
+    pub sni: Option<sni::SniRoutes>,
 }
 
 impl ServedPool {
     /// Compiles `spec` with the forwarder's default access lists (`--allow`, `--deny`).
     pub fn new(spec: PoolSpec, default_allow: &[IpNet], default_deny: &[IpNet]) -> ServedPool {
+        let routes = sni::SniRoutes::build(&spec, |group| {
+            Self::without_routes(group, default_allow, default_deny)
+        });
+        ServedPool {
+            sni: routes,
+            ..Self::without_routes(spec, default_allow, default_deny)
+        }
+    }
+
+    fn without_routes(
+        spec: PoolSpec,
+        default_allow: &[IpNet],
+        default_deny: &[IpNet],
+    ) -> ServedPool {
         let acl = Acl::build(
             &spec.options.allow,
             &spec.options.deny,
@@ -48,6 +66,7 @@ impl ServedPool {
             spec,
             acl,
             schedule,
+            sni: None,
         }
     }
 }

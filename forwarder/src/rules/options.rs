@@ -62,6 +62,10 @@ pub struct BackendOptions {
     pub send_proxy: Option<ProxyVersion>,
     /// Most connections open to this backend at once (0 = no limit).
     pub max_conns: u64,
+    /// `sni=`: the TLS server names this backend serves (lower case; `*.example.com` matches
+    /// one label). Empty: the row takes no part in SNI routing, or is its pool's default route.
+    #[serde(default)]
+    pub sni: Vec<String>,
 }
 
 impl Default for BackendOptions {
@@ -70,6 +74,7 @@ impl Default for BackendOptions {
             weight: 1,
             send_proxy: None,
             max_conns: 0,
+            sni: Vec::new(),
         }
     }
 }
@@ -127,6 +132,7 @@ const KEYS: &[(&str, bool, bool)] = &[
     ("deny", true, true),
     ("accept_proxy", true, false),
     ("max_conns_per_ip", true, false),
+    ("sni", false, false),
 ];
 
 /// Parses the options column; the error says which item is wrong and why.
@@ -200,10 +206,39 @@ pub fn parse_options(text: &str, proto: Proto) -> Result<RowOptions, String> {
             "max_conns_per_ip" => {
                 out.pool.max_conns_per_ip = number(key, needs("N")?, 1, u64::MAX)?;
             }
+            "sni" => out.backend.sni = server_names(needs("NAME[,NAME...]")?)?,
             _ => unreachable!("every key of KEYS is handled"),
         }
     }
     Ok(out)
+}
+
+/// `a.test,*.example.com`: host names (letters, digits, `-`, `_`, dots), lower-cased; a
+/// wildcard is `*.` and at least one more label.
+pub fn server_names(value: &str) -> Result<Vec<String>, String> {
+    let mut names = Vec::new();
+    for name in value.split(',') {
+        let lower = name.trim().trim_end_matches('.').to_ascii_lowercase();
+        let bare = lower.strip_prefix("*.").unwrap_or(&lower);
+        let labels_ok = !bare.is_empty()
+            && bare.len() <= 253
+            && bare.split('.').all(|l| {
+                !l.is_empty()
+                    && l.len() <= 63
+                    && l.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            });
+        if !labels_ok {
+            return Err(format!(
+                "sni: \"{name}\" is not a host name (write a.example.com, or *.example.com for any one label)"
+            ));
+        }
+        if names.contains(&lower) {
+            return Err(format!("sni: \"{name}\" is given twice"));
+        }
+        names.push(lower);
+    }
+    Ok(names)
 }
 
 fn number(key: &str, value: &str, min: u64, max: u64) -> Result<u64, String> {
@@ -312,6 +347,22 @@ mod tests {
         assert_eq!(
             parse_options("send_proxy=v1", Proto::Udp).unwrap_err(),
             "send_proxy is for TCP rules only"
+        );
+    }
+
+    #[test]
+    fn server_names_are_host_names_or_one_label_wildcards() {
+        let o = parse_options("sni=A.test,*.Example.com.", Proto::Tcp).unwrap();
+        assert_eq!(o.backend.sni, ["a.test", "*.example.com"]);
+        let e = |t: &str| parse_options(t, Proto::Tcp).unwrap_err();
+        assert!(e("sni=a.*.test").starts_with("sni: \"a.*.test\" is not a host name"));
+        assert!(e("sni=*").starts_with("sni: \"*\" is not a host name"));
+        assert!(e("sni=a..test").starts_with("sni: \"a..test\" is not a host name"));
+        assert_eq!(e("sni=a.test,A.TEST"), "sni: \"A.TEST\" is given twice");
+        assert_eq!(e("sni"), "sni needs a value: sni=NAME[,NAME...]");
+        assert_eq!(
+            parse_options("sni=a.test", Proto::Udp).unwrap_err(),
+            "sni is for TCP rules only"
         );
     }
 

@@ -56,6 +56,11 @@ pub struct PoolSlot {
     pub bad_header: AtomicU64,
     /// UDP sessions ended early to make room for a new one (the session table was full).
     pub evicted: AtomicU64,
+    /// SNI pools: connections whose server name no row serves, with no default row.
+    pub no_sni_route: AtomicU64,
+    /// SNI pools: connections closed without a readable ClientHello in time (malformed, too
+    /// long, closed early, or silent).
+    pub bad_hello: AtomicU64,
 }
 
 /// One backend of one pool: traffic counters and passive/active health. How many connections
@@ -268,6 +273,8 @@ impl PoolSlot {
             &self.per_ip_full,
             &self.bad_header,
             &self.evicted,
+            &self.no_sni_route,
+            &self.bad_hello,
         ] {
             a.store(0, Relaxed);
         }

@@ -10,4 +10,5 @@ pub mod direction;
 pub mod kernel_direction;
 pub mod proxy;
 pub mod relay;
+pub mod sni;
 pub mod sockmap;

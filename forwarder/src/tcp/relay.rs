@@ -24,6 +24,7 @@ use crate::stats::{now_ms, Shared, ERR_TIMEOUT};
 use crate::tcp::direction::{Direction, Progress, PumpError, Resources};
 use crate::tcp::kernel_direction::{socket_counts, KernelDirection};
 use crate::tcp::proxy::{self, HeaderError};
+use crate::tcp::sni::{self, Hello, HelloError};
 use crate::tcp::sockmap::{self, Joined};
 
 /// First wait before looking again at a FIN whose bytes the kernel is still passing on; doubled
@@ -82,6 +83,10 @@ pub enum Ending {
     PerIpFull,
     /// `accept_proxy`: no valid PROXY header arrived within the connect timeout.
     BadHeader(HeaderError),
+    /// `sni=`: the name asked for has no row, and the pool has no default row.
+    NoSniRoute,
+    /// `sni=`: no readable ClientHello within the connect timeout (why: the text).
+    BadHello(&'static str),
 }
 
 impl Ending {
@@ -97,6 +102,8 @@ impl Ending {
             Ending::Denied => "denied",
             Ending::Full | Ending::PerIpFull => "limit",
             Ending::BadHeader(_) => "bad_proxy_header",
+            Ending::NoSniRoute => "no_sni_route",
+            Ending::BadHello(_) => "bad_tls_hello",
         }
     }
 
@@ -165,6 +172,10 @@ enum Phase {
     ReadingHeader {
         deadline: Instant,
     },
+    /// `sni=`: waiting for the whole ClientHello, to pick the backends serving its name.
+    ReadingHello {
+        deadline: Instant,
+    },
     /// Waiting for the backend's non-blocking connect. `tried` holds the pool indices tried so
     /// far (the last one is in progress).
     Connecting {
@@ -219,6 +230,8 @@ pub struct Relay {
     per_ip_counted: bool,
     /// Which side sent the first FIN (the access log says who ended the connection).
     first_fin: Option<Side>,
+    /// The TLS server name the client asked for (pools with `sni=` rows only).
+    sni: Option<String>,
     phase: Phase,
     /// client → backend
     up: Direction,
@@ -251,6 +264,7 @@ impl Relay {
             header_in: 0,
             header_uncounted: 0,
             first_fin: None,
+            sni: None,
             per_ip_counted: false,
             phase: Phase::Accepted,
             up: Direction::default(),
@@ -301,6 +315,14 @@ impl Relay {
 
     /// Counts the client against `max_conns_per_ip`, picks the first backend and connects.
     fn route(&mut self, ctx: &mut Context) -> Next {
+        if self.pool.sni.is_some() {
+            let deadline = ctx.now + ctx.connect_timeout;
+            self.phase = Phase::ReadingHello { deadline };
+            return match self.read_hello(ctx) {
+                Next::Wait => Next::Timer(deadline),
+                next => next,
+            };
+        }
         let client = self.client_addr.ip();
         let per_ip = self.pool.spec.options.max_conns_per_ip;
         if per_ip > 0 {
@@ -357,6 +379,42 @@ impl Relay {
         self.route(ctx)
     }
 
+    /// `sni=`: peeks at what the client sent so far (nothing is consumed: the backend gets the
+    /// ClientHello untouched) until it holds a whole ClientHello or shows the client speaks no
+    /// TLS, then serves the connection from the group of backends for its name.
+    fn read_hello(&mut self, ctx: &mut Context) -> Next {
+        let mut buf = vec![0u8; sni::MAX_HELLO];
+        let seen = match self.client.peek(&mut buf) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Next::Wait,
+            Err(e) => return Next::Close(Ending::Failed(PumpError::Read(e))),
+        };
+        let name = match sni::read_client_hello(&buf[..seen]) {
+            Ok(Hello::Incomplete) if seen > 0 => return Next::Wait,
+            Ok(Hello::Incomplete) => {
+                return Next::Close(Ending::BadHello("closed before a ClientHello"))
+            }
+            Ok(Hello::NotTls) => None,
+            Ok(Hello::Complete(name)) => name,
+            Err(HelloError::TooLarge) => {
+                return Next::Close(Ending::BadHello("ClientHello too large"))
+            }
+            Err(HelloError::Malformed(why)) => return Next::Close(Ending::BadHello(why)),
+        };
+        let group = self
+            .pool
+            .sni
+            .as_ref()
+            .and_then(|r| r.route(name.as_deref()));
+        self.sni = name;
+        let Some(group) = group else {
+            return Next::Close(Ending::NoSniRoute);
+        };
+        self.pool = group;
+        self.phase = Phase::Accepted;
+        self.route(ctx)
+    }
+
     /// Handles a readiness event on one of the relay's sockets.
     pub fn ready(&mut self, side: Side, wake: Wake, ctx: &mut Context) -> Next {
         self.last_active = ctx.now;
@@ -364,6 +422,8 @@ impl Relay {
             Phase::Accepted => Next::Wait,
             Phase::ReadingHeader { .. } if side == Side::Client => self.read_header(ctx),
             Phase::ReadingHeader { .. } => Next::Wait,
+            Phase::ReadingHello { .. } if side == Side::Client => self.read_hello(ctx),
+            Phase::ReadingHello { .. } => Next::Wait,
             // Client bytes wait in the kernel until the backend is up.
             Phase::Connecting { .. } if side == Side::Client => Next::Wait,
             Phase::Connecting { backend, .. } => {
@@ -401,6 +461,9 @@ impl Relay {
             Phase::ReadingHeader { deadline } if *deadline <= ctx.now => {
                 Next::Close(Ending::BadHeader(HeaderError::Timeout))
             }
+            Phase::ReadingHello { deadline } if *deadline <= ctx.now => Next::Close(
+                Ending::BadHello("no ClientHello within the connect timeout"),
+            ),
             Phase::InKernel {
                 fin_due: Some(due), ..
             } if *due <= ctx.now => self.watch_kernel(ctx),
@@ -455,7 +518,7 @@ impl Relay {
             Phase::Connecting { backend, .. }
             | Phase::Relaying { backend }
             | Phase::InKernel { backend, .. } => Some(backend),
-            Phase::Accepted | Phase::ReadingHeader { .. } => None,
+            Phase::Accepted | Phase::ReadingHeader { .. } | Phase::ReadingHello { .. } => None,
         };
         if ending.resets() {
             for s in std::iter::once(&self.client).chain(backend) {
@@ -486,6 +549,13 @@ impl Relay {
             Ending::BadHeader(_) => {
                 pool.bad_header.fetch_add(1, Relaxed);
             }
+            Ending::NoSniRoute => {
+                pool.no_sni_route.fetch_add(1, Relaxed);
+            }
+            Ending::BadHello(why) => {
+                tracing::debug!(id = self.id, client = %self.client_addr, "closed: {why}");
+                pool.bad_hello.fetch_add(1, Relaxed);
+            }
             _ => {}
         }
         if let Some(log) = ctx.access_log {
@@ -499,7 +569,12 @@ impl Relay {
     fn log(&self, log: &AccessLog, ending: &Ending, ctx: &Context) {
         let chosen = !matches!(
             ending,
-            Ending::Denied | Ending::Full | Ending::PerIpFull | Ending::BadHeader(_)
+            Ending::Denied
+                | Ending::Full
+                | Ending::PerIpFull
+                | Ending::BadHeader(_)
+                | Ending::NoSniRoute
+                | Ending::BadHello(_)
         ) && !self.pool.spec.backends.is_empty();
         let backend = chosen.then(|| &self.pool.spec.backends[self.backend_index]);
         let record = Record {
@@ -512,6 +587,7 @@ impl Relay {
             bytes_down: self.bytes().1,
             duration: ctx.now.saturating_duration_since(self.started),
             ending: ending.word(self.first_fin),
+            sni: self.sni.as_deref(),
         };
         log.write(&record, ctx.shared);
     }
@@ -528,9 +604,10 @@ impl Relay {
             rule: b.name.clone(),
             backend: b.addr,
             state: match self.phase {
-                Phase::Accepted | Phase::ReadingHeader { .. } | Phase::Connecting { .. } => {
-                    "connecting".into()
-                }
+                Phase::Accepted
+                | Phase::ReadingHeader { .. }
+                | Phase::ReadingHello { .. }
+                | Phase::Connecting { .. } => "connecting".into(),
                 Phase::Relaying { .. } | Phase::InKernel { .. } => "relaying".into(),
             },
             bytes_up: self.bytes().0,
@@ -539,6 +616,7 @@ impl Relay {
             client_half_closed: self.source_done().0,
             backend_half_closed: self.source_done().1,
             udp: None,
+            sni: self.sni.clone(),
         }
     }
 

@@ -509,6 +509,9 @@ struct ConnectionDoc {
     /// Milliseconds since the session's last datagram (UDP).
     #[serde(skip_serializing_if = "Option::is_none")]
     idle_ms: Option<u64>,
+    /// The TLS server name the client asked for (pools with `sni=` rows only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    sni: Option<String>,
 }
 
 #[derive(serde::Deserialize)]
@@ -560,6 +563,7 @@ pub async fn get_connections(
             datagrams_up: c.udp.as_ref().map(|u| u.datagrams_up),
             datagrams_down: c.udp.as_ref().map(|u| u.datagrams_down),
             idle_ms: c.udp.as_ref().map(|u| u.idle_ms),
+            sni: c.sni.clone(),
         })
         .collect();
     let mut response = Json(docs).into_response();
