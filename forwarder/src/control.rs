@@ -65,6 +65,10 @@ pub struct PoolSpec {
     /// How many ports from `listen`'s the pool listens on (1 unless the rule is a range).
     #[serde(default = "one_port")]
     pub ports: u16,
+    /// The range is steered to one listener at `listen` by nftables ([`crate::steer`]); the
+    /// port a client reached is read back per connection.
+    #[serde(default)]
+    pub steered: bool,
     #[serde(default)]
     pub proto: Proto,
     pub slot: usize,

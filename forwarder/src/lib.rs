@@ -10,6 +10,7 @@ pub mod ranges;
 pub mod rules;
 pub mod service;
 pub mod stats;
+pub mod steer;
 pub mod supervisor;
 pub mod tcp;
 pub mod udp;

@@ -213,14 +213,22 @@ fn run_supervisor(args: &Args) -> anyhow::Result<ExitCode> {
     // Raised before `--check` answers, so it checks against the limit the start will have.
     let limit = testbed::fdlimit::raise_nofile().context("raising the open-file limit")?;
     let listen_budget = capacity::listen_budget(limit.soft, PIPES_PER_WORKER * 2);
-    if let Err(e) = forwarder::ranges::check_limits(&set, &label, listen_budget) {
+    let steering = match &args.user {
+        Some(user) => Err(format!(
+            "--user {user} drops CAP_NET_ADMIN, which nftables needs"
+        )),
+        None => forwarder::steer::Steering::probe(&rules_path),
+    };
+    let steering_state = steering.as_ref().map(|_| ()).map_err(|s| s.as_str());
+    print_steering(&set, &steering);
+    if let Err(e) = forwarder::ranges::check_limits(&set, &label, listen_budget, steering_state) {
         eprintln!("{e}");
         bail!(Exit::config(format!(
             "{label}: {} error(s); nothing started",
             e.0.len()
         )));
     }
-    if let Err(e) = supervisor::check_bindable(&set, &label) {
+    if let Err(e) = supervisor::check_bindable(&set, &label, steering.is_ok()) {
         eprintln!("{e}");
         bail!(Exit::cannot_bind(format!(
             "{label}: {} port(s) cannot be listened on",
@@ -247,7 +255,7 @@ fn run_supervisor(args: &Args) -> anyhow::Result<ExitCode> {
         args.max_connections,
         args.workers,
         limit.soft,
-        PIPES_PER_WORKER * 2 + forwarder::ranges::listeners_per_worker(&set),
+        PIPES_PER_WORKER * 2 + forwarder::ranges::listeners_per_worker(&set, steering.is_ok()),
         cores,
     );
     if plan.workers > forwarder::stats::MAX_WORKERS {
@@ -298,6 +306,7 @@ fn run_supervisor(args: &Args) -> anyhow::Result<ExitCode> {
         connect_timeout: Duration::from_millis(args.connect_timeout_ms),
         drain_timeout: Duration::from_secs(args.drain_timeout_s),
         listen_budget,
+        steering,
     };
     let sup = Supervisor::new(config, set)?;
     if let Some(problem) = service::privilege::rules_write_problem(&rules_path) {
@@ -341,13 +350,30 @@ fn print_rules(label: &str, set: &RuleSet) {
             p.label(),
             supervisor::describe_pool(p)
         );
-        if !p.ports.is_single() {
-            eprintln!(
-                "  {:<22}    {} ports served port by port: one listening socket per port per worker",
-                "",
-                p.ports.len()
-            );
-        }
+    }
+}
+
+/// How each range is served, and why (for `--check` and the start).
+fn print_steering(set: &RuleSet, steering: &Result<forwarder::steer::Steering, String>) {
+    use forwarder::steer::{wants_steering, STEER_MIN_PORTS};
+    for p in set.pools.iter().filter(|p| !p.ports.is_single()) {
+        let how = match steering {
+            Ok(s) if wants_steering(p) => format!(
+                "steered to one listening socket per worker by nftables (table inet {}): {STEER_MIN_PORTS} ports or more",
+                s.table
+            ),
+            Err(why) if wants_steering(p) => {
+                format!("served port by port, one listening socket per port per worker: {why}")
+            }
+            _ if p.proto == rules::Proto::Udp => {
+                "served port by port, one socket per port per worker (UDP ranges always are)"
+                    .to_string()
+            }
+            _ => format!(
+                "served port by port, one listening socket per port per worker (fewer than {STEER_MIN_PORTS} ports)"
+            ),
+        };
+        eprintln!("  {}: {} ports {how}", p.label(), p.ports.len());
     }
 }
 

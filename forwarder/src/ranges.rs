@@ -3,45 +3,111 @@
 //! moved to the same offset, all counting into the range's one pool slot and backend slots (one
 //! series per rule on the page and in `/metrics`, one round-robin turn for the whole range).
 
+use std::cell::RefCell;
+use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::rc::Rc;
 
+use ipnet::IpNet;
+
+use crate::balance::ServedPool;
 use crate::control::PoolSpec;
-use crate::rules::{Pool, RuleError, RuleSet, RulesError};
+use crate::rules::{Pool, Proto, RuleError, RuleSet, RulesError};
 use crate::stats::{MAX_BACKENDS, MAX_POOLS};
+use crate::steer::wants_steering;
 
 /// The specs a worker listens with for `spec`: `spec` itself for a single port, else one per
 /// port of the range, the k-th listening on the first port + k and sending to each backend's
 /// port + k (or to its one port).
+/// A steered range stays one spec (one listener; [`SteeredPorts`] finds the port's pool).
 pub fn port_specs(spec: PoolSpec) -> Vec<PoolSpec> {
-    if spec.ports <= 1 {
+    if spec.ports <= 1 || spec.steered {
         return vec![spec];
     }
-    (0..spec.ports)
-        .map(|k| {
-            let mut one = spec.clone();
-            one.listen = at_offset(spec.listen, k);
-            one.ports = 1;
-            for b in &mut one.backends {
-                if b.port_range {
-                    b.addr = at_offset(b.addr, k);
-                    b.port_range = false;
-                }
-            }
-            one
-        })
-        .collect()
+    (0..spec.ports).map(|k| port_spec(&spec, k)).collect()
 }
 
-/// Every address `pool` listens on, first port first.
-pub fn listen_addrs(pool: &Pool) -> impl Iterator<Item = SocketAddr> + '_ {
-    pool.ports
-        .ports()
-        .map(|port| SocketAddr::new(pool.listen.ip(), port))
+/// The spec of the `k`-th port of range `spec`.
+fn port_spec(spec: &PoolSpec, k: u16) -> PoolSpec {
+    let mut one = spec.clone();
+    one.listen = at_offset(spec.listen, k);
+    one.ports = 1;
+    one.steered = false;
+    for b in &mut one.backends {
+        if b.port_range {
+            b.addr = at_offset(b.addr, k);
+            b.port_range = false;
+        }
+    }
+    one
 }
 
-/// Listening sockets each worker holds for `set`: one per port of every pool (TCP and UDP).
-pub fn listeners_per_worker(set: &RuleSet) -> usize {
-    set.pools.iter().map(|p| p.ports.len() as usize).sum()
+/// Marks the specs of ranges that nftables steers (when `steering` is available).
+pub fn mark_steered(specs: &mut [PoolSpec], set: &RuleSet, steering: bool) {
+    for (spec, pool) in specs.iter_mut().zip(&set.pools) {
+        spec.steered = steering && wants_steering(pool);
+    }
+}
+
+/// A steered range as one worker serves it: the pool of each port the clients reach, made the
+/// first time a client reaches it (a 20,000-port range mostly sees a few of them).
+pub struct SteeredPorts {
+    spec: PoolSpec,
+    default_allow: Vec<IpNet>,
+    default_deny: Vec<IpNet>,
+    by_port: RefCell<HashMap<u16, Rc<ServedPool>>>,
+}
+
+impl SteeredPorts {
+    pub fn new(spec: PoolSpec, default_allow: &[IpNet], default_deny: &[IpNet]) -> SteeredPorts {
+        SteeredPorts {
+            spec,
+            default_allow: default_allow.to_vec(),
+            default_deny: default_deny.to_vec(),
+            by_port: RefCell::default(),
+        }
+    }
+
+    /// The pool serving `port` of the range; `None` for a port outside it.
+    pub fn pool_for(&self, port: u16) -> Option<Rc<ServedPool>> {
+        let k = port.checked_sub(self.spec.listen.port())?;
+        if k >= self.spec.ports {
+            return None;
+        }
+        let mut by_port = self.by_port.borrow_mut();
+        let pool = by_port.entry(port).or_insert_with(|| {
+            Rc::new(ServedPool::new(
+                port_spec(&self.spec, k),
+                &self.default_allow,
+                &self.default_deny,
+            ))
+        });
+        Some(Rc::clone(pool))
+    }
+}
+
+/// Every address `pool` listens on, first port first (only the first when it is steered).
+pub fn listen_addrs(pool: &Pool, steering: bool) -> impl Iterator<Item = SocketAddr> + '_ {
+    let last = if steering && wants_steering(pool) {
+        pool.ports.first
+    } else {
+        pool.ports.last
+    };
+    (pool.ports.first..=last).map(|port| SocketAddr::new(pool.listen.ip(), port))
+}
+
+/// Listening sockets each worker holds for `set`: one per port of every pool (TCP and UDP),
+/// one for a steered range.
+pub fn listeners_per_worker(set: &RuleSet, steering: bool) -> usize {
+    set.pools.iter().map(|p| listeners(p, steering)).sum()
+}
+
+fn listeners(pool: &Pool, steering: bool) -> usize {
+    if steering && wants_steering(pool) {
+        1
+    } else {
+        pool.ports.len() as usize
+    }
 }
 
 /// The limits a rules file must fit, checked the same way by `--check`, at start and on every
@@ -52,23 +118,39 @@ pub fn listeners_per_worker(set: &RuleSet) -> usize {
 ///   and [`MAX_BACKENDS`] rows.
 ///
 /// The error names the line of the pool that goes over.
-pub fn check_limits(set: &RuleSet, file: &str, listen_budget: usize) -> Result<(), RulesError> {
+/// `steering` says whether large TCP ranges are steered (then they count one socket), or why
+/// not (named in the error).
+pub fn check_limits(
+    set: &RuleSet,
+    file: &str,
+    listen_budget: usize,
+    steering: Result<(), &str>,
+) -> Result<(), RulesError> {
     let mut errors = Vec::new();
-    let mut listeners = 0usize;
+    let mut total = 0usize;
     let mut backends = 0usize;
     for (i, pool) in set.pools.iter().enumerate() {
         let line = pool.rules.first().map_or(0, |r| r.line);
-        let before = listeners;
-        listeners += pool.ports.len() as usize;
-        if listeners > listen_budget && before <= listen_budget {
+        let before = total;
+        total += listeners(pool, steering.is_ok());
+        if total > listen_budget && before <= listen_budget {
+            let why = match steering {
+                Err(why) if wants_steering(pool) => {
+                    format!("; it cannot be steered to one socket: {why}")
+                }
+                _ if pool.proto == Proto::Udp && !pool.ports.is_single() => {
+                    "; UDP ranges are always served port by port".to_string()
+                }
+                _ => String::new(),
+            };
             errors.push(RuleError {
                 file: file.to_string(),
                 line,
                 field: "listen_port".into(),
                 message: format!(
-                    "{} needs {} listening sockets per worker, {listeners} with the rows before it; \
+                    "{} needs {} listening sockets per worker, {total} with the rows before it; \
                      each worker has room for {listen_budget} (its open-file \
-                     limit less what connections need); use fewer or smaller ranges",
+                     limit less what connections need); use fewer or smaller ranges{why}",
                     pool.label(),
                     pool.ports.len(),
                 ),
@@ -139,7 +221,12 @@ mod tests {
         assert_eq!(web[7].backends[1].addr, "127.0.0.6:8007".parse().unwrap());
         assert_eq!(web[7].backends[1].slot, specs[1].backends[1].slot);
         assert_eq!(port_specs(specs[2].clone()), vec![specs[2].clone()]);
-        assert_eq!(listeners_per_worker(&set), 1101);
+        assert_eq!(listeners_per_worker(&set, false), 1101);
+        assert_eq!(
+            listeners_per_worker(&set, true),
+            102,
+            "the 1000-port range is steered"
+        );
     }
 
     #[test]
@@ -149,13 +236,15 @@ mod tests {
             "entries.csv",
         )
         .unwrap();
-        assert!(check_limits(&set, "entries.csv", 1101).is_ok());
-        let e = check_limits(&set, "entries.csv", 1000).unwrap_err();
+        assert!(check_limits(&set, "entries.csv", 1101, Err("no nft")).is_ok());
+        assert!(check_limits(&set, "entries.csv", 102, Ok(())).is_ok());
+        let e = check_limits(&set, "entries.csv", 1000, Err("no nft")).unwrap_err();
         assert_eq!(
             e.to_string(),
             "entries.csv:3: listen_port: 0.0.0.0:20000-20999 needs 1000 listening sockets per \
              worker, 1101 with the rows before it; each worker has room for 1000 (its open-file \
-             limit less what connections need); use fewer or smaller ranges"
+             limit less what connections need); use fewer or smaller ranges; it cannot be \
+             steered to one socket: no nft"
         );
     }
 }

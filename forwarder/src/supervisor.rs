@@ -41,6 +41,8 @@ pub struct SupervisorConfig {
     /// Listening sockets a worker may hold ([`crate::capacity::listen_budget`]); every reload is
     /// checked against it as `--check` and the start were.
     pub listen_budget: usize,
+    /// The nftables table that steers large TCP ranges to one listener, or why there is none.
+    pub steering: Result<crate::steer::Steering, String>,
 }
 
 struct WorkerHandle {
@@ -192,9 +194,22 @@ impl Supervisor {
             .header()
             .capacity
             .store(config.capacity as u64, Relaxed);
-        crate::ranges::check_limits(&rules, config.rules.label(), config.listen_budget)?;
+        crate::ranges::check_limits(
+            &rules,
+            config.rules.label(),
+            config.listen_budget,
+            config.steering.as_ref().map(|_| ()).map_err(|s| s.as_str()),
+        )?;
         let mut slots = Slots::default();
-        let specs = slots.assign(&rules, &shared)?;
+        let mut specs = slots.assign(&rules, &shared)?;
+        crate::ranges::mark_steered(&mut specs, &rules, config.steering.is_ok());
+        if let Ok(steering) = &config.steering {
+            let ranges = crate::steer::steered_ranges(rules.pools.iter());
+            steering
+                .sync(&ranges)
+                .with_context(|| format!("installing nftables table {}", steering.table))?;
+            log_steering(steering, &ranges);
+        }
         let inner = Inner {
             rules,
             specs,
@@ -359,6 +374,10 @@ impl Supervisor {
 
     fn shutdown(&self) -> anyhow::Result<()> {
         crate::service::notify::stopping();
+        if let Ok(steering) = &self.config.steering {
+            // Connections already redirected keep their conntrack entries and go on.
+            steering.remove();
+        }
         let mut inner = self.lock();
         tracing::info!(
             "shutting down: draining connections for up to {} s",
@@ -419,18 +438,28 @@ impl Supervisor {
     /// Makes `new` the rules in force: new ports are checked for being free, then every worker
     /// switches over. Established connections are untouched.
     pub fn apply(&self, new: RuleSet) -> Result<(), RulesError> {
-        crate::ranges::check_limits(&new, self.config.rules.label(), self.config.listen_budget)?;
+        crate::ranges::check_limits(
+            &new,
+            self.config.rules.label(),
+            self.config.listen_budget,
+            self.config
+                .steering
+                .as_ref()
+                .map(|_| ())
+                .map_err(|s| s.as_str()),
+        )?;
+        let steer = self.config.steering.is_ok();
         let mut inner = self.lock();
         let old: std::collections::HashSet<(SocketAddr, Proto)> = inner
             .rules
             .pools
             .iter()
-            .flat_map(|p| crate::ranges::listen_addrs(p).map(|a| (a, p.proto)))
+            .flat_map(|p| crate::ranges::listen_addrs(p, steer).map(|a| (a, p.proto)))
             .collect();
         let mut errors = Vec::new();
         for pool in &new.pools {
-            let fresh =
-                crate::ranges::listen_addrs(pool).filter(|a| !old.contains(&(*a, pool.proto)));
+            let fresh = crate::ranges::listen_addrs(pool, steer)
+                .filter(|a| !old.contains(&(*a, pool.proto)));
             if let Some(e) = probe_pool(pool, fresh, self.config.rules.label()) {
                 errors.push(e);
             }
@@ -440,7 +469,7 @@ impl Supervisor {
         }
         // Slots are committed only once every worker took the rules.
         let mut slots = inner.slots.clone();
-        let specs = match slots.assign(&new, &self.shared) {
+        let mut specs = match slots.assign(&new, &self.shared) {
             Ok(s) => s,
             Err(e) => {
                 return Err(RulesError(vec![RuleError {
@@ -451,6 +480,7 @@ impl Supervisor {
                 }]))
             }
         };
+        crate::ranges::mark_steered(&mut specs, &new, self.config.steering.is_ok());
         let failures = deliver(&mut inner.workers, &specs);
         if !failures.is_empty() {
             // All or nothing: put the workers that switched back on the rules in force.
@@ -472,6 +502,14 @@ impl Supervisor {
                     })
                     .collect(),
             ));
+        }
+        if let Ok(steering) = &self.config.steering {
+            // After the workers listen on the ranges' first ports, so no redirect finds none.
+            let ranges = crate::steer::steered_ranges(new.pools.iter());
+            match steering.sync(&ranges) {
+                Ok(()) => log_steering(steering, &ranges),
+                Err(e) => tracing::error!("nftables table {} not updated: {e}", steering.table),
+            }
         }
         inner.slots = slots;
         inner.reload_error = None;
@@ -731,11 +769,11 @@ fn probe_bind(addr: SocketAddr, proto: Proto) -> std::io::Result<()> {
 }
 
 /// Checks every listen address of `set` (for `--check` and start-up).
-pub fn check_bindable(set: &RuleSet, file: &str) -> Result<(), RulesError> {
+pub fn check_bindable(set: &RuleSet, file: &str, steering: bool) -> Result<(), RulesError> {
     let errors: Vec<RuleError> = set
         .pools
         .iter()
-        .filter_map(|p| probe_pool(p, crate::ranges::listen_addrs(p), file))
+        .filter_map(|p| probe_pool(p, crate::ranges::listen_addrs(p, steering), file))
         .collect();
     if errors.is_empty() {
         Ok(())
@@ -779,6 +817,18 @@ fn probe_pool(
         field: "listen_port".into(),
         message: format!("cannot listen on {what}: {e}"),
     })
+}
+
+fn log_steering(steering: &crate::steer::Steering, ranges: &[(SocketAddr, rules::PortRange)]) {
+    for (addr, ports) in ranges {
+        tracing::info!(
+            "{}:{ports}: steered to one listener on port {} by nftables table inet {} ({} ports: too many for one socket each)",
+            addr.ip(),
+            ports.first,
+            steering.table,
+            ports.len()
+        );
+    }
 }
 
 fn log_changes(old: &RuleSet, new: &RuleSet) {

@@ -73,6 +73,9 @@ pub struct WorkerConfig {
 struct Listener {
     socket: TcpListener,
     pool: Rc<ServedPool>,
+    /// A range steered here by nftables: each connection's pool is the one of the port it
+    /// reached (`SO_ORIGINAL_DST`).
+    steered: Option<Rc<crate::ranges::SteeredPorts>>,
 }
 
 pub struct Worker {
@@ -259,8 +262,18 @@ impl Worker {
                 return;
             };
             let pool = Rc::clone(&listener.pool);
+            let steered = listener.steered.clone();
             match listener.socket.accept() {
-                Ok((client, addr)) => self.start_relay(client, addr, pool, now),
+                Ok((client, addr)) => {
+                    let pool = match steered {
+                        Some(ports) => match reached_pool(&ports, &client) {
+                            Some(pool) => pool,
+                            None => continue, // dropped: closes it
+                        },
+                        None => pool,
+                    };
+                    self.start_relay(client, addr, pool, now)
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) if is_out_of_descriptors(&e) => {
@@ -534,6 +547,13 @@ impl Worker {
             }
         }
         for (addr, spec) in wanted {
+            let steered = spec.steered.then(|| {
+                Rc::new(crate::ranges::SteeredPorts::new(
+                    spec.clone(),
+                    &self.config.default_allow,
+                    &self.config.default_deny,
+                ))
+            });
             let pool = Rc::new(ServedPool::new(
                 spec,
                 &self.config.default_allow,
@@ -541,6 +561,7 @@ impl Worker {
             ));
             if let Some(&key) = self.by_addr.get(&addr) {
                 self.listeners[key].pool = pool;
+                self.listeners[key].steered = steered;
                 continue;
             }
             if self.draining_since.is_some() {
@@ -564,7 +585,11 @@ impl Worker {
                         errors.push(format!("{addr}: {e}"));
                         continue;
                     }
-                    entry.insert(Listener { socket, pool });
+                    entry.insert(Listener {
+                        socket,
+                        pool,
+                        steered,
+                    });
                     self.by_addr.insert(addr, key);
                     self.accept_ready(key, Instant::now());
                 }
@@ -641,6 +666,20 @@ fn load_sockmap(config: &WorkerConfig) -> Option<Sockmap> {
                 worker = config.index,
                 "sockmap data path unavailable ({e}); splicing"
             );
+            None
+        }
+    }
+}
+
+/// The pool of the port a steered connection reached; `None` (and the connection dropped) when
+/// conntrack does not know it or it is outside the range.
+fn reached_pool(ports: &crate::ranges::SteeredPorts, client: &TcpStream) -> Option<Rc<ServedPool>> {
+    use std::os::fd::AsRawFd;
+    let v6 = client.local_addr().is_ok_and(|a| a.is_ipv6());
+    match crate::steer::original_dst(client.as_raw_fd(), v6) {
+        Ok(reached) => ports.pool_for(reached.port()),
+        Err(e) => {
+            tracing::debug!("steered connection without an original destination: {e}");
             None
         }
     }

@@ -276,6 +276,7 @@ mod tests {
         let mut spec = PoolSpec {
             listen: "0.0.0.0:1".parse().unwrap(),
             ports: 1,
+            steered: false,
             proto: Default::default(),
             slot: 0,
             options: Default::default(),

@@ -75,6 +75,7 @@ impl Slots {
             specs.push(PoolSpec {
                 listen: pool.listen,
                 ports: pool.ports.len(),
+                steered: false,
                 proto: pool.proto,
                 slot,
                 options: pool.options.clone(),

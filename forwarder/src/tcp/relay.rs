@@ -688,9 +688,14 @@ impl Relay {
             .options
             .send_proxy
             .map(|version| {
+                // The pool's port is the one the client reached, also when nftables steered
+                // the connection to another listening port (a range's first).
                 let reached = self
                     .reached
-                    .or_else(|| self.client.local_addr().ok())
+                    .or_else(|| {
+                        let local = self.client.local_addr().ok()?;
+                        Some(SocketAddr::new(local.ip(), self.pool.spec.listen.port()))
+                    })
                     .unwrap_or(self.pool.spec.listen);
                 proxy::encode(version, self.client_addr, reached)
             });
@@ -1064,6 +1069,7 @@ mod tests {
             let pool = PoolSpec {
                 listen: front.local_addr().unwrap(),
                 ports: 1,
+                steered: false,
                 proto: Default::default(),
                 slot: 0,
                 options: Default::default(),
