@@ -270,6 +270,26 @@ pub mod tests {
     }
 
     #[test]
+    fn a_real_openssl_client_hello_and_every_prefix() {
+        // Captured from `openssl s_client -servername a.example.com` (fuzz seed).
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../fuzz/corpus/client_hello/openssl-sni"
+        );
+        let bytes = std::fs::read(path).unwrap();
+        assert_eq!(
+            read_client_hello(&bytes),
+            Ok(Hello::Complete(Some("a.example.com".into())))
+        );
+        for cut in 0..bytes.len() {
+            assert!(matches!(
+                read_client_hello(&bytes[..cut]),
+                Ok(Hello::Incomplete | Hello::Complete(_))
+            ));
+        }
+    }
+
+    #[test]
     fn other_protocols_and_garbage_are_told_apart() {
         assert_eq!(read_client_hello(b"GET / HTTP/1.1\r\n"), Ok(Hello::NotTls));
         assert_eq!(read_client_hello(b"SSH-2.0-x"), Ok(Hello::NotTls));
