@@ -51,6 +51,7 @@ pub fn mark_steered(specs: &mut [PoolSpec], set: &RuleSet, steering: bool) {
 
 /// A steered range as one worker serves it: the pool of each port the clients reach, made the
 /// first time a client reaches it (a 20,000-port range mostly sees a few of them).
+#[derive(Debug)]
 pub struct SteeredPorts {
     spec: PoolSpec,
     default_allow: Vec<IpNet>,
@@ -185,6 +186,20 @@ pub fn check_limits(
     }
 }
 
+/// The pool of the port a steered connection reached; `None` (and the connection dropped) when
+/// conntrack does not know it or it is outside the range.
+pub fn reached_pool(ports: &SteeredPorts, client: &mio::net::TcpStream) -> Option<Rc<ServedPool>> {
+    use std::os::fd::AsRawFd;
+    let v6 = client.local_addr().is_ok_and(|a| a.is_ipv6());
+    match crate::steer::original_dst(client.as_raw_fd(), v6) {
+        Ok(reached) => ports.pool_for(reached.port()),
+        Err(e) => {
+            tracing::debug!("steered connection without an original destination: {e}");
+            None
+        }
+    }
+}
+
 /// `addr` with its port moved up by `k` (validation made sure the range fits below 65,536).
 fn at_offset(addr: SocketAddr, k: u16) -> SocketAddr {
     SocketAddr::new(addr.ip(), addr.port().saturating_add(k))
@@ -194,7 +209,8 @@ fn at_offset(addr: SocketAddr, k: u16) -> SocketAddr {
 mod tests {
     use super::*;
     use crate::rules::parse;
-    use crate::stats::{slots::Slots, Shared};
+    use crate::stats::Shared;
+    use crate::supervisor::slots::Slots;
 
     #[test]
     fn a_range_pool_is_one_spec_per_port_sharing_its_slots() {

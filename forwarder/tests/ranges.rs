@@ -11,7 +11,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::{is_listening, local, Forwarder, WAIT};
-use testbed::testing::wait_until;
+use testbed_dev::testing::wait_until;
 
 const PORTS: u16 = 100;
 
@@ -161,7 +161,11 @@ fn a_tcp_range_reaches_the_same_offset_or_one_port_on_every_port() {
         backends + PORTS - 1,
         b + PORTS - 1
     );
-    let f = Forwarder::start(&rules, 2, &[], &[a, a + PORTS - 1, b, b + PORTS - 1]);
+    let f = Forwarder::builder()
+        .rules(&rules)
+        .workers(2)
+        .listening(&[a, a + PORTS - 1, b, b + PORTS - 1])
+        .start();
     for k in 0..PORTS {
         assert_eq!(
             greeting(a + k),
@@ -199,7 +203,11 @@ fn a_udp_range_keeps_a_session_per_client_per_port() {
         listen + PORTS - 1,
         backends + PORTS - 1
     );
-    let f = common::udp::Forwarder::start(&rules, 1, &[], &[listen, listen + PORTS - 1]);
+    let f = Forwarder::builder()
+        .rules(&rules)
+        .web("127.0.0.1")
+        .udp_bound(&[listen, listen + PORTS - 1])
+        .start();
     let client = UdpSocket::bind(local(0)).unwrap();
     client
         .set_read_timeout(Some(Duration::from_secs(2)))
@@ -270,7 +278,10 @@ fn overlaps_are_refused_at_check_and_live_and_the_rules_in_force_stay() {
         "{err}"
     );
 
-    let f = Forwarder::start(&good, 1, &[], &[listen, listen + 9]);
+    let f = Forwarder::builder()
+        .rules(&good)
+        .listening(&[listen, listen + 9])
+        .start();
     f.rewrite_rules(&overlap);
     assert!(
         wait_until(WAIT, || f
@@ -320,7 +331,10 @@ fn check_and_start_agree_on_limits_and_five_thousand_rules_start() {
     let (ok, err) = check(&rules);
     assert!(ok, "{err}");
     assert!(err.contains("OK"), "{err}");
-    let f = Forwarder::start(&rules, 1, &[], &[first, first + 4_999]);
+    let f = Forwarder::builder()
+        .rules(&rules)
+        .listening(&[first, first + 4_999])
+        .start();
     let mut s = TcpStream::connect(local(first + 2_500)).unwrap();
     s.set_read_timeout(Some(WAIT)).unwrap();
     assert_eq!(common::round_trip(&mut s, b"hi"), b"hi");

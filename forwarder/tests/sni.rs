@@ -14,9 +14,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use common::udp::Forwarder;
-use common::{is_listening, local, WAIT};
-use testbed::testing::{bin_path, free_port, wait_until, ChildGuard};
+use common::{is_listening, local, Forwarder, WAIT};
+use testbed_dev::testing::{bin_path, free_port, wait_until, ChildGuard};
 
 /// A TLS echo server with a CA of its own whose certificate names `sans`.
 struct TlsServer {
@@ -141,15 +140,12 @@ fn reaches(port: u16, name: Option<&str>, server: &TlsServer) -> bool {
 
 /// A forwarder with its web page on `rules`, `extra` flags; waits for `port`.
 fn forwarder(rules: &str, extra: &[&str], ports: &[u16]) -> Forwarder {
-    let f = Forwarder::start(rules, 1, extra, &[]);
-    for &p in ports {
-        assert!(
-            wait_until(WAIT, || is_listening(p)),
-            "{}",
-            f.process.output()
-        );
-    }
-    f
+    Forwarder::builder()
+        .rules(rules)
+        .web("127.0.0.1")
+        .args(extra)
+        .listening(ports)
+        .start()
 }
 
 fn refused(f: &Forwarder, port: u16, reason: &str) -> Option<u64> {

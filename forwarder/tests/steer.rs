@@ -11,7 +11,7 @@ mod common;
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-use testbed::testing::{bin_path, wait_until, ChildGuard};
+use testbed_dev::testing::{bin_path, wait_until, ChildGuard};
 
 const FIRST: u16 = 20_000;
 const LAST: u16 = 39_999;

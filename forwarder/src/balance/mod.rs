@@ -31,6 +31,8 @@ pub struct ServedPool {
     /// Routes by TLS server name, when rows of the pool carry `sni=`: a connection is then
     /// served by the group its ClientHello names ([`sni::SniRoutes::route`]).
     pub sni: Option<sni::SniRoutes>,
+    /// A range steered to this pool's one listener by nftables: the pools of its ports.
+    pub steered: Option<crate::ranges::SteeredPorts>,
 }
 
 impl ServedPool {
@@ -39,8 +41,12 @@ impl ServedPool {
         let routes = sni::SniRoutes::build(&spec, |group| {
             Self::without_routes(group, default_allow, default_deny)
         });
+        let steered = spec
+            .steered
+            .then(|| crate::ranges::SteeredPorts::new(spec.clone(), default_allow, default_deny));
         ServedPool {
             sni: routes,
+            steered,
             ..Self::without_routes(spec, default_allow, default_deny)
         }
     }
@@ -67,6 +73,7 @@ impl ServedPool {
             acl,
             schedule,
             sni: None,
+            steered: None,
         }
     }
 }

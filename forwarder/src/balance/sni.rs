@@ -90,7 +90,8 @@ impl SniRoutes {
 mod tests {
     use crate::balance::ServedPool;
     use crate::rules::parse;
-    use crate::stats::{slots::Slots, Shared};
+    use crate::stats::Shared;
+    use crate::supervisor::slots::Slots;
 
     fn routes(text: &str) -> ServedPool {
         let set = parse(text, "f").unwrap();

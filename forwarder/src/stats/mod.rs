@@ -3,7 +3,7 @@
 //! the supervisor assigns. Cheap on the hot path: a worker only does `fetch_add` on its slots.
 
 pub mod per_ip;
-pub mod slots;
+pub mod snapshot;
 
 use std::io;
 use std::os::fd::RawFd;

@@ -191,6 +191,61 @@ fn host_name(raw: &[u8]) -> Result<String, HelloError> {
     Ok(String::from_utf8_lossy(raw).to_ascii_lowercase())
 }
 
+// ---- the relay's ClientHello phase (`sni=`) ------------------------------------------------------
+
+use std::io;
+
+use crate::tcp::direction::PumpError;
+use crate::tcp::relay::{Context, Ending, Next, Phase, Relay};
+
+impl Relay {
+    /// `sni=`: waits (within the connect timeout) for the ClientHello that picks the backends.
+    pub(super) fn start_hello(&mut self, ctx: &mut Context) -> Next {
+        let deadline = ctx.now + ctx.connect_timeout;
+        self.phase = Phase::ReadingHello { deadline };
+        match self.read_hello(ctx) {
+            Next::Wait => Next::Timer(deadline),
+            next => next,
+        }
+    }
+
+    /// Peeks at what the client sent so far (nothing is consumed: the backend gets the
+    /// ClientHello untouched) until it holds a whole ClientHello or shows the client speaks no
+    /// TLS, then serves the connection from the group of backends for its name.
+    pub(super) fn read_hello(&mut self, ctx: &mut Context) -> Next {
+        let mut buf = vec![0u8; MAX_HELLO];
+        let seen = match self.client.peek(&mut buf) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Next::Wait,
+            Err(e) => return Next::Close(Ending::Failed(PumpError::Read(e))),
+        };
+        let name = match read_client_hello(&buf[..seen]) {
+            Ok(Hello::Incomplete) if seen > 0 => return Next::Wait,
+            Ok(Hello::Incomplete) => {
+                return Next::Close(Ending::BadHello("closed before a ClientHello"))
+            }
+            Ok(Hello::NotTls) => None,
+            Ok(Hello::Complete(name)) => name,
+            Err(HelloError::TooLarge) => {
+                return Next::Close(Ending::BadHello("ClientHello too large"))
+            }
+            Err(HelloError::Malformed(why)) => return Next::Close(Ending::BadHello(why)),
+        };
+        let group = self
+            .pool
+            .sni
+            .as_ref()
+            .and_then(|r| r.route(name.as_deref()));
+        self.sni = name;
+        let Some(group) = group else {
+            return Next::Close(Ending::NoSniRoute);
+        };
+        self.pool = group;
+        self.phase = Phase::Accepted;
+        self.route(ctx)
+    }
+}
+
 #[cfg(test)]
 pub mod tests {
     use super::*;
