@@ -257,7 +257,25 @@ fn run_supervisor(args: &Args) -> anyhow::Result<ExitCode> {
             );
         }
     }
-    if let Err(e) = supervisor::check_bindable(&set, &label) {
+    // Raised before `--check` answers, so it checks against the limit the start will have.
+    let limit = testbed::fdlimit::raise_nofile().context("raising the open-file limit")?;
+    let listen_budget = capacity::listen_budget(limit.soft, PIPES_PER_WORKER * 2);
+    let steering = match &args.user {
+        Some(user) => Err(format!(
+            "--user {user} drops CAP_NET_ADMIN, which nftables needs"
+        )),
+        None => forwarder::steer::Steering::probe(&rules_path),
+    };
+    let steering_state = steering.as_ref().map(|_| ()).map_err(|s| s.as_str());
+    print_steering(&set, &steering);
+    if let Err(e) = forwarder::ranges::check_limits(&set, &label, listen_budget, steering_state) {
+        eprintln!("{e}");
+        bail!(Exit::config(format!(
+            "{label}: {} error(s); nothing started",
+            e.0.len()
+        )));
+    }
+    if let Err(e) = supervisor::check_bindable(&set, &label, steering.is_ok()) {
         eprintln!("{e}");
         bail!(Exit::cannot_bind(format!(
             "{label}: {} port(s) cannot be listened on",
@@ -286,7 +304,6 @@ fn run_supervisor(args: &Args) -> anyhow::Result<ExitCode> {
         _ => None,
     };
 
-    let limit = testbed::fdlimit::raise_nofile().context("raising the open-file limit")?;
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);
@@ -294,7 +311,7 @@ fn run_supervisor(args: &Args) -> anyhow::Result<ExitCode> {
         args.max_connections,
         args.workers,
         limit.soft,
-        PIPES_PER_WORKER * 2,
+        PIPES_PER_WORKER * 2 + forwarder::ranges::listeners_per_worker(&set, steering.is_ok()),
         cores,
     );
     if plan.workers > forwarder::stats::MAX_WORKERS {
@@ -349,6 +366,8 @@ fn run_supervisor(args: &Args) -> anyhow::Result<ExitCode> {
         connect_timeout: Duration::from_millis(args.connect_timeout_ms),
         drain_timeout: Duration::from_secs(args.drain_timeout_s),
         default_sources,
+        listen_budget,
+        steering,
     };
     let sup = Supervisor::new(config, set)?;
     if let Some(problem) = service::privilege::rules_write_problem(&rules_path) {
@@ -391,6 +410,30 @@ fn print_rules(label: &str, set: &RuleSet) {
             p.label(),
             supervisor::describe_pool(p)
         );
+    }
+}
+
+/// How each range is served, and why (for `--check` and the start).
+fn print_steering(set: &RuleSet, steering: &Result<forwarder::steer::Steering, String>) {
+    use forwarder::steer::{wants_steering, STEER_MIN_PORTS};
+    for p in set.pools.iter().filter(|p| !p.ports.is_single()) {
+        let how = match steering {
+            Ok(s) if wants_steering(p) => format!(
+                "steered to one listening socket per worker by nftables (table inet {}): {STEER_MIN_PORTS} ports or more",
+                s.table
+            ),
+            Err(why) if wants_steering(p) => {
+                format!("served port by port, one listening socket per port per worker: {why}")
+            }
+            _ if p.proto == rules::Proto::Udp => {
+                "served port by port, one socket per port per worker (UDP ranges always are)"
+                    .to_string()
+            }
+            _ => format!(
+                "served port by port, one listening socket per port per worker (fewer than {STEER_MIN_PORTS} ports)"
+            ),
+        };
+        eprintln!("  {}: {} ports {how}", p.label(), p.ports.len());
     }
 }
 

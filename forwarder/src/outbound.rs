@@ -330,6 +330,7 @@ mod tests {
             name: "b".into(),
             addr: addr.parse().unwrap(),
             slot: 0,
+            port_range: false,
             options: BackendOptions {
                 source,
                 ..BackendOptions::default()
@@ -337,6 +338,8 @@ mod tests {
         };
         let mut specs = vec![PoolSpec {
             listen: "0.0.0.0:1".parse().unwrap(),
+            ports: 1,
+            steered: false,
             proto: Default::default(),
             slot: 0,
             options: Default::default(),

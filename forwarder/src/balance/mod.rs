@@ -8,6 +8,7 @@
 //! skipped; when every backend is down one is tried anyway (fail open).
 
 pub mod acl;
+pub mod sni;
 
 use std::net::IpAddr;
 use std::sync::atomic::Ordering::Relaxed;
@@ -27,11 +28,34 @@ pub struct ServedPool {
     /// Backend indices in smooth weighted round-robin order, one period long; empty when every
     /// weight is equal (plain modulo then, as before weights existed).
     schedule: Vec<u16>,
+    /// Routes by TLS server name, when rows of the pool carry `sni=`: a connection is then
+    /// served by the group its ClientHello names ([`sni::SniRoutes::route`]).
+    pub sni: Option<sni::SniRoutes>,
+    /// A range steered to this pool's one listener by nftables: the pools of its ports.
+    pub steered: Option<crate::ranges::SteeredPorts>,
 }
 
 impl ServedPool {
     /// Compiles `spec` with the forwarder's default access lists (`--allow`, `--deny`).
     pub fn new(spec: PoolSpec, default_allow: &[IpNet], default_deny: &[IpNet]) -> ServedPool {
+        let routes = sni::SniRoutes::build(&spec, |group| {
+            Self::without_routes(group, default_allow, default_deny)
+        });
+        let steered = spec
+            .steered
+            .then(|| crate::ranges::SteeredPorts::new(spec.clone(), default_allow, default_deny));
+        ServedPool {
+            sni: routes,
+            steered,
+            ..Self::without_routes(spec, default_allow, default_deny)
+        }
+    }
+
+    fn without_routes(
+        spec: PoolSpec,
+        default_allow: &[IpNet],
+        default_deny: &[IpNet],
+    ) -> ServedPool {
         let acl = Acl::build(
             &spec.options.allow,
             &spec.options.deny,
@@ -48,6 +72,8 @@ impl ServedPool {
             spec,
             acl,
             schedule,
+            sni: None,
+            steered: None,
         }
     }
 }
@@ -256,6 +282,8 @@ mod tests {
     fn pool(weights: &[u32], balance: Balance) -> ServedPool {
         let mut spec = PoolSpec {
             listen: "0.0.0.0:1".parse().unwrap(),
+            ports: 1,
+            steered: false,
             proto: Default::default(),
             slot: 0,
             options: Default::default(),
@@ -270,6 +298,7 @@ mod tests {
                         weight,
                         ..Default::default()
                     },
+                    port_range: false,
                 })
                 .collect(),
         };

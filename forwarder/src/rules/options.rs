@@ -76,6 +76,10 @@ pub struct BackendOptions {
     /// (`IP_TRANSPARENT`); replies come back through `forwarder transparent-setup`'s routing.
     #[serde(default)]
     pub transparent: bool,
+    /// `sni=`: the TLS server names this backend serves (lower case; `*.example.com` matches
+    /// one label). Empty: the row takes no part in SNI routing, or is its pool's default route.
+    #[serde(default)]
+    pub sni: Vec<String>,
 }
 
 impl Default for BackendOptions {
@@ -88,6 +92,7 @@ impl Default for BackendOptions {
             interface: None,
             mark: None,
             transparent: false,
+            sni: Vec::new(),
         }
     }
 }
@@ -158,6 +163,7 @@ const KEYS: &[(&str, bool, bool)] = &[
     ("ip_rate_down", true, true),
     ("rate_up", true, true),
     ("rate_down", true, true),
+    ("sni", false, false),
 ];
 
 /// Parses the options column; the error says which item is wrong and why.
@@ -262,6 +268,7 @@ pub fn parse_options(text: &str, proto: Proto) -> Result<RowOptions, String> {
                 let bits = crate::rate::parse_bits(key, needs("BITS")?)?;
                 out.pool.rates.set(rate, bits);
             }
+            "sni" => out.backend.sni = server_names(needs("NAME[,NAME...]")?)?,
             _ => unreachable!("every key of KEYS is handled"),
         }
     }
@@ -300,6 +307,34 @@ fn mark(value: &str) -> Result<u32, String> {
             "mark=\"{value}\" is not a 32-bit number (decimal or 0x hex)"
         )),
     }
+}
+
+/// `a.test,*.example.com`: host names (letters, digits, `-`, `_`, dots), lower-cased; a
+/// wildcard is `*.` and at least one more label.
+pub fn server_names(value: &str) -> Result<Vec<String>, String> {
+    let mut names = Vec::new();
+    for name in value.split(',') {
+        let lower = name.trim().trim_end_matches('.').to_ascii_lowercase();
+        let bare = lower.strip_prefix("*.").unwrap_or(&lower);
+        let labels_ok = !bare.is_empty()
+            && bare.len() <= 253
+            && bare.split('.').all(|l| {
+                !l.is_empty()
+                    && l.len() <= 63
+                    && l.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            });
+        if !labels_ok {
+            return Err(format!(
+                "sni: \"{name}\" is not a host name (write a.example.com, or *.example.com for any one label)"
+            ));
+        }
+        if names.contains(&lower) {
+            return Err(format!("sni: \"{name}\" is given twice"));
+        }
+        names.push(lower);
+    }
+    Ok(names)
 }
 
 fn number(key: &str, value: &str, min: u64, max: u64) -> Result<u64, String> {
@@ -464,6 +499,22 @@ mod tests {
         assert_eq!(
             parse_options("rate_up=fast", Proto::Tcp).unwrap_err(),
             "rate_up=\"fast\" is not a rate: bits per second, with k, m or g (rate_down=20m)"
+        );
+    }
+
+    #[test]
+    fn server_names_are_host_names_or_one_label_wildcards() {
+        let o = parse_options("sni=A.test,*.Example.com.", Proto::Tcp).unwrap();
+        assert_eq!(o.backend.sni, ["a.test", "*.example.com"]);
+        let e = |t: &str| parse_options(t, Proto::Tcp).unwrap_err();
+        assert!(e("sni=a.*.test").starts_with("sni: \"a.*.test\" is not a host name"));
+        assert!(e("sni=*").starts_with("sni: \"*\" is not a host name"));
+        assert!(e("sni=a..test").starts_with("sni: \"a..test\" is not a host name"));
+        assert_eq!(e("sni=a.test,A.TEST"), "sni: \"A.TEST\" is given twice");
+        assert_eq!(e("sni"), "sni needs a value: sni=NAME[,NAME...]");
+        assert_eq!(
+            parse_options("sni=a.test", Proto::Udp).unwrap_err(),
+            "sni is for TCP rules only"
         );
     }
 

@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs};
 
 use super::options::{merge_pool, parse_options, pool_conflict, RowOptions};
+use super::range::{overlap_message, parse_port_range, PortIndex, PortRange};
 use super::{Entry, Pool, PoolOptions, Proto, Rule, RuleError, RuleSet, RulesError, EXAMPLE_FILE};
 
 /// One row of a rules file as written, valid or not.
@@ -68,11 +69,15 @@ pub fn read_rows(text: &str, file: &str) -> Vec<Row> {
         .from_reader(text.as_bytes());
     let mut rows = Vec::new();
     let mut first = true;
+    let mut lines = LineCursor::default();
     for record in reader.records() {
         let record = match record {
             Ok(r) => r,
             Err(e) => {
-                let line = e.position().map(|p| line_at(text, p.byte())).unwrap_or(0);
+                let line = e
+                    .position()
+                    .map(|p| lines.line_at(text, p.byte()))
+                    .unwrap_or(0);
                 rows.push(Row {
                     line,
                     entry: Entry::default(),
@@ -87,7 +92,7 @@ pub fn read_rows(text: &str, file: &str) -> Vec<Row> {
         // The csv crate's own line count skips comments and blank lines; count from the offset.
         let line = record
             .position()
-            .map(|p| line_at(text, p.byte()))
+            .map(|p| lines.line_at(text, p.byte()))
             .unwrap_or(0);
         let malformed = (!(4..=5).contains(&record.len())).then(|| {
             let message = if record.len() == 1 && record[0].contains(';') {
@@ -117,15 +122,23 @@ pub fn read_rows(text: &str, file: &str) -> Vec<Row> {
 }
 
 /// Validates entries (with their line numbers) into pools: each field checked, options parsed,
-/// destinations resolved, duplicates, conflicting listen addresses and pool options that two rows
-/// disagree on refused.
+/// destinations resolved, duplicates, overlapping or conflicting listen ports and pool options
+/// that two rows disagree on refused. Linear in the rows (and in the ports of the ranges).
 pub fn validate(entries: &[(usize, Entry)], file: &str) -> Result<RuleSet, RulesError> {
     let mut errors = Vec::new();
     let mut pools: Vec<Pool> = Vec::new();
     // The row options each pool's rows wrote, with their lines, to find disagreements.
     let mut pool_rows: Vec<Vec<(usize, RowOptions)>> = Vec::new();
-    // (port, transport) -> (listen address, first line): one port takes one listen address.
+    // Which row first claimed each port; ranges that overlap without being equal are refused.
+    let mut claimed = PortIndex::default();
+    // (first port, transport) -> (listen address, first line): one port takes one listen address.
     let mut ports: HashMap<(u16, Proto), (SocketAddr, usize)> = HashMap::new();
+    // (listen address, transport) -> index into `pools`.
+    let mut pool_at: HashMap<(SocketAddr, Proto), usize> = HashMap::new();
+    // (pool index, destination) -> line, for duplicates.
+    let mut dests: HashMap<(usize, SocketAddr), usize> = HashMap::new();
+    // Host names resolved once per file, however many rows name them.
+    let mut resolved: HashMap<(String, u16), Result<SocketAddr, String>> = HashMap::new();
     for (line, entry) in entries {
         let line = *line;
         let before = errors.len();
@@ -133,11 +146,29 @@ pub fn validate(entries: &[(usize, Entry)], file: &str) -> Result<RuleSet, Rules
         let listen = parse_listen(&entry.listen_port)
             .map_err(|m| errors.push(err(file, line, "listen_port", m)))
             .ok();
-        let port = parse_port(&entry.dest_port)
+        let dest_ports = parse_port_range(&entry.dest_port)
             .map_err(|m| errors.push(err(file, line, "dest_port", m)))
             .ok();
-        let dest = match port {
-            Some(port) => resolve(&entry.dest_ip, port)
+        if let (Some(l), Some(d)) = (listen, dest_ports) {
+            if !d.is_single() && d.len() != l.ports.len() {
+                errors.push(err(
+                    file,
+                    line,
+                    "dest_port",
+                    format!(
+                        "{d} has {} ports but listen_port {} has {}; a destination range must be as long as the listen range, or one port",
+                        d.len(),
+                        l.ports,
+                        l.ports.len()
+                    ),
+                ));
+            }
+        }
+        let dest = match dest_ports {
+            Some(d) => resolved
+                .entry((entry.dest_ip.clone(), d.first))
+                .or_insert_with(|| resolve(&entry.dest_ip, d.first))
+                .clone()
                 .map_err(|m| errors.push(err(file, line, "dest_ip", m)))
                 .ok(),
             None => None,
@@ -153,9 +184,20 @@ pub fn validate(entries: &[(usize, Entry)], file: &str) -> Result<RuleSet, Rules
         if errors.len() > before {
             continue;
         }
-        let (Some(listen), Some(dest), Some(options)) = (listen, dest, options) else {
+        let (Some(listen), Some(dest), Some(dest_ports), Some(options)) =
+            (listen, dest, dest_ports, options)
+        else {
             continue;
         };
+        if let Err(owner) = claimed.claim(listen.ports, proto, line) {
+            errors.push(err(
+                file,
+                line,
+                "listen_port",
+                overlap_message(listen.ports, owner, proto),
+            ));
+            continue;
+        }
         match ports.get(&(listen.addr.port(), proto)) {
             Some((addr, first_line)) if *addr != listen.addr => {
                 errors.push(err(
@@ -180,23 +222,21 @@ pub fn validate(entries: &[(usize, Entry)], file: &str) -> Result<RuleSet, Rules
             listen: listen.addr,
             proto,
             dest,
+            dest_ports,
             options: options.backend.clone(),
         };
-        match pools
-            .iter()
-            .position(|p| p.listen == listen.addr && p.proto == proto)
-        {
+        match pool_at.get(&(listen.addr, proto)).copied() {
             Some(i) => {
                 let pool = &mut pools[i];
-                if let Some(dup) = pool.rules.iter().find(|r| r.dest == dest) {
+                if let Some(dup) = dests.get(&(i, dest)) {
                     errors.push(err(
                         file,
                         line,
                         "dest_ip",
                         format!(
-                            "duplicate destination {dest} for listen port {} (already on line {})",
+                            "duplicate destination {} for listen port {} (already on line {dup})",
+                            rule.dest_label(),
                             port_label(listen),
-                            dup.line
                         ),
                     ));
                     continue;
@@ -215,6 +255,7 @@ pub fn validate(entries: &[(usize, Entry)], file: &str) -> Result<RuleSet, Rules
                     ));
                     continue;
                 }
+                dests.insert((i, dest), line);
                 merge_pool(&mut pool.options, &options);
                 pool.rules.push(rule);
                 pool_rows[i].push((line, options));
@@ -222,8 +263,11 @@ pub fn validate(entries: &[(usize, Entry)], file: &str) -> Result<RuleSet, Rules
             None => {
                 let mut pool_options = PoolOptions::default();
                 merge_pool(&mut pool_options, &options);
+                pool_at.insert((listen.addr, proto), pools.len());
+                dests.insert((pools.len(), dest), line);
                 pools.push(Pool {
                     listen: listen.addr,
+                    ports: listen.ports,
                     proto,
                     options: pool_options,
                     rules: vec![rule],
@@ -239,11 +283,12 @@ pub fn validate(entries: &[(usize, Entry)], file: &str) -> Result<RuleSet, Rules
     }
 }
 
-/// A port as messages name it: `8080` (TCP, as the original tool's messages did), `53/udp`.
+/// A port as messages name it: `8080` (TCP, as the original tool's messages did), `53/udp`,
+/// `27000-27099`.
 fn port_label(listen: Listen) -> String {
     match listen.proto {
-        Proto::Tcp => listen.addr.port().to_string(),
-        Proto::Udp => format!("{}/udp", listen.addr.port()),
+        Proto::Tcp => listen.ports.to_string(),
+        Proto::Udp => format!("{}/udp", listen.ports),
     }
 }
 
@@ -290,25 +335,41 @@ fn skipped_row(record: &csv::StringRecord, first: &mut bool) -> bool {
     is_header
 }
 
-/// 1-based line number of the record that the csv reader reports at `byte`. The reader reports
-/// where it started looking, before the blank and comment lines it skipped, so skip them too.
-fn line_at(text: &str, byte: u64) -> usize {
-    let mut start = (byte as usize).min(text.len());
-    let mut line = text.as_bytes()[..start]
-        .iter()
-        .filter(|&&b| b == b'\n')
-        .count()
-        + 1;
-    while let Some(rest) = text.get(start..) {
-        let this = rest.split('\n').next().unwrap_or("");
-        let skipped = this.trim().is_empty() || this.starts_with('#');
-        if !skipped || this.len() == rest.len() {
-            break;
+/// Turns the byte offsets the csv reader reports into 1-based lines, counting newlines only
+/// between one record and the next (records come in order), so reading a file is linear in its
+/// size, not quadratic.
+#[derive(Debug, Default)]
+struct LineCursor {
+    /// Byte offset counted up to, and the newlines before it.
+    byte: usize,
+    newlines: usize,
+}
+
+impl LineCursor {
+    /// The line of the record that the csv reader reports at `byte`. The reader reports where it
+    /// started looking, before the blank and comment lines it skipped, so skip them too.
+    fn line_at(&mut self, text: &str, byte: u64) -> usize {
+        let mut start = (byte as usize).min(text.len());
+        if start < self.byte {
+            *self = LineCursor::default();
         }
-        start += this.len() + 1;
-        line += 1;
+        self.newlines += text.as_bytes()[self.byte..start]
+            .iter()
+            .filter(|&&b| b == b'\n')
+            .count();
+        self.byte = start;
+        let mut line = self.newlines + 1;
+        while let Some(rest) = text.get(start..) {
+            let this = rest.split('\n').next().unwrap_or("");
+            let skipped = this.trim().is_empty() || this.starts_with('#');
+            if !skipped || this.len() == rest.len() {
+                break;
+            }
+            start += this.len() + 1;
+            line += 1;
+        }
+        line
     }
-    line
 }
 
 fn err(file: &str, line: usize, field: &str, message: String) -> RuleError {
@@ -336,21 +397,28 @@ fn check_name(name: &str) -> Result<(), String> {
 /// Where a rule listens: an address and a transport.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Listen {
+    /// The address and the first port.
     pub addr: SocketAddr,
+    /// The ports listened on (`addr`'s port alone, or a range starting there).
+    pub ports: PortRange,
     pub proto: Proto,
 }
 
 impl std::fmt::Display for Listen {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.addr.ip() {
+            IpAddr::V4(ip) => write!(f, "{ip}:{}", self.ports)?,
+            IpAddr::V6(ip) => write!(f, "[{ip}]:{}", self.ports)?,
+        }
         match self.proto {
-            Proto::Tcp => write!(f, "{}", self.addr),
-            Proto::Udp => write!(f, "{}/udp", self.addr),
+            Proto::Tcp => Ok(()),
+            Proto::Udp => write!(f, "/udp"),
         }
     }
 }
 
-/// `PORT` (all IPv4 addresses), `ADDR:PORT`, or `[V6]:PORT`, each optionally followed by `/udp`
-/// or `/tcp`.
+/// `PORT` (all IPv4 addresses), `ADDR:PORT`, or `[V6]:PORT`, where PORT may be a range
+/// `FROM-TO`, each optionally followed by `/udp` or `/tcp`.
 pub fn parse_listen(field: &str) -> Result<Listen, String> {
     if field.is_empty() {
         return Err("listen port is empty".into());
@@ -361,31 +429,34 @@ pub fn parse_listen(field: &str) -> Result<Listen, String> {
         Some((_, p)) => return Err(format!("\"/{p}\" is not a transport: write /tcp or /udp")),
         None => (field, Proto::Tcp),
     };
-    if field.bytes().all(|b| b.is_ascii_digit()) || !field.contains(':') {
-        let port = parse_port(field)?;
-        let addr = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port);
-        return Ok(Listen { addr, proto });
+    if !field.contains(':') {
+        let ports = parse_port_range(field)?;
+        let addr = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), ports.first);
+        return Ok(Listen { addr, ports, proto });
     }
-    let addr = field.parse::<SocketAddr>().map_err(|_| {
-        format!("\"{field}\" is neither a port nor ADDR:PORT (use [v6addr]:PORT for IPv6)")
-    })?;
-    if addr.port() == 0 {
+    let bad =
+        || format!("\"{field}\" is neither a port nor ADDR:PORT (use [v6addr]:PORT for IPv6)");
+    // The last ':' splits the port off ("[::1]:80", "127.0.0.1:27000-27099").
+    let (host, port) = field.rsplit_once(':').ok_or_else(bad)?;
+    let bare = match host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        Some(v6) => v6,
+        None if host.contains(':') => return Err(bad()),
+        None => host,
+    };
+    let ip: IpAddr = bare.parse().map_err(|_| bad())?;
+    let ports = if port.contains('-') {
+        parse_port_range(port)?
+    } else {
+        PortRange::single(port.parse::<u16>().map_err(|_| bad())?)
+    };
+    if ports.first == 0 {
         return Err("port 0 is not allowed".into());
     }
-    Ok(Listen { addr, proto })
-}
-
-/// A port 1..=65535.
-pub fn parse_port(field: &str) -> Result<u16, String> {
-    if field.is_empty() {
-        return Err("port is empty".into());
-    }
-    match field.parse::<u32>() {
-        Ok(0) => Err("port 0 is not allowed".into()),
-        Ok(p) if p <= 65535 => Ok(p as u16),
-        Ok(p) => Err(format!("port {p} is out of range 1-65535")),
-        Err(_) => Err(format!("\"{field}\" is not a port number")),
-    }
+    Ok(Listen {
+        addr: SocketAddr::new(ip, ports.first),
+        ports,
+        proto,
+    })
 }
 
 /// An IP literal (IPv6 with or without brackets) or a host name, resolved now.

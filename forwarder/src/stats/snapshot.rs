@@ -79,6 +79,10 @@ pub struct Refusals {
     pub max_conns_per_ip: u64,
     /// `accept_proxy`: no valid PROXY header within the connect timeout.
     pub proxy_header: u64,
+    /// `sni=`: the server name asked for has no row and the pool no default row.
+    pub no_sni_route: u64,
+    /// `sni=`: no readable ClientHello within the connect timeout.
+    pub tls_hello: u64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -147,6 +151,8 @@ pub fn read(
                     max_conns: p.full.load(Relaxed),
                     max_conns_per_ip: p.per_ip_full.load(Relaxed),
                     proxy_header: p.bad_header.load(Relaxed),
+                    no_sni_route: p.no_sni_route.load(Relaxed),
+                    tls_hello: p.bad_hello.load(Relaxed),
                 },
                 evicted: p.evicted.load(Relaxed),
                 limits: crate::rate::LimitStats::of(p),

@@ -42,6 +42,11 @@ pub struct SupervisorConfig {
     pub drain_timeout: Duration,
     /// `--source`: the outbound address of backends without `source=` (one per family).
     pub default_sources: Vec<std::net::IpAddr>,
+    /// Listening sockets a worker may hold ([`crate::capacity::listen_budget`]); every reload is
+    /// checked against it as `--check` and the start were.
+    pub listen_budget: usize,
+    /// The nftables table that steers large TCP ranges to one listener, or why there is none.
+    pub steering: Result<crate::steer::Steering, String>,
 }
 
 struct Inner {
@@ -86,10 +91,25 @@ impl Supervisor {
             .header()
             .capacity
             .store(config.capacity as u64, Relaxed);
+        crate::ranges::check_limits(
+            &rules,
+            config.rules.label(),
+            config.listen_budget,
+            config.steering.as_ref().map(|_| ()).map_err(|s| s.as_str()),
+        )?;
         let mut slots = Slots::default();
         let mut specs = slots.assign(&rules, &shared)?;
         crate::outbound::apply_default_sources(&mut specs, &config.default_sources);
         shared.publish_rates(&specs);
+        crate::ranges::mark_steered(&mut specs, &rules, config.steering.is_ok());
+        if let Ok(steering) = &config.steering {
+            // Also replaces a table a crashed run on the same rules file left behind.
+            let ranges = crate::steer::steered_ranges(rules.pools.iter());
+            steering
+                .sync(&ranges)
+                .with_context(|| format!("installing nftables table {}", steering.table))?;
+            reload::log_steering(steering, &ranges);
+        }
         let inner = Inner {
             rules,
             specs,

@@ -69,10 +69,13 @@ impl Slots {
                     addr: rule.dest,
                     slot: bslot,
                     options: rule.options.clone(),
+                    port_range: !rule.dest_ports.is_single(),
                 });
             }
             specs.push(PoolSpec {
                 listen: pool.listen,
+                ports: pool.ports.len(),
+                steered: false,
                 proto: pool.proto,
                 slot,
                 options: pool.options.clone(),

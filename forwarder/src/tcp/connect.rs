@@ -3,6 +3,7 @@
 //! refusal or timeout, and what happens once the backend answers.
 
 use std::io;
+use std::net::SocketAddr;
 use std::sync::atomic::Ordering::Relaxed;
 
 use mio::net::TcpStream;
@@ -18,6 +19,9 @@ use crate::tokens;
 impl Relay {
     /// Counts the client against `max_conns_per_ip`, picks the first backend and connects.
     pub(super) fn route(&mut self, ctx: &mut Context) -> Next {
+        if self.pool.sni.is_some() {
+            return self.start_hello(ctx);
+        }
         let client = self.client_addr.ip();
         let per_ip = self.pool.spec.options.max_conns_per_ip;
         if per_ip > 0 {
@@ -93,9 +97,14 @@ impl Relay {
             .options
             .send_proxy
             .map(|version| {
+                // The pool's port is the one the client reached, also when nftables steered
+                // the connection to another listening port (a range's first).
                 let header_destination = self
                     .header_destination
-                    .or_else(|| self.client.local_addr().ok())
+                    .or_else(|| {
+                        let local = self.client.local_addr().ok()?;
+                        Some(SocketAddr::new(local.ip(), self.pool.spec.listen.port()))
+                    })
                     .unwrap_or(self.pool.spec.listen);
                 proxy::encode(version, self.client_addr, header_destination)
             });

@@ -582,6 +582,7 @@ impl Udp {
                         datagrams_down: s.down.datagrams,
                         idle_ms,
                     }),
+                    sni: None,
                     client_half_closed: false,
                     backend_half_closed: false,
                 }

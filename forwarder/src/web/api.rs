@@ -510,6 +510,9 @@ struct ConnectionDoc {
     /// Milliseconds since the session's last datagram (UDP).
     #[serde(skip_serializing_if = "Option::is_none")]
     idle_ms: Option<u64>,
+    /// The TLS server name the client asked for (pools with `sni=` rows only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    sni: Option<String>,
 }
 
 #[derive(serde::Deserialize)]
@@ -545,6 +548,7 @@ pub async fn get_connections(
             client: c.client.to_string(),
             listen: rules::Listen {
                 addr: c.listen,
+                ports: rules::PortRange::single(c.listen.port()),
                 proto: c.proto,
             }
             .to_string(),
@@ -560,6 +564,7 @@ pub async fn get_connections(
             datagrams_up: c.udp.as_ref().map(|u| u.datagrams_up),
             datagrams_down: c.udp.as_ref().map(|u| u.datagrams_down),
             idle_ms: c.udp.as_ref().map(|u| u.idle_ms),
+            sni: c.sni.clone(),
         })
         .collect();
     let mut response = Json(docs).into_response();

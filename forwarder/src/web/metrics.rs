@@ -164,6 +164,8 @@ pub fn render(stats: &StatsSnapshot) -> String {
             ("max_conns", p.refused.max_conns),
             ("max_conns_per_ip", p.refused.max_conns_per_ip),
             ("proxy_header", p.refused.proxy_header),
+            ("no_sni_route", p.refused.no_sni_route),
+            ("tls_hello", p.refused.tls_hello),
         ] {
             let _ = writeln!(
                 out,
@@ -409,6 +411,8 @@ mod tests {
                     max_conns: 2,
                     max_conns_per_ip: 0,
                     proxy_header: 0,
+                    no_sni_route: 0,
+                    tls_hello: 0,
                 },
                 backends: vec![BackendStats {
                     name: "a\"b\\c".into(),

@@ -539,7 +539,7 @@
       }
       const unrouted = s && s.unrouted ? `${fmtInt(s.unrouted)} unrouted` : '';
       const r = (s && s.refused) || {};
-      const refusedBy = [['denied', r.denied], ['max_conns', r.max_conns], ['max_conns_per_ip', r.max_conns_per_ip], ['PROXY header', r.proxy_header]]
+      const refusedBy = [['denied', r.denied], ['max_conns', r.max_conns], ['max_conns_per_ip', r.max_conns_per_ip], ['PROXY header', r.proxy_header], ['no SNI route', r.no_sni_route], ['TLS hello', r.tls_hello]]
         .filter(([, n]) => n > 0);
       if (refusedBy.length) parts.push(`${fmtInt(refusedBy.reduce((a, [, n]) => a + n, 0))} refused (${refusedBy.map(([k, n]) => `${k} ${fmtInt(n)}`).join(', ')})`);
       const metaKey = parts.join(' · ') + unrouted;
