@@ -18,7 +18,9 @@ use serde::Serialize;
 
 use crate::control::{self, ConnectionInfo, FrameReader, Numbered, PoolSpec, Reply, Request};
 use crate::rules::file::{RulesFile, Snapshot, WriteError};
+use crate::rules::options::{Admin, Balance};
 use crate::rules::{self, Entry, Proto, RuleError, RuleSet, RulesError};
+use crate::stats::health::Health;
 use crate::stats::slots::Slots;
 use crate::stats::{describe_error, now_ms, Shared};
 
@@ -110,6 +112,9 @@ pub struct PoolStats {
     /// UDP sessions evicted to make room (always 0 for TCP).
     #[serde(default)]
     pub evicted: u64,
+    /// Which tier takes new connections now: `primary`, `backup` or `none`.
+    #[serde(default)]
+    pub serving: String,
     pub backends: Vec<BackendStats>,
 }
 
@@ -132,8 +137,23 @@ pub struct BackendStats {
     pub dest_ip: String,
     pub dest_port: String,
     pub addr: SocketAddr,
-    /// `up` or `down`.
+    /// Health: `up`, `down` or `unknown` (nothing tried yet), as [`crate::stats::health`] says.
     pub state: String,
+    /// `active`, `drain` or `disabled` (the operator's, from the rules file).
+    #[serde(default)]
+    pub admin: String,
+    /// A `backup`: serves only while no primary of its pool can.
+    #[serde(default)]
+    pub backup: bool,
+    /// What tells its health: `tcp connect`, `passive (connects)`, ...
+    #[serde(default)]
+    pub check: String,
+    /// While down: good checks in a row so far (it is up at 2).
+    #[serde(default)]
+    pub rise: u64,
+    /// In slow start: the percentage of its weight it takes now.
+    #[serde(default)]
+    pub slowstart_pct: Option<u32>,
     /// Connections (TCP) or sessions (UDP) open now.
     pub active: u64,
     /// Connections that were open when their worker died.
@@ -450,6 +470,7 @@ impl Supervisor {
                 }]))
             }
         };
+        crate::balance::tier::mark_returning(&inner.specs, &specs, &self.shared, now_ms());
         let failures = deliver(&mut inner.workers, &specs);
         if !failures.is_empty() {
             // All or nothing: put the workers that switched back on the rules in force.
@@ -515,7 +536,15 @@ impl Supervisor {
             .pools
             .iter()
             .filter_map(|pool| {
-                let p = self.shared.pool(inner.slots.pool_slot(pool)?);
+                let pool_slot = inner.slots.pool_slot(pool)?;
+                let p = self.shared.pool(pool_slot);
+                let serving = inner
+                    .specs
+                    .iter()
+                    .find(|s| s.slot == pool_slot)
+                    .map_or("none", |s| {
+                        crate::balance::tier::serving_tier(&s.backends, &self.shared, now)
+                    });
                 Some(PoolStats {
                     listen: pool.listen,
                     label: pool.label(),
@@ -529,6 +558,7 @@ impl Supervisor {
                         proxy_header: p.bad_header.load(Relaxed),
                     },
                     evicted: p.evicted.load(Relaxed),
+                    serving: serving.to_string(),
                     backends: pool
                         .rules
                         .iter()
@@ -541,12 +571,36 @@ impl Supervisor {
                                 Proto::Udp => udp_sessions += open,
                             }
                             let down = s.is_down(now);
+                            let health = crate::stats::health::health(s);
+                            let o = &rule.options;
+                            let spec = crate::control::BackendSpec {
+                                name: String::new(),
+                                addr: rule.dest,
+                                slot,
+                                options: o.clone(),
+                            };
+                            let ramp = crate::balance::tier::ramp_share(&spec, s, now)
+                                .filter(|_| pool.options.balance != Balance::Source);
                             Some(BackendStats {
                                 name: rule.entry.name.clone(),
                                 dest_ip: rule.entry.dest_ip.clone(),
                                 dest_port: rule.entry.dest_port.clone(),
                                 addr: rule.dest,
-                                state: if down { "down" } else { "up" }.into(),
+                                state: health.as_str().into(),
+                                admin: o.admin.as_str().into(),
+                                backup: o.backup,
+                                check: crate::stats::health::check_kind(
+                                    pool.proto == Proto::Udp,
+                                    self.config.health_interval.is_some(),
+                                    o.admin == Admin::Disabled,
+                                )
+                                .into(),
+                                rise: if health == Health::Down {
+                                    s.rise.load(Relaxed)
+                                } else {
+                                    0
+                                },
+                                slowstart_pct: ramp.map(|f| (f * 100.0) as u32),
                                 active: open,
                                 lost_worker_died: s.lost.load(Relaxed),
                                 total: s.total.load(Relaxed),
@@ -628,12 +682,17 @@ impl Supervisor {
         let spawned = std::thread::Builder::new()
             .name("health".into())
             .spawn(move || loop {
+                // TCP backends only (a TCP connect says nothing about a UDP service), and not
+                // the disabled ones: the operator took them out of checking too.
                 let backends: Vec<(usize, SocketAddr, String)> = {
                     let inner = me.lock();
                     inner
                         .specs
                         .iter()
-                        .flat_map(|p| p.backends.iter().map(|b| (b.slot, b.addr, b.name.clone())))
+                        .filter(|p| p.proto == Proto::Tcp)
+                        .flat_map(|p| p.backends.iter())
+                        .filter(|b| b.options.admin != Admin::Disabled)
+                        .map(|b| (b.slot, b.addr, b.name.clone()))
                         .collect()
                 };
                 for (slot, addr, name) in backends {
@@ -642,7 +701,7 @@ impl Supervisor {
                     s.last_check_ms.store(now_ms(), Relaxed);
                     match result {
                         Ok(_) => {
-                            if s.record_success() {
+                            if s.record_success(now_ms()) {
                                 tracing::info!(backend = %addr, %name, "backend up (health check)");
                             }
                         }
