@@ -52,6 +52,10 @@ pub struct BackendSpec {
     pub slot: usize,
     #[serde(default)]
     pub options: BackendOptions,
+    /// The rules-file line of its row: several members come from one row whose host name has
+    /// several addresses.
+    #[serde(default)]
+    pub line: usize,
 }
 
 /// One listening address and transport, and its backends.

@@ -6,6 +6,7 @@ pub mod access_log;
 pub mod balance;
 pub mod capacity;
 pub mod control;
+pub mod dns;
 pub mod rules;
 pub mod service;
 pub mod stats;

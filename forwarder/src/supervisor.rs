@@ -40,6 +40,8 @@ pub struct SupervisorConfig {
     pub health_interval: Option<Duration>,
     pub connect_timeout: Duration,
     pub drain_timeout: Duration,
+    /// How backend host names are re-resolved.
+    pub dns: crate::dns::DnsConfig,
 }
 
 struct WorkerHandle {
@@ -58,6 +60,8 @@ struct Inner {
     /// The same rules as the workers get them: with the shared slots that count them.
     specs: Vec<PoolSpec>,
     slots: Slots,
+    /// The last answer for every host name the rules use.
+    answers: crate::dns::Answers,
     workers: Vec<WorkerHandle>,
     /// Why the last reload was refused (cleared by the next one that applies), for the page.
     reload_error: Option<String>,
@@ -139,6 +143,9 @@ pub struct BackendStats {
     pub addr: SocketAddr,
     /// Health: `up`, `down` or `unknown` (nothing tried yet), as [`crate::stats::health`] says.
     pub state: String,
+    /// For a row with a host name: what its last lookup said (`resolved to a, b` or why not).
+    #[serde(default)]
+    pub dns: Option<String>,
     /// `active`, `drain` or `disabled` (the operator's, from the rules file).
     #[serde(default)]
     pub admin: String,
@@ -206,11 +213,28 @@ impl Supervisor {
             .capacity
             .store(config.capacity as u64, Relaxed);
         let mut slots = Slots::default();
-        let specs = slots.assign(&rules, &shared)?;
+        // Names are looked up once before the workers start, so a name that resolves serves
+        // from the first connection; one that does not leaves its backend down, not the file.
+        let mut answers = crate::dns::Answers::default();
+        if rules.rules().any(|r| r.host.is_some()) {
+            let resolver = crate::dns::Resolver::new(&config.dns)?;
+            for host in host_names(&rules) {
+                let result = resolver.lookup(&host);
+                let (answer, _) = crate::dns::fold(None, result, &config.dns, Instant::now());
+                if answer.addrs.is_empty() {
+                    tracing::warn!("{}", crate::dns::describe(&host, Some(&answer)));
+                } else {
+                    tracing::info!("{}", crate::dns::describe(&host, Some(&answer)));
+                }
+                answers.insert(host, answer);
+            }
+        }
+        let specs = slots.assign(&rules, &answers, &shared)?;
         let inner = Inner {
             rules,
             specs,
             slots,
+            answers,
             workers: Vec::new(),
             reload_error: None,
         };
@@ -242,6 +266,7 @@ impl Supervisor {
         if let Some(interval) = self.config.health_interval {
             self.start_health_checks(interval);
         }
+        self.start_dns();
         let mut last_file_check = Instant::now();
         loop {
             match rx.recv_timeout(Duration::from_millis(200)) {
@@ -459,7 +484,7 @@ impl Supervisor {
         }
         // Slots are committed only once every worker took the rules.
         let mut slots = inner.slots.clone();
-        let specs = match slots.assign(&new, &self.shared) {
+        let specs = match slots.assign(&new, &inner.answers, &self.shared) {
             Ok(s) => s,
             Err(e) => {
                 return Err(RulesError(vec![RuleError {
@@ -562,72 +587,102 @@ impl Supervisor {
                     backends: pool
                         .rules
                         .iter()
-                        .filter_map(|rule| {
-                            let slot = inner.slots.backend_slot(pool, rule.dest)?;
-                            let s = self.shared.backend(slot);
-                            let open = self.shared.active(slot);
-                            match pool.proto {
-                                Proto::Tcp => active += open,
-                                Proto::Udp => udp_sessions += open,
-                            }
-                            let down = s.is_down(now);
-                            let health = crate::stats::health::health(s);
-                            let o = &rule.options;
-                            let spec = crate::control::BackendSpec {
-                                name: String::new(),
-                                addr: rule.dest,
-                                slot,
-                                options: o.clone(),
+                        .flat_map(|rule| {
+                            // A row with a host name has one member per address it resolved to.
+                            let members: Vec<(SocketAddr, usize)> = match &rule.host {
+                                None => inner
+                                    .slots
+                                    .backend_slot(pool, rule.dest)
+                                    .map(|slot| (rule.dest, slot))
+                                    .into_iter()
+                                    .collect(),
+                                Some(_) => inner
+                                    .specs
+                                    .iter()
+                                    .filter(|s| s.slot == pool_slot)
+                                    .flat_map(|s| s.backends.iter())
+                                    .filter(|b| b.line == rule.line && b.name == rule.entry.name)
+                                    .map(|b| (b.addr, b.slot))
+                                    .collect(),
                             };
-                            let ramp = crate::balance::tier::ramp_share(&spec, s, now)
-                                .filter(|_| pool.options.balance != Balance::Source);
-                            Some(BackendStats {
-                                name: rule.entry.name.clone(),
-                                dest_ip: rule.entry.dest_ip.clone(),
-                                dest_port: rule.entry.dest_port.clone(),
-                                addr: rule.dest,
-                                state: health.as_str().into(),
-                                admin: o.admin.as_str().into(),
-                                backup: o.backup,
-                                check: crate::stats::health::check_kind(
-                                    pool.proto == Proto::Udp,
-                                    self.config.health_interval.is_some(),
-                                    o.admin == Admin::Disabled,
-                                )
-                                .into(),
-                                rise: if health == Health::Down {
-                                    s.rise.load(Relaxed)
-                                } else {
-                                    0
-                                },
-                                slowstart_pct: ramp.map(|f| (f * 100.0) as u32),
-                                active: open,
-                                lost_worker_died: s.lost.load(Relaxed),
-                                total: s.total.load(Relaxed),
-                                bytes_up: s.bytes_up.load(Relaxed),
-                                bytes_down: s.bytes_down.load(Relaxed),
-                                spliced_up: s.spliced_up.load(Relaxed),
-                                spliced_down: s.spliced_down.load(Relaxed),
-                                in_kernel: s.in_kernel.load(Relaxed),
-                                connect_failures: s.connect_failures.load(Relaxed),
-                                last_error: describe_error(s.last_error.load(Relaxed)),
-                                last_error_ms: s.last_error_ms.load(Relaxed),
-                                down_since_ms: if down {
-                                    s.down_since_ms.load(Relaxed)
-                                } else {
-                                    0
-                                },
-                                retry_at_ms: if down {
-                                    s.down_until_ms.load(Relaxed)
-                                } else {
-                                    0
-                                },
-                                last_check_ms: s.last_check_ms.load(Relaxed),
-                                datagrams_up: s.datagrams_up.load(Relaxed),
-                                datagrams_down: s.datagrams_down.load(Relaxed),
-                                drops_up: s.drops_up.load(Relaxed),
-                                drops_down: s.drops_down.load(Relaxed),
-                            })
+                            let dns = rule
+                                .host
+                                .as_ref()
+                                .map(|h| crate::dns::describe(h, inner.answers.get(h)));
+                            let unresolved = (members.is_empty() && rule.host.is_some())
+                                .then(|| unresolved_stats(rule, dns.clone().unwrap_or_default()));
+                            members
+                                .into_iter()
+                                .map(|(addr, slot)| {
+                                    let s = self.shared.backend(slot);
+                                    let open = self.shared.active(slot);
+                                    match pool.proto {
+                                        Proto::Tcp => active += open,
+                                        Proto::Udp => udp_sessions += open,
+                                    }
+                                    let down = s.is_down(now);
+                                    let health = crate::stats::health::health(s);
+                                    let o = &rule.options;
+                                    let spec = crate::control::BackendSpec {
+                                        name: String::new(),
+                                        addr,
+                                        slot,
+                                        options: o.clone(),
+                                        line: rule.line,
+                                    };
+                                    let ramp = crate::balance::tier::ramp_share(&spec, s, now)
+                                        .filter(|_| pool.options.balance != Balance::Source);
+                                    BackendStats {
+                                        name: rule.entry.name.clone(),
+                                        dest_ip: rule.entry.dest_ip.clone(),
+                                        dest_port: rule.entry.dest_port.clone(),
+                                        addr,
+                                        dns: dns.clone(),
+                                        state: health.as_str().into(),
+                                        admin: o.admin.as_str().into(),
+                                        backup: o.backup,
+                                        check: crate::stats::health::check_kind(
+                                            pool.proto == Proto::Udp,
+                                            self.config.health_interval.is_some(),
+                                            o.admin == Admin::Disabled,
+                                        )
+                                        .into(),
+                                        rise: if health == Health::Down {
+                                            s.rise.load(Relaxed)
+                                        } else {
+                                            0
+                                        },
+                                        slowstart_pct: ramp.map(|f| (f * 100.0) as u32),
+                                        active: open,
+                                        lost_worker_died: s.lost.load(Relaxed),
+                                        total: s.total.load(Relaxed),
+                                        bytes_up: s.bytes_up.load(Relaxed),
+                                        bytes_down: s.bytes_down.load(Relaxed),
+                                        spliced_up: s.spliced_up.load(Relaxed),
+                                        spliced_down: s.spliced_down.load(Relaxed),
+                                        in_kernel: s.in_kernel.load(Relaxed),
+                                        connect_failures: s.connect_failures.load(Relaxed),
+                                        last_error: describe_error(s.last_error.load(Relaxed)),
+                                        last_error_ms: s.last_error_ms.load(Relaxed),
+                                        down_since_ms: if down {
+                                            s.down_since_ms.load(Relaxed)
+                                        } else {
+                                            0
+                                        },
+                                        retry_at_ms: if down {
+                                            s.down_until_ms.load(Relaxed)
+                                        } else {
+                                            0
+                                        },
+                                        last_check_ms: s.last_check_ms.load(Relaxed),
+                                        datagrams_up: s.datagrams_up.load(Relaxed),
+                                        datagrams_down: s.datagrams_down.load(Relaxed),
+                                        drops_up: s.drops_up.load(Relaxed),
+                                        drops_down: s.drops_down.load(Relaxed),
+                                    }
+                                })
+                                .chain(unresolved)
+                                .collect::<Vec<_>>()
                         })
                         .collect(),
                 })
@@ -675,6 +730,101 @@ impl Supervisor {
         )
     }
 
+    // ---- host names -------------------------------------------------------------------------
+
+    /// The `dns` thread: asks again for every name of the rules in force whose answer's TTL ran
+    /// out (a name new in an edit at once), outside the lock, and turns a changed answer into
+    /// changed pool members for the workers. Connections already open stay where they are.
+    fn start_dns(&self) {
+        let me = self.clone();
+        let config = self.config.dns;
+        let spawned = std::thread::Builder::new()
+            .name("dns".into())
+            .spawn(move || {
+                let mut resolver: Option<crate::dns::Resolver> = None;
+                loop {
+                    std::thread::sleep(Duration::from_millis(200));
+                    let due: Vec<(String, Option<crate::dns::Answer>)> = {
+                        let inner = me.lock();
+                        let now = Instant::now();
+                        host_names(&inner.rules)
+                            .into_iter()
+                            .filter_map(|h| {
+                                let a = inner.answers.get(&h).cloned();
+                                let due =
+                                    a.as_ref().and_then(|a| a.next_at).is_none_or(|t| t <= now);
+                                due.then_some((h, a))
+                            })
+                            .collect()
+                    };
+                    if due.is_empty() {
+                        continue;
+                    }
+                    if resolver.is_none() {
+                        match crate::dns::Resolver::new(&config) {
+                            Ok(r) => resolver = Some(r),
+                            Err(e) => {
+                                tracing::error!("cannot resolve host names: {e:#}");
+                                std::thread::sleep(config.min_ttl);
+                                continue;
+                            }
+                        }
+                    }
+                    let Some(r) = resolver.as_ref() else { continue };
+                    for (host, previous) in due {
+                        let result = r.lookup(&host);
+                        let (answer, outcome) =
+                            crate::dns::fold(previous.as_ref(), result, &config, Instant::now());
+                        use crate::dns::Outcome;
+                        match outcome {
+                            Outcome::Changed => tracing::info!(
+                                "{} (was {})",
+                                crate::dns::describe(&host, Some(&answer)),
+                                previous.as_ref().map_or("unresolved".to_string(), |p| {
+                                    crate::dns::list(&p.addrs)
+                                })
+                            ),
+                            Outcome::FailedFirst => {
+                                tracing::warn!("{}", crate::dns::describe(&host, Some(&answer)))
+                            }
+                            Outcome::FailedAgain | Outcome::Same => {}
+                        }
+                        let mut inner = me.lock();
+                        inner.answers.insert(host, answer);
+                        if outcome == Outcome::Changed {
+                            me.reassign(&mut inner);
+                        }
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::error!("cannot start the dns thread: {e}");
+        }
+    }
+
+    /// Gives the workers the members the current answers make of the rules in force.
+    fn reassign(&self, inner: &mut Inner) {
+        let mut slots = inner.slots.clone();
+        let specs = match slots.assign(&inner.rules, &inner.answers, &self.shared) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!("new addresses not applied: {e}");
+                return;
+            }
+        };
+        crate::balance::tier::mark_returning(&inner.specs, &specs, &self.shared, now_ms());
+        let failures = deliver(&mut inner.workers, &specs);
+        if !failures.is_empty() {
+            let previous = inner.specs.clone();
+            for (worker, why) in deliver(&mut inner.workers, &previous) {
+                tracing::error!(worker, "cannot return to the previous members: {why}");
+            }
+            return;
+        }
+        inner.slots = slots;
+        inner.specs = specs;
+    }
+
     // ---- active health checks --------------------------------------------------------------
 
     fn start_health_checks(&self, interval: Duration) {
@@ -718,6 +868,49 @@ impl Supervisor {
         if let Err(e) = spawned {
             tracing::error!("cannot start health checks: {e}");
         }
+    }
+}
+
+/// Every host name the rules use, once.
+fn host_names(rules: &RuleSet) -> Vec<String> {
+    let mut names: Vec<String> = rules.rules().filter_map(|r| r.host.clone()).collect();
+    names.sort();
+    names.dedup();
+    names
+}
+
+/// The figures of a row whose host name has not resolved yet: down, saying why.
+fn unresolved_stats(rule: &rules::Rule, why: String) -> BackendStats {
+    BackendStats {
+        name: rule.entry.name.clone(),
+        dest_ip: rule.entry.dest_ip.clone(),
+        dest_port: rule.entry.dest_port.clone(),
+        addr: rule.dest,
+        dns: Some(why.clone()),
+        state: Health::Down.as_str().into(),
+        admin: rule.options.admin.as_str().into(),
+        backup: rule.options.backup,
+        check: "dns".into(),
+        rise: 0,
+        slowstart_pct: None,
+        active: 0,
+        lost_worker_died: 0,
+        total: 0,
+        bytes_up: 0,
+        bytes_down: 0,
+        spliced_up: 0,
+        spliced_down: 0,
+        in_kernel: 0,
+        connect_failures: 0,
+        last_error: why,
+        last_error_ms: 0,
+        down_since_ms: 0,
+        retry_at_ms: 0,
+        last_check_ms: 0,
+        datagrams_up: 0,
+        datagrams_down: 0,
+        drops_up: 0,
+        drops_down: 0,
     }
 }
 
@@ -841,9 +1034,15 @@ fn destinations(p: &rules::Pool) -> Vec<(&Entry, SocketAddr)> {
 pub fn describe_pool(p: &rules::Pool) -> String {
     p.rules
         .iter()
-        .map(|r| match r.entry.options.trim() {
-            "" => format!("{} {}", r.entry.name, r.dest),
-            options => format!("{} {} [{options}]", r.entry.name, r.dest),
+        .map(|r| {
+            let dest = match &r.host {
+                Some(h) => format!("{h}:{}", r.dest.port()),
+                None => r.dest.to_string(),
+            };
+            match r.entry.options.trim() {
+                "" => format!("{} {dest}", r.entry.name),
+                options => format!("{} {dest} [{options}]", r.entry.name),
+            }
         })
         .collect::<Vec<_>>()
         .join(", ")

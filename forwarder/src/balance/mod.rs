@@ -323,6 +323,7 @@ mod tests {
                         weight,
                         ..Default::default()
                     },
+                    line: 0,
                 })
                 .collect(),
         };

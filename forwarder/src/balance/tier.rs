@@ -250,6 +250,7 @@ mod tests {
                     weight: if o.contains("w3") { 3 } else { 1 },
                     ..Default::default()
                 },
+                line: 0,
             })
             .collect()
     }

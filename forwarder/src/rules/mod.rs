@@ -10,7 +10,7 @@ mod parse;
 
 pub use options::{BackendOptions, PoolOptions, Proto};
 pub use parse::{
-    parse, parse_listen, parse_port, read_rows, resolve, to_csv, validate, Listen, Row,
+    destination, parse, parse_listen, parse_port, read_rows, to_csv, validate, Listen, Row,
 };
 
 use std::fmt;
@@ -41,7 +41,11 @@ pub struct Rule {
     pub line: usize,
     pub listen: SocketAddr,
     pub proto: Proto,
+    /// The destination; for a host name, `0.0.0.0:PORT` (the addresses are in `dns` answers).
     pub dest: SocketAddr,
+    /// The host name to resolve (in the background, never on a connection's path), when
+    /// `dest_ip` is not an address literal.
+    pub host: Option<String>,
     /// This row's backend options (weight, PROXY protocol, limit).
     pub options: BackendOptions,
 }

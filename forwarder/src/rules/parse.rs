@@ -1,9 +1,10 @@
 //! The one reader and the one writer of the rules CSV: rows read with their line numbers (kept
-//! even when malformed, so the page can show them), each field checked, host names resolved once,
-//! pools formed; and entries written back as rows.
+//! even when malformed, so the page can show them), each field checked (host names are checked,
+//! not resolved: `dns` does that in the background), pools formed; and entries written back as
+//! rows.
 
 use std::collections::HashMap;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 use super::options::{merge_pool, parse_options, pool_conflict, RowOptions};
 use super::{Entry, Pool, PoolOptions, Proto, Rule, RuleError, RuleSet, RulesError, EXAMPLE_FILE};
@@ -137,7 +138,7 @@ pub fn validate(entries: &[(usize, Entry)], file: &str) -> Result<RuleSet, Rules
             .map_err(|m| errors.push(err(file, line, "dest_port", m)))
             .ok();
         let dest = match port {
-            Some(port) => resolve(&entry.dest_ip, port)
+            Some(port) => destination(&entry.dest_ip, port)
                 .map_err(|m| errors.push(err(file, line, "dest_ip", m)))
                 .ok(),
             None => None,
@@ -149,7 +150,7 @@ pub fn validate(entries: &[(usize, Entry)], file: &str) -> Result<RuleSet, Rules
         if errors.len() > before {
             continue;
         }
-        let (Some(listen), Some(dest), Some(options)) = (listen, dest, options) else {
+        let (Some(listen), Some((dest, host)), Some(options)) = (listen, dest, options) else {
             continue;
         };
         match ports.get(&(listen.addr.port(), proto)) {
@@ -176,6 +177,7 @@ pub fn validate(entries: &[(usize, Entry)], file: &str) -> Result<RuleSet, Rules
             listen: listen.addr,
             proto,
             dest,
+            host,
             options: options.backend.clone(),
         };
         match pools
@@ -184,13 +186,21 @@ pub fn validate(entries: &[(usize, Entry)], file: &str) -> Result<RuleSet, Rules
         {
             Some(i) => {
                 let pool = &mut pools[i];
-                if let Some(dup) = pool.rules.iter().find(|r| r.dest == dest) {
+                if let Some(dup) = pool
+                    .rules
+                    .iter()
+                    .find(|r| r.dest == rule.dest && r.host == rule.host)
+                {
+                    let shown = match &rule.host {
+                        Some(h) => format!("{h}:{}", rule.dest.port()),
+                        None => rule.dest.to_string(),
+                    };
                     errors.push(err(
                         file,
                         line,
                         "dest_ip",
                         format!(
-                            "duplicate destination {dest} for listen port {} (already on line {})",
+                            "duplicate destination {shown} for listen port {} (already on line {})",
                             port_label(listen),
                             dup.line
                         ),
@@ -384,8 +394,9 @@ pub fn parse_port(field: &str) -> Result<u16, String> {
     }
 }
 
-/// An IP literal (IPv6 with or without brackets) or a host name, resolved now.
-pub fn resolve(host: &str, port: u16) -> Result<SocketAddr, String> {
+/// An IP literal (IPv6 with or without brackets), or a host name to resolve later: then
+/// `(0.0.0.0:PORT, Some(name))`.
+pub fn destination(host: &str, port: u16) -> Result<(SocketAddr, Option<String>), String> {
     if host.is_empty() {
         return Err("destination is empty".into());
     }
@@ -397,20 +408,22 @@ pub fn resolve(host: &str, port: u16) -> Result<SocketAddr, String> {
         if ip.is_unspecified() {
             return Err(format!("{ip} is not a destination address"));
         }
-        return Ok(SocketAddr::new(ip, port));
+        return Ok((SocketAddr::new(ip, port), None));
     }
-    if !bare
-        .chars()
-        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.' || c == '_')
+    let labels_ok = bare
+        .trim_end_matches('.')
+        .split('.')
+        .all(|l| !l.is_empty() && l.len() <= 63 && !l.starts_with('-') && !l.ends_with('-'));
+    if bare.len() > 253
+        || !labels_ok
+        || !bare
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.' || c == '_')
     {
         return Err(format!("\"{host}\" is not an IP address or host name"));
     }
-    match (bare, port).to_socket_addrs() {
-        Ok(mut addrs) => addrs
-            .next()
-            .ok_or_else(|| format!("unknown host \"{host}\"")),
-        Err(e) => Err(format!("unknown host \"{host}\": {e}")),
-    }
+    let unresolved = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port);
+    Ok((unresolved, Some(bare.to_ascii_lowercase())))
 }
 
 #[cfg(test)]
@@ -474,13 +487,27 @@ mod tests {
     }
 
     #[test]
-    fn unknown_host_and_conflicting_listen_address() {
-        let e = errors(
-            "a,8080,no-such-host.invalid,80\nb,9000,127.0.0.1,80\nc,127.0.0.1:9000,127.0.0.1,81\n",
+    fn host_names_are_kept_for_later_and_conflicting_listen_address() {
+        let set = parse(
+            "a,8080,No-Such-Host.invalid,80\nb,8080,no-such-host.invalid,81\n",
+            "f",
+        )
+        .unwrap();
+        assert_eq!(
+            set.pools[0].rules[0].host.as_deref(),
+            Some("no-such-host.invalid")
         );
-        assert!(e[0].starts_with("entries.csv:1: dest_ip: unknown host \"no-such-host.invalid\""));
-        assert!(e[1].starts_with(
-            "entries.csv:3: listen_port: port 9000 is already bound to 0.0.0.0:9000 by line 2"
+        assert_eq!(set.pools[0].rules[1].dest, "0.0.0.0:81".parse().unwrap());
+        let e = errors(
+            "a,8080,web.lab,80\na2,8080,web.lab,80\nbad,8081,-x-.lab,80\nb,9000,127.0.0.1,80\nc,127.0.0.1:9000,127.0.0.1,81\n",
+        );
+        assert_eq!(e[0], "entries.csv:2: dest_ip: duplicate destination web.lab:80 for listen port 8080 (already on line 1)");
+        assert_eq!(
+            e[1],
+            "entries.csv:3: dest_ip: \"-x-.lab\" is not an IP address or host name"
+        );
+        assert!(e[2].starts_with(
+            "entries.csv:5: listen_port: port 9000 is already bound to 0.0.0.0:9000 by line 4"
         ));
     }
 

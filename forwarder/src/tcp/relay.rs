@@ -996,6 +996,7 @@ mod tests {
                         addr,
                         slot: i,
                         options: Default::default(),
+                        line: 0,
                     })
                     .collect(),
             };

@@ -203,6 +203,7 @@ mod tests {
                         dest_port: "9001".into(),
                         addr: "127.0.0.1:9001".parse().unwrap(),
                         state: "up".into(),
+                        dns: None,
                         admin: "active".into(),
                         backup: false,
                         check: String::new(),

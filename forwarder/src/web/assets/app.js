@@ -224,9 +224,18 @@
   function statsBackend(entry) {
     const pool = statsPool(entry.listen);
     if (!pool) return undefined;
-    return pool.backends.find(
+    const members = pool.backends.filter(
       (b) => b.name === entry.name && b.dest_ip === entry.dest_ip && b.dest_port === entry.dest_port,
     );
+    if (members.length <= 1) return members[0];
+    // A host name with several addresses: one row, its members' figures summed.
+    const merged = { ...members[0] };
+    for (const k of ['active', 'total', 'bytes_up', 'bytes_down', 'connect_failures', 'datagrams_up', 'datagrams_down']) {
+      merged[k] = members.reduce((a, b) => a + (b[k] || 0), 0);
+    }
+    merged.state = members.some((b) => b.state === 'up') ? 'up' : members.some((b) => b.state === 'down') ? 'down' : 'unknown';
+    merged.members = members.length;
+    return merged;
   }
 
   function historyOf(listen, backend) {
@@ -476,6 +485,7 @@
     }
     if (b.state === 'down') {
       const parts = [plainError(b.last_error) || 'unreachable'];
+      if (b.dns && b.dns !== b.last_error) parts.push(b.dns);
       if (b.down_since_ms) parts.push(`down for ${fmtDuration(now - b.down_since_ms)}`);
       if (b.retry_at_ms) parts.push(b.retry_at_ms > now ? `next try in ${fmtDuration(b.retry_at_ms - now + 999)}` : 'next try on the next connection');
       if (b.rise) parts.push(`${b.rise} of 2 good checks`);
@@ -486,6 +496,7 @@
     if (b.last_check_ms) parts.push(`checked ${fmtDuration(now - b.last_check_ms)} ago`);
     if (b.slowstart_pct != null) parts.push(`slow start: ${b.slowstart_pct}% of its weight`);
     if (b.check) parts.push(`check: ${b.check}`);
+    if (b.dns) parts.push(b.members ? `${b.dns} (${b.members} members)` : b.dns);
     return { text: parts.join(' · '), bad: false, title: b.last_error || '' };
   }
 
