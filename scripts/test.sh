@@ -1,12 +1,19 @@
 #!/usr/bin/env bash
 # The one test entry point (README, .ci/run): installs what the tests need, checks formatting and
-# lints, builds the workspace once, runs every test. Safe to run again: installs are idempotent.
+# lints (Rust and shell), checks the documentation's links, builds the workspace once, runs every
+# test. Safe to run again: installs are idempotent.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # Each step under scripts/test.d installs the Debian packages it needs (scripts/lib/apt.sh).
 
 step() { printf '\n== %s ==\n' "$*" >&2; }
+
+step "shellcheck (every shell script)"
+bash scripts/lib/shellcheck.sh
+
+step "links in README.md and docs/"
+python3 scripts/lib/check-links.py
 
 step "rustfmt"
 cargo fmt --all -- --check

@@ -19,7 +19,17 @@ use crate::stats::Shared;
 pub const QUEUE_LINES: usize = 8192;
 
 /// How lines are written.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Default,
+    clap::ValueEnum,
+    serde::Serialize,
+    serde::Deserialize,
+)]
 pub enum Format {
     /// `TIME CLIENT LISTEN RULE BACKEND up=N down=N ms=N ENDING`
     #[default]
@@ -83,7 +93,7 @@ impl Record<'_> {
 }
 
 /// Where lines go.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Target {
     Stdout,
     File(PathBuf),

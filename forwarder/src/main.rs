@@ -1,5 +1,6 @@
 //! `forwarder`: command line and wiring. The same binary is the supervisor and, re-executed with
-//! hidden flags, each worker process.
+//! one hidden flag naming the descriptors it inherits, each worker process (whose settings come
+//! as a typed frame on the control socket: [`forwarder::worker::WorkerConfig`]).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -146,23 +147,25 @@ struct Args {
     #[arg(long, default_value_t = 0)]
     udp_max_sessions: usize,
 
-    #[arg(long, hide = true)]
-    worker_index: Option<usize>,
-    #[arg(long, hide = true)]
+    /// Set by the supervisor when it starts a worker: the inherited stats mapping and control
+    /// socket. The worker's settings then come as one frame on that socket.
+    #[arg(long, hide = true, value_name = "STATS,CONTROL")]
     worker_fds: Option<String>,
-    #[arg(long, hide = true, default_value_t = 0)]
-    worker_max_connections: usize,
-    #[arg(long, hide = true, default_value_t = 0)]
-    worker_udp_sessions: usize,
+    /// With --worker-fds: which worker this is, as a label for `ps` (the configuration frame
+    /// says it too, and the two must agree).
+    #[arg(long, hide = true, requires = "worker_fds")]
+    worker_index: Option<usize>,
 }
 
 fn main() -> ExitCode {
     testbed::docs::generate_if_asked::<Args>(&service::man_sections());
     let args = Args::parse();
-    testbed::logging::init(&args.log_level);
-    let result = match args.worker_index {
-        Some(index) => run_worker(&args, index),
-        None => run_supervisor(&args),
+    let result = match &args.worker_fds {
+        Some(fds) => run_worker(fds, args.worker_index),
+        None => {
+            testbed::logging::init(&args.log_level);
+            run_supervisor(&args)
+        }
     };
     match result {
         Ok(code) => code,
@@ -173,33 +176,27 @@ fn main() -> ExitCode {
     }
 }
 
-fn run_worker(args: &Args, index: usize) -> anyhow::Result<ExitCode> {
+/// A worker: every setting comes from the supervisor's configuration frame, none from flags.
+fn run_worker(fds: &str, label: Option<usize>) -> anyhow::Result<ExitCode> {
     service::signals::ignore_in_worker();
-    testbed::fdlimit::raise_nofile().context("raising the open-file limit")?;
-    let fds = args.worker_fds.as_deref().context("--worker-fds missing")?;
     let (stats, control) = fds
         .split_once(',')
         .context("--worker-fds is STATS,CONTROL")?;
-    let config = WorkerConfig {
-        index,
-        max_connections: args.worker_max_connections.max(1),
-        connect_timeout: Duration::from_millis(args.connect_timeout_ms),
-        idle_timeout: (args.idle_timeout_s > 0).then(|| Duration::from_secs(args.idle_timeout_s)),
-        drain_timeout: Duration::from_secs(args.drain_timeout_s),
-        splice: !args.no_splice,
-        max_pipes: PIPES_PER_WORKER,
-        data_path: args.data_path,
-        default_allow: parse_cidrs("--allow", &args.allow)?,
-        default_deny: parse_cidrs("--deny", &args.deny)?,
-        access_log: args
-            .access_log
-            .as_deref()
-            .map(|t| (access_log::Target::parse(t), args.access_log_format)),
-
-        udp_idle_timeout: Duration::from_secs(args.udp_idle_timeout_s),
-        udp_max_sessions: args.worker_udp_sessions.max(1),
+    let mut fds = worker::Inherited {
+        stats_fd: stats.parse().context("--worker-fds: STATS")?,
+        control_fd: control.parse().context("--worker-fds: CONTROL")?,
+        pending: Default::default(),
     };
-    worker::run(config, stats.parse()?, control.parse()?)?;
+    let config = worker::receive_config(&mut fds).context("starting a worker")?;
+    if let Some(label) = label.filter(|&l| l != config.index) {
+        bail!(
+            "--worker-index {label} but the configuration frame is worker {}'s",
+            config.index
+        );
+    }
+    testbed::logging::init(&config.log_level);
+    testbed::fdlimit::raise_nofile().context("raising the open-file limit")?;
+    worker::run(config, fds)?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -297,10 +294,14 @@ fn run_supervisor(args: &Args) -> anyhow::Result<ExitCode> {
     let config = SupervisorConfig {
         rules: Arc::new(file),
         workers: plan.workers,
-        per_worker_connections: plan.per_worker,
         capacity: plan.total,
         udp_capacity: udp_total,
-        worker_args: worker_args(args, udp_per_worker, sockmap::check(args.data_path)),
+        worker: worker_config(
+            args,
+            plan.per_worker,
+            udp_per_worker,
+            sockmap::check(args.data_path),
+        )?,
         health_interval: (args.health_interval_s > 0)
             .then(|| Duration::from_secs(args.health_interval_s)),
         connect_timeout: Duration::from_millis(args.connect_timeout_ms),
@@ -311,7 +312,6 @@ fn run_supervisor(args: &Args) -> anyhow::Result<ExitCode> {
     if let Some(problem) = service::privilege::rules_write_problem(&rules_path) {
         tracing::warn!("{problem}");
     }
-    service::signals::log_status_on_usr1(sup.clone())?;
     if !args.no_web {
         forwarder::web::start(sup.clone(), args.web, args.web_token.clone(), web_tls)
             .map_err(service::exit::bind_failure)?;
@@ -353,52 +353,40 @@ fn print_rules(label: &str, set: &RuleSet) {
 }
 
 /// Flags a worker needs, passed on from the supervisor's own command line.
-fn worker_args(args: &Args, udp_sessions: usize, data_path: DataPath) -> Vec<String> {
-    let mut v = vec![
-        "--log-level".into(),
-        args.log_level.clone(),
-        "--connect-timeout-ms".into(),
-        args.connect_timeout_ms.to_string(),
-        "--idle-timeout-s".into(),
-        args.idle_timeout_s.to_string(),
-        "--drain-timeout-s".into(),
-        args.drain_timeout_s.to_string(),
-        "--udp-idle-timeout-s".into(),
-        args.udp_idle_timeout_s.to_string(),
-        "--worker-udp-sessions".into(),
-        udp_sessions.to_string(),
-    ];
-    if args.no_splice {
-        v.push("--no-splice".into());
-    }
-    if data_path == DataPath::Sockmap {
-        v.extend(["--data-path".into(), "sockmap".into()]);
-    }
-    if let Some(path) = &args.access_log {
-        // Workers start elsewhere than the supervisor may be asked to run: an absolute path.
-        let path = match access_log::Target::parse(path) {
+/// The settings every worker gets (its index is set as it starts): the one frame that carries
+/// the command line to the workers.
+fn worker_config(
+    args: &Args,
+    max_connections: usize,
+    udp_sessions: usize,
+    data_path: DataPath,
+) -> anyhow::Result<WorkerConfig> {
+    // Workers start elsewhere than the supervisor may be asked to run: an absolute path.
+    let access_log = args.access_log.as_deref().map(|t| {
+        let target = match access_log::Target::parse(t) {
             access_log::Target::File(p) => {
-                std::path::absolute(&p).unwrap_or(p).display().to_string()
+                access_log::Target::File(std::path::absolute(&p).unwrap_or(p))
             }
-            access_log::Target::Stdout => "-".into(),
+            stdout => stdout,
         };
-        let format = match args.access_log_format {
-            access_log::Format::Text => "text",
-            access_log::Format::Json => "json",
-        };
-        v.extend([
-            "--access-log".into(),
-            path,
-            "--access-log-format".into(),
-            format.into(),
-        ]);
-    }
-    for (flag, value) in [("--allow", &args.allow), ("--deny", &args.deny)] {
-        if let Some(value) = value {
-            v.extend([flag.to_string(), value.clone()]);
-        }
-    }
-    v
+        (target, args.access_log_format)
+    });
+    Ok(WorkerConfig {
+        index: 0,
+        log_level: args.log_level.clone(),
+        max_connections: max_connections.max(1),
+        connect_timeout: Duration::from_millis(args.connect_timeout_ms),
+        idle_timeout: (args.idle_timeout_s > 0).then(|| Duration::from_secs(args.idle_timeout_s)),
+        drain_timeout: Duration::from_secs(args.drain_timeout_s),
+        splice: !args.no_splice,
+        max_pipes: PIPES_PER_WORKER,
+        data_path,
+        default_allow: parse_cidrs("--allow", &args.allow)?,
+        default_deny: parse_cidrs("--deny", &args.deny)?,
+        access_log,
+        udp_idle_timeout: Duration::from_secs(args.udp_idle_timeout_s),
+        udp_max_sessions: udp_sessions.max(1),
+    })
 }
 
 fn dns_config(args: &Args) -> forwarder::dns::DnsConfig {

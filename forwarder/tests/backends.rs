@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use common::{http_get, local, metric, round_trip, rules_file, Backend, Forwarder, WAIT};
 use serde_json::Value;
-use testbed::testing::{free_port, wait_until};
+use testbed_dev::testing::{free_port, wait_until};
 
 /// An echo backend that first sends its one-letter tag, and can be stopped (its port then
 /// refuses connections) and started again on the same port.
@@ -146,14 +146,16 @@ fn set_admin(web: SocketAddr, name: &str, state: &str) -> u16 {
     text.split(' ').nth(1).unwrap().parse().unwrap()
 }
 
+/// The forwarder with its web page, waiting for `ports` to listen.
 fn with_web(workers: usize, rules: &str, ports: &[u16], extra: &[&str]) -> (Forwarder, SocketAddr) {
-    let web = free_port();
-    let web_arg = format!("127.0.0.1:{web}");
-    let mut args = vec!["--web", &web_arg];
-    args.extend_from_slice(extra);
-    let fwd = Forwarder::start(rules, workers, &args, ports);
-    let web = local(web);
-    assert!(wait_until(WAIT, || common::is_listening(web.port())));
+    let fwd = Forwarder::builder()
+        .rules(rules)
+        .workers(workers)
+        .web("127.0.0.1")
+        .args(extra)
+        .listening(ports)
+        .start();
+    let web = fwd.web();
     (fwd, web)
 }
 

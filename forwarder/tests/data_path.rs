@@ -8,7 +8,7 @@ use std::net::{Shutdown, TcpListener, TcpStream};
 use std::time::Duration;
 
 use common::*;
-use testbed::testing::{free_port, wait_until};
+use testbed_dev::testing::{free_port, wait_until};
 
 fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
     let mut rng = fastrand::Rng::with_seed(seed);
@@ -18,16 +18,13 @@ fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
 fn transfer_exact(extra: &[&str]) {
     let backend = Backend::echo(None);
     let port = free_port();
-    let web = local(free_port());
-    let web_arg = web.to_string();
-    let mut args = vec!["--web", &web_arg];
-    args.extend_from_slice(extra);
-    let fwd = Forwarder::start(
-        &format!("echo,{port},127.0.0.1,{}\n", backend.port),
-        2,
-        &args,
-        &[port],
-    );
+    let fwd = Forwarder::builder()
+        .forward("echo", port, backend.port)
+        .workers(2)
+        .web("127.0.0.1")
+        .args(extra)
+        .start();
+    let web = fwd.web();
     const LEN: usize = 32 << 20;
     let data = random_bytes(LEN, 7);
     let mut client = TcpStream::connect(local(port)).unwrap();
@@ -119,7 +116,11 @@ fn half_close_is_passed_on_while_the_other_direction_flows() {
         request
     });
     let port = free_port();
-    let _fwd = Forwarder::start(&format!("hc,{port},127.0.0.1,{bport}\n"), 1, &[], &[port]);
+    let _fwd = Forwarder::builder()
+        .rules(&format!("hc,{port},127.0.0.1,{bport}\n"))
+        .workers(1)
+        .listening(&[port])
+        .start();
     let mut c = TcpStream::connect(local(port)).unwrap();
     c.set_read_timeout(Some(WAIT)).unwrap();
     c.write_all(b"request body").unwrap();
@@ -141,12 +142,11 @@ fn half_close_is_passed_on_while_the_other_direction_flows() {
         rest
     });
     let port2 = free_port();
-    let _fwd2 = Forwarder::start(
-        &format!("hc2,{port2},127.0.0.1,{bport2}\n"),
-        1,
-        &[],
-        &[port2],
-    );
+    let _fwd2 = Forwarder::builder()
+        .rules(&format!("hc2,{port2},127.0.0.1,{bport2}\n"))
+        .workers(1)
+        .listening(&[port2])
+        .start();
     let mut c = TcpStream::connect(local(port2)).unwrap();
     c.set_read_timeout(Some(WAIT)).unwrap();
     let mut got = Vec::new();
@@ -172,7 +172,11 @@ fn backend_reset_is_passed_to_the_client() {
         drop(s); // RST
     });
     let port = free_port();
-    let _fwd = Forwarder::start(&format!("rst,{port},127.0.0.1,{bport}\n"), 1, &[], &[port]);
+    let _fwd = Forwarder::builder()
+        .rules(&format!("rst,{port},127.0.0.1,{bport}\n"))
+        .workers(1)
+        .listening(&[port])
+        .start();
     let mut c = TcpStream::connect(local(port)).unwrap();
     c.set_read_timeout(Some(WAIT)).unwrap();
     c.write_all(b"hello").unwrap();
@@ -195,12 +199,12 @@ fn stalled_backend(extra: &[&str]) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let bport = listener.local_addr().unwrap().port();
     let port = free_port();
-    let fwd = Forwarder::start(
-        &format!("slow,{port},127.0.0.1,{bport}\n"),
-        1,
-        extra,
-        &[port],
-    );
+    let fwd = Forwarder::builder()
+        .rules(&format!("slow,{port},127.0.0.1,{bport}\n"))
+        .workers(1)
+        .args(extra)
+        .listening(&[port])
+        .start();
     let baseline = fwd.rss_kib();
     const LEN: usize = 64 << 20;
     let data = random_bytes(LEN, 11);
@@ -232,12 +236,10 @@ fn five_thousand_concurrent_connections() {
     testbed::fdlimit::raise_nofile().unwrap();
     let backend = Backend::echo(None);
     let port = free_port();
-    let fwd = Forwarder::start(
-        &format!("many,{port},127.0.0.1,{}\n", backend.port),
-        2,
-        &[],
-        &[port],
-    );
+    let fwd = Forwarder::builder()
+        .forward("many", port, backend.port)
+        .workers(2)
+        .start();
     const N: usize = 5000;
     let conns = all_open_each_echoes_its_own(port, N, WAIT);
     assert!(wait_until(WAIT, || backend
@@ -262,28 +264,13 @@ fn cpu_seconds(pid: u32) -> f64 {
 fn a_full_worker_waits_without_spinning_and_resumes() {
     // Open-file limit 520 leaves room for 32 connections in one worker (2 sockets each, after
     // the descriptors kept for listeners and pipes).
-    use std::os::unix::process::CommandExt;
     let backend = Backend::echo(None);
     let port = free_port();
-    let dir = tempfile::tempdir().unwrap();
-    let rules = dir.path().join("r.csv");
-    std::fs::write(&rules, format!("full,{port},127.0.0.1,{}\n", backend.port)).unwrap();
-    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_forwarder"));
-    cmd.arg("--rules")
-        .arg(&rules)
-        .args(["--no-web", "--workers", "1"]);
-    // SAFETY: setrlimit between fork and exec.
-    unsafe {
-        cmd.pre_exec(|| {
-            let lim = libc::rlimit {
-                rlim_cur: 520,
-                rlim_max: 520,
-            };
-            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
-            Ok(())
-        });
-    }
-    let fwd = testbed::testing::ChildGuard::spawn(cmd);
+    let forwarder = Forwarder::builder()
+        .rules(&format!("full,{port},127.0.0.1,{}\n", backend.port))
+        .open_files(520)
+        .spawn();
+    let fwd = &forwarder.process;
     assert!(wait_until(WAIT, || is_listening(port)), "{}", fwd.output());
     assert!(
         fwd.output()

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use common::{http_get, round_trip, WAIT};
 use serde_json::Value;
-use testbed::testing::{wait_for_listen, wait_until, ChildGuard};
+use testbed_dev::testing::{wait_for_listen, wait_until, ChildGuard};
 
 /// The lab namespace, its resolv.conf, and dnsmasq; all removed on drop, even after a failure.
 struct Lab {

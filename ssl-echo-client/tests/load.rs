@@ -9,7 +9,7 @@ use std::net::TcpListener;
 use std::time::Duration;
 
 use common::*;
-use testbed::testing::{free_port, wait_until};
+use testbed_dev::testing::{free_port, wait_until};
 
 const LIMIT: Duration = Duration::from_secs(120);
 

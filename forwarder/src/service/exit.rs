@@ -61,7 +61,7 @@ pub const SIGNALS: &[(&str, &str)] = &[
     ("SIGINT", "the same as SIGTERM (Ctrl-C)"),
     (
         "SIGUSR1",
-        "log one status line per listen port (connections accepted, backends up and down, active connections); workers ignore it",
+        "log one status line per listen port (connections accepted, backends up and down, active connections) and have the workers reopen the --access-log file (for logrotate); a worker sent it directly reopens its access log",
     ),
 ];
 
@@ -135,7 +135,7 @@ mod tests {
 
     #[test]
     fn the_readme_lists_every_code_and_signal() {
-        let readme = include_str!("../../../docs/readme/forwarder.md");
+        let readme = include_str!("../../../docs/service.md");
         for (code, text) in CODES {
             let row = format!("| {} | {text} |", *code as u8);
             assert!(readme.contains(&row), "README lacks {row}");

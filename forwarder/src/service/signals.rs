@@ -1,26 +1,15 @@
-//! Signals beyond reload (SIGHUP) and stop (SIGTERM/SIGINT), which the supervisor owns:
-//! SIGUSR1 logs the figures the web page shows, for a host without a browser; workers ignore
-//! SIGHUP and SIGUSR1, so a signal sent to the whole service (`systemctl kill -s USR1`, or
-//! `kill -HUP -PGID`) reaches the supervisor without killing the workers.
+//! What the signals beyond reload and stop do, as text and as the one place a worker's
+//! dispositions are set. The supervisor's one signal thread (`supervisor::Supervisor::run`)
+//! owns SIGHUP (reload), SIGTERM/SIGINT (stop) and SIGUSR1, on which it logs [`status_lines`]
+//! (the figures the web page shows, for a host without a browser) and passes SIGUSR1 on to the
+//! workers, whose access log then reopens its file. Workers ignore SIGHUP, so a signal sent to
+//! the whole service (`systemctl kill -s HUP`, `kill -HUP -PGID`) reaches the supervisor without
+//! killing the workers; a SIGUSR1 sent that way makes each worker reopen its access log.
 
-use crate::supervisor::{StatsSnapshot, Supervisor};
+use crate::stats::snapshot::StatsSnapshot;
 
-/// Starts a thread that logs [`status_lines`] at info level on every SIGUSR1.
-pub fn log_status_on_usr1(sup: Supervisor) -> anyhow::Result<()> {
-    let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGUSR1])?;
-    std::thread::Builder::new()
-        .name("status".into())
-        .spawn(move || {
-            for _ in signals.forever() {
-                for line in status_lines(&sup.stats()) {
-                    tracing::info!("{line}");
-                }
-            }
-        })?;
-    Ok(())
-}
-
-/// In a worker: SIGHUP and SIGUSR1 are the supervisor's business.
+/// In a worker: SIGHUP is the supervisor's business, and SIGUSR1 is ignored until the worker
+/// registers its access-log reopen handler (a USR1 arriving during start-up must not kill it).
 pub fn ignore_in_worker() {
     for sig in [libc::SIGHUP, libc::SIGUSR1] {
         // SAFETY: setting a signal's disposition to SIG_IGN has no preconditions.

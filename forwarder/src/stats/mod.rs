@@ -4,7 +4,7 @@
 
 pub mod health;
 pub mod per_ip;
-pub mod slots;
+pub mod snapshot;
 
 use std::io;
 use std::os::fd::RawFd;

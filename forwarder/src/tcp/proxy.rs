@@ -1,10 +1,14 @@
 //! The PROXY protocol (HAProxy's proxy-protocol.txt, versions 1 and 2): the header a backend
-//! reads before the client's first byte to learn the client's real address. Sans-IO: encoding
-//! and parsing work on byte slices, the relay does the socket work.
+//! reads before the client's first byte to learn the client's real address. Encoding and parsing
+//! are sans-IO (byte slices, unit-tested below); the relay's header phase at the end of this file
+//! (`accept_proxy`) does the socket work with them.
 
+use std::io;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 
 use crate::rules::options::ProxyVersion;
+use crate::tcp::direction::PumpError;
+use crate::tcp::relay::{Context, Ending, Next, Phase, Relay};
 
 /// The twelve bytes every version 2 header starts with.
 pub const V2_SIGNATURE: [u8; 12] = *b"\r\n\r\n\0\r\nQUIT\n";
@@ -210,6 +214,47 @@ fn parse_v2(buf: &[u8]) -> Result<Option<Header>, HeaderError> {
         _ => None,
     };
     Ok(Some(Header { addrs, len }))
+}
+
+// ---- the relay's header phase (`accept_proxy`) -------------------------------------------------
+
+impl Relay {
+    /// `accept_proxy`: looks at what the client sent so far (MSG_PEEK, so nothing is consumed
+    /// until the header is whole), and once it is, takes exactly the header off the stream and
+    /// carries on with the address it names.
+    pub(super) fn read_header(&mut self, ctx: &mut Context) -> Next {
+        let mut buf = [0u8; MAX_HEADER];
+        let seen = match self.client.peek(&mut buf) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Next::Wait,
+            Err(e) => return Next::Close(Ending::Failed(PumpError::Read(e))),
+        };
+        let header = match parse(&buf[..seen]) {
+            Ok(Some(h)) => h,
+            Ok(None) if seen > 0 => return Next::Wait,
+            Ok(None) => return Next::Close(Ending::BadHeader(HeaderError::Closed)),
+            Err(e) => return Next::Close(Ending::BadHeader(e)),
+        };
+        let mut taken = 0;
+        while taken < header.len {
+            match io::Read::read(&mut self.client, &mut buf[taken..header.len]) {
+                Ok(0) => return Next::Close(Ending::BadHeader(HeaderError::Closed)),
+                Ok(n) => taken += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Next::Close(Ending::Failed(PumpError::Read(e))),
+            }
+        }
+        self.header_read_bytes = header.len as u64;
+        if let Some((client, header_destination)) = header.addrs {
+            self.client_addr = client;
+            self.header_destination = Some(header_destination);
+        }
+        self.phase = Phase::Accepted;
+        if !self.pool.acl.admits(self.client_addr.ip()) {
+            return Next::Close(Ending::Denied);
+        }
+        self.route(ctx)
+    }
 }
 
 #[cfg(test)]

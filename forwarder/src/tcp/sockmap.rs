@@ -12,7 +12,17 @@ use mio::{Registry, Token};
 use crate::tcp::bpf::{self, BpfError, Redirector};
 
 /// Which way a worker moves the bytes of established TCP connections.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Default,
+    clap::ValueEnum,
+    serde::Serialize,
+    serde::Deserialize,
+)]
 pub enum DataPath {
     /// User space: splice(2) through a pipe (or copies, with --no-splice).
     #[default]

@@ -8,7 +8,6 @@
 pub mod sessions;
 pub mod sys;
 
-use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::AsRawFd;
@@ -18,19 +17,16 @@ use std::time::{Duration, Instant};
 
 use mio::net::UdpSocket;
 use mio::{Interest, Registry, Token};
-use slab::Slab;
 
 use crate::balance::{self, next_backend, pick_backend, ServedPool};
 use crate::control::{ConnectionInfo, SessionFigures, ID_WORKER_SHIFT};
+use crate::listeners::Listeners;
 use crate::rules::Proto;
 use crate::stats::{now_ms, Shared};
+use crate::tokens::{self, Owner};
 use sessions::SessionTable;
 use sys::{Outgoing, RecvBatch, SendBatch};
 
-/// Token ranges (above the worker's TCP listener range, below its control tokens).
-const PORT_BASE: usize = 1 << 44;
-const SESSION_BASE: usize = 1 << 45;
-const SESSION_END: usize = 1 << 46;
 /// Datagrams one socket moves per readiness event before the others get a turn.
 const READ_BUDGET: usize = 64;
 /// Datagrams per recvmmsg/sendmmsg: one system call for up to this many.
@@ -55,15 +51,6 @@ pub struct UdpConfig {
     pub idle_timeout: Duration,
     /// Sessions this worker holds (one descriptor each) before it evicts the oldest idle one.
     pub max_sessions: usize,
-}
-
-/// A listening UDP socket of one pool.
-struct Port {
-    socket: UdpSocket,
-    /// Pool for new sessions; a session keeps the pool it started with across reloads.
-    pool: Rc<ServedPool>,
-    /// Bound to the unspecified address: replies name their source address explicitly.
-    pktinfo: bool,
 }
 
 /// Datagrams and bytes one way.
@@ -105,8 +92,9 @@ enum Ending {
 /// The UDP half of a worker.
 pub struct Udp {
     config: UdpConfig,
-    ports: Slab<Port>,
-    by_addr: HashMap<SocketAddr, usize>,
+    /// The listening sockets; each pool for new sessions (a session keeps the pool it started
+    /// with across reloads).
+    ports: Listeners<UdpSocket>,
     sessions: SessionTable<Session>,
     rx: RecvBatch,
     tx: SendBatch,
@@ -123,8 +111,7 @@ impl Udp {
         let max = config.max_sessions;
         Udp {
             config,
-            ports: Slab::new(),
-            by_addr: HashMap::new(),
+            ports: Listeners::default(),
             sessions: SessionTable::new(max),
             rx: RecvBatch::new(BATCH, DATAGRAM_BUFFER),
             tx: SendBatch::default(),
@@ -133,11 +120,6 @@ impl Udp {
             next_id: 0,
             draining_since: None,
         }
-    }
-
-    /// True for tokens of this module's sockets.
-    pub fn owns(token: Token) -> bool {
-        (PORT_BASE..SESSION_END).contains(&token.0)
     }
 
     pub fn sessions(&self) -> usize {
@@ -155,11 +137,10 @@ impl Udp {
 
     /// Handles readiness of one of this module's sockets.
     pub fn ready(&mut self, token: Token, shared: &Shared, registry: &Registry, now: Instant) {
-        let t = token.0;
-        let more = if t >= SESSION_BASE {
-            self.backend_readable(t - SESSION_BASE, shared, now)
-        } else {
-            self.client_readable(t - PORT_BASE, shared, registry, now)
+        let more = match tokens::decode(token) {
+            Owner::UdpSession(key) => self.backend_readable(key, shared, now),
+            Owner::UdpPort(key) => self.client_readable(key, shared, registry, now),
+            _ => false,
         };
         if more {
             self.again.push(token);
@@ -195,7 +176,8 @@ impl Udp {
                 more = false;
                 break;
             };
-            let pktinfo = port.pktinfo;
+            // Bound to the unspecified address: replies name their source address explicitly.
+            let pktinfo = port.pool.spec.listen.ip().is_unspecified();
             let n = match rx.recv(port.socket.as_raw_fd()) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
@@ -346,7 +328,7 @@ impl Udp {
         let backend = &pool.spec.backends[index];
         let socket = connected_socket(backend.addr).and_then(|mut socket| {
             let key = self.sessions.vacant_key();
-            registry.register(&mut socket, Token(SESSION_BASE + key), Interest::READABLE)?;
+            registry.register(&mut socket, tokens::udp_session(key), Interest::READABLE)?;
             Ok(socket)
         });
         let socket = match socket {
@@ -584,57 +566,30 @@ impl Udp {
         shared: &Shared,
         registry: &Registry,
     ) -> Vec<String> {
-        let mut errors = Vec::new();
-        let wanted: HashMap<SocketAddr, ServedPool> =
-            pools.into_iter().map(|p| (p.spec.listen, p)).collect();
-        let gone: Vec<SocketAddr> = self
-            .by_addr
-            .keys()
-            .filter(|a| !wanted.contains_key(a))
-            .copied()
-            .collect();
-        for addr in gone {
-            let Some(key) = self.by_addr.remove(&addr) else {
-                continue;
-            };
+        let open = |addr: SocketAddr, key: usize| {
+            let mut socket =
+                reuseport_socket(addr).map_err(|e| format!("{addr}/udp: cannot listen: {e}"))?;
+            registry
+                .register(&mut socket, tokens::udp_port(key), Interest::READABLE)
+                .map_err(|e| format!("{addr}/udp: {e}"))?;
+            Ok(socket)
+        };
+        let mut closed = Vec::new();
+        let (opened, errors) =
+            self.ports
+                .reconcile(pools, self.draining_since.is_none(), open, |key, port| {
+                    closed.push((key, port))
+                });
+        for (key, mut port) in closed {
             for (_, _, s) in self.sessions.remove_port(key) {
                 self.end(s, Ending::PortRemoved, shared);
             }
-            let mut port = self.ports.remove(key);
             let _ = registry.deregister(&mut port.socket);
-            self.again.retain(|t| t.0 != PORT_BASE + key);
-            tracing::debug!(worker = self.config.worker, %addr, "stopped listening (udp)");
+            self.again.retain(|t| *t != tokens::udp_port(key));
+            tracing::debug!(worker = self.config.worker, addr = %port.pool.spec.listen, "stopped listening (udp)");
         }
-        for (addr, spec) in wanted {
-            let pool = Rc::new(spec);
-            if let Some(&key) = self.by_addr.get(&addr) {
-                self.ports[key].pool = pool;
-                continue;
-            }
-            if self.draining_since.is_some() {
-                continue;
-            }
-            match reuseport_socket(addr) {
-                Ok(mut socket) => {
-                    let key = self.ports.vacant_key();
-                    if let Err(e) =
-                        registry.register(&mut socket, Token(PORT_BASE + key), Interest::READABLE)
-                    {
-                        errors.push(format!("{addr}/udp: {e}"));
-                        continue;
-                    }
-                    self.ports.insert(Port {
-                        socket,
-                        pool,
-                        pktinfo: addr.ip().is_unspecified(),
-                    });
-                    self.by_addr.insert(addr, key);
-                    // Datagrams may have queued between bind and register.
-                    self.again.push(Token(PORT_BASE + key));
-                }
-                Err(e) => errors.push(format!("{addr}/udp: cannot listen: {e}")),
-            }
-        }
+        // Datagrams may have queued between bind and register.
+        self.again.extend(opened.into_iter().map(tokens::udp_port));
         errors
     }
 
@@ -642,7 +597,7 @@ impl Udp {
     /// drops them) but keeps the sockets, so replies still in flight reach their clients.
     pub fn start_drain(&mut self, registry: &Registry, now: Instant) {
         self.draining_since = Some(now);
-        for (_, port) in self.ports.iter_mut() {
+        for port in self.ports.iter_mut() {
             let _ = registry.deregister(&mut port.socket);
         }
     }

@@ -18,7 +18,8 @@ use crate::control::ConnectionInfo;
 use crate::rules::file::{Snapshot, WriteError};
 use crate::rules::options::Admin;
 use crate::rules::{self, Entry, Proto, RuleError};
-use crate::supervisor::{StatsSnapshot, Supervisor};
+use crate::stats::snapshot::StatsSnapshot;
+use crate::supervisor::Supervisor;
 
 /// An error answer: a status and `{"error": "...", ...}`.
 #[derive(Debug)]
@@ -183,7 +184,7 @@ fn rules_doc(sup: &Supervisor, file: &Snapshot, id: Option<String>) -> RulesDoc 
         in_force,
         errors,
         id,
-        write_problem: crate::service::privilege::rules_write_problem(sup.rules_file().path()),
+        write_problem: sup.rules_write_problem(),
     }
 }
 

@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::supervisor::{StatsSnapshot, Supervisor};
+use crate::stats::snapshot::StatsSnapshot;
+use crate::supervisor::Supervisor;
 
 /// Seconds of history kept per series.
 pub const KEEP_SECONDS: usize = 300;
@@ -173,7 +174,7 @@ pub async fn sample_forever(sup: Supervisor, history: Arc<Mutex<History>>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::supervisor::{BackendStats, PoolStats};
+    use crate::stats::snapshot::{BackendStats, PoolStats};
 
     fn snapshot(backends: &[(&str, u64, u64, u64)]) -> StatsSnapshot {
         StatsSnapshot {

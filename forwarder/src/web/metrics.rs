@@ -10,7 +10,7 @@ use axum::response::{IntoResponse, Response};
 use super::api::ApiError;
 use super::{call, AppState};
 use crate::rules::Proto;
-use crate::supervisor::StatsSnapshot;
+use crate::stats::snapshot::StatsSnapshot;
 
 pub async fn get_metrics(State(state): State<AppState>) -> Result<Response, ApiError> {
     let sup = state.sup.clone();
@@ -133,7 +133,7 @@ pub fn render(stats: &StatsSnapshot) -> String {
         lost.name, stats.lost_worker_died
     );
 
-    type PoolGet = fn(&crate::supervisor::PoolStats) -> u64;
+    type PoolGet = fn(&crate::stats::snapshot::PoolStats) -> u64;
     let pool_families: [(Family, PoolGet); 2] = [
         (
             Family {
@@ -186,7 +186,7 @@ pub fn render(stats: &StatsSnapshot) -> String {
         }
     }
 
-    type BackendGet = fn(&crate::supervisor::BackendStats) -> u64;
+    type BackendGet = fn(&crate::stats::snapshot::BackendStats) -> u64;
     let backend_families: [(Family, BackendGet); 10] = [
         (
             Family {
@@ -295,7 +295,7 @@ pub fn render(stats: &StatsSnapshot) -> String {
 /// per possible value (1 for the current one): the same words the page and the API use.
 fn render_states(stats: &StatsSnapshot, out: &mut String, head: impl Fn(&mut String, &Family)) {
     use crate::stats::health::Health;
-    type StateOf = fn(&crate::supervisor::BackendStats) -> &str;
+    type StateOf = fn(&crate::stats::snapshot::BackendStats) -> &str;
     let states: [(Family, &[&str], StateOf); 3] = [
         (
             Family {
@@ -395,7 +395,7 @@ fn render_udp(stats: &StatsSnapshot, out: &mut String, head: impl Fn(&mut String
             p.evicted
         );
     }
-    type Get = fn(&crate::supervisor::BackendStats) -> u64;
+    type Get = fn(&crate::stats::snapshot::BackendStats) -> u64;
     let families: [(Family, &str, Get); 4] = [
         (
             Family {
@@ -457,7 +457,7 @@ fn render_udp(stats: &StatsSnapshot, out: &mut String, head: impl Fn(&mut String
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::supervisor::{BackendStats, PoolStats};
+    use crate::stats::snapshot::{BackendStats, PoolStats};
 
     #[test]
     fn names_are_escaped_and_every_family_is_typed() {
@@ -479,7 +479,7 @@ mod tests {
                 accepted: 7,
                 unrouted: 1,
                 serving: "backup".into(),
-                refused: crate::supervisor::Refusals {
+                refused: crate::stats::snapshot::Refusals {
                     denied: 5,
                     max_conns: 2,
                     max_conns_per_ip: 0,

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use testbed::testing::{bin_path, free_port, wait_for_listen, ChildGuard};
+use testbed_dev::testing::{bin_path, free_port, wait_for_listen, ChildGuard};
 
 pub const CLIENT: &str = env!("CARGO_BIN_EXE_ssl-echo-client");
 

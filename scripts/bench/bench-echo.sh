@@ -7,7 +7,7 @@
 # Runs one measurement at a time, all on 127.0.0.1. Tunables: BENCH_SECONDS, WORKERS,
 # CONC_SETUP, CONC_ECHO, CONC_BULK, LOAD_THREADS.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 
 BENCH_SECONDS=${BENCH_SECONDS:-5}
 WORKERS=${WORKERS:-2}

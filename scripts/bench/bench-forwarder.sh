@@ -9,15 +9,15 @@
 # request/response over 1,000 connections; RSS per idle connection at 10,000 connections. For every load, the proxy's own CPU time (all its processes
 # and threads, from /proc/<pid>/task/*/schedstat) per MB, per connection, per message.
 #
-# Usage: scripts/bench-forwarder.sh [--quick] [--rounds N] [--seconds S] [--idle-connections N]
+# Usage: scripts/bench/bench-forwarder.sh [--quick] [--rounds N] [--seconds S] [--idle-connections N]
 #                                   [--out FILE] [--keep] [--no-build] [--from DIR]
-#        scripts/bench-forwarder.sh --udp [...]   UDP instead: direct vs ours vs nginx stream vs
+#        scripts/bench/bench-forwarder.sh --udp [...]   UDP instead: direct vs ours vs nginx stream vs
 #                                                 socat vs rinetd (scripts/bench/udp.sh)
-#        scripts/bench-forwarder.sh --data-path-compare [...]   direct vs --data-path splice vs
+#        scripts/bench/bench-forwarder.sh --data-path-compare [...]   direct vs --data-path splice vs
 #                                                 sockmap, distributions (scripts/bench/data-path.sh)
 set -euo pipefail
 
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$ROOT"
 if [ "${1:-}" = --udp ]; then
     shift
@@ -27,16 +27,16 @@ if [ "${1:-}" = --data-path-compare ]; then
     shift
     exec bash scripts/bench/data-path.sh "$@"
 fi
-# shellcheck source=lib/apt.sh
+# shellcheck source=scripts/lib/apt.sh
 source scripts/lib/apt.sh
-# shellcheck source=bench/lib.sh
+# shellcheck source=scripts/bench/lib.sh
 source scripts/bench/lib.sh
-# shellcheck source=bench/report.sh
+# shellcheck source=scripts/bench/report.sh
 source scripts/bench/report.sh
 
 usage() {
     cat <<'EOF'
-Usage: scripts/bench-forwarder.sh [options]
+Usage: scripts/bench/bench-forwarder.sh [options]
   --quick                 1 round of 2 s loads, 2,000 idle connections (about 1 minute)
   --rounds N              repeat every load N times, interleaved, and keep the median [3]
   --seconds S             length of each load [5]
@@ -132,7 +132,7 @@ say "backends on 127.0.0.1:$IPERF (iperf3), :$ECHO (echo), :$SOCKPERF (sockperf)
 start_bg "$WORK/iperf3.log" iperf3 -s -B 127.0.0.1 -p "$IPERF" --idle-timeout 120
 start_bg "$WORK/echo.log" "$LOAD" echo --listen "127.0.0.1:$ECHO" --threads 2 --max-seconds 1800
 start_bg "$WORK/sockperf.log" sockperf sr --tcp -i 127.0.0.1 -p "$SOCKPERF"
-for p in "$IPERF" "$ECHO" "$SOCKPERF"; do wait_listen "$p"; done
+for p in "$IPERF" "$ECHO" "$SOCKPERF"; do wait_port "$p"; done
 
 start_bg "$WORK/forwarder.log" "$FORWARDER" --rules "$WORK/rules.csv" --no-web --workers 2 \
     --log-level warn --drain-timeout-s 1
@@ -142,7 +142,7 @@ PID[haproxy]=$BG_PID
 start_bg "$WORK/nginx.log" nginx -p "$WORK/nginx" -c "$WORK/nginx/nginx.conf" -e "$WORK/nginx-error.log"
 PID[nginx]=$BG_PID
 for t in ours haproxy nginx; do
-    for s in iperf echo sockperf; do wait_listen "$(port_of $t $s)"; done
+    for s in iperf echo sockperf; do wait_port "$(port_of $t $s)"; done
 done
 CAPACITY=$(grep -o 'capacity ≈.*' "$WORK/forwarder.log" | head -1 || true)
 

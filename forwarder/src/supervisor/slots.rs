@@ -142,6 +142,16 @@ fn take(free: &mut Vec<usize>, next: &mut usize, max: usize) -> Result<usize, Sl
     Ok(*next - 1)
 }
 
+impl crate::stats::snapshot::SlotLookup for Slots {
+    fn pool_slot(&self, pool: &Pool) -> Option<usize> {
+        Slots::pool_slot(self, pool)
+    }
+
+    fn backend_slot(&self, pool: &Pool, dest: SocketAddr) -> Option<usize> {
+        Slots::backend_slot(self, pool, dest)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::atomic::Ordering::Relaxed;

@@ -4,15 +4,17 @@
 # printed next to the original lab's figures (20,000 connections: 771,047 messages in 15 s,
 # 411 ms average response). Client, forwarder and servers all share this machine.
 #
-#   scripts/bench-client.sh                 # both sizes, both paths
-#   SIZES=1000 DURATION=5 scripts/bench-client.sh
+#   scripts/bench/bench-client.sh                 # both sizes, both paths
+#   SIZES=1000 DURATION=5 scripts/bench/bench-client.sh
 #
 # Env: SIZES ("1000 20000"), DURATION (15), BASE_PORT (28005; uses BASE_PORT..BASE_PORT+2),
 # OUT (target/bench-client: JSON summaries and xlsx reports), CARGO_TARGET_DIR.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 # shellcheck source=scripts/lib/apt.sh
 source scripts/lib/apt.sh
+# shellcheck source=scripts/lib/common.sh
+source scripts/lib/common.sh
 ensure_apt_packages jq time
 
 SIZES=${SIZES:-"1000 20000"}
@@ -58,18 +60,6 @@ start() {
     pids+=($!)
 }
 
-wait_listen() {
-    local port=$1
-    for _ in $(seq 1 200); do
-        if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
-            return 0
-        fi
-        sleep 0.1
-    done
-    echo "nothing listens on 127.0.0.1:$port" >&2
-    exit 1
-}
-
 # CPU time (user + system, in 1/100 s) used so far by every process of process group $1.
 cpu_ticks() {
     local total=0 pid t
@@ -98,8 +88,8 @@ for port in "$echo_a" "$echo_b"; do
         --key "$work/certs/server.key" --max-connections 20000 --log-level warn \
         --stats-interval 3600
 done
-wait_listen "$echo_a"
-wait_listen "$echo_b"
+wait_port "$echo_a"
+wait_port "$echo_b"
 
 # The forwarder runs are half of what this benchmark is for: a forwarder that cannot even print
 # its help is a failure to report, never a reason to quietly measure only the direct path.
@@ -111,7 +101,7 @@ fi
 printf 'bench,127.0.0.1:%s,127.0.0.1,%s\nbench,127.0.0.1:%s,127.0.0.1,%s\n' \
     "$fwd" "$echo_a" "$fwd" "$echo_b" >"$work/rules.csv"
 start "$BIN/forwarder" --rules "$work/rules.csv" --no-web --log-level warn
-wait_listen "$fwd"
+wait_port "$fwd"
 paths="direct forwarder"
 
 run() {
