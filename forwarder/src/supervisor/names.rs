@@ -43,6 +43,45 @@ pub(super) fn first_answers(config: &DnsConfig, rules: &RuleSet) -> anyhow::Resu
 }
 
 impl Supervisor {
+    /// Looks up, before a reload applies, the names of `new` that have no answer yet (outside
+    /// the lock), so a live edit with a name that resolves serves from its first connection.
+    pub(super) fn look_up_new_names(&self, new: &RuleSet) {
+        let missing: Vec<String> = {
+            let inner = self.lock();
+            host_names(new)
+                .into_iter()
+                .filter(|h| !inner.answers.contains_key(h))
+                .collect()
+        };
+        if missing.is_empty() {
+            return;
+        }
+        let config = self.config.dns;
+        let resolver = match Resolver::new(&config) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!("cannot resolve host names: {e:#}");
+                return;
+            }
+        };
+        let found: Vec<(String, Answer)> = missing
+            .into_iter()
+            .map(|host| {
+                let (answer, _) = dns::fold(None, resolver.lookup(&host), &config, Instant::now());
+                if answer.addrs.is_empty() {
+                    tracing::warn!("{}", dns::describe(&host, Some(&answer)));
+                } else {
+                    tracing::info!("{}", dns::describe(&host, Some(&answer)));
+                }
+                (host, answer)
+            })
+            .collect();
+        let mut inner = self.lock();
+        for (host, answer) in found {
+            inner.answers.entry(host).or_insert(answer);
+        }
+    }
+
     /// Starts the `dns` thread.
     pub(super) fn start_dns(&self) {
         let me = self.clone();

@@ -38,6 +38,7 @@ impl Supervisor {
     /// Makes `new` the rules in force: new ports are checked for being free, then every worker
     /// switches over. Established connections are untouched.
     pub fn apply(&self, new: RuleSet) -> Result<(), RulesError> {
+        self.look_up_new_names(&new);
         let mut inner = self.lock();
         let mut errors = Vec::new();
         for pool in new_listeners(&inner.rules, &new) {
