@@ -25,6 +25,10 @@ step "build"
 cargo build --workspace --all-targets
 
 step "cargo test"
+# forwarder/tests/dns.rs serves names from dnsmasq in a lab namespace (ip netns).
+# shellcheck source=scripts/lib/apt.sh
+source scripts/lib/apt.sh
+ensure_apt_packages dnsmasq-base iproute2
 set +e
 cargo test --workspace 2>&1 | tee target/cargo-test.log
 status=${PIPESTATUS[0]}

@@ -56,6 +56,10 @@ pub struct BackendSpec {
     /// the pool's k-th port goes to `addr`'s port + k.
     #[serde(default)]
     pub port_range: bool,
+    /// The rules-file line of its row: several members come from one row whose host name has
+    /// several addresses.
+    #[serde(default)]
+    pub line: usize,
 }
 
 /// One listening address and transport, and its backends.

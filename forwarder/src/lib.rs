@@ -6,6 +6,7 @@ pub mod access_log;
 pub mod balance;
 pub mod capacity;
 pub mod control;
+pub mod dns;
 pub mod listeners;
 pub mod outbound;
 pub mod ranges;

@@ -92,6 +92,20 @@ struct Args {
     #[arg(long, default_value_t = 0)]
     health_interval_s: u64,
 
+    /// Shortest time a backend host name's answer is kept before asking again (its TTL is
+    /// raised to this)
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
+    dns_min_ttl_s: u64,
+
+    /// Longest time a backend host name's answer is kept before asking again (its TTL is cut
+    /// to this)
+    #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..))]
+    dns_max_ttl_s: u64,
+
+    /// Which addresses of a backend host name become pool members
+    #[arg(long, value_enum, default_value_t = forwarder::dns::Family::PreferIpv4)]
+    dns_family: forwarder::dns::Family,
+
     /// Copy bulk data through user space instead of splice(2)
     #[arg(long)]
     no_splice: bool,
@@ -283,6 +297,9 @@ fn run_supervisor(args: &Args) -> anyhow::Result<ExitCode> {
         )));
     }
     if args.check {
+        // Host names are looked up now as a warning only: a name that does not resolve leaves
+        // its backend down until it does, it does not refuse the file.
+        warn_unresolved(&set, &label, &dns_config(args));
         eprintln!("{label}: OK");
         return Ok(ExitCode::SUCCESS);
     }
@@ -368,6 +385,7 @@ fn run_supervisor(args: &Args) -> anyhow::Result<ExitCode> {
         default_sources,
         listen_budget,
         steering,
+        dns: dns_config(args),
     };
     let sup = Supervisor::new(config, set)?;
     if let Some(problem) = service::privilege::rules_write_problem(&rules_path) {
@@ -474,6 +492,48 @@ fn worker_config(
     })
 }
 
+fn dns_config(args: &Args) -> forwarder::dns::DnsConfig {
+    forwarder::dns::DnsConfig {
+        min_ttl: Duration::from_secs(args.dns_min_ttl_s),
+        max_ttl: Duration::from_secs(args.dns_max_ttl_s.max(args.dns_min_ttl_s)),
+        family: args.dns_family,
+    }
+}
+
+/// `--check`: says which host names do not resolve now (`file:line: dest_ip: warning: ...`).
+fn warn_unresolved(
+    set: &forwarder::rules::RuleSet,
+    label: &str,
+    config: &forwarder::dns::DnsConfig,
+) {
+    let rules: Vec<_> = set.rules().filter(|r| r.host.is_some()).collect();
+    if rules.is_empty() {
+        return;
+    }
+    let resolver = match forwarder::dns::Resolver::new(config) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("{label}: warning: cannot check host names: {e:#}");
+            return;
+        }
+    };
+    for r in rules {
+        let host = r.host.as_deref().unwrap_or_default();
+        match resolver.lookup(host) {
+            Ok((addrs, _)) => eprintln!(
+                "{label}:{}: dest_ip: {host} resolves to {}",
+                r.line,
+                forwarder::dns::list(&addrs)
+            ),
+            Err(why) => eprintln!(
+                "{label}:{}: dest_ip: warning: {host} does not resolve ({why}); its backend stays down until it does",
+                r.line
+            ),
+        }
+    }
+}
+
+/// A clap value parser that checks a CIDR list and keeps its text (workers get the text).
 fn cidr_list(flag: &'static str) -> impl Fn(&str) -> Result<String, String> + Clone {
     move |s: &str| rules::options::cidrs(flag, s).map(|_| s.to_string())
 }

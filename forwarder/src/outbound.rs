@@ -331,6 +331,7 @@ mod tests {
             addr: addr.parse().unwrap(),
             slot: 0,
             port_range: false,
+            line: 0,
             options: BackendOptions {
                 source,
                 ..BackendOptions::default()

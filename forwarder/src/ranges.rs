@@ -220,7 +220,9 @@ mod tests {
         )
         .unwrap();
         let shared = Shared::create().unwrap();
-        let specs = Slots::default().assign(&set, &shared).unwrap();
+        let specs = Slots::default()
+            .assign(&set, &Default::default(), &shared)
+            .unwrap();
         let game = port_specs(specs[0].clone());
         assert_eq!(game.len(), 100);
         assert_eq!(game[0].listen, "0.0.0.0:27000".parse().unwrap());

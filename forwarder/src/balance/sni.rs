@@ -96,7 +96,10 @@ mod tests {
     fn routes(text: &str) -> ServedPool {
         let set = parse(text, "f").unwrap();
         let shared = Shared::create().unwrap();
-        let spec = Slots::default().assign(&set, &shared).unwrap().remove(0);
+        let spec = Slots::default()
+            .assign(&set, &Default::default(), &shared)
+            .unwrap()
+            .remove(0);
         ServedPool::new(spec, &[], &[])
     }
 

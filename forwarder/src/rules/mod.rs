@@ -10,7 +10,7 @@ mod parse;
 pub mod range;
 
 pub use options::{BackendOptions, PoolOptions, Proto};
-pub use parse::{parse, parse_listen, read_rows, resolve, to_csv, validate, Listen, Row};
+pub use parse::{destination, parse, parse_listen, read_rows, to_csv, validate, Listen, Row};
 pub use range::{parse_port, parse_port_range, PortRange};
 
 use std::fmt;
@@ -41,11 +41,15 @@ pub struct Rule {
     pub line: usize,
     pub listen: SocketAddr,
     pub proto: Proto,
-    /// The destination; with a destination range, its first port.
+    /// The destination; with a destination range, its first port; for a host name,
+    /// `0.0.0.0:PORT` (the addresses are in `dns` answers).
     pub dest: SocketAddr,
     /// The destination ports: one, or a range as long as the pool's listen range (the port a
     /// client reached maps to the same offset in it).
     pub dest_ports: PortRange,
+    /// The host name to resolve (in the background, never on a connection's path), when
+    /// `dest_ip` is not an address literal.
+    pub host: Option<String>,
     /// This row's backend options (weight, PROXY protocol, limit).
     pub options: BackendOptions,
 }
@@ -79,6 +83,9 @@ impl Pool {
 impl Rule {
     /// The destination as messages write it: `10.0.0.9:27000-27099` for a range.
     pub fn dest_label(&self) -> String {
+        if let Some(host) = &self.host {
+            return format!("{host}:{}", self.dest_ports);
+        }
         if self.dest_ports.is_single() {
             self.dest.to_string()
         } else {

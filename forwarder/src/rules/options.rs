@@ -1,5 +1,6 @@
 //! The optional fifth column of a rule: space-separated `key=value` items. Some concern the row's
-//! backend (`weight`, `send_proxy`, `max_conns`), the others the whole pool (`balance`, `allow`,
+//! backend (`weight`, `send_proxy`, `max_conns`, `backup`, `drain`, `disabled`, `slowstart`), the
+//! others the whole pool (`balance`, `allow`,
 //! `deny`, `accept_proxy`, `max_conns_per_ip`), which any row of the pool may carry as long as no
 //! two rows disagree. Parsed here into types, so nothing downstream reads the text again.
 
@@ -80,6 +81,16 @@ pub struct BackendOptions {
     /// one label). Empty: the row takes no part in SNI routing, or is its pool's default route.
     #[serde(default)]
     pub sni: Vec<String>,
+    /// A backup: new connections only while no primary of the pool can take one.
+    #[serde(default)]
+    pub backup: bool,
+    /// Taken out of service by the operator (`drain` or `disabled`); kept across restarts
+    /// because it is written in the rules file.
+    #[serde(default)]
+    pub admin: Admin,
+    /// Ramp from a small share to the full weight over this long after coming back (0 = off).
+    #[serde(default)]
+    pub slowstart_ms: u64,
 }
 
 impl Default for BackendOptions {
@@ -93,9 +104,47 @@ impl Default for BackendOptions {
             mark: None,
             transparent: false,
             sni: Vec::new(),
+            backup: false,
+            admin: Admin::Active,
+            slowstart_ms: 0,
         }
     }
 }
+
+/// Whether the operator lets a backend take new connections. Neither `drain` nor `disabled` cuts
+/// an open connection; a drained backend is still health-checked, a disabled one is not.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Admin {
+    #[default]
+    Active,
+    Drain,
+    Disabled,
+}
+
+impl Admin {
+    /// How the page, the API and `/metrics` name it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Admin::Active => "active",
+            Admin::Drain => "drain",
+            Admin::Disabled => "disabled",
+        }
+    }
+
+    /// `active`, `drain` or `disabled` (what the API takes).
+    pub fn parse(text: &str) -> Option<Admin> {
+        match text {
+            "active" => Some(Admin::Active),
+            "drain" => Some(Admin::Drain),
+            "disabled" => Some(Admin::Disabled),
+            _ => None,
+        }
+    }
+}
+
+/// Most `slowstart`: an hour.
+pub const MAX_SLOWSTART_MS: u64 = 3_600_000;
 
 /// Options of a whole pool.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -152,6 +201,10 @@ const KEYS: &[(&str, bool, bool)] = &[
     ("interface", false, true),
     ("mark", false, true),
     ("transparent", false, true),
+    ("backup", false, true),
+    ("drain", false, true),
+    ("disabled", false, true),
+    ("slowstart", false, true),
     ("balance", true, true),
     ("allow", true, true),
     ("deny", true, true),
@@ -238,6 +291,19 @@ pub fn parse_options(text: &str, proto: Proto) -> Result<RowOptions, String> {
                     Some(other) => return Err(format!("transparent \"{other}\" is not on or off")),
                 }
             }
+            "backup" => out.backend.backup = flag(key, value)?,
+            "drain" | "disabled" => {
+                let other = if key == "drain" { "disabled" } else { "drain" };
+                if seen.contains(&other) {
+                    return Err("drain and disabled exclude each other".into());
+                }
+                if flag(key, value)? {
+                    out.backend.admin = Admin::parse(key).unwrap_or_default();
+                }
+            }
+            "slowstart" => {
+                out.backend.slowstart_ms = duration_ms(key, needs("DURATION (30s, 500ms, 2m)")?)?
+            }
             "balance" => {
                 out.pool.balance = match needs("roundrobin|leastconn|source")? {
                     "roundrobin" => Balance::RoundRobin,
@@ -252,15 +318,7 @@ pub fn parse_options(text: &str, proto: Proto) -> Result<RowOptions, String> {
             }
             "allow" => out.pool.allow = cidrs(key, needs("CIDR[,CIDR...]")?)?,
             "deny" => out.pool.deny = cidrs(key, needs("CIDR[,CIDR...]")?)?,
-            "accept_proxy" => {
-                out.pool.accept_proxy = match value {
-                    None | Some("on") | Some("yes") | Some("true") => true,
-                    Some("off") | Some("no") | Some("false") => false,
-                    Some(other) => {
-                        return Err(format!("accept_proxy \"{other}\" is not on or off"))
-                    }
-                }
-            }
+            "accept_proxy" => out.pool.accept_proxy = flag(key, value)?,
             "max_conns_per_ip" => {
                 out.pool.max_conns_per_ip = number(key, needs("N")?, 1, u64::MAX)?;
             }
@@ -309,6 +367,45 @@ fn mark(value: &str) -> Result<u32, String> {
     }
 }
 
+/// A key that may stand alone (on) or be `=on|off` (yes/no, true/false).
+fn flag(key: &str, value: Option<&str>) -> Result<bool, String> {
+    match value {
+        None | Some("on") | Some("yes") | Some("true") => Ok(true),
+        Some("off") | Some("no") | Some("false") => Ok(false),
+        Some(other) => Err(format!("{key} \"{other}\" is not on or off")),
+    }
+}
+
+/// `30s`, `500ms`, `2m`, `1h` as milliseconds: 1 ms to an hour.
+pub fn duration_ms(key: &str, value: &str) -> Result<u64, String> {
+    let digits = value
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(value.len());
+    let (number, unit) = value.split_at(digits);
+    let scale = match unit {
+        "ms" => 1,
+        "s" => 1000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        _ => {
+            return Err(format!(
+                "{key}=\"{value}\" is not a duration: write a number and ms, s, m or h (30s)"
+            ))
+        }
+    };
+    match number
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(scale))
+    {
+        Some(ms) if (1..=MAX_SLOWSTART_MS).contains(&ms) => Ok(ms),
+        Some(_) => Err(format!("{key}={value} is out of range 1ms-1h")),
+        None => Err(format!(
+            "{key}=\"{value}\" is not a duration: write a number and ms, s, m or h (30s)"
+        )),
+    }
+}
+
 /// `a.test,*.example.com`: host names (letters, digits, `-`, `_`, dots), lower-cased; a
 /// wildcard is `*.` and at least one more label.
 pub fn server_names(value: &str) -> Result<Vec<String>, String> {
@@ -335,6 +432,22 @@ pub fn server_names(value: &str) -> Result<Vec<String>, String> {
         names.push(lower);
     }
     Ok(names)
+}
+
+/// `options` with its `drain`/`disabled` item replaced by `admin` (removed for `active`), the
+/// other items kept as written: how the page and the API put a backend in or out of service.
+pub fn with_admin(options: &str, admin: Admin) -> String {
+    let mut items: Vec<&str> = options
+        .split_whitespace()
+        .filter(|item| {
+            let key = item.split_once('=').map_or(*item, |(k, _)| k);
+            key != "drain" && key != "disabled"
+        })
+        .collect();
+    if admin != Admin::Active {
+        items.push(admin.as_str());
+    }
+    items.join(" ")
 }
 
 fn number(key: &str, value: &str, min: u64, max: u64) -> Result<u64, String> {
@@ -516,6 +629,49 @@ mod tests {
             parse_options("sni=a.test", Proto::Udp).unwrap_err(),
             "sni is for TCP rules only"
         );
+    }
+
+    #[test]
+    fn backup_drain_disabled_and_slowstart() {
+        let o = parse_options("backup drain slowstart=30s", Proto::Tcp).unwrap();
+        assert!(o.backend.backup);
+        assert_eq!(o.backend.admin, Admin::Drain);
+        assert_eq!(o.backend.slowstart_ms, 30_000);
+        let o = parse_options("disabled backup=off slowstart=500ms", Proto::Udp).unwrap();
+        assert!(!o.backend.backup);
+        assert_eq!(o.backend.admin, Admin::Disabled);
+        assert_eq!(o.backend.slowstart_ms, 500);
+        assert_eq!(
+            parse_options("drain=off", Proto::Tcp)
+                .unwrap()
+                .backend
+                .admin,
+            Admin::Active
+        );
+        let e = |t: &str| parse_options(t, Proto::Tcp).unwrap_err();
+        assert_eq!(e("drain disabled"), "drain and disabled exclude each other");
+        assert_eq!(e("backup=maybe"), "backup \"maybe\" is not on or off");
+        assert_eq!(
+            e("slowstart=30"),
+            "slowstart=\"30\" is not a duration: write a number and ms, s, m or h (30s)"
+        );
+        assert_eq!(e("slowstart=0s"), "slowstart=0s is out of range 1ms-1h");
+        assert_eq!(e("slowstart=2h"), "slowstart=2h is out of range 1ms-1h");
+        assert_eq!(
+            e("slowstart"),
+            "slowstart needs a value: slowstart=DURATION (30s, 500ms, 2m)"
+        );
+    }
+
+    #[test]
+    fn admin_state_is_rewritten_in_place_of_the_old_one() {
+        assert_eq!(
+            with_admin("weight=3 drain", Admin::Disabled),
+            "weight=3 disabled"
+        );
+        assert_eq!(with_admin("disabled weight=3", Admin::Active), "weight=3");
+        assert_eq!(with_admin("", Admin::Drain), "drain");
+        assert_eq!(with_admin("drain=off backup", Admin::Drain), "backup drain");
     }
 
     #[test]

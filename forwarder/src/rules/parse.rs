@@ -1,9 +1,10 @@
 //! The one reader and the one writer of the rules CSV: rows read with their line numbers (kept
-//! even when malformed, so the page can show them), each field checked, host names resolved once,
-//! pools formed; and entries written back as rows.
+//! even when malformed, so the page can show them), each field checked (host names are checked,
+//! not resolved: `dns` does that in the background), pools formed; and entries written back as
+//! rows.
 
 use std::collections::HashMap;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 use super::options::{merge_pool, parse_options, pool_conflict, RowOptions};
 use super::range::{overlap_message, parse_port_range, PortIndex, PortRange};
@@ -135,10 +136,8 @@ pub fn validate(entries: &[(usize, Entry)], file: &str) -> Result<RuleSet, Rules
     let mut ports: HashMap<(u16, Proto), (SocketAddr, usize)> = HashMap::new();
     // (listen address, transport) -> index into `pools`.
     let mut pool_at: HashMap<(SocketAddr, Proto), usize> = HashMap::new();
-    // (pool index, destination) -> line, for duplicates.
-    let mut dests: HashMap<(usize, SocketAddr), usize> = HashMap::new();
-    // Host names resolved once per file, however many rows name them.
-    let mut resolved: HashMap<(String, u16), Result<SocketAddr, String>> = HashMap::new();
+    // (pool index, destination, host name) -> line, for duplicates.
+    let mut dests: HashMap<(usize, SocketAddr, Option<String>), usize> = HashMap::new();
     for (line, entry) in entries {
         let line = *line;
         let before = errors.len();
@@ -165,10 +164,7 @@ pub fn validate(entries: &[(usize, Entry)], file: &str) -> Result<RuleSet, Rules
             }
         }
         let dest = match dest_ports {
-            Some(d) => resolved
-                .entry((entry.dest_ip.clone(), d.first))
-                .or_insert_with(|| resolve(&entry.dest_ip, d.first))
-                .clone()
+            Some(d) => destination(&entry.dest_ip, d.first)
                 .map_err(|m| errors.push(err(file, line, "dest_ip", m)))
                 .ok(),
             None => None,
@@ -177,14 +173,15 @@ pub fn validate(entries: &[(usize, Entry)], file: &str) -> Result<RuleSet, Rules
         let options = parse_options(&entry.options, proto)
             .map_err(|m| errors.push(err(file, line, "options", m)))
             .ok();
-        if let (Some(dest), Some(options)) = (dest, &options) {
-            crate::outbound::check(&options.backend, dest)
+        if let (Some((dest, None)), Some(options)) = (&dest, &options) {
+            // A host name's addresses are known only once it resolves.
+            crate::outbound::check(&options.backend, *dest)
                 .unwrap_or_else(|m| errors.push(err(file, line, "options", m)));
         }
         if errors.len() > before {
             continue;
         }
-        let (Some(listen), Some(dest), Some(dest_ports), Some(options)) =
+        let (Some(listen), Some((dest, host)), Some(dest_ports), Some(options)) =
             (listen, dest, dest_ports, options)
         else {
             continue;
@@ -216,6 +213,7 @@ pub fn validate(entries: &[(usize, Entry)], file: &str) -> Result<RuleSet, Rules
                 ports.insert((listen.addr.port(), proto), (listen.addr, line));
             }
         }
+        let rule_host = host.clone();
         let rule = Rule {
             entry: entry.clone(),
             line,
@@ -223,12 +221,13 @@ pub fn validate(entries: &[(usize, Entry)], file: &str) -> Result<RuleSet, Rules
             proto,
             dest,
             dest_ports,
+            host,
             options: options.backend.clone(),
         };
         match pool_at.get(&(listen.addr, proto)).copied() {
             Some(i) => {
                 let pool = &mut pools[i];
-                if let Some(dup) = dests.get(&(i, dest)) {
+                if let Some(dup) = dests.get(&(i, dest, rule.host.clone())) {
                     errors.push(err(
                         file,
                         line,
@@ -255,7 +254,7 @@ pub fn validate(entries: &[(usize, Entry)], file: &str) -> Result<RuleSet, Rules
                     ));
                     continue;
                 }
-                dests.insert((i, dest), line);
+                dests.insert((i, dest, rule_host.clone()), line);
                 merge_pool(&mut pool.options, &options);
                 pool.rules.push(rule);
                 pool_rows[i].push((line, options));
@@ -264,7 +263,7 @@ pub fn validate(entries: &[(usize, Entry)], file: &str) -> Result<RuleSet, Rules
                 let mut pool_options = PoolOptions::default();
                 merge_pool(&mut pool_options, &options);
                 pool_at.insert((listen.addr, proto), pools.len());
-                dests.insert((pools.len(), dest), line);
+                dests.insert((pools.len(), dest, rule_host.clone()), line);
                 pools.push(Pool {
                     listen: listen.addr,
                     ports: listen.ports,
@@ -459,8 +458,9 @@ pub fn parse_listen(field: &str) -> Result<Listen, String> {
     })
 }
 
-/// An IP literal (IPv6 with or without brackets) or a host name, resolved now.
-pub fn resolve(host: &str, port: u16) -> Result<SocketAddr, String> {
+/// An IP literal (IPv6 with or without brackets), or a host name to resolve later: then
+/// `(0.0.0.0:PORT, Some(name))`.
+pub fn destination(host: &str, port: u16) -> Result<(SocketAddr, Option<String>), String> {
     if host.is_empty() {
         return Err("destination is empty".into());
     }
@@ -472,20 +472,22 @@ pub fn resolve(host: &str, port: u16) -> Result<SocketAddr, String> {
         if ip.is_unspecified() {
             return Err(format!("{ip} is not a destination address"));
         }
-        return Ok(SocketAddr::new(ip, port));
+        return Ok((SocketAddr::new(ip, port), None));
     }
-    if !bare
-        .chars()
-        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.' || c == '_')
+    let labels_ok = bare
+        .trim_end_matches('.')
+        .split('.')
+        .all(|l| !l.is_empty() && l.len() <= 63 && !l.starts_with('-') && !l.ends_with('-'));
+    if bare.len() > 253
+        || !labels_ok
+        || !bare
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.' || c == '_')
     {
         return Err(format!("\"{host}\" is not an IP address or host name"));
     }
-    match (bare, port).to_socket_addrs() {
-        Ok(mut addrs) => addrs
-            .next()
-            .ok_or_else(|| format!("unknown host \"{host}\"")),
-        Err(e) => Err(format!("unknown host \"{host}\": {e}")),
-    }
+    let unresolved = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port);
+    Ok((unresolved, Some(bare.to_ascii_lowercase())))
 }
 
 #[cfg(test)]
@@ -549,13 +551,27 @@ mod tests {
     }
 
     #[test]
-    fn unknown_host_and_conflicting_listen_address() {
-        let e = errors(
-            "a,8080,no-such-host.invalid,80\nb,9000,127.0.0.1,80\nc,127.0.0.1:9000,127.0.0.1,81\n",
+    fn host_names_are_kept_for_later_and_conflicting_listen_address() {
+        let set = parse(
+            "a,8080,No-Such-Host.invalid,80\nb,8080,no-such-host.invalid,81\n",
+            "f",
+        )
+        .unwrap();
+        assert_eq!(
+            set.pools[0].rules[0].host.as_deref(),
+            Some("no-such-host.invalid")
         );
-        assert!(e[0].starts_with("entries.csv:1: dest_ip: unknown host \"no-such-host.invalid\""));
-        assert!(e[1].starts_with(
-            "entries.csv:3: listen_port: port 9000 is already bound to 0.0.0.0:9000 by line 2"
+        assert_eq!(set.pools[0].rules[1].dest, "0.0.0.0:81".parse().unwrap());
+        let e = errors(
+            "a,8080,web.lab,80\na2,8080,web.lab,80\nbad,8081,-x-.lab,80\nb,9000,127.0.0.1,80\nc,127.0.0.1:9000,127.0.0.1,81\n",
+        );
+        assert_eq!(e[0], "entries.csv:2: dest_ip: duplicate destination web.lab:80 for listen port 8080 (already on line 1)");
+        assert_eq!(
+            e[1],
+            "entries.csv:3: dest_ip: \"-x-.lab\" is not an IP address or host name"
+        );
+        assert!(e[2].starts_with(
+            "entries.csv:5: listen_port: port 9000 is already bound to 0.0.0.0:9000 by line 4"
         ));
     }
 

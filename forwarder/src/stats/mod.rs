@@ -2,6 +2,7 @@
 //! mapping (a memfd, inherited by the workers), slots of relaxed atomics indexed by a slot number
 //! the supervisor assigns. Cheap on the hot path: a worker only does `fetch_add` on its slots.
 
+pub mod health;
 pub mod per_ip;
 pub mod snapshot;
 
@@ -121,7 +122,22 @@ pub struct BackendSlot {
     /// Connects of a `transparent` backend that timed out (the hint about the return route is
     /// logged by whichever worker counts the [`crate::outbound::TRANSPARENT_HINT_AFTER`]th).
     pub transparent_timeouts: AtomicU64,
+    /// Good checks (connects, replies, active checks) in a row since the backend went down: it
+    /// is up again at [`RISE`].
+    pub rise: AtomicU64,
+    /// Unix ms the backend came back into service (recovered, drain lifted, added by a reload);
+    /// where `slowstart` ramps from. 0 = in service since the rules were first loaded.
+    pub up_since_ms: AtomicU64,
+    /// 1 once a connect succeeded or a reply came back: until then its health is unknown.
+    pub ever_ok: AtomicU64,
 }
+
+/// Good checks in a row that bring a down backend back (HAProxy's `rise 2`): one success after
+/// a failure is not yet trusted.
+pub const RISE: u64 = 2;
+/// After the first good check of a down backend, how long it waits for the next one before it
+/// takes connections again (the connection that made the check was served).
+pub const RISE_HOLD_MS: u64 = 1000;
 
 /// `last_error` value for a connect that did not finish in time.
 pub const ERR_TIMEOUT: u64 = u64::MAX;
@@ -352,6 +368,9 @@ impl BackendSlot {
             &self.datagrams_down,
             &self.drops_up,
             &self.drops_down,
+            &self.rise,
+            &self.up_since_ms,
+            &self.ever_ok,
         ] {
             a.store(0, Relaxed);
         }
@@ -366,6 +385,7 @@ impl BackendSlot {
     /// when this call took the backend from up to down (so exactly one process logs it).
     pub fn record_failure(&self, error: u64, now_ms: u64) -> bool {
         self.connect_failures.fetch_add(1, Relaxed);
+        self.rise.store(0, Relaxed);
         self.last_error.store(error, Relaxed);
         self.last_error_ms.store(now_ms, Relaxed);
         let in_row = self.failures_in_row.fetch_add(1, Relaxed) + 1;
@@ -376,14 +396,29 @@ impl BackendSlot {
             .is_ok()
     }
 
-    /// Records a successful connect. Returns true when this call brought the backend back up.
-    pub fn record_success(&self) -> bool {
+    /// Records a successful connect (or a reply, or a good active check). A down backend needs
+    /// [`RISE`] of them in a row: after the first it is held off for [`RISE_HOLD_MS`] until the
+    /// next. Returns true when this call brought the backend back up.
+    pub fn record_success(&self, now_ms: u64) -> bool {
+        // Loads first: this runs for every connection, and a store would dirty the line.
+        if self.ever_ok.load(Relaxed) == 0 {
+            self.ever_ok.store(1, Relaxed);
+        }
         if self.failures_in_row.load(Relaxed) == 0 {
             return false;
         }
+        if self.rise.fetch_add(1, Relaxed) + 1 < RISE {
+            self.down_until_ms.store(now_ms + RISE_HOLD_MS, Relaxed);
+            return false;
+        }
         self.failures_in_row.store(0, Relaxed);
+        self.rise.store(0, Relaxed);
         self.down_until_ms.store(0, Relaxed);
-        self.down_since_ms.swap(0, Relaxed) != 0
+        let back = self.down_since_ms.swap(0, Relaxed) != 0;
+        if back {
+            self.up_since_ms.store(now_ms, Relaxed);
+        }
+        back
     }
 }
 
@@ -421,9 +456,18 @@ mod tests {
         );
         assert!(!b.is_down(3600));
         assert_eq!(b.connect_failures.load(Relaxed), 2);
-        assert!(b.record_success());
-        assert!(!b.record_success());
-        assert!(!b.is_down(1600));
+        assert!(!b.record_success(3600), "one good check is not recovery");
+        assert!(b.is_down(4000), "held until the next check");
+        assert!(b.record_success(4600));
+        assert_eq!(b.up_since_ms.load(Relaxed), 4600);
+        assert!(!b.record_success(4700));
+        assert!(!b.is_down(4700));
+        // A failure between two good checks starts the count again.
+        b.record_failure(111, 5000);
+        b.record_success(7000);
+        b.record_failure(111, 7100);
+        assert!(!b.record_success(20_000));
+        assert!(b.record_success(21_000));
         assert_eq!(describe_error(ERR_TIMEOUT), "connect timed out");
     }
 

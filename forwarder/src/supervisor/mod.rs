@@ -4,6 +4,7 @@
 //! shutdown. One thread here owns every signal the process takes (HUP, TERM, INT, USR1). It
 //! forwards no traffic itself, so nothing the web side does can stall forwarding.
 
+mod names;
 pub mod reload;
 pub mod slots;
 mod workers;
@@ -47,6 +48,8 @@ pub struct SupervisorConfig {
     pub listen_budget: usize,
     /// The nftables table that steers large TCP ranges to one listener, or why there is none.
     pub steering: Result<crate::steer::Steering, String>,
+    /// How backend host names are re-resolved.
+    pub dns: crate::dns::DnsConfig,
 }
 
 struct Inner {
@@ -55,6 +58,8 @@ struct Inner {
     /// The same rules as the workers get them: with the shared slots that count them.
     specs: Vec<PoolSpec>,
     slots: Slots,
+    /// The last answer for every host name the rules use.
+    answers: crate::dns::Answers,
     workers: Vec<WorkerHandle>,
     /// Why the last reload was refused (cleared by the next one that applies), for the page.
     reload_error: Option<String>,
@@ -98,7 +103,8 @@ impl Supervisor {
             config.steering.as_ref().map(|_| ()).map_err(|s| s.as_str()),
         )?;
         let mut slots = Slots::default();
-        let mut specs = slots.assign(&rules, &shared)?;
+        let answers = names::first_answers(&config.dns, &rules)?;
+        let mut specs = slots.assign(&rules, &answers, &shared)?;
         crate::outbound::apply_default_sources(&mut specs, &config.default_sources);
         shared.publish_rates(&specs);
         crate::ranges::mark_steered(&mut specs, &rules, config.steering.is_ok());
@@ -114,6 +120,7 @@ impl Supervisor {
             rules,
             specs,
             slots,
+            answers,
             workers: Vec::new(),
             reload_error: None,
         };
@@ -145,6 +152,7 @@ impl Supervisor {
         if let Some(interval) = self.config.health_interval {
             self.start_health_checks(interval);
         }
+        self.start_dns();
         let mut last_file_check = Instant::now();
         loop {
             match rx.recv_timeout(Duration::from_millis(200)) {
@@ -246,6 +254,11 @@ impl Supervisor {
                 capacity: self.config.capacity,
                 udp_capacity: self.config.udp_capacity,
             },
+            snapshot::Members {
+                specs: &inner.specs,
+                answers: &inner.answers,
+                active_checks: self.config.health_interval.is_some(),
+            },
         )
     }
 
@@ -284,9 +297,18 @@ impl Supervisor {
         let spawned = std::thread::Builder::new()
             .name("health".into())
             .spawn(move || loop {
+                // TCP backends only (a TCP connect says nothing about a UDP service), and not
+                // the disabled ones: the operator took them out of checking too.
                 let backends: Vec<crate::control::BackendSpec> = {
                     let inner = me.lock();
-                    inner.specs.iter().flat_map(|p| p.backends.clone()).collect()
+                    inner
+                        .specs
+                        .iter()
+                        .filter(|p| p.proto == crate::rules::Proto::Tcp)
+                        .flat_map(|p| p.backends.iter())
+                        .filter(|b| b.options.admin != crate::rules::options::Admin::Disabled)
+                        .cloned()
+                        .collect()
                 };
                 for b in backends {
                     let (addr, name) = (b.addr, b.name);
@@ -296,7 +318,7 @@ impl Supervisor {
                     s.last_check_ms.store(now_ms(), Relaxed);
                     match result {
                         Ok(_) => {
-                            if s.record_success() {
+                            if s.record_success(now_ms()) {
                                 tracing::info!(backend = %addr, %name, "backend up (health check)");
                             }
                         }

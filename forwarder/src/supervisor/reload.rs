@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use super::workers::deliver;
 use super::Supervisor;
 use crate::rules::{self, Entry, Proto, RuleError, RuleSet, RulesError};
+use crate::stats::now_ms;
 
 impl Supervisor {
     /// Applies the rules file if it changed since it was last applied (or, with `force`, in any
@@ -48,6 +49,7 @@ impl Supervisor {
                 .map_err(|s| s.as_str()),
         )?;
         let steer = self.config.steering.is_ok();
+        self.look_up_new_names(&new);
         let mut inner = self.lock();
         let mut errors = Vec::new();
         for (pool, fresh) in new_listeners(&inner.rules, &new, steer) {
@@ -60,7 +62,7 @@ impl Supervisor {
         }
         // Slots are committed only once every worker took the rules.
         let mut slots = inner.slots.clone();
-        let mut specs = match slots.assign(&new, &self.shared) {
+        let mut specs = match slots.assign(&new, &inner.answers, &self.shared) {
             Ok(s) => s,
             Err(e) => {
                 return Err(RulesError(vec![RuleError {
@@ -73,6 +75,7 @@ impl Supervisor {
         };
         crate::outbound::apply_default_sources(&mut specs, &self.config.default_sources);
         crate::ranges::mark_steered(&mut specs, &new, steer);
+        crate::balance::tier::mark_returning(&inner.specs, &specs, &self.shared, now_ms());
         let failures = deliver(&mut inner.workers, &specs);
         if !failures.is_empty() {
             // All or nothing: put the workers that switched back on the rules in force.
@@ -275,7 +278,7 @@ fn destinations(p: &rules::Pool) -> Vec<(&Entry, SocketAddr)> {
     p.rules.iter().map(|r| (&r.entry, r.dest)).collect()
 }
 
-/// `a 127.0.0.1:9001, b 127.0.0.1:9002`
+/// `a 127.0.0.1:9001, b 127.0.0.1:9002` (a host name as written, a range as `ip:from-to`).
 pub fn describe_pool(p: &rules::Pool) -> String {
     p.rules
         .iter()

@@ -110,7 +110,7 @@ impl Relay {
             });
         let slot = ctx.shared.backend(self.backend_slot());
         slot.total.fetch_add(1, Relaxed);
-        if slot.record_success() {
+        if slot.record_success(now_ms()) {
             tracing::info!(backend = %self.backend_addr(), "backend up");
         }
         let mut header = header;

@@ -456,7 +456,10 @@ impl Udp {
                 }
             };
             let backend = shared.backend(s.slot());
-            if backend.failures_in_row.load(Relaxed) > 0 && backend.record_success() {
+            // A reply is the UDP backend's good check (its only one, with no probe datagram).
+            if (backend.ever_ok.load(Relaxed) == 0 || backend.failures_in_row.load(Relaxed) > 0)
+                && backend.record_success(now_ms())
+            {
                 tracing::info!(backend = %s.pool.spec.backends[s.backend].addr, "backend up");
             }
             let rx = &self.rx;

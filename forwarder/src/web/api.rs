@@ -16,6 +16,7 @@ use super::entries::{self, Change, FieldError};
 use super::{call, AppState};
 use crate::control::ConnectionInfo;
 use crate::rules::file::{Snapshot, WriteError};
+use crate::rules::options::Admin;
 use crate::rules::{self, Entry, Proto, RuleError};
 use crate::stats::snapshot::StatsSnapshot;
 use crate::supervisor::Supervisor;
@@ -265,6 +266,28 @@ pub async fn edit_rule(
 ) -> Result<Response, ApiError> {
     let entry = parse_entry(&headers, &body)?;
     let doc = change(&state, &headers, Change::Edit(id, entry)).await?;
+    Ok(with_etag(StatusCode::OK, doc))
+}
+
+/// `PUT /api/rules/ID/state` with `{"state": "drain"|"disabled"|"active"}`: takes a backend out
+/// of service or back, by rewriting its `drain`/`disabled` option in the rules file (so it
+/// survives a restart); open connections are never cut.
+pub async fn set_admin(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let wanted = serde_json::from_slice::<Value>(&body)
+        .ok()
+        .and_then(|v| v.get("state").and_then(Value::as_str).map(str::to_string));
+    let Some(admin) = wanted.as_deref().and_then(Admin::parse) else {
+        return Err(ApiError::invalid(
+            "send {\"state\": \"drain\"}, {\"state\": \"disabled\"} or {\"state\": \"active\"}",
+            Vec::new(),
+        ));
+    };
+    let doc = change(&state, &headers, Change::Admin(id, admin)).await?;
     Ok(with_etag(StatusCode::OK, doc))
 }
 

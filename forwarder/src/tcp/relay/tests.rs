@@ -48,6 +48,7 @@ impl Harness {
                     slot: i,
                     options: Default::default(),
                     port_range: false,
+                    line: 0,
                 })
                 .collect(),
         };
