@@ -328,7 +328,9 @@ fn run_supervisor(args: &Args) -> anyhow::Result<ExitCode> {
         args.max_connections,
         args.workers,
         limit.soft,
-        PIPES_PER_WORKER * 2 + forwarder::ranges::listeners_per_worker(&set, steering.is_ok()),
+        PIPES_PER_WORKER * 2
+            + forwarder::ranges::listeners_per_worker(&set, steering.is_ok())
+                .saturating_sub(capacity::LISTENERS_IN_RESERVE),
         cores,
     );
     if plan.workers > forwarder::stats::MAX_WORKERS {

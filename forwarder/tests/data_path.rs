@@ -289,7 +289,7 @@ fn a_full_worker_waits_without_spinning_and_resumes() {
         assert_eq!(round_trip(s, b"ping"), b"ping");
     }
     // The 8 beyond capacity wait in the kernel's queue; the worker must not spin meanwhile.
-    let worker = children_of(fwd.pid())[0];
+    let worker = workers_of(fwd.pid())[0];
     let before = cpu_seconds(worker);
     std::thread::sleep(Duration::from_secs(1));
     let used = cpu_seconds(worker) - before;

@@ -291,7 +291,7 @@ fn after_user_cap_net_admin_is_kept_only_when_a_rule_marks_or_is_transparent() {
             "{}",
             fwd.output()
         );
-        let workers = common::children_of(fwd.pid());
+        let workers = common::workers_of(fwd.pid());
         assert_eq!(workers.len(), 1);
         for pid in [fwd.pid(), workers[0]] {
             assert_eq!(cap_eff(pid) & NET_ADMIN != 0, kept, "{options}: pid {pid}");

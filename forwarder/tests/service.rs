@@ -183,9 +183,9 @@ fn user_nobody_serves_low_ports_and_reloads_a_new_one() {
         .spawn();
     let fwd = &forwarder.process;
     assert!(wait_until(WAIT, || is_listening(low1)), "{}", fwd.output());
-    assert!(wait_until(WAIT, || children_of(fwd.pid()).len() == 2));
+    assert!(wait_until(WAIT, || workers_of(fwd.pid()).len() == 2));
 
-    let mut pids = children_of(fwd.pid());
+    let mut pids = workers_of(fwd.pid());
     pids.push(fwd.pid());
     for &pid in &pids {
         assert_eq!(ids(pid, "Uid:"), vec![nobody.uid; 4], "pid {pid}");

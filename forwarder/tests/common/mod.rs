@@ -302,7 +302,7 @@ impl Forwarder {
 
     /// Pids of the worker processes (children of the supervisor).
     pub fn worker_pids(&self) -> Vec<u32> {
-        children_of(self.process.pid())
+        workers_of(self.process.pid())
     }
 
     /// Sum of VmRSS of the supervisor and its workers, in KiB.
@@ -331,6 +331,20 @@ pub fn is_listening(port: u16) -> bool {
 
 pub fn local(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+/// The worker processes of a supervisor: its children started with `--worker-fds` (a reload may
+/// also run a short-lived `nft` for range steering, which is not a worker).
+#[allow(dead_code)]
+pub fn workers_of(parent: u32) -> Vec<u32> {
+    children_of(parent)
+        .into_iter()
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|c| c.split(|&b| b == 0).any(|arg| arg == b"--worker-fds"))
+                .unwrap_or(false)
+        })
+        .collect()
 }
 
 pub fn children_of(parent: u32) -> Vec<u32> {
