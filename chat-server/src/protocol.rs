@@ -117,6 +117,10 @@ pub enum ErrorCode {
     ControlChars,
     UnknownCommand,
     ServerFull,
+    /// Refused: the client's address already holds `--max-per-address` connections.
+    TooManyConnections,
+    /// Closed: a line was begun and not finished within `--line-timeout-ms`.
+    LineTimeout,
 }
 
 impl ErrorCode {
@@ -129,6 +133,8 @@ impl ErrorCode {
             ErrorCode::ControlChars => "control-chars",
             ErrorCode::UnknownCommand => "unknown-command",
             ErrorCode::ServerFull => "server-full",
+            ErrorCode::TooManyConnections => "too-many-connections",
+            ErrorCode::LineTimeout => "line-timeout",
         }
     }
 
@@ -141,6 +147,8 @@ impl ErrorCode {
             ErrorCode::ControlChars,
             ErrorCode::UnknownCommand,
             ErrorCode::ServerFull,
+            ErrorCode::TooManyConnections,
+            ErrorCode::LineTimeout,
         ]
         .into_iter()
         .find(|c| c.as_str() == text)
@@ -158,6 +166,8 @@ pub enum LeaveReason {
     Dropped,
     /// The connection failed (reset, ...).
     Error,
+    /// Began a line and did not finish it within `--line-timeout-ms`.
+    TimedOut,
 }
 
 impl LeaveReason {
@@ -167,6 +177,7 @@ impl LeaveReason {
             LeaveReason::Closed => "closed",
             LeaveReason::Dropped => "dropped",
             LeaveReason::Error => "error",
+            LeaveReason::TimedOut => "timeout",
         }
     }
 
@@ -176,6 +187,7 @@ impl LeaveReason {
             LeaveReason::Closed,
             LeaveReason::Dropped,
             LeaveReason::Error,
+            LeaveReason::TimedOut,
         ]
         .into_iter()
         .find(|r| r.as_str() == text)

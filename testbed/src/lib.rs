@@ -10,5 +10,6 @@ pub mod listener;
 pub mod logging;
 pub mod shm;
 pub mod testing;
+pub mod throttle;
 pub mod tls;
 pub mod workers;
