@@ -247,6 +247,14 @@ fn port_label(listen: Listen) -> String {
 /// the comment header.
 pub fn to_csv(entries: &[Entry]) -> String {
     let mut out = String::from(EXAMPLE_FILE);
+    // A first row that reads like the header line would be skipped as one when read back: say
+    // the header first, so that row stays a row.
+    if entries
+        .first()
+        .is_some_and(|e| e.listen_port.eq_ignore_ascii_case("listen_port"))
+    {
+        out.push_str("name,listen_port,dest_ip,dest_port,options\n");
+    }
     for e in entries {
         // A row without options keeps the original four columns.
         let mut fields = vec![&e.name, &e.listen_port, &e.dest_ip, &e.dest_port];
@@ -424,6 +432,24 @@ mod tests {
             .iter()
             .map(|e| e.to_string())
             .collect()
+    }
+
+    /// Found by the `rules_csv` fuzz target (docs/fuzzing.md): a row that reads like the header
+    /// (` name,listen_port,...`, not the first row, so read as a row) written back first by
+    /// `to_csv` was then skipped as the header, and the row was lost.
+    #[test]
+    fn a_row_like_the_header_survives_being_written_back() {
+        let input = "web1,8080,127.0.0.1,9001\n name,listen_port,dest_ip,dest_port,options\n";
+        let rows = read_rows(input, "fuzz.csv");
+        assert_eq!(rows.len(), 2);
+        let entries: Vec<Entry> = rows.iter().rev().map(|r| r.entry.clone()).collect();
+        let back: Vec<Entry> = read_rows(&to_csv(&entries), "fuzz.csv")
+            .into_iter()
+            .map(|r| r.entry)
+            .collect();
+        assert_eq!(back, entries);
+        // The usual file gets no header row.
+        assert!(!to_csv(&entries[1..]).contains("\nname,listen_port"));
     }
 
     #[test]

@@ -351,8 +351,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Guarded<S> {
                 Poll::Ready(Ok(()))
             }
             Wait::Head if self.exchange.head_is_empty() => {
-                // Nothing was asked, so nothing to answer.
-                self.shield.record(self.peer.ip(), Reason::HeadTimeout);
+                // Nothing was asked, so nothing to answer; counted as idle, not logged: browsers
+                // open spare connections they may never use.
+                self.shield.record(self.peer.ip(), Reason::Idle);
                 self.state = State::Closed;
                 Poll::Ready(Ok(()))
             }
