@@ -27,7 +27,11 @@ fuzz_target!(|data: &[u8]| {
     };
     let at = (cut as usize).min(data.len());
     let whole = split(&[data]);
-    assert_eq!(whole, split(&[&data[..at], &data[at..]]), "the split changed the lines");
+    assert_eq!(
+        whole,
+        split(&[&data[..at], &data[at..]]),
+        "the split changed the lines"
+    );
     for frame in &whole {
         let Frame::Line(line) = frame else { continue };
         assert!(line.len() <= MAX_LINE, "line over the limit");

@@ -25,12 +25,19 @@ fuzz_target!(|data: &[u8]| {
     let at = (cut as usize).min(data.len());
     let whole = frames::<Request>(&[data]);
     let split = frames::<Request>(&[&data[..at], &data[at..]]);
-    assert_eq!(format!("{whole:?}"), format!("{split:?}"), "the cut changed the frames");
+    assert_eq!(
+        format!("{whole:?}"),
+        format!("{split:?}"),
+        "the cut changed the frames"
+    );
     for request in whole.into_iter().flatten() {
         let mut bytes = Vec::new();
         encode(&request, &mut bytes).expect("a decoded request encodes");
         let back = frames::<Request>(&[&bytes]);
-        assert_eq!(format!("{back:?}"), format!("{:?}", [Ok::<_, String>(request)]));
+        assert_eq!(
+            format!("{back:?}"),
+            format!("{:?}", [Ok::<_, String>(request)])
+        );
     }
     let _ = frames::<Reply>(&[data]);
 });

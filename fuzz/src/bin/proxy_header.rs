@@ -14,7 +14,11 @@ fuzz_target!(|data: &[u8]| {
     if let Ok(Some(header)) = parse(data) {
         assert!(header.len <= data.len(), "header longer than its input");
         for cut in 1..header.len {
-            assert_eq!(parse(&data[..cut]), Ok(None), "prefix of {cut} bytes refused");
+            assert_eq!(
+                parse(&data[..cut]),
+                Ok(None),
+                "prefix of {cut} bytes refused"
+            );
         }
         assert_eq!(parse(&data[..header.len]), Ok(Some(header)));
         if let Some((src, dst)) = header.addrs {

@@ -4,7 +4,9 @@
 //! numbered in order, and the well-formed ones written back by `to_csv` read back the same.
 #![no_main]
 
-use forwarder::rules::{options::parse_options, parse_listen, parse_port, read_rows, to_csv, Proto};
+use forwarder::rules::{
+    options::parse_options, parse_listen, parse_port, read_rows, to_csv, Proto,
+};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -28,7 +30,11 @@ fuzz_target!(|data: &[u8]| {
     let again: Vec<_> = read_rows(&to_csv(&good), "fuzz.csv")
         .into_iter()
         .map(|r| {
-            assert!(r.malformed.is_none(), "our own row is malformed: {:?}", r.malformed);
+            assert!(
+                r.malformed.is_none(),
+                "our own row is malformed: {:?}",
+                r.malformed
+            );
             r.entry
         })
         .collect();

@@ -14,7 +14,9 @@ fuzz_target!(|data: &[u8]| {
     let mut whole = Exchange::new();
     let a = whole.read(data);
     let mut split = Exchange::new();
-    let b = split.read(&data[..at]).and_then(|()| split.read(&data[at..]));
+    let b = split
+        .read(&data[..at])
+        .and_then(|()| split.read(&data[at..]));
     assert_eq!(a, b, "the cut changed the verdict");
     if a.is_ok() {
         assert_eq!(whole.wait(), split.wait(), "the cut changed the phase");

@@ -10,7 +10,12 @@ fuzz_target!(|data: &[u8]| {
     match rule_body(data) {
         Err(status) => assert_eq!(status, 400),
         Ok(entry) => {
-            for field in [&entry.name, &entry.listen_port, &entry.dest_ip, &entry.dest_port] {
+            for field in [
+                &entry.name,
+                &entry.listen_port,
+                &entry.dest_ip,
+                &entry.dest_port,
+            ] {
                 assert_eq!(field.trim(), field.as_str());
             }
             assert!(!entry.options.contains("  "));
