@@ -296,23 +296,48 @@ fn skipped_row(record: &csv::StringRecord, first: &mut bool) -> bool {
 
 /// 1-based line number of the record that the csv reader reports at `byte`. The reader reports
 /// where it started looking, before the blank and comment lines it skipped, so skip them too.
+/// Lines end as the reader's records do: at `\r\n`, `\n` or a lone `\r`.
 fn line_at(text: &str, byte: u64) -> usize {
+    let bytes = text.as_bytes();
     let mut start = (byte as usize).min(text.len());
-    let mut line = text.as_bytes()[..start]
-        .iter()
-        .filter(|&&b| b == b'\n')
-        .count()
-        + 1;
-    while let Some(rest) = text.get(start..) {
-        let this = rest.split('\n').next().unwrap_or("");
-        let skipped = this.trim().is_empty() || this.starts_with('#');
-        if !skipped || this.len() == rest.len() {
+    let mut line = 1;
+    let mut at = 0;
+    while let Some((end, len)) = line_end(bytes, at) {
+        if end >= start {
             break;
         }
-        start += this.len() + 1;
+        line += 1;
+        at = end + len;
+    }
+    // The reader may report the `\n` of a `\r\n` it stopped in: that line break is counted.
+    if start > 0 && bytes[start - 1] == b'\r' && bytes.get(start) == Some(&b'\n') {
+        start += 1;
+    }
+    while let Some((end, len)) = line_end(bytes, start) {
+        let this = &text[start..end];
+        let skipped = this.trim().is_empty() || this.starts_with('#');
+        if !skipped {
+            break;
+        }
+        start = end + len;
         line += 1;
     }
     line
+}
+
+/// Where the line starting at `from` ends, and how long its break is; `None` on the last line.
+fn line_end(bytes: &[u8], from: usize) -> Option<(usize, usize)> {
+    let end = from
+        + bytes
+            .get(from..)?
+            .iter()
+            .position(|&b| b == b'\n' || b == b'\r')?;
+    let len = if bytes[end] == b'\r' && bytes.get(end + 1) == Some(&b'\n') {
+        2
+    } else {
+        1
+    };
+    Some((end, len))
 }
 
 fn err(file: &str, line: usize, field: &str, message: String) -> RuleError {
@@ -437,6 +462,19 @@ mod tests {
     /// Found by the `rules_csv` fuzz target (docs/fuzzing.md): a row that reads like the header
     /// (` name,listen_port,...`, not the first row, so read as a row) written back first by
     /// `to_csv` was then skipped as the header, and the row was lost.
+    /// Found by the `rules_csv` fuzz target (docs/fuzzing.md): the csv reader ends a record at a
+    /// lone `\r` too, but lines were counted by `\n` alone, so two rows had one line number (and
+    /// a file with old Mac line endings was all line 1).
+    #[test]
+    fn a_lone_carriage_return_ends_a_line_for_the_line_numbers_too() {
+        let rows = read_rows("a,1,b,2\rc,3,d,4\r\n# note\r\ne,5,f,6\n", "entries.csv");
+        let lines: Vec<usize> = rows.iter().map(|r| r.line).collect();
+        assert_eq!(lines, [1, 2, 4]);
+        let input = b"a;b;c;d\nx,1\x01\x00\x00\x00\n\x01\x08,\nwebalhost,80\x01\"\"\"\"\x0c\",mp.a;cae,nx=mple.com cnnn_rate_down=localhost,80siae,nx=mple.coa\x00\r\x00\x00\x00\x00\x00\x00\x00\x00\x00m conn_rate_down=5\n";
+        let rows = read_rows(std::str::from_utf8(input).unwrap(), "fuzz.csv");
+        assert!(rows.windows(2).all(|w| w[0].line < w[1].line), "{rows:?}");
+    }
+
     #[test]
     fn a_row_like_the_header_survives_being_written_back() {
         let input = "web1,8080,127.0.0.1,9001\n name,listen_port,dest_ip,dest_port,options\n";
