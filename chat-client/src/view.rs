@@ -364,6 +364,7 @@ fn entry_row(ui: &mut Ui, entry: &Entry, own: &str) {
                 LeaveReason::Closed => " left (connection closed)",
                 LeaveReason::Dropped => " was dropped (stopped reading)",
                 LeaveReason::Error => " left (connection error)",
+                LeaveReason::TimedOut => " was cut off (a line left unfinished)",
             };
             add(why, theme::TEXT_WEAK, false);
         }

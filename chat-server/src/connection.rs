@@ -90,6 +90,12 @@ pub struct Connection {
     pub out: OutQueue,
     /// Already in the server's list of connections to flush this turn.
     pub dirty: bool,
+    /// Never reused, unlike the slab key: tells the line clock's entries apart.
+    pub serial: u64,
+    /// When the unfinished line now being read began.
+    pub line_started: Option<std::time::Instant>,
+    /// The line clock holds an entry for this connection.
+    pub line_queued: bool,
 }
 
 impl Connection {
@@ -98,6 +104,7 @@ impl Connection {
         peer: SocketAddr,
         max_line_bytes: usize,
         max_queue_bytes: usize,
+        serial: u64,
     ) -> Connection {
         Connection {
             socket,
@@ -105,6 +112,9 @@ impl Connection {
             splitter: LineSplitter::new(max_line_bytes),
             out: OutQueue::new(max_queue_bytes),
             dirty: false,
+            serial,
+            line_started: None,
+            line_queued: false,
         }
     }
 }

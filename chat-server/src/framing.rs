@@ -31,6 +31,11 @@ impl LineSplitter {
         }
     }
 
+    /// True while a line has begun and its newline has not come (an overlong one included).
+    pub fn has_partial(&self) -> bool {
+        !self.partial.is_empty() || self.skipping
+    }
+
     /// Feeds bytes just read; complete lines and refusals are appended to `out` in order.
     pub fn push(&mut self, mut data: &[u8], out: &mut Vec<Frame>) {
         while let Some(nl) = data.iter().position(|&b| b == b'\n') {

@@ -5,6 +5,7 @@
 
 pub mod connection;
 pub mod framing;
+pub mod guard;
 pub mod protocol;
 pub mod room;
 pub mod server;

@@ -33,6 +33,13 @@ struct Args {
     /// Most clients at once [default: the open-file limit minus 64].
     #[arg(long)]
     max_clients: Option<usize>,
+    /// Connections one client address may hold at once; more are told ERR too-many-connections
+    /// (0: no limit; raise it when clients come through a gateway that hides their addresses).
+    #[arg(long, default_value_t = 32)]
+    max_per_address: usize,
+    /// A line begun must end (its newline) within this long, or ERR line-timeout and closed.
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    line_timeout_ms: u64,
     /// Log filter (RUST_LOG overrides), e.g. info or chat_server=debug.
     #[arg(long, default_value = "info")]
     log_level: String,
@@ -96,12 +103,15 @@ fn run() -> Result<()> {
         max_line_bytes: args.max_line_bytes,
         max_queue_bytes: args.max_queue_bytes,
         max_clients,
+        max_per_address: args.max_per_address,
+        line_timeout: std::time::Duration::from_millis(args.line_timeout_ms),
     };
     let server = Server::bind(config).context("starting chat-server")?;
     let addr = server.local_addr().context("reading the bound address")?;
     info!(
-        "listening on {addr}: up to {max_clients} clients, history {} messages, lines up to {} bytes, {} bytes queued per client at most",
-        args.history, args.max_line_bytes, args.max_queue_bytes
+        "listening on {addr}: up to {max_clients} clients ({} per address), history {} messages, lines up to {} bytes finished within {} ms, {} bytes queued per client at most",
+        if args.max_per_address == 0 { "any number".to_string() } else { args.max_per_address.to_string() },
+        args.history, args.max_line_bytes, args.line_timeout_ms, args.max_queue_bytes
     );
     server.run()?;
     Ok(())

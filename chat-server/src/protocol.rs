@@ -117,6 +117,10 @@ pub enum ErrorCode {
     ControlChars,
     UnknownCommand,
     ServerFull,
+    /// Refused: the client's address already holds `--max-per-address` connections.
+    TooManyConnections,
+    /// Closed: a line was begun and not finished within `--line-timeout-ms`.
+    LineTimeout,
 }
 
 impl ErrorCode {
@@ -129,6 +133,8 @@ impl ErrorCode {
             ErrorCode::ControlChars => "control-chars",
             ErrorCode::UnknownCommand => "unknown-command",
             ErrorCode::ServerFull => "server-full",
+            ErrorCode::TooManyConnections => "too-many-connections",
+            ErrorCode::LineTimeout => "line-timeout",
         }
     }
 
@@ -141,6 +147,8 @@ impl ErrorCode {
             ErrorCode::ControlChars,
             ErrorCode::UnknownCommand,
             ErrorCode::ServerFull,
+            ErrorCode::TooManyConnections,
+            ErrorCode::LineTimeout,
         ]
         .into_iter()
         .find(|c| c.as_str() == text)
@@ -158,6 +166,8 @@ pub enum LeaveReason {
     Dropped,
     /// The connection failed (reset, ...).
     Error,
+    /// Began a line and did not finish it within `--line-timeout-ms`.
+    TimedOut,
 }
 
 impl LeaveReason {
@@ -167,6 +177,7 @@ impl LeaveReason {
             LeaveReason::Closed => "closed",
             LeaveReason::Dropped => "dropped",
             LeaveReason::Error => "error",
+            LeaveReason::TimedOut => "timeout",
         }
     }
 
@@ -176,6 +187,7 @@ impl LeaveReason {
             LeaveReason::Closed,
             LeaveReason::Dropped,
             LeaveReason::Error,
+            LeaveReason::TimedOut,
         ]
         .into_iter()
         .find(|r| r.as_str() == text)
@@ -290,9 +302,15 @@ impl ServerLine {
             Ok((out, parts.next().unwrap_or("")))
         };
         let time = |text: &str| -> Result<DateTime<Utc>, ParseError> {
-            DateTime::parse_from_rfc3339(text)
+            let at = DateTime::parse_from_rfc3339(text)
                 .map(|t| t.with_timezone(&Utc))
-                .map_err(|_| bad("bad timestamp"))
+                .map_err(|_| bad("bad timestamp"))?;
+            // Only the one fixed shape (what `format_time` writes): RFC 3339 also allows other
+            // precisions and offsets, which would not be written back the same.
+            if format_time(&at) != text {
+                return Err(bad("timestamp not in the form 2026-11-25T06:40:01.123Z"));
+            }
+            Ok(at)
         };
         Ok(match kind {
             "HELLO" => ServerLine::Hello {
@@ -375,6 +393,22 @@ mod tests {
         DateTime::parse_from_rfc3339("2026-11-25T06:40:01.123Z")
             .unwrap()
             .with_timezone(&Utc)
+    }
+
+    /// Found by the `chat_protocol` fuzz target (docs/fuzzing.md): a time with four fractional
+    /// digits parsed, and was written back with three, so the line did not survive a round trip.
+    #[test]
+    fn only_the_one_timestamp_shape_parses() {
+        for line in [
+            "MSG 2026-11-25T06:40:01.1239Z bob hi",
+            "MSG 2026-11-25T06:40:01Z bob hi",
+            "MSG 2026-11-25T07:40:01.123+01:00 bob hi",
+            "JOIN 2026-11-25t06:40:01.123z alice",
+        ] {
+            assert!(ServerLine::parse(line).is_err(), "{line}");
+        }
+        let line = "MSG 2026-11-25T06:40:01.123Z bob hi";
+        assert_eq!(ServerLine::parse(line).unwrap().to_string(), line);
     }
 
     #[test]

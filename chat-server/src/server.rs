@@ -17,6 +17,7 @@ use tracing::{debug, info, warn};
 
 use crate::connection::Connection;
 use crate::framing::Frame;
+use crate::guard::{LineClock, PerAddress, Who};
 use crate::protocol::{ErrorCode, LeaveReason, ServerLine};
 use crate::room::{ClientId, Effect, Room};
 
@@ -39,6 +40,10 @@ pub struct Config {
     pub max_line_bytes: usize,
     pub max_queue_bytes: usize,
     pub max_clients: usize,
+    /// Connections one client address may hold (0: no limit).
+    pub max_per_address: usize,
+    /// A line begun must end within this long.
+    pub line_timeout: Duration,
 }
 
 /// Why the server could not start or stopped.
@@ -58,6 +63,8 @@ pub struct ServerStats {
     pub accepted: u64,
     pub dropped_slow: u64,
     pub refused_full: u64,
+    pub refused_per_address: u64,
+    pub cut_line_timeout: u64,
 }
 
 /// See the module comment.
@@ -80,6 +87,12 @@ pub struct Server {
     read_buf: Vec<u8>,
     accept_paused_until: Option<Instant>,
     stats: ServerStats,
+    per_address: PerAddress,
+    lines: LineClock,
+    /// The next connection's [`Connection::serial`].
+    next_serial: u64,
+    /// Refusals and cuts are logged once per address per minute.
+    throttle: testbed::throttle::LogThrottle,
 }
 
 impl Server {
@@ -99,6 +112,10 @@ impl Server {
             .register(&mut signals, SIGNALS, Interest::READABLE)
             .map_err(ServerError::Signals)?;
         Ok(Server {
+            per_address: PerAddress::new(config.max_per_address),
+            lines: LineClock::new(config.line_timeout),
+            next_serial: 0,
+            throttle: Default::default(),
             room: Room::new(config.history),
             config,
             poll,
@@ -125,11 +142,17 @@ impl Server {
     pub fn run(mut self) -> Result<ServerStats, ServerError> {
         let mut events = Events::with_capacity(1024);
         loop {
+            let now = Instant::now();
             let timeout = if !self.pending_reads.is_empty() {
                 Some(Duration::ZERO)
             } else {
-                self.accept_paused_until
-                    .map(|until| until.saturating_duration_since(Instant::now()))
+                let accept = self
+                    .accept_paused_until
+                    .map(|until| until.saturating_duration_since(now));
+                match (accept, self.lines.next_in(now)) {
+                    (Some(a), Some(l)) => Some(a.min(l)),
+                    (a, l) => a.or(l),
+                }
             };
             if let Err(e) = self.poll.poll(&mut events, timeout) {
                 if e.kind() == io::ErrorKind::Interrupted {
@@ -163,6 +186,7 @@ impl Server {
             for id in std::mem::take(&mut self.pending_reads) {
                 self.read_ready(id);
             }
+            self.expire_lines();
             if self
                 .accept_paused_until
                 .is_some_and(|until| Instant::now() >= until)
@@ -210,6 +234,22 @@ impl Server {
             debug!(%peer, "refused: server full");
             return;
         }
+        if !self.per_address.admit(peer.ip()) {
+            self.stats.refused_per_address += 1;
+            let line = ServerLine::Err {
+                code: ErrorCode::TooManyConnections,
+                text: format!(
+                    "your address already has {} connections here (--max-per-address)",
+                    self.per_address.limit()
+                ),
+            };
+            let _ = socket.write_all(format!("{line}\n").as_bytes());
+            self.log_loss(
+                peer,
+                "refused: it already holds --max-per-address connections",
+            );
+            return;
+        }
         // Chat is interactive: send each line at once rather than waiting to fill a segment.
         let _ = socket.set_nodelay(true);
         let entry = self.conns.vacant_entry();
@@ -220,13 +260,16 @@ impl Server {
             Interest::READABLE | Interest::WRITABLE,
         ) {
             warn!(%peer, "cannot watch new connection: {e}");
+            self.per_address.release(peer.ip());
             return;
         }
+        self.next_serial += 1;
         entry.insert(Connection::new(
             socket,
             peer,
             self.config.max_line_bytes,
             self.config.max_queue_bytes,
+            self.next_serial,
         ));
         self.stats.accepted += 1;
         debug!(%peer, id, "connected");
@@ -250,6 +293,7 @@ impl Server {
                 }
                 Ok(n) => {
                     conn.splitter.push(&self.read_buf[..n], &mut self.frames);
+                    Self::watch_line(&mut self.lines, conn, id);
                     self.handle_frames(id);
                     budget = budget.saturating_sub(n);
                     if budget == 0 {
@@ -266,6 +310,77 @@ impl Server {
                     return;
                 }
             }
+        }
+    }
+
+    /// Starts or stops the clock of a connection's unfinished line after a read.
+    fn watch_line(lines: &mut LineClock, conn: &mut Connection, id: ClientId) {
+        if !conn.splitter.has_partial() {
+            conn.line_started = None;
+            return;
+        }
+        if conn.line_started.is_none() {
+            let now = Instant::now();
+            conn.line_started = Some(now);
+            if !conn.line_queued {
+                conn.line_queued = true;
+                lines.started(
+                    Who {
+                        id,
+                        serial: conn.serial,
+                    },
+                    now,
+                );
+            }
+        }
+    }
+
+    /// Closes the connections whose unfinished line is over `--line-timeout-ms`.
+    fn expire_lines(&mut self) {
+        if self.lines.is_empty() {
+            return;
+        }
+        let conns = &mut self.conns;
+        let late = self.lines.expired(Instant::now(), |who| {
+            let conn = conns.get_mut(who.id).filter(|c| c.serial == who.serial)?;
+            if conn.line_started.is_none() {
+                conn.line_queued = false;
+            }
+            conn.line_started
+        });
+        for who in late {
+            let Some(conn) = self.conns.get(who.id) else {
+                continue;
+            };
+            let peer = conn.peer;
+            self.stats.cut_line_timeout += 1;
+            let line = ServerLine::Err {
+                code: ErrorCode::LineTimeout,
+                text: format!(
+                    "a line must end within {} ms of its first byte (--line-timeout-ms); closing",
+                    self.lines.limit().as_millis()
+                ),
+            }
+            .to_string();
+            self.queue(who.id, &line);
+            self.log_loss(
+                peer,
+                "closed: it left a line unfinished past --line-timeout-ms",
+            );
+            self.close(who.id, LeaveReason::TimedOut);
+            self.apply_effects();
+        }
+    }
+
+    /// Logs a refused or cut client, at most once a minute per address.
+    fn log_loss(&mut self, peer: SocketAddr, what: &str) {
+        if let Some(unlogged) = self.throttle.note(peer.ip(), Instant::now()) {
+            let since = if unlogged > 0 {
+                format!(" ({unlogged} more from it since its last line)")
+            } else {
+                String::new()
+            };
+            warn!("client {peer} {what}{since}; its next ones are logged at most once a minute");
         }
     }
 
@@ -368,6 +483,7 @@ impl Server {
             return;
         }
         let mut conn = self.conns.remove(id);
+        self.per_address.release(conn.peer.ip());
         let _ = conn.out.flush(&mut conn.socket);
         let _ = self.poll.registry().deregister(&mut conn.socket);
         debug!(peer = %conn.peer, id, "disconnected");
@@ -388,8 +504,9 @@ impl Server {
         self.conns.clear();
         let rs = self.room.stats;
         info!(
-            "shutting down: told {clients} connected clients; {} connections accepted, {} joined, {} messages, {} lines refused, {} slow clients dropped, {} refused as server full",
-            self.stats.accepted, rs.joined, rs.messages, rs.refused_lines, self.stats.dropped_slow, self.stats.refused_full
+            "shutting down: told {clients} connected clients; {} connections accepted, {} joined, {} messages, {} lines refused, {} slow clients dropped, {} refused as server full, {} refused for --max-per-address, {} cut for --line-timeout-ms",
+            self.stats.accepted, rs.joined, rs.messages, rs.refused_lines, self.stats.dropped_slow, self.stats.refused_full,
+            self.stats.refused_per_address, self.stats.cut_line_timeout
         );
     }
 }

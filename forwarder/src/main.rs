@@ -68,6 +68,9 @@ struct Args {
     #[arg(long, value_name = "PATH", requires = "web_cert")]
     web_key: Option<PathBuf>,
 
+    #[command(flatten)]
+    web_limits: forwarder::web::Limits,
+
     /// Validate the rules file, print the rules, and exit (non-zero on any error)
     #[arg(long)]
     check: bool,
@@ -394,8 +397,15 @@ fn run_supervisor(args: &Args) -> anyhow::Result<ExitCode> {
         tracing::warn!("{problem}");
     }
     if !args.no_web {
-        forwarder::web::start(sup.clone(), args.web, args.web_token.clone(), web_tls)
-            .map_err(service::exit::bind_failure)?;
+        let limits = args.web_limits.clone();
+        forwarder::web::start(
+            sup.clone(),
+            args.web,
+            args.web_token.clone(),
+            web_tls,
+            limits,
+        )
+        .map_err(service::exit::bind_failure)?;
     }
     sup.run()?;
     Ok(ExitCode::SUCCESS)

@@ -49,6 +49,30 @@ def kill_target_backend(f):
     return int(m.group(1)) if m else None
 
 
+# What a client is doing when it meets a reset made before the forwarder relayed a byte for it:
+# the kernel's reset of a killed worker's accept queue (net.ipv4.tcp_migrate_req=0), or the
+# forwarder's own when the fd-budget fault left it no descriptor for the backend socket.
+EARLY_STEPS = ("connecting", "sending the header", "reading the backend id")
+
+
+def early_reset(e):
+    """A reset met while connecting or before the first byte came back (docs/sysctl.md)."""
+    return e["cause"] == "reset" and e["detail"].startswith(EARLY_STEPS)
+
+
+def nearest(faults, t):
+    """'kind target, N s after|before' of the fault nearest to t, for the unexplained list."""
+    best = None
+    for f in faults:
+        d = t - f["t_end_ms"] if t > f["t_end_ms"] else t - f["t_start_ms"]
+        if best is None or abs(d) < abs(best[0]):
+            best = (d, f)
+    if best is None:
+        return "no fault injected"
+    d, f = best
+    return f"nearest fault {f['kind']} {f['target']}, {abs(d) / 1000:.1f} s {'after' if d >= 0 else 'before'} it"
+
+
 def explain(faults, t_start, t_end, fits, kinds=("kill-worker", "kill-backend")):
     """The first fault of `kinds` whose window covers [t_start, t_end] and that `fits`, or None."""
     for f in faults:
@@ -104,7 +128,13 @@ def main(out):
                 return client_side and kill_target_backend(f) is not None and backend in (None, kill_target_backend(f))
 
             f = explain(faults, e["t_ms"], e["t_ms"], fits)
-            losses.append((f"{e['who']} ({e['cause']}: {e['detail']})", e["cause"], f, client_side))
+            if f is None and client_side and early_reset(e):
+                # Made on a fault's behalf before any byte was relayed: a budget fault's too.
+                f = explain(faults, e["t_ms"], e["t_ms"], lambda f: True, ("kill-worker", "fd-budget"))
+            what = f"{e['who']} ({e['cause']}: {e['detail']})"
+            if f is None:
+                what += f"; {nearest(faults, e['t_ms'])}"
+            losses.append((what, e["cause"], f, client_side))
 
     # TLS rounds: the client's summary has its losses and failures by cause, and its time span.
     tls_losses = []  # (round, start, end, cause, count): matched after the others, by count

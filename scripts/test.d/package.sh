@@ -38,6 +38,17 @@ getent passwd forwarder >/dev/null || fail "user forwarder not created"
 [ "$(stat -c %U /etc/forwarder/entries.csv)" = forwarder ] || fail "entries.csv not owned by forwarder"
 grep -q '^# web1,8080,127.0.0.1,9001' /etc/forwarder/entries.csv || fail "entries.csv lacks the example"
 forwarder --check --rules /etc/forwarder/entries.csv 2>/dev/null || fail "forwarder --check failed"
+# The gateway's kernel settings: installed, and every key one this kernel has (a typo would be
+# skipped silently at boot).
+conf=/usr/lib/sysctl.d/60-forwarder.conf
+[ -s "$conf" ] || fail "$conf not installed"
+keys=0
+while IFS='= ' read -r key _; do
+    case $key in '' | '#'*) continue ;; esac
+    [ -e "/proc/sys/${key//.//}" ] || fail "$conf: no such kernel setting: $key"
+    keys=$((keys + 1))
+done <"$conf"
+[ "$keys" -ge 4 ] || fail "$conf: only $keys settings"
 
 page=$(MANPAGER=cat MANWIDTH=100 man forwarder 2>&1) || fail "man forwarder: $page"
 for want in "NAME" "--user" "EXIT STATUS" "cannot bind" "SIGNALS" "SIGUSR1"; do

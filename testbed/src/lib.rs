@@ -8,5 +8,6 @@ pub mod fdlimit;
 pub mod listener;
 pub mod logging;
 pub mod shm;
+pub mod throttle;
 pub mod tls;
 pub mod workers;

@@ -295,6 +295,14 @@ fn port_label(listen: Listen) -> String {
 /// the comment header.
 pub fn to_csv(entries: &[Entry]) -> String {
     let mut out = String::from(EXAMPLE_FILE);
+    // A first row that reads like the header line would be skipped as one when read back: say
+    // the header first, so that row stays a row.
+    if entries
+        .first()
+        .is_some_and(|e| e.listen_port.eq_ignore_ascii_case("listen_port"))
+    {
+        out.push_str("name,listen_port,dest_ip,dest_port,options\n");
+    }
     for e in entries {
         // A row without options keeps the original four columns.
         let mut fields = vec![&e.name, &e.listen_port, &e.dest_ip, &e.dest_port];
@@ -334,41 +342,63 @@ fn skipped_row(record: &csv::StringRecord, first: &mut bool) -> bool {
     is_header
 }
 
-/// Turns the byte offsets the csv reader reports into 1-based lines, counting newlines only
+/// Turns the byte offsets the csv reader reports into 1-based lines, counting line breaks only
 /// between one record and the next (records come in order), so reading a file is linear in its
-/// size, not quadratic.
+/// size, not quadratic. Lines end as the reader's records do: at `\r\n`, `\n` or a lone `\r`.
 #[derive(Debug, Default)]
 struct LineCursor {
-    /// Byte offset counted up to, and the newlines before it.
+    /// Where the line counted up to starts, and the line breaks before it.
     byte: usize,
-    newlines: usize,
+    breaks: usize,
 }
 
 impl LineCursor {
     /// The line of the record that the csv reader reports at `byte`. The reader reports where it
     /// started looking, before the blank and comment lines it skipped, so skip them too.
     fn line_at(&mut self, text: &str, byte: u64) -> usize {
+        let bytes = text.as_bytes();
         let mut start = (byte as usize).min(text.len());
         if start < self.byte {
             *self = LineCursor::default();
         }
-        self.newlines += text.as_bytes()[self.byte..start]
-            .iter()
-            .filter(|&&b| b == b'\n')
-            .count();
-        self.byte = start;
-        let mut line = self.newlines + 1;
-        while let Some(rest) = text.get(start..) {
-            let this = rest.split('\n').next().unwrap_or("");
-            let skipped = this.trim().is_empty() || this.starts_with('#');
-            if !skipped || this.len() == rest.len() {
+        while let Some((end, len)) = line_end(bytes, self.byte) {
+            if end >= start {
                 break;
             }
-            start += this.len() + 1;
+            self.breaks += 1;
+            self.byte = end + len;
+        }
+        let mut line = self.breaks + 1;
+        // The reader may report the `\n` of a `\r\n` it stopped in: that line break is counted.
+        if start > 0 && bytes[start - 1] == b'\r' && bytes.get(start) == Some(&b'\n') {
+            start += 1;
+        }
+        while let Some((end, len)) = line_end(bytes, start) {
+            let this = &text[start..end];
+            let skipped = this.trim().is_empty() || this.starts_with('#');
+            if !skipped {
+                break;
+            }
+            start = end + len;
             line += 1;
         }
         line
     }
+}
+
+/// Where the line starting at `from` ends, and how long its break is; `None` on the last line.
+fn line_end(bytes: &[u8], from: usize) -> Option<(usize, usize)> {
+    let end = from
+        + bytes
+            .get(from..)?
+            .iter()
+            .position(|&b| b == b'\n' || b == b'\r')?;
+    let len = if bytes[end] == b'\r' && bytes.get(end + 1) == Some(&b'\n') {
+        2
+    } else {
+        1
+    };
+    Some((end, len))
 }
 
 fn err(file: &str, line: usize, field: &str, message: String) -> RuleError {
@@ -501,6 +531,37 @@ mod tests {
             .iter()
             .map(|e| e.to_string())
             .collect()
+    }
+
+    /// Found by the `rules_csv` fuzz target (docs/fuzzing.md): a row that reads like the header
+    /// (` name,listen_port,...`, not the first row, so read as a row) written back first by
+    /// `to_csv` was then skipped as the header, and the row was lost.
+    /// Found by the `rules_csv` fuzz target (docs/fuzzing.md): the csv reader ends a record at a
+    /// lone `\r` too, but lines were counted by `\n` alone, so two rows had one line number (and
+    /// a file with old Mac line endings was all line 1).
+    #[test]
+    fn a_lone_carriage_return_ends_a_line_for_the_line_numbers_too() {
+        let rows = read_rows("a,1,b,2\rc,3,d,4\r\n# note\r\ne,5,f,6\n", "entries.csv");
+        let lines: Vec<usize> = rows.iter().map(|r| r.line).collect();
+        assert_eq!(lines, [1, 2, 4]);
+        let input = b"a;b;c;d\nx,1\x01\x00\x00\x00\n\x01\x08,\nwebalhost,80\x01\"\"\"\"\x0c\",mp.a;cae,nx=mple.com cnnn_rate_down=localhost,80siae,nx=mple.coa\x00\r\x00\x00\x00\x00\x00\x00\x00\x00\x00m conn_rate_down=5\n";
+        let rows = read_rows(std::str::from_utf8(input).unwrap(), "fuzz.csv");
+        assert!(rows.windows(2).all(|w| w[0].line < w[1].line), "{rows:?}");
+    }
+
+    #[test]
+    fn a_row_like_the_header_survives_being_written_back() {
+        let input = "web1,8080,127.0.0.1,9001\n name,listen_port,dest_ip,dest_port,options\n";
+        let rows = read_rows(input, "fuzz.csv");
+        assert_eq!(rows.len(), 2);
+        let entries: Vec<Entry> = rows.iter().rev().map(|r| r.entry.clone()).collect();
+        let back: Vec<Entry> = read_rows(&to_csv(&entries), "fuzz.csv")
+            .into_iter()
+            .map(|r| r.entry)
+            .collect();
+        assert_eq!(back, entries);
+        // The usual file gets no header row.
+        assert!(!to_csv(&entries[1..]).contains("\nname,listen_port"));
     }
 
     #[test]

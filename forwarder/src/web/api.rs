@@ -384,7 +384,7 @@ fn refuse(plan: &entries::Plan, errors: Vec<RuleError>) -> ApiError {
 
 /// The four fields of a rule from a JSON object; ports may be numbers. Every problem is
 /// reported with its field.
-fn parse_entry(headers: &HeaderMap, body: &[u8]) -> Result<Entry, ApiError> {
+pub(super) fn parse_entry(headers: &HeaderMap, body: &[u8]) -> Result<Entry, ApiError> {
     let json_type = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -476,6 +476,8 @@ struct StatsDoc {
 struct WebDoc {
     https: bool,
     warning: Option<&'static str>,
+    /// The page's own connections: open now, refused and cut by reason.
+    connections: super::shield::ShieldFigures,
 }
 
 pub async fn get_stats(State(state): State<AppState>) -> Result<Response, ApiError> {
@@ -486,6 +488,7 @@ pub async fn get_stats(State(state): State<AppState>) -> Result<Response, ApiErr
         web: WebDoc {
             https: state.transport == super::Transport::Https,
             warning: state.transport.warning(),
+            connections: state.shield.figures(),
         },
         stats,
     })

@@ -7,12 +7,13 @@
 use std::io::Read;
 use std::net::{IpAddr, SocketAddr};
 
-use axum::extract::{Request, State};
+use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
 use super::api::ApiError;
+use super::guard::Peer;
 use super::AppState;
 
 /// The header a script may use instead of `Authorization: Bearer`.
@@ -57,6 +58,16 @@ impl Auth {
     /// True when nobody chose the token (it was printed at start).
     pub fn generated(&self) -> bool {
         self.generated
+    }
+
+    /// True when a token is set and the request carries it: the client is the operator.
+    pub fn proves_token(&self, headers: &HeaderMap) -> bool {
+        let Some(expected) = &self.token else {
+            return false;
+        };
+        bearer(headers)
+            .or_else(|| header_str(headers, TOKEN_HEADER))
+            .is_some_and(|g| constant_time_eq(g.as_bytes(), expected.as_bytes()))
     }
 
     /// Refuses a request that the policy does not allow.
@@ -171,6 +182,12 @@ fn generate_token() -> anyhow::Result<String> {
 /// framed, sniffed or made to load anything from elsewhere; over HTTPS, HSTS too, so a browser
 /// that has seen the page over HTTPS never sends the token to its host in clear again.
 pub async fn guard(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    if state.auth.proves_token(request.headers()) {
+        // Its address may use the slots strangers cannot take (see `shield`).
+        if let Some(ConnectInfo(Peer(peer))) = request.extensions().get::<ConnectInfo<Peer>>() {
+            state.shield.trust(peer.ip());
+        }
+    }
     let mut response = match state.auth.check(request.method(), request.headers()) {
         Ok(()) => next.run(request).await,
         Err(e) => e.into_response(),

@@ -1,7 +1,9 @@
-//! Bounds on the page's own connections: at most [`MAX_CONNECTIONS`] at once, and each closed
-//! after [`IDLE`] without progress. The supervisor process shares its open-file limit with the
-//! page, and it needs descriptors to restart workers; idle or stalled browsers must not take
-//! them all (the HTTP server has no read timeout of its own).
+//! The page's own connections at the socket level: each needs a slot from the [`Shield`] (at
+//! most `--web-per-address` per client address, `--web-max-connections` in all, a reserve for
+//! trusted clients); the rest are accepted and closed at once, so they wait nowhere. Each
+//! connection is also closed after [`IDLE`] without progress either way (a client that stops
+//! reading its answer). The supervisor process shares its open-file limit with the page, and it
+//! needs descriptors to restart workers; stalled browsers must not take them all.
 
 use std::future::Future;
 use std::io;
@@ -13,30 +15,32 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::{Instant, Sleep};
 
-/// Connections served at once; more wait in the listen backlog.
-pub const MAX_CONNECTIONS: usize = 256;
+use super::shield::{Reason, Shield, Ticket};
 
-/// A connection that neither reads nor writes for this long is closed. The page polls every
-/// second, so only abandoned or deliberately slow clients reach it.
+/// A connection that neither reads nor writes for this long is closed. The request phases have
+/// shorter limits of their own ([`super::guard`]); this one bounds a client that stops reading.
 pub const IDLE: Duration = Duration::from_secs(60);
 
-/// A listener that hands out at most `MAX_CONNECTIONS` connections at a time.
+/// A listener that hands out only the connections the [`Shield`] admits.
 pub struct CappedListener {
     inner: TcpListener,
-    slots: Arc<Semaphore>,
+    shield: Arc<Shield>,
     idle: Duration,
 }
 
 impl CappedListener {
-    pub fn new(inner: TcpListener, max: usize, idle: Duration) -> CappedListener {
+    pub fn new(inner: TcpListener, shield: Arc<Shield>, idle: Duration) -> CappedListener {
         CappedListener {
             inner,
-            slots: Arc::new(Semaphore::new(max)),
+            shield,
             idle,
         }
+    }
+
+    pub fn shield(&self) -> &Arc<Shield> {
+        &self.shield
     }
 }
 
@@ -45,14 +49,14 @@ impl axum::serve::Listener for CappedListener {
     type Addr = SocketAddr;
 
     async fn accept(&mut self) -> (Capped, SocketAddr) {
-        // The semaphore is never closed, so acquiring cannot fail.
-        let permit = Arc::clone(&self.slots)
-            .acquire_owned()
-            .await
-            .expect("the semaphore is never closed");
         loop {
             match self.inner.accept().await {
-                Ok((stream, addr)) => return (Capped::new(stream, permit, self.idle), addr),
+                Ok((stream, addr)) => match self.shield.admit(addr.ip()) {
+                    Ok(ticket) => return (Capped::new(stream, ticket, self.idle), addr),
+                    // Refused (counted and logged by the shield): closing now keeps the
+                    // backlog free for others instead of letting it queue there.
+                    Err(_) => drop(stream),
+                },
                 Err(e) => {
                     // EMFILE and friends: wait instead of spinning.
                     tracing::warn!("web page: accept failed: {e}");
@@ -70,19 +74,24 @@ impl axum::serve::Listener for CappedListener {
 /// One connection of the page: holds its slot until dropped, times out when idle.
 pub struct Capped {
     stream: TcpStream,
-    _permit: OwnedSemaphorePermit,
+    ticket: Ticket,
     idle: Duration,
     deadline: Pin<Box<Sleep>>,
 }
 
 impl Capped {
-    fn new(stream: TcpStream, permit: OwnedSemaphorePermit, idle: Duration) -> Capped {
+    fn new(stream: TcpStream, ticket: Ticket, idle: Duration) -> Capped {
         Capped {
             stream,
-            _permit: permit,
+            ticket,
             idle,
             deadline: Box::pin(tokio::time::sleep(idle)),
         }
+    }
+
+    /// Counts this connection as cut for `reason` (the TLS handshake's limit lives in `tls`).
+    pub fn record(&self, reason: Reason) {
+        self.ticket.shield().record(self.ticket.ip(), reason);
     }
 
     /// Looks at the first bytes without consuming them (the HTTPS page tells TLS from plain
@@ -100,10 +109,15 @@ impl Capped {
     /// While waiting: an error once the deadline has passed.
     fn check_idle(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
         match self.deadline.as_mut().poll(cx) {
-            Poll::Ready(()) => Poll::Ready(io::Error::new(
-                io::ErrorKind::TimedOut,
-                "web page connection idle for too long",
-            )),
+            Poll::Ready(()) => {
+                self.ticket
+                    .shield()
+                    .record(self.ticket.ip(), Reason::Stalled);
+                Poll::Ready(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "web page connection made no progress for too long",
+                ))
+            }
             Poll::Pending => Poll::Pending,
         }
     }
@@ -173,6 +187,7 @@ impl AsyncWrite for Capped {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::web::shield::Limits;
     use axum::serve::Listener;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -185,7 +200,8 @@ mod tests {
     #[tokio::test]
     async fn an_idle_connection_times_out_and_an_active_one_does_not() {
         let inner = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let mut listener = CappedListener::new(inner, 4, Duration::from_millis(300));
+        let shield = Shield::new(Limits::default());
+        let mut listener = CappedListener::new(inner, shield, Duration::from_millis(300));
         let (mut client, mut server) = pair(&mut listener).await;
         let mut buf = [0u8; 4];
         // Progress every 100 ms keeps it open past the idle time.
@@ -201,19 +217,28 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn connections_beyond_the_cap_wait_for_a_slot() {
+    async fn connections_beyond_the_per_address_cap_are_closed_at_once() {
         let inner = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let mut listener = CappedListener::new(inner, 1, IDLE);
+        let shield = Shield::new(Limits {
+            web_per_address: 1,
+            ..Limits::default()
+        });
+        let mut listener = CappedListener::new(inner, Arc::clone(&shield), IDLE);
         let addr = listener.local_addr().unwrap();
         let (_c1, s1) = pair(&mut listener).await;
-        let _c2 = TcpStream::connect(addr).await.unwrap();
-        let waited = tokio::time::timeout(Duration::from_millis(200), listener.accept()).await;
+        let mut c2 = TcpStream::connect(addr).await.unwrap();
+        let waited = tokio::time::timeout(Duration::from_millis(300), listener.accept()).await;
         assert!(
             waited.is_err(),
             "a second connection was served beyond the cap"
         );
+        // The refused one was closed, not left waiting.
+        let mut buf = [0u8; 1];
+        let read = tokio::time::timeout(Duration::from_secs(5), c2.read(&mut buf)).await;
+        assert!(matches!(read, Ok(Ok(0)) | Ok(Err(_))), "{read:?}");
+        assert_eq!(shield.figures().refused_per_address, 1);
         drop(s1);
-        let served = tokio::time::timeout(Duration::from_secs(5), listener.accept()).await;
-        assert!(served.is_ok(), "the freed slot was not reused");
+        let (_c3, _s3) = pair(&mut listener).await;
+        assert_eq!(shield.figures().open, 1);
     }
 }

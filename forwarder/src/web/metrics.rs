@@ -8,6 +8,7 @@ use axum::http::{header, HeaderValue};
 use axum::response::{IntoResponse, Response};
 
 use super::api::ApiError;
+use super::shield::{Reason, ShieldFigures};
 use super::{call, AppState};
 use crate::rules::Proto;
 use crate::stats::snapshot::StatsSnapshot;
@@ -15,7 +16,9 @@ use crate::stats::snapshot::StatsSnapshot;
 pub async fn get_metrics(State(state): State<AppState>) -> Result<Response, ApiError> {
     let sup = state.sup.clone();
     let stats = call(move || sup.stats()).await?;
-    let mut response = render(&stats).into_response();
+    let mut text = render(&stats);
+    text.push_str(&render_web(&state.shield.figures()));
+    let mut response = text.into_response();
     response.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
@@ -33,6 +36,44 @@ fn escape(value: &str) -> String {
             '\n' => out.push_str("\\n"),
             c => out.push(c),
         }
+    }
+    out
+}
+
+/// The page's own connections: open now, and refused or cut by reason (`shield::Reason`).
+pub fn render_web(figures: &ShieldFigures) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "# HELP forwarder_web_connections Connections the web page holds now.\n\
+         # TYPE forwarder_web_connections gauge\nforwarder_web_connections {}",
+        figures.open
+    );
+    let _ = writeln!(
+        out,
+        "# HELP forwarder_web_connections_refused_total Web page connections refused at once, by reason.\n\
+         # TYPE forwarder_web_connections_refused_total counter"
+    );
+    for reason in Reason::ALL.iter().filter(|r| r.is_refusal()) {
+        let _ = writeln!(
+            out,
+            "forwarder_web_connections_refused_total{{reason=\"{}\"}} {}",
+            reason.label(),
+            figures.count(*reason)
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP forwarder_web_connections_cut_total Web page connections closed by a time or size limit, by reason.\n\
+         # TYPE forwarder_web_connections_cut_total counter"
+    );
+    for reason in Reason::ALL.iter().filter(|r| !r.is_refusal()) {
+        let _ = writeln!(
+            out,
+            "forwarder_web_connections_cut_total{{reason=\"{}\"}} {}",
+            reason.label(),
+            figures.count(*reason)
+        );
     }
     out
 }

@@ -9,9 +9,11 @@ mod api;
 mod assets;
 mod auth;
 mod entries;
+mod guard;
 mod history;
 mod limit;
 mod metrics;
+pub mod shield;
 pub mod tls;
 
 use std::net::SocketAddr;
@@ -28,6 +30,7 @@ use crate::control::ConnectionInfo;
 use crate::supervisor::Supervisor;
 
 pub use auth::Auth;
+pub use shield::Limits;
 
 /// Largest request body accepted: a rule is well under 1 KiB.
 const BODY_LIMIT_BYTES: usize = 16 * 1024;
@@ -38,6 +41,22 @@ const SUPERVISOR_DEADLINE: Duration = Duration::from_secs(10);
 /// Blocking threads for supervisor calls: enough for a few browsers, bounded so a stuck
 /// supervisor cannot make the web side pile up threads.
 const MAX_BLOCKING_THREADS: usize = 8;
+
+/// The page's readers of network bytes, for the fuzz targets in `fuzz/` (not an API).
+#[doc(hidden)]
+pub mod fuzzing {
+    pub use super::guard::{Exchange, Wait, HEAD_LIMIT_BYTES};
+
+    /// A rule body as `POST /api/rules` and `PUT /api/rules/ID` read it; the error's status.
+    pub fn rule_body(body: &[u8]) -> Result<crate::rules::Entry, u16> {
+        let mut headers = axum::http::HeaderMap::new();
+        headers.insert(
+            axum::http::header::CONTENT_TYPE,
+            axum::http::HeaderValue::from_static("application/json"),
+        );
+        super::api::parse_entry(&headers, body).map_err(|e| e.status.as_u16())
+    }
+}
 
 /// What an operator is told, at start and on the page, when the page is plain HTTP off loopback.
 pub const PLAIN_HTTP_WARNING: &str = "the web token and the rules travel unencrypted on the \
@@ -88,6 +107,8 @@ struct AppState {
     /// HTTPS or not, for the HSTS header and the page's banner.
     transport: Transport,
     history: Arc<Mutex<history::History>>,
+    /// The page's connection slots and the counts of connections refused or cut.
+    shield: Arc<shield::Shield>,
     /// The last connection list, shared by every browser for [`CONNECTIONS_FRESH`]: listing
     /// asks every worker to describe all its connections, which is not free at 20,000.
     connections: Arc<Mutex<Option<ConnectionList>>>,
@@ -102,11 +123,13 @@ const CONNECTIONS_FRESH: Duration = Duration::from_millis(900);
 /// Starts the web page for `supervisor` on `addr` and returns once it listens, so a port in use
 /// is reported at start. Binding outside loopback requires a token: `token`, or one generated
 /// here and printed on stderr. With `tls` (see [`tls::load`]) the page is served over HTTPS.
+/// `limits` bound its connections ([`shield`], [`guard`]).
 pub fn start(
     supervisor: Supervisor,
     addr: SocketAddr,
     token: Option<String>,
     tls: Option<Arc<ServerConfig>>,
+    limits: Limits,
 ) -> anyhow::Result<()> {
     let auth = Auth::for_bind(addr, token)?;
     let transport = Transport::for_bind(addr, tls.is_some());
@@ -126,6 +149,7 @@ pub fn start(
         auth: Arc::new(auth),
         transport,
         history: Arc::new(Mutex::new(history::History::new(history::KEEP_SECONDS))),
+        shield: shield::Shield::new(limits),
         connections: Arc::new(Mutex::new(None)),
     };
     announce(local, &state.auth, transport);
@@ -144,14 +168,18 @@ pub fn start(
                     state.sup.clone(),
                     Arc::clone(&state.history),
                 ));
+                let shield = Arc::clone(&state.shield);
                 let listener =
-                    limit::CappedListener::new(listener, limit::MAX_CONNECTIONS, limit::IDLE);
+                    limit::CappedListener::new(listener, Arc::clone(&shield), limit::IDLE);
+                let app = router(state).into_make_service_with_connect_info::<guard::Peer>();
                 let served = match tls {
                     Some(config) => match tls::TlsListener::new(listener, config) {
-                        Ok(listener) => axum::serve(listener, router(state)).await,
+                        Ok(listener) => {
+                            axum::serve(guard::GuardedListener::new(listener, shield), app).await
+                        }
                         Err(e) => Err(e),
                     },
-                    None => axum::serve(listener, router(state)).await,
+                    None => axum::serve(guard::GuardedListener::new(listener, shield), app).await,
                 };
                 if let Err(e) = served {
                     tracing::error!("web page stopped: {e}");

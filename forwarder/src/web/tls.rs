@@ -17,6 +17,7 @@ use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 
 use super::limit::{Capped, CappedListener};
+use super::shield::Reason;
 
 /// The only protocol the page's HTTP server speaks (axum is built with HTTP/1 alone).
 const ALPN_HTTP1: &[u8] = b"http/1.1";
@@ -73,6 +74,7 @@ impl TlsListener {
             loop {
                 let (stream, peer) = inner.accept().await;
                 let (acceptor, tx) = (acceptor.clone(), tx.clone());
+                let shield = Arc::clone(inner.shield());
                 tokio::spawn(async move {
                     match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(acceptor, stream)).await
                     {
@@ -84,10 +86,7 @@ impl TlsListener {
                             tracing::debug!("web page: {peer} spoke plain HTTP to the HTTPS port")
                         }
                         Ok(Err(e)) => tracing::debug!("web page: TLS handshake with {peer}: {e}"),
-                        Err(_) => tracing::debug!(
-                            "web page: TLS handshake with {peer} took over {} s",
-                            HANDSHAKE_TIMEOUT.as_secs()
-                        ),
+                        Err(_) => shield.record(peer.ip(), Reason::Handshake),
                     }
                 });
             }

@@ -337,6 +337,25 @@
     setText($('uptime'), `up ${fmtDuration(s.uptime_ms)}`);
     document.title = `forwarder · ${fmtInt(s.active)} active`;
     renderTransport(s.web);
+    renderWebGuard(s.web && s.web.connections);
+  }
+
+  /** Connections to this page that its limits refused or cut (a slowloris shows here). */
+  function renderWebGuard(c) {
+    const box = $('web-guard');
+    if (!c) return;
+    const parts = [
+      [c.refused_per_address, 'refused (too many from one address)'],
+      [c.refused_full, 'refused (page full)'],
+      [c.cut_head_timeout, 'cut (request head too slow)'],
+      [c.cut_body_timeout, 'cut (request body too slow)'],
+      [c.cut_head_too_large, 'cut (request head too large)'],
+      [c.cut_handshake_timeout, 'cut (TLS handshake too slow)'],
+      [c.cut_stalled, 'cut (stalled)'],
+    ].filter(([n]) => n > 0).map(([n, what]) => `${fmtInt(n)} ${what}`);
+    const wanted = parts.length ? `This page: ${fmtInt(c.open)} connections open · ${parts.join(' · ')}` : '';
+    setText(box, wanted);
+    box.hidden = !wanted;
   }
 
   /** Says so when the page, its token and the rules cross the network unencrypted. */
