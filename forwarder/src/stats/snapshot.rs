@@ -8,6 +8,7 @@ use serde::Serialize;
 
 use crate::rules::{Pool, Proto, RuleSet};
 use crate::stats::{describe_error, now_ms, Shared};
+use crate::tcp::data_path::Choice;
 
 /// Where a pool's and a backend's counters are in the shared mapping (the supervisor's slot
 /// table answers).
@@ -18,10 +19,12 @@ pub trait SlotLookup {
 
 /// The planned sizes, which the counters do not hold.
 #[derive(Debug, Clone, Copy)]
-pub struct Sizes {
+pub struct Sizes<'a> {
     pub workers: usize,
     pub capacity: usize,
     pub udp_capacity: usize,
+    /// The data path chosen at start.
+    pub data_path: &'a Choice,
 }
 
 /// Everything the web page shows about the forwarder, read from the shared counters.
@@ -42,6 +45,8 @@ pub struct StatsSnapshot {
     pub accept_pauses: u64,
     /// Access log lines lost to a full queue or a failed write.
     pub access_log_dropped: u64,
+    /// How established connections move their bytes, and why (`--data-path`).
+    pub data_path: Choice,
     pub pools: Vec<PoolStats>,
 }
 
@@ -122,7 +127,7 @@ pub fn read(
     shared: &Shared,
     rules: &RuleSet,
     slots: &impl SlotLookup,
-    sizes: Sizes,
+    sizes: Sizes<'_>,
 ) -> StatsSnapshot {
     let now = now_ms();
     let header = shared.header();
@@ -206,6 +211,7 @@ pub fn read(
         uptime_ms: now.saturating_sub(header.started_ms.load(Relaxed)),
         accept_pauses: header.accept_pauses.load(Relaxed),
         access_log_dropped: header.access_log_dropped.load(Relaxed),
+        data_path: sizes.data_path.clone(),
         pools,
     }
 }

@@ -121,6 +121,36 @@ pub fn render(stats: &StatsSnapshot) -> String {
         head(&mut out, family);
         let _ = writeln!(out, "{} {value}", family.name);
     }
+    let info = Family {
+        name: "forwarder_data_path_info",
+        kind: "gauge",
+        help: "The data path established connections use (path) and what was asked for (asked: auto when a calibration at start chose).",
+    };
+    head(&mut out, &info);
+    let _ = writeln!(
+        out,
+        "{}{{path=\"{}\",asked=\"{}\"}} 1",
+        info.name,
+        stats.data_path.path.name(),
+        stats.data_path.asked.name()
+    );
+    let calibrated = [
+        ("copy", stats.data_path.copy_ms_per_gb),
+        ("splice", stats.data_path.splice_ms_per_gb),
+    ];
+    if calibrated.iter().any(|(_, v)| v.is_some()) {
+        let cost = Family {
+            name: "forwarder_data_path_calibration_cpu_ms_per_gb",
+            kind: "gauge",
+            help: "CPU per GB each user-space path took in the calibration at start (--data-path auto).",
+        };
+        head(&mut out, &cost);
+        for (path, ms) in calibrated {
+            if let Some(ms) = ms {
+                let _ = writeln!(out, "{}{{path=\"{path}\"}} {ms:.1}", cost.name);
+            }
+        }
+    }
     let lost = Family {
         name: "forwarder_connections_lost_total",
         kind: "counter",
@@ -391,6 +421,7 @@ mod tests {
             uptime_ms: 5500,
             accept_pauses: 0,
             access_log_dropped: 0,
+            data_path: Default::default(),
             udp_capacity: 0,
             udp_sessions: 0,
             pools: vec![PoolStats {
