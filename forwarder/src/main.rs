@@ -188,6 +188,8 @@ fn run_worker(fds: &str, label: Option<usize>) -> anyhow::Result<ExitCode> {
 }
 
 fn run_supervisor(args: &Args) -> anyhow::Result<ExitCode> {
+    // Flags that contradict each other: said before anything is read or started.
+    let asked = asked_data_path(args).map_err(|e| Exit::config(e.to_string()))?;
     let rules_path = match &args.rules {
         Some(p) => p.clone(),
         None => default_rules_file()?,
@@ -275,7 +277,7 @@ fn run_supervisor(args: &Args) -> anyhow::Result<ExitCode> {
         );
     }
 
-    let data_path = data_path::choose(asked_data_path(args)?);
+    let data_path = data_path::choose(asked);
     eprintln!("{}", data_path.describe());
     let config = SupervisorConfig {
         rules: Arc::new(file),

@@ -480,11 +480,14 @@ mod tests {
         assert!(text.contains(
             "forwarder_pool_refused_total{listen=\"0.0.0.0:8080\",reason=\"max_conns\"} 2\n"
         ));
-        assert_eq!(text.matches("# TYPE ").count(), 25);
-        assert_eq!(text.matches("# HELP ").count(), 25);
+        // A data path given by flag: its info line, no calibration figures.
+        assert!(text.contains("forwarder_data_path_info{path=\"copy\",asked=\"copy\"} 1\n"));
+        assert!(!text.contains("forwarder_data_path_calibration"));
+        assert_eq!(text.matches("# TYPE ").count(), 26);
+        assert_eq!(text.matches("# HELP ").count(), 26);
         let mut families: Vec<&str> = text.lines().filter(|l| l.starts_with("# TYPE ")).collect();
         families.sort();
         families.dedup();
-        assert_eq!(families.len(), 25, "every family once");
+        assert_eq!(families.len(), 26, "every family once");
     }
 }
