@@ -29,16 +29,15 @@ Usage: scripts/bench/bulk.sh [options]
 EOF
 }
 
+ROUNDS=5 SECS=3 OUT="" KEEP=0 BUILD=1
 # BUILD is read by release_binaries (lib.sh).
 # shellcheck disable=SC2034
-ROUNDS=5 SECS=3 OUT="" KEEP=0 BUILD=1
 while [ $# -gt 0 ]; do
     case "$1" in
     --rounds) ROUNDS=$2; shift ;;
     --seconds) SECS=$2; shift ;;
     --out) OUT=$2; shift ;;
     --keep) KEEP=1 ;;
-    # shellcheck disable=SC2034
     --no-build) BUILD=0 ;;
     -h | --help) usage; exit 0 ;;
     *) echo "bulk: unknown option '$1'" >&2; usage >&2; exit 2 ;;
