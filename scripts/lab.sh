@@ -10,7 +10,7 @@
 #
 # Environment: LAB_BIN_DIR (programs), LAB_CONNECTIONS (case 5, default 20000), LAB_RESULTS
 # (default lab-results/), LAB_KEEP=1 (leave the lab up after run), LAB_REQUIRE_ALL=1 (a skipped
-# case fails the run). Needs root. See docs/readme/lab.md.
+# case fails the run). Needs root. See docs/lab.md.
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)

@@ -129,7 +129,7 @@ for i in 0 1; do
     start_named "udpecho$((i + 1))" "$SOAK" udp-echo --listen "127.0.0.1:${P_UE[$i]}" --max-seconds $((SECS + 900))
 done
 start_named chatsrv "$BIN/chat-server" --listen "127.0.0.1:$P_CHATSRV" --history 0 --log-level warn
-for p in "${P_ECHO[@]}" "${P_B[@]}" "$P_CHATSRV"; do wait_listen "$p" 20; done
+for p in "${P_ECHO[@]}" "${P_B[@]}" "$P_CHATSRV"; do wait_port "$p" 20; done
 
 # --- the rules: what the schedule changes is held here and written whole ---
 SCRATCH=0   # the scratch port is in the file
@@ -157,7 +157,7 @@ write_rules
 start_bg "$OUT/logs/forwarder.log" "$BIN/forwarder" --rules "$RULES" --web "127.0.0.1:$P_WEB" --workers 2 --log-level info \
     --udp-idle-timeout-s "$UDP_IDLE_S"
 FWD=$BG_PID
-for p in "$P_TLS" "$P_BULK" "$P_CHAT" "$P_WEB"; do wait_listen "$p" 20; done
+for p in "$P_TLS" "$P_BULK" "$P_CHAT" "$P_WEB"; do wait_port "$p" 20; done
 for _ in $(seq 100); do ss -Hlun "sport = :$P_UDP" | grep -q . && break; sleep 0.2; done
 ss -Hlun "sport = :$P_UDP" | grep -q . || { echo "soak: the forwarder does not listen on UDP $P_UDP" >&2; exit 1; }
 
@@ -304,7 +304,7 @@ f_kill_worker() {
     victim=${workers[RANDOM % ${#workers[@]}]}
     # What it takes down: its connections (two sockets each, client and backend; its few
     # listeners round this up), and the connections waiting in its listeners' accept queues,
-    # which the kernel resets with it (net.ipv4.tcp_migrate_req=0, the README's known limit).
+    # which the kernel resets with it (net.ipv4.tcp_migrate_req=0, the known limit in docs/service.md).
     # During a connect storm there are also handshakes half done (SYN received, not yet queued)
     # on its listeners; they die with it too. ss cannot say which worker's listener holds one, so
     # all of them on the front ports count: a bound, not an exact figure.
@@ -341,7 +341,7 @@ f_kill_backend() {
     wait "${PID[$name]}" 2>/dev/null || true # reaped here, so bash does not report it "Killed"
     sleep 2
     eval "start_named $name ${CMD[$name]}"
-    wait_listen "$port" 20 || ok=no
+    wait_port "$port" 20 || ok=no
     fault "$t0" kill-backend "$name" "$held" "$ok" "SIGKILL, restarted on port $port after 2 s"
 }
 

@@ -1,4 +1,4 @@
-//! Making the CA and the server certificate it signs. ECDSA P-256 keys come from rcgen (ring);
+//! Making the CA and the server and client certificates it signs. ECDSA P-256 keys come from rcgen (ring);
 //! RSA 2048 keys come from the `rsa` crate, because rcgen on ring cannot generate RSA keys (only its
 //! aws-lc-rs backend can, and we keep one crypto provider in the workspace).
 
@@ -127,6 +127,24 @@ pub fn generate(opts: &Options) -> Result<CertSet, CertsError> {
                 source,
             })?;
 
+    // A client certificate from the same CA, for servers that require one (`--client-ca`).
+    let client_key = new_key(opts.algorithm, "client")?;
+    let mut client = CertificateParams::default();
+    client.distinguished_name = name("testbed client");
+    client.is_ca = IsCa::ExplicitNoCa;
+    client.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    client.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    client.use_authority_key_identifier_extension = true;
+    client.not_before = not_before.into();
+    client.not_after = not_after.into();
+    let client_cert =
+        client
+            .signed_by(&client_key, &issuer)
+            .map_err(|source| CertsError::Sign {
+                what: "client",
+                source,
+            })?;
+
     Ok(CertSet {
         ca_cert_pem: ca_cert.pem(),
         ca_key_pem: ca_key.serialize_pem(),
@@ -134,6 +152,9 @@ pub fn generate(opts: &Options) -> Result<CertSet, CertsError> {
         server_key_pem: server_key.serialize_pem(),
         ca_cert_der: ca_cert.der().to_vec(),
         server_cert_der: server_cert.der().to_vec(),
+        client_cert_pem: client_cert.pem(),
+        client_key_pem: client_key.serialize_pem(),
+        client_cert_der: client_cert.der().to_vec(),
     })
 }
 

@@ -1,4 +1,4 @@
-//! The testbed's certificate authority and server certificate, made with rcgen: [`generate`] returns
+//! The testbed's certificate authority, server and client certificates, made with rcgen: [`generate`] returns
 //! PEM strings, [`CertSet::write_to`] stores them with safe file modes, and [`write_throwaway`]
 //! gives tests a fresh set in a directory of their own.
 
@@ -7,7 +7,8 @@ mod write;
 
 pub use generate::{generate, KeyAlgorithm, Options, DEFAULT_DAYS, DEFAULT_SANS, MAX_DAYS};
 pub use write::{
-    write_throwaway, CertPaths, WrittenFile, CA_CERT, CA_KEY, SERVER_CERT, SERVER_KEY,
+    write_throwaway, CertPaths, WrittenFile, CA_CERT, CA_KEY, CLIENT_CERT, CLIENT_KEY, SERVER_CERT,
+    SERVER_KEY,
 };
 
 /// Why certificates could not be made or written; each names the SAN, setting or file involved.
@@ -35,7 +36,7 @@ pub enum CertsError {
     },
 }
 
-/// The four PEM documents of one certificate set: a CA and a server certificate it signed.
+/// The PEM documents of one certificate set: a CA, and a server and a client certificate it signed.
 #[derive(Clone)]
 pub struct CertSet {
     pub ca_cert_pem: String,
@@ -46,6 +47,11 @@ pub struct CertSet {
     pub ca_cert_der: Vec<u8>,
     /// DER of the server certificate.
     pub server_cert_der: Vec<u8>,
+    /// A client certificate (extended key usage clientAuth) signed by the same CA, for servers
+    /// that require client certificates.
+    pub client_cert_pem: String,
+    pub client_key_pem: String,
+    pub client_cert_der: Vec<u8>,
 }
 
 impl std::fmt::Debug for CertSet {

@@ -1,4 +1,4 @@
-//! Storing a [`CertSet`] as four files. Keys are created with mode 0600 from the first byte (never
+//! Storing a [`CertSet`] as six files. Keys are created with mode 0600 from the first byte (never
 //! chmod'ed afterwards), each file is written to a temporary name and renamed into place, and
 //! nothing is written at all when a file exists and overwriting was not asked for.
 
@@ -13,6 +13,8 @@ pub const CA_CERT: &str = "ca.crt";
 pub const CA_KEY: &str = "ca.key";
 pub const SERVER_CERT: &str = "server.crt";
 pub const SERVER_KEY: &str = "server.key";
+pub const CLIENT_CERT: &str = "client.crt";
+pub const CLIENT_KEY: &str = "client.key";
 
 /// One file written by [`CertSet::write_to`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -31,6 +33,8 @@ pub struct CertPaths {
     pub ca_key: PathBuf,
     pub server_cert: PathBuf,
     pub server_key: PathBuf,
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
 }
 
 impl CertPaths {
@@ -42,12 +46,15 @@ impl CertPaths {
             ca_key: dir.join(CA_KEY),
             server_cert: dir.join(SERVER_CERT),
             server_key: dir.join(SERVER_KEY),
+            client_cert: dir.join(CLIENT_CERT),
+            client_key: dir.join(CLIENT_KEY),
         }
     }
 }
 
 impl CertSet {
-    /// Writes `ca.crt`, `ca.key`, `server.crt`, `server.key` into `dir` (created if missing).
+    /// Writes `ca.crt`, `ca.key`, `server.crt`, `server.key`, `client.crt`, `client.key` into
+    /// `dir` (created if missing).
     /// Without `force`, refuses before writing anything if any of them exists.
     pub fn write_to(&self, dir: &Path, force: bool) -> Result<Vec<WrittenFile>, CertsError> {
         let io_err = |path: &Path| {
@@ -55,7 +62,7 @@ impl CertSet {
             move |source| CertsError::Io { path, source }
         };
         fs::create_dir_all(dir).map_err(io_err(dir))?;
-        let files: [(&str, &str, u32, Option<&[u8]>); 4] = [
+        let files: [(&str, &str, u32, Option<&[u8]>); 6] = [
             (CA_CERT, &self.ca_cert_pem, 0o644, Some(&self.ca_cert_der)),
             (CA_KEY, &self.ca_key_pem, 0o600, None),
             (
@@ -65,6 +72,13 @@ impl CertSet {
                 Some(&self.server_cert_der),
             ),
             (SERVER_KEY, &self.server_key_pem, 0o600, None),
+            (
+                CLIENT_CERT,
+                &self.client_cert_pem,
+                0o644,
+                Some(&self.client_cert_der),
+            ),
+            (CLIENT_KEY, &self.client_key_pem, 0o600, None),
         ];
         if !force {
             let existing: Vec<String> = files

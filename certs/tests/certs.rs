@@ -80,7 +80,7 @@ fn mode(p: &Path) -> u32 {
 }
 
 #[test]
-fn binary_writes_four_files_with_modes_and_fingerprints_then_refuses_to_overwrite() {
+fn binary_writes_six_files_with_modes_and_fingerprints_then_refuses_to_overwrite() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("set");
     let run = certs_bin()
@@ -98,6 +98,8 @@ fn binary_writes_four_files_with_modes_and_fingerprints_then_refuses_to_overwrit
     assert_eq!(mode(&paths.server_key), 0o600);
     assert_eq!(mode(&paths.ca_cert), 0o644);
     assert_eq!(mode(&paths.server_cert), 0o644);
+    assert_eq!(mode(&paths.client_cert), 0o644);
+    assert_eq!(mode(&paths.client_key), 0o600);
     // The printed fingerprint is the one of the file on disk.
     let der = testbed::tls::read_certs(&paths.server_cert).unwrap();
     let fp = certs::fingerprint_sha256(&der[0]);
@@ -129,10 +131,11 @@ fn binary_writes_four_files_with_modes_and_fingerprints_then_refuses_to_overwrit
     assert_eq!(again.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&again.stderr);
     assert!(
-        stderr.contains(&format!(
-            "{}: already exists (use --force to overwrite)",
-            paths.server_key.display()
-        )),
+        stderr.contains(&format!("{}, ", paths.server_key.display()))
+            && stderr.contains(&format!(
+                "{}: already exists (use --force to overwrite)",
+                paths.client_key.display()
+            )),
         "{stderr}"
     );
     assert_eq!(
@@ -154,7 +157,7 @@ fn binary_writes_four_files_with_modes_and_fingerprints_then_refuses_to_overwrit
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
-    assert_eq!(names.len(), 4, "{names:?}");
+    assert_eq!(names.len(), 6, "{names:?}");
 }
 
 #[test]

@@ -12,7 +12,7 @@ use chat_client::state::Phase;
 use egui::accesskit::Role;
 use egui_kittest::kittest::Queryable;
 use egui_kittest::Harness;
-use testbed::testing::{bin_path, free_port, wait_for_listen, ChildGuard};
+use testbed_dev::testing::{bin_path, free_port, wait_for_listen, ChildGuard};
 
 const PATIENCE: Duration = Duration::from_secs(20);
 /// SIGTERM on Linux (libc is not a dependency of this crate).

@@ -9,8 +9,8 @@ mod common;
 use std::time::Duration;
 
 use common::{msg, Client};
-use testbed::garbage;
-use testbed::testing::wait_until;
+use testbed_dev::garbage;
+use testbed_dev::testing::wait_until;
 
 const GARBAGE: usize = 400;
 /// Memory the server may keep after the garbage has gone: allocator slack, not buffers.

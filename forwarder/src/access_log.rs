@@ -51,8 +51,13 @@ pub struct Record<'a> {
     pub bytes_down: u64,
     pub duration: Duration,
     /// How it ended: `client_fin`, `backend_fin`, `reset`, `idle_timeout`, `denied`,
-    /// `no_backend`, `limit`, `bad_proxy_header`, `closed`.
+    /// `no_backend`, `limit`, `bad_proxy_header`, `no_sni_route`, `bad_tls_hello`, `closed`.
     pub ending: &'static str,
+    /// In a pool with bandwidth limits: (ms its directions were held back, bytes that passed
+    /// after being held). Written only for such pools, so other lines keep their fields.
+    pub throttled: Option<(u64, u64)>,
+    /// The TLS server name the client asked for (pools with `sni=` rows only).
+    pub sni: Option<&'a str>,
 }
 
 impl Record<'_> {
@@ -67,8 +72,13 @@ impl Record<'_> {
                 let backend = self.backend.map_or("-".to_string(), |b| b.to_string());
                 // A rule name is free text: spaces would split the field.
                 let rule = self.rule.unwrap_or("-").replace(char::is_whitespace, "_");
+                let throttled = self.throttled.map_or(String::new(), |(ms, bytes)| {
+                    format!(" throttled_ms={ms} throttled_bytes={bytes}")
+                });
+                // Only SNI pools' lines carry the name, so other lines keep their fields.
+                let sni = self.sni.map_or(String::new(), |n| format!(" sni={n}"));
                 format!(
-                    "{time} {} {} {rule} {backend} up={} down={} ms={ms} {}\n",
+                    "{time} {} {} {rule} {backend} up={} down={} ms={ms} {}{throttled}{sni}\n",
                     self.client, self.listen, self.bytes_up, self.bytes_down, self.ending
                 )
             }
@@ -83,8 +93,13 @@ impl Record<'_> {
                     "bytes_down": self.bytes_down,
                     "duration_ms": ms,
                     "ending": self.ending,
-                })
-                .to_string();
+                    "sni": self.sni,
+                });
+                if let Some((ms, bytes)) = self.throttled {
+                    line["throttled_ms"] = ms.into();
+                    line["throttled_bytes"] = bytes.into();
+                }
+                let mut line = line.to_string();
                 line.push('\n');
                 line
             }
@@ -232,6 +247,8 @@ mod tests {
             bytes_down: 12,
             duration: Duration::from_millis(3),
             ending: "client_fin",
+            throttled: None,
+            sni: None,
         }
     }
 
@@ -256,6 +273,25 @@ mod tests {
             .ends_with(" - - up=5 down=12 ms=3 denied\n"));
         let v: serde_json::Value = serde_json::from_str(&denied.format(Format::Json)).unwrap();
         assert!(v["backend"].is_null());
+        let limited = Record {
+            throttled: Some((250, 4096)),
+            ..record()
+        };
+        assert!(limited
+            .format(Format::Text)
+            .ends_with(" client_fin throttled_ms=250 throttled_bytes=4096\n"));
+        let v: serde_json::Value = serde_json::from_str(&limited.format(Format::Json)).unwrap();
+        assert_eq!(v["throttled_ms"], 250);
+        assert!(v.get("throttled_ms").is_some());
+        let named = Record {
+            sni: Some("a.test"),
+            ..record()
+        };
+        assert!(named
+            .format(Format::Text)
+            .ends_with(" client_fin sni=a.test\n"));
+        let v: serde_json::Value = serde_json::from_str(&named.format(Format::Json)).unwrap();
+        assert_eq!(v["sni"], "a.test");
     }
 
     #[test]

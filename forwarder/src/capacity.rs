@@ -9,6 +9,23 @@ use serde::Serialize;
 /// socket, epoll, signal pipe, log output, and slack.
 pub const WORKER_RESERVE_FDS: usize = 200;
 
+/// Listening sockets the reserve above has room for: only the ones beyond these take
+/// descriptors from connections (a range served port by port, thousands of rules).
+pub const LISTENERS_IN_RESERVE: usize = 100;
+
+/// Connections a worker keeps room for however many ports the rules listen on: listening
+/// sockets may take the rest of its descriptors, never these.
+pub const MIN_CONNECTIONS_PER_WORKER: usize = 1000;
+
+/// Listening sockets one worker may hold (a port listened on port by port costs one each): its
+/// open-file limit less the reserve, the pipes, and room for [`MIN_CONNECTIONS_PER_WORKER`] —
+/// or, under a small limit, for half of what is left, so a handful of ports still starts
+/// (a 520-descriptor limit forwarded one port before ranges existed, and still does).
+pub fn listen_budget(nofile: u64, pipe_fds: usize) -> usize {
+    let available = (nofile as usize).saturating_sub(WORKER_RESERVE_FDS + pipe_fds);
+    available - (2 * MIN_CONNECTIONS_PER_WORKER).min(available / 2)
+}
+
 /// The plan printed at start and shown on the web page.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct CapacityPlan {
@@ -69,6 +86,13 @@ mod tests {
         assert_eq!(p.per_worker, 9_772);
         assert_eq!(p.workers, 3);
         assert_eq!(p.total, 29_316);
+    }
+
+    #[test]
+    fn listening_sockets_leave_room_for_connections() {
+        assert_eq!(listen_budget(20_000, 256), 17_544);
+        assert_eq!(listen_budget(1_024, 256), 284);
+        assert_eq!(listen_budget(100, 256), 0);
     }
 
     #[test]

@@ -52,18 +52,37 @@ pub struct BackendSpec {
     pub slot: usize,
     #[serde(default)]
     pub options: BackendOptions,
+    /// `addr`'s port starts a destination range as long as the pool's: a client that reached
+    /// the pool's k-th port goes to `addr`'s port + k.
+    #[serde(default)]
+    pub port_range: bool,
+    /// The rules-file line of its row: several members come from one row whose host name has
+    /// several addresses.
+    #[serde(default)]
+    pub line: usize,
 }
 
 /// One listening address and transport, and its backends.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PoolSpec {
     pub listen: SocketAddr,
+    /// How many ports from `listen`'s the pool listens on (1 unless the rule is a range).
+    #[serde(default = "one_port")]
+    pub ports: u16,
+    /// The range is steered to one listener at `listen` by nftables ([`crate::steer`]); the
+    /// port a client reached is read back per connection.
+    #[serde(default)]
+    pub steered: bool,
     #[serde(default)]
     pub proto: Proto,
     pub slot: usize,
     #[serde(default)]
     pub options: PoolOptions,
     pub backends: Vec<BackendSpec>,
+}
+
+fn one_port() -> u16 {
+    1
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -117,6 +136,9 @@ pub struct ConnectionInfo {
     /// What only a UDP session has.
     #[serde(default)]
     pub udp: Option<SessionFigures>,
+    /// The TLS server name the client asked for (pools with `sni=` rows only).
+    #[serde(default)]
+    pub sni: Option<String>,
 }
 
 /// Figures of a UDP session beyond a connection's.

@@ -27,6 +27,9 @@ const PIPES_PER_WORKER: usize = 128;
 #[derive(Parser, Debug)]
 #[command(version, about)]
 struct Args {
+    #[command(subcommand)]
+    command: Option<Command>,
+
     /// Rules file: rows of name,listen_port,dest_ip,dest_port [default: ./entries.csv, created with
     /// an example when missing]
     #[arg(long)]
@@ -89,6 +92,20 @@ struct Args {
     #[arg(long, default_value_t = 0)]
     health_interval_s: u64,
 
+    /// Shortest time a backend host name's answer is kept before asking again (its TTL is
+    /// raised to this)
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
+    dns_min_ttl_s: u64,
+
+    /// Longest time a backend host name's answer is kept before asking again (its TTL is cut
+    /// to this)
+    #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..))]
+    dns_max_ttl_s: u64,
+
+    /// Which addresses of a backend host name become pool members
+    #[arg(long, value_enum, default_value_t = forwarder::dns::Family::PreferIpv4)]
+    dns_family: forwarder::dns::Family,
+
     /// The same as --data-path copy (kept for scripts that used it)
     #[arg(long)]
     no_splice: bool,
@@ -134,6 +151,11 @@ struct Args {
     #[arg(long, default_value_t = 0)]
     udp_max_sessions: usize,
 
+    /// Outbound address of every backend connection whose row has no source= (bind before
+    /// connect); once for IPv4 and once for IPv6 at most [default: the route's choice]
+    #[arg(long, value_name = "ADDR")]
+    source: Vec<std::net::IpAddr>,
+
     /// Set by the supervisor when it starts a worker: the inherited stats mapping and control
     /// socket. The worker's settings then come as one frame on that socket.
     #[arg(long, hide = true, value_name = "STATS,CONTROL")]
@@ -144,9 +166,29 @@ struct Args {
     worker_index: Option<usize>,
 }
 
+#[derive(clap::Subcommand, Debug)]
+enum Command {
+    /// Print, apply or undo the policy routing rules with `transparent` need on this gateway
+    /// (fwmark 0x1281 -> local route table 1281, nft table inet forwarder_tproxy)
+    TransparentSetup {
+        #[arg(value_enum)]
+        action: service::tproxy::Action,
+    },
+}
+
 fn main() -> ExitCode {
     testbed::docs::generate_if_asked::<Args>(&service::man_sections());
     let args = Args::parse();
+    if let Some(Command::TransparentSetup { action }) = args.command {
+        testbed::logging::init(&args.log_level);
+        return match service::tproxy::run(action) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("forwarder transparent-setup: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let result = match &args.worker_fds {
         Some(fds) => run_worker(fds, args.worker_index),
         None => {
@@ -209,8 +251,48 @@ fn run_supervisor(args: &Args) -> anyhow::Result<ExitCode> {
             )));
         }
     };
+    let default_sources =
+        forwarder::outbound::parse_default_sources(&args.source).map_err(Exit::config)?;
     print_rules(&label, &set);
-    if let Err(e) = supervisor::check_bindable(&set, &label) {
+    let transparent: Vec<String> = set
+        .rules()
+        .filter(|r| r.options.transparent)
+        .map(|r| format!("{} ({} -> {})", r.entry.name, r.entry.listen_port, r.dest))
+        .collect();
+    if !transparent.is_empty() {
+        eprintln!(
+            "transparent (the backend sees the client's address; replies must route back through \
+             this host, see `forwarder transparent-setup print`): {}",
+            transparent.join(", ")
+        );
+    }
+    if asked == DataPath::Sockmap {
+        for p in set.pools.iter().filter(|p| p.options.rates.any()) {
+            eprintln!(
+                "  {}: bandwidth limits: relayed in user space (the sockmap data path cannot hold bytes back)",
+                p.label()
+            );
+        }
+    }
+    // Raised before `--check` answers, so it checks against the limit the start will have.
+    let limit = testbed::fdlimit::raise_nofile().context("raising the open-file limit")?;
+    let listen_budget = capacity::listen_budget(limit.soft, PIPES_PER_WORKER * 2);
+    let steering = match &args.user {
+        Some(user) => Err(format!(
+            "--user {user} drops CAP_NET_ADMIN, which nftables needs"
+        )),
+        None => forwarder::steer::Steering::probe(&rules_path),
+    };
+    let steering_state = steering.as_ref().map(|_| ()).map_err(|s| s.as_str());
+    print_steering(&set, &steering);
+    if let Err(e) = forwarder::ranges::check_limits(&set, &label, listen_budget, steering_state) {
+        eprintln!("{e}");
+        bail!(Exit::config(format!(
+            "{label}: {} error(s); nothing started",
+            e.0.len()
+        )));
+    }
+    if let Err(e) = supervisor::check_bindable(&set, &label, steering.is_ok()) {
         eprintln!("{e}");
         bail!(Exit::cannot_bind(format!(
             "{label}: {} port(s) cannot be listened on",
@@ -218,10 +300,22 @@ fn run_supervisor(args: &Args) -> anyhow::Result<ExitCode> {
         )));
     }
     if args.check {
+        // Host names are looked up now as a warning only: a name that does not resolve leaves
+        // its backend down until it does, it does not refuse the file.
+        warn_unresolved(&set, &label, &dns_config(args));
         eprintln!("{label}: OK");
         return Ok(ExitCode::SUCCESS);
     }
-    service::privilege::drop_to(args.user.as_deref(), args.refuse_root)
+    // Transparent sources and marks need CAP_NET_ADMIN after --user too (only when a rule asks).
+    let net_admin = set
+        .rules()
+        .any(|r| r.options.transparent || r.options.mark.is_some());
+    let keep: &[u32] = if net_admin {
+        &[service::privilege::CAP_NET_ADMIN]
+    } else {
+        &[]
+    };
+    service::privilege::drop_to(args.user.as_deref(), args.refuse_root, keep)
         .map_err(|e| Exit::config(e.to_string()))?;
 
     // Read before anything starts, so a bad pair is one line and nothing to clean up.
@@ -230,7 +324,6 @@ fn run_supervisor(args: &Args) -> anyhow::Result<ExitCode> {
         _ => None,
     };
 
-    let limit = testbed::fdlimit::raise_nofile().context("raising the open-file limit")?;
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);
@@ -238,7 +331,9 @@ fn run_supervisor(args: &Args) -> anyhow::Result<ExitCode> {
         args.max_connections,
         args.workers,
         limit.soft,
-        PIPES_PER_WORKER * 2,
+        PIPES_PER_WORKER * 2
+            + forwarder::ranges::listeners_per_worker(&set, steering.is_ok())
+                .saturating_sub(capacity::LISTENERS_IN_RESERVE),
         cores,
     );
     if plan.workers > forwarder::stats::MAX_WORKERS {
@@ -290,6 +385,10 @@ fn run_supervisor(args: &Args) -> anyhow::Result<ExitCode> {
             .then(|| Duration::from_secs(args.health_interval_s)),
         connect_timeout: Duration::from_millis(args.connect_timeout_ms),
         drain_timeout: Duration::from_secs(args.drain_timeout_s),
+        default_sources,
+        listen_budget,
+        steering,
+        dns: dns_config(args),
     };
     let sup = Supervisor::new(config, set)?;
     if let Some(problem) = service::privilege::rules_write_problem(&rules_path) {
@@ -332,6 +431,30 @@ fn print_rules(label: &str, set: &RuleSet) {
             p.label(),
             supervisor::describe_pool(p)
         );
+    }
+}
+
+/// How each range is served, and why (for `--check` and the start).
+fn print_steering(set: &RuleSet, steering: &Result<forwarder::steer::Steering, String>) {
+    use forwarder::steer::{wants_steering, STEER_MIN_PORTS};
+    for p in set.pools.iter().filter(|p| !p.ports.is_single()) {
+        let how = match steering {
+            Ok(s) if wants_steering(p) => format!(
+                "steered to one listening socket per worker by nftables (table inet {}): {STEER_MIN_PORTS} ports or more",
+                s.table
+            ),
+            Err(why) if wants_steering(p) => {
+                format!("served port by port, one listening socket per port per worker: {why}")
+            }
+            _ if p.proto == rules::Proto::Udp => {
+                "served port by port, one socket per port per worker (UDP ranges always are)"
+                    .to_string()
+            }
+            _ => format!(
+                "served port by port, one listening socket per port per worker (fewer than {STEER_MIN_PORTS} ports)"
+            ),
+        };
+        eprintln!("  {}: {} ports {how}", p.label(), p.ports.len());
     }
 }
 
@@ -384,6 +507,48 @@ fn asked_data_path(args: &Args) -> anyhow::Result<DataPath> {
     }
 }
 
+fn dns_config(args: &Args) -> forwarder::dns::DnsConfig {
+    forwarder::dns::DnsConfig {
+        min_ttl: Duration::from_secs(args.dns_min_ttl_s),
+        max_ttl: Duration::from_secs(args.dns_max_ttl_s.max(args.dns_min_ttl_s)),
+        family: args.dns_family,
+    }
+}
+
+/// `--check`: says which host names do not resolve now (`file:line: dest_ip: warning: ...`).
+fn warn_unresolved(
+    set: &forwarder::rules::RuleSet,
+    label: &str,
+    config: &forwarder::dns::DnsConfig,
+) {
+    let rules: Vec<_> = set.rules().filter(|r| r.host.is_some()).collect();
+    if rules.is_empty() {
+        return;
+    }
+    let resolver = match forwarder::dns::Resolver::new(config) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("{label}: warning: cannot check host names: {e:#}");
+            return;
+        }
+    };
+    for r in rules {
+        let host = r.host.as_deref().unwrap_or_default();
+        match resolver.lookup(host) {
+            Ok((addrs, _)) => eprintln!(
+                "{label}:{}: dest_ip: {host} resolves to {}",
+                r.line,
+                forwarder::dns::list(&addrs)
+            ),
+            Err(why) => eprintln!(
+                "{label}:{}: dest_ip: warning: {host} does not resolve ({why}); its backend stays down until it does",
+                r.line
+            ),
+        }
+    }
+}
+
+/// A clap value parser that checks a CIDR list and keeps its text (workers get the text).
 fn cidr_list(flag: &'static str) -> impl Fn(&str) -> Result<String, String> + Clone {
     move |s: &str| rules::options::cidrs(flag, s).map(|_| s.to_string())
 }

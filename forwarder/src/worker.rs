@@ -329,6 +329,7 @@ impl Worker {
         let (allow, deny) = (&self.config.default_allow, &self.config.default_deny);
         let (tcp, udp): (Vec<ServedPool>, Vec<ServedPool>) = pools
             .into_iter()
+            .flat_map(crate::ranges::port_specs)
             .map(|spec| ServedPool::new(spec, allow, deny))
             .partition(|p| p.spec.proto == Proto::Tcp);
         let (shared, registry) = (&self.shared, self.poll.registry());

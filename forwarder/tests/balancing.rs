@@ -6,7 +6,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
-use testbed::testing::free_port;
+use testbed_dev::testing::free_port;
 
 fn round_robin(backends: usize, workers: usize) {
     let servers: Vec<Backend> = (0..backends)
@@ -18,7 +18,11 @@ fn round_robin(backends: usize, workers: usize) {
         .enumerate()
         .map(|(i, b)| format!("b{i},{port},127.0.0.1,{}\n", b.port))
         .collect();
-    let _fwd = Forwarder::start(&rules, workers, &[], &[port]);
+    let _fwd = Forwarder::builder()
+        .rules(&rules)
+        .workers(workers)
+        .listening(&[port])
+        .start();
     // Readiness probes above took some turns of the counter: align on the next B0.
     let mut tag = read_tag(port, 2);
     while tag != format!("B{}", backends - 1) {
@@ -48,15 +52,14 @@ fn dead_backend_is_skipped_and_marked_down() {
     let live = Backend::echo(Some("LV"));
     let dead = dead_port();
     let port = free_port();
-    let fwd = Forwarder::start(
-        &format!(
+    let fwd = Forwarder::builder()
+        .rules(&format!(
             "dead,{port},127.0.0.1,{dead}\nlive,{port},127.0.0.1,{}\n",
             live.port
-        ),
-        2,
-        &[],
-        &[port],
-    );
+        ))
+        .workers(2)
+        .listening(&[port])
+        .start();
     for _ in 0..10 {
         assert_eq!(
             read_tag(port, 2),
@@ -89,15 +92,15 @@ fn connect_timeout_falls_over_to_the_next_backend() {
     }
     let live = Backend::echo(Some("OK"));
     let port = free_port();
-    let _fwd = Forwarder::start(
-        &format!(
+    let _fwd = Forwarder::builder()
+        .rules(&format!(
             "hole,{port},127.0.0.1,{bh_port}\nlive,{port},127.0.0.1,{}\n",
             live.port
-        ),
-        1,
-        &["--connect-timeout-ms", "300"],
-        &[port],
-    );
+        ))
+        .workers(1)
+        .args(["--connect-timeout-ms", "300"])
+        .listening(&[port])
+        .start();
     let started = Instant::now();
     for _ in 0..4 {
         assert_eq!(read_tag(port, 2), "OK");
@@ -110,12 +113,13 @@ fn all_backends_down_still_tries_them() {
     let port = free_port();
     let dead1 = dead_port();
     let dead2 = dead_port();
-    let fwd = Forwarder::start(
-        &format!("d1,{port},127.0.0.1,{dead1}\nd2,{port},127.0.0.1,{dead2}\n"),
-        1,
-        &[],
-        &[port],
-    );
+    let fwd = Forwarder::builder()
+        .rules(&format!(
+            "d1,{port},127.0.0.1,{dead1}\nd2,{port},127.0.0.1,{dead2}\n"
+        ))
+        .workers(1)
+        .listening(&[port])
+        .start();
     // Both go down, then one comes back: the pool must find it although both are "down".
     for _ in 0..3 {
         let mut s = std::net::TcpStream::connect(local(port)).unwrap();
@@ -138,12 +142,12 @@ fn all_backends_down_still_tries_them() {
 fn active_health_checks_bring_a_backend_back_without_traffic() {
     let port = free_port();
     let down = dead_port();
-    let fwd = Forwarder::start(
-        &format!("later,{port},127.0.0.1,{down}\n"),
-        1,
-        &["--health-interval-s", "1"],
-        &[port],
-    );
+    let fwd = Forwarder::builder()
+        .rules(&format!("later,{port},127.0.0.1,{down}\n"))
+        .workers(1)
+        .args(["--health-interval-s", "1"])
+        .listening(&[port])
+        .start();
     assert!(
         fwd.process
             .wait_for_output("backend down (health check)", WAIT),

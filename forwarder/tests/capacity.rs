@@ -11,7 +11,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::*;
-use testbed::testing::{free_port, ChildGuard};
+use testbed_dev::testing::{free_port, ChildGuard};
 
 const CLIENT_PROCESSES: usize = 2;
 const PER_CLIENT: usize = 10_000;
@@ -39,7 +39,11 @@ fn twenty_thousand_concurrent_connections_with_default_settings() {
         .enumerate()
         .map(|(i, (_, p))| format!("echo{i},{port},127.0.0.1,{p}\n"))
         .collect();
-    let fwd = Forwarder::start(&rules, 0, &[], &[port]);
+    let fwd = Forwarder::builder()
+        .rules(&rules)
+        .workers(0)
+        .listening(&[port])
+        .start();
     // Polled: the output is collected by a reader thread, which may lag behind the port opening.
     assert!(
         fwd.process.wait_for_output("with 3 workers", WAIT),

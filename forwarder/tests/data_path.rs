@@ -8,7 +8,7 @@ use std::net::{Shutdown, TcpListener, TcpStream};
 use std::time::Duration;
 
 use common::*;
-use testbed::testing::{free_port, wait_until};
+use testbed_dev::testing::{free_port, wait_until};
 
 fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
     let mut rng = fastrand::Rng::with_seed(seed);
@@ -20,16 +20,13 @@ fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
 fn transfer_exact(extra: &[&str]) -> String {
     let backend = Backend::echo(None);
     let port = free_port();
-    let web = local(free_port());
-    let web_arg = web.to_string();
-    let mut args = vec!["--web", &web_arg];
-    args.extend_from_slice(extra);
-    let fwd = Forwarder::start(
-        &format!("echo,{port},127.0.0.1,{}\n", backend.port),
-        2,
-        &args,
-        &[port],
-    );
+    let fwd = Forwarder::builder()
+        .forward("echo", port, backend.port)
+        .workers(2)
+        .web("127.0.0.1")
+        .args(extra)
+        .start();
+    let web = fwd.web();
     const LEN: usize = 32 << 20;
     let data = random_bytes(LEN, 7);
     let mut client = TcpStream::connect(local(port)).unwrap();
@@ -144,14 +141,12 @@ fn thirty_two_mib_both_ways_exact_in_the_kernel() {
 fn auto_is_the_default_and_says_what_it_chose_and_why() {
     let backend = Backend::echo(None);
     let port = free_port();
-    let web = local(free_port());
-    let web_arg = web.to_string();
-    let fwd = Forwarder::start(
-        &format!("echo,{port},127.0.0.1,{}\n", backend.port),
-        1,
-        &["--web", &web_arg],
-        &[port],
-    );
+    let fwd = Forwarder::builder()
+        .forward("echo", port, backend.port)
+        .workers(1)
+        .web("127.0.0.1")
+        .start();
+    let web = fwd.web();
     // The start-up line: the path and the calibration's figures.
     let out = fwd.process.output();
     let line = out
@@ -204,14 +199,13 @@ fn auto_is_the_default_and_says_what_it_chose_and_why() {
 fn no_splice_is_an_alias_of_copy_and_contradictions_are_refused() {
     let backend = Backend::echo(None);
     let port = free_port();
-    let web = local(free_port());
-    let web_arg = web.to_string();
-    let fwd = Forwarder::start(
-        &format!("echo,{port},127.0.0.1,{}\n", backend.port),
-        1,
-        &["--web", &web_arg, "--no-splice"],
-        &[port],
-    );
+    let fwd = Forwarder::builder()
+        .forward("echo", port, backend.port)
+        .workers(1)
+        .web("127.0.0.1")
+        .args(["--no-splice"])
+        .start();
+    let web = fwd.web();
     assert!(fwd.process.output().contains("data path: copy ("));
     let mut metrics = String::new();
     assert!(wait_until(WAIT, || {
@@ -282,7 +276,12 @@ fn half_close(extra: &[&str]) {
         request
     });
     let port = free_port();
-    let _fwd = Forwarder::start(&format!("hc,{port},127.0.0.1,{bport}\n"), 1, extra, &[port]);
+    let _fwd = Forwarder::builder()
+        .rules(&format!("hc,{port},127.0.0.1,{bport}\n"))
+        .workers(1)
+        .args(extra)
+        .listening(&[port])
+        .start();
     let mut c = TcpStream::connect(local(port)).unwrap();
     c.set_read_timeout(Some(WAIT)).unwrap();
     c.write_all(b"request body").unwrap();
@@ -307,12 +306,12 @@ fn half_close(extra: &[&str]) {
         rest
     });
     let port2 = free_port();
-    let _fwd2 = Forwarder::start(
-        &format!("hc2,{port2},127.0.0.1,{bport2}\n"),
-        1,
-        extra,
-        &[port2],
-    );
+    let _fwd2 = Forwarder::builder()
+        .rules(&format!("hc2,{port2},127.0.0.1,{bport2}\n"))
+        .workers(1)
+        .args(extra)
+        .listening(&[port2])
+        .start();
     let mut c = TcpStream::connect(local(port2)).unwrap();
     c.set_read_timeout(Some(WAIT)).unwrap();
     let mut got = Vec::new();
@@ -344,12 +343,12 @@ fn backend_reset(extra: &[&str]) {
         drop(s); // RST
     });
     let port = free_port();
-    let _fwd = Forwarder::start(
-        &format!("rst,{port},127.0.0.1,{bport}\n"),
-        1,
-        extra,
-        &[port],
-    );
+    let _fwd = Forwarder::builder()
+        .rules(&format!("rst,{port},127.0.0.1,{bport}\n"))
+        .workers(1)
+        .args(extra)
+        .listening(&[port])
+        .start();
     let mut c = TcpStream::connect(local(port)).unwrap();
     c.set_read_timeout(Some(WAIT)).unwrap();
     c.write_all(b"hello").unwrap();
@@ -377,12 +376,12 @@ fn stalled_backend(extra: &[&str]) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let bport = listener.local_addr().unwrap().port();
     let port = free_port();
-    let fwd = Forwarder::start(
-        &format!("slow,{port},127.0.0.1,{bport}\n"),
-        1,
-        extra,
-        &[port],
-    );
+    let fwd = Forwarder::builder()
+        .rules(&format!("slow,{port},127.0.0.1,{bport}\n"))
+        .workers(1)
+        .args(extra)
+        .listening(&[port])
+        .start();
     let baseline = fwd.rss_kib();
     const LEN: usize = 64 << 20;
     let data = random_bytes(LEN, 11);
@@ -414,12 +413,10 @@ fn five_thousand_concurrent_connections() {
     testbed::fdlimit::raise_nofile().unwrap();
     let backend = Backend::echo(None);
     let port = free_port();
-    let fwd = Forwarder::start(
-        &format!("many,{port},127.0.0.1,{}\n", backend.port),
-        2,
-        &[],
-        &[port],
-    );
+    let fwd = Forwarder::builder()
+        .forward("many", port, backend.port)
+        .workers(2)
+        .start();
     const N: usize = 5000;
     let conns = all_open_each_echoes_its_own(port, N, WAIT);
     assert!(wait_until(WAIT, || backend
@@ -444,28 +441,13 @@ fn cpu_seconds(pid: u32) -> f64 {
 fn a_full_worker_waits_without_spinning_and_resumes() {
     // Open-file limit 520 leaves room for 32 connections in one worker (2 sockets each, after
     // the descriptors kept for listeners and pipes).
-    use std::os::unix::process::CommandExt;
     let backend = Backend::echo(None);
     let port = free_port();
-    let dir = tempfile::tempdir().unwrap();
-    let rules = dir.path().join("r.csv");
-    std::fs::write(&rules, format!("full,{port},127.0.0.1,{}\n", backend.port)).unwrap();
-    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_forwarder"));
-    cmd.arg("--rules")
-        .arg(&rules)
-        .args(["--no-web", "--workers", "1"]);
-    // SAFETY: setrlimit between fork and exec.
-    unsafe {
-        cmd.pre_exec(|| {
-            let lim = libc::rlimit {
-                rlim_cur: 520,
-                rlim_max: 520,
-            };
-            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
-            Ok(())
-        });
-    }
-    let fwd = testbed::testing::ChildGuard::spawn(cmd);
+    let forwarder = Forwarder::builder()
+        .rules(&format!("full,{port},127.0.0.1,{}\n", backend.port))
+        .open_files(520)
+        .spawn();
+    let fwd = &forwarder.process;
     assert!(wait_until(WAIT, || is_listening(port)), "{}", fwd.output());
     assert!(
         fwd.output()
@@ -484,7 +466,7 @@ fn a_full_worker_waits_without_spinning_and_resumes() {
         assert_eq!(round_trip(s, b"ping"), b"ping");
     }
     // The 8 beyond capacity wait in the kernel's queue; the worker must not spin meanwhile.
-    let worker = children_of(fwd.pid())[0];
+    let worker = workers_of(fwd.pid())[0];
     let before = cpu_seconds(worker);
     std::thread::sleep(Duration::from_secs(1));
     let used = cpu_seconds(worker) - before;

@@ -9,12 +9,11 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::process::Command;
 use std::time::Duration;
 
 use common::*;
-use testbed::garbage;
-use testbed::testing::{free_port, wait_for_listen, wait_until, ChildGuard};
+use testbed_dev::garbage;
+use testbed_dev::testing::{free_port, wait_until};
 
 const GARBAGE: usize = 400;
 /// Memory the forwarder may keep after the garbage has gone: allocator slack and pooled pipes,
@@ -23,53 +22,38 @@ const RSS_SLACK_KIB: u64 = 16 * 1024;
 
 /// A forwarder with two workers, one port to an echo backend, and its web page.
 struct Setup {
-    process: ChildGuard,
+    forwarder: Forwarder,
     port: u16,
     web: SocketAddr,
     _backend: Backend,
-    _dir: tempfile::TempDir,
 }
 
 fn start() -> Setup {
     let backend = Backend::echo(None);
     let port = free_port();
-    let web_port = free_port();
-    let dir = tempfile::tempdir().unwrap();
-    let rules = dir.path().join("entries.csv");
-    std::fs::write(&rules, format!("echo,{port},127.0.0.1,{}\n", backend.port)).unwrap();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_forwarder"));
-    cmd.arg("--rules")
-        .arg(&rules)
-        .arg("--web")
-        .arg(format!("127.0.0.1:{web_port}"))
-        .args(["--workers", "2", "--max-connections", "2000"]);
-    let process = ChildGuard::spawn(cmd);
-    let web = local(web_port);
-    assert!(
-        wait_for_listen(web, WAIT) && wait_until(WAIT, || is_listening(port)),
-        "forwarder did not start:\n{}",
-        process.output()
-    );
+    let forwarder = Forwarder::builder()
+        .forward("echo", port, backend.port)
+        .workers(2)
+        .web("127.0.0.1")
+        .args(["--max-connections", "2000"])
+        .start();
     Setup {
-        process,
+        web: forwarder.web(),
+        forwarder,
         port,
-        web,
         _backend: backend,
-        _dir: dir,
     }
 }
 
 impl Setup {
     fn pids(&self) -> Vec<u32> {
-        let mut p = children_of(self.process.pid());
+        let mut p = self.forwarder.worker_pids();
         p.sort_unstable();
         p
     }
 
     fn rss_kib(&self) -> u64 {
-        let mut pids = self.pids();
-        pids.push(self.process.pid());
-        pids.iter().map(|&p| rss_kib(p)).sum()
+        self.forwarder.rss_kib()
     }
 
     /// One exchange of `n`-numbered bytes through the forwarding port.
@@ -88,17 +72,13 @@ impl Setup {
 
     /// GET /api/stats as a browser would; the answer must be 200 with the figures.
     fn stats(&self) -> Result<(), String> {
-        let mut s = TcpStream::connect(self.web).map_err(|e| format!("connect: {e}"))?;
-        s.set_read_timeout(Some(WAIT)).unwrap();
-        s.write_all(b"GET /api/stats HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
-            .map_err(|e| format!("send: {e}"))?;
-        let mut answer = String::new();
-        s.read_to_string(&mut answer)
-            .map_err(|e| format!("read: {e}"))?;
-        if !answer.starts_with("HTTP/1.1 200") || !answer.contains("\"workers\"") {
+        let answer = http::request(self.web, None, "GET", "/api/stats", &[], "")
+            .map_err(|e| format!("GET /api/stats: {e}"))?;
+        if answer.status != 200 || !answer.body.contains("\"workers\"") {
             return Err(format!(
-                "GET /api/stats: {}",
-                &answer[..answer.len().min(200)]
+                "GET /api/stats: {} {}",
+                answer.head,
+                &answer.body[..answer.body.len().min(200)]
             ));
         }
         Ok(())
@@ -121,7 +101,7 @@ impl Setup {
             self.pids(),
             workers,
             "{what}: a worker died:\n{}",
-            self.process.output()
+            self.forwarder.process.output()
         );
         let mut after = 0;
         let settled = wait_until(Duration::from_secs(30), || {
@@ -136,7 +116,7 @@ impl Setup {
             settled,
             "{what}: RSS {before} KiB before, {after} KiB after"
         );
-        let out = self.process.output();
+        let out = self.forwarder.process.output();
         assert!(!out.contains("panicked"), "{out}");
     }
 }

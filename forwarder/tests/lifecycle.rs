@@ -5,11 +5,10 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::process::Command;
 use std::time::Duration;
 
 use common::*;
-use testbed::testing::{free_port, wait_until};
+use testbed_dev::testing::{free_port, wait_until};
 
 fn refused(port: u16) -> bool {
     TcpStream::connect_timeout(&local(port), Duration::from_millis(300)).is_err()
@@ -20,7 +19,10 @@ fn reload_adds_removes_and_changes_rules_while_connections_live() {
     let a = Backend::echo(Some("AA"));
     let b = Backend::echo(Some("BB"));
     let (p1, p2) = (free_port(), free_port());
-    let fwd = Forwarder::start(&format!("one,{p1},127.0.0.1,{}\n", a.port), 2, &[], &[p1]);
+    let fwd = Forwarder::builder()
+        .forward("one", p1, a.port)
+        .workers(2)
+        .start();
 
     let mut live = TcpStream::connect(local(p1)).unwrap();
     live.set_read_timeout(Some(WAIT)).unwrap();
@@ -58,7 +60,10 @@ fn reload_adds_removes_and_changes_rules_while_connections_live() {
 fn bad_reload_keeps_the_old_rules_and_names_the_line() {
     let a = Backend::echo(Some("AA"));
     let p1 = free_port();
-    let fwd = Forwarder::start(&format!("one,{p1},127.0.0.1,{}\n", a.port), 1, &[], &[p1]);
+    let fwd = Forwarder::builder()
+        .forward("one", p1, a.port)
+        .workers(1)
+        .start();
     fwd.rewrite_rules(&format!(
         "one,{p1},127.0.0.1,{}\n# comment\nbroken,99999,127.0.0.1,80\n",
         a.port
@@ -82,7 +87,10 @@ fn bad_reload_keeps_the_old_rules_and_names_the_line() {
 fn sighup_reloads() {
     let a = Backend::echo(Some("AA"));
     let (p1, p2) = (free_port(), free_port());
-    let fwd = Forwarder::start(&format!("one,{p1},127.0.0.1,{}\n", a.port), 1, &[], &[p1]);
+    let fwd = Forwarder::builder()
+        .forward("one", p1, a.port)
+        .workers(1)
+        .start();
     // Write without the watcher noticing first is racy; SIGHUP must work regardless.
     std::fs::write(&fwd.rules, format!("two,{p2},127.0.0.1,{}\n", a.port)).unwrap();
     fwd.process.signal(libc::SIGHUP);
@@ -94,7 +102,10 @@ fn sighup_reloads() {
 fn killed_worker_is_restarted_and_the_port_keeps_serving() {
     let a = Backend::echo(Some("AA"));
     let p1 = free_port();
-    let fwd = Forwarder::start(&format!("one,{p1},127.0.0.1,{}\n", a.port), 2, &[], &[p1]);
+    let fwd = Forwarder::builder()
+        .forward("one", p1, a.port)
+        .workers(2)
+        .start();
     assert!(wait_until(WAIT, || fwd.worker_pids().len() == 2));
     let before = fwd.worker_pids();
     // SAFETY: kill(2) on a worker we just listed.
@@ -128,7 +139,10 @@ fn killed_worker_is_restarted_and_the_port_keeps_serving() {
 fn a_reload_a_worker_cannot_take_fails_whole_and_a_later_one_works() {
     let a = Backend::echo(Some("AA"));
     let (p1, p2) = (free_port(), free_port());
-    let fwd = Forwarder::start(&format!("one,{p1},127.0.0.1,{}\n", a.port), 2, &[], &[p1]);
+    let fwd = Forwarder::builder()
+        .forward("one", p1, a.port)
+        .workers(2)
+        .start();
     assert!(wait_until(WAIT, || fwd.worker_pids().len() == 2));
     let stopped = fwd.worker_pids()[0] as i32;
     // SAFETY: kill(2) on a worker we just listed. A stopped worker cannot answer the reload.
@@ -217,7 +231,7 @@ fn port_taken_by_another_program_is_named() {
 #[test]
 fn missing_default_rules_file_is_created_with_an_example() {
     let dir = tempfile::tempdir().unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_forwarder"))
+    let out = command()
         .arg("--check")
         .current_dir(dir.path())
         .output()
@@ -235,12 +249,11 @@ fn missing_default_rules_file_is_created_with_an_example() {
 fn sigterm_drains_established_connections_then_exits_zero() {
     let a = Backend::echo(None);
     let p1 = free_port();
-    let mut fwd = Forwarder::start(
-        &format!("one,{p1},127.0.0.1,{}\n", a.port),
-        1,
-        &["--drain-timeout-s", "10"],
-        &[p1],
-    );
+    let mut fwd = Forwarder::builder()
+        .forward("one", p1, a.port)
+        .workers(1)
+        .args(["--drain-timeout-s", "10"])
+        .start();
     let mut live = TcpStream::connect(local(p1)).unwrap();
     live.set_read_timeout(Some(WAIT)).unwrap();
     assert_eq!(round_trip(&mut live, b"before"), b"before");
@@ -263,12 +276,11 @@ fn sigterm_drains_established_connections_then_exits_zero() {
 fn idle_connections_are_closed_after_the_idle_timeout() {
     let a = Backend::echo(None);
     let p1 = free_port();
-    let _fwd = Forwarder::start(
-        &format!("one,{p1},127.0.0.1,{}\n", a.port),
-        1,
-        &["--idle-timeout-s", "1"],
-        &[p1],
-    );
+    let _fwd = Forwarder::builder()
+        .forward("one", p1, a.port)
+        .workers(1)
+        .args(["--idle-timeout-s", "1"])
+        .start();
     let mut busy = TcpStream::connect(local(p1)).unwrap();
     let mut idle = TcpStream::connect(local(p1)).unwrap();
     idle.set_read_timeout(Some(WAIT)).unwrap();
@@ -289,7 +301,10 @@ fn idle_connections_are_closed_after_the_idle_timeout() {
 fn sigterm_to_the_whole_process_group_stops_without_restarts() {
     let a = Backend::echo(None);
     let p1 = free_port();
-    let mut fwd = Forwarder::start(&format!("one,{p1},127.0.0.1,{}\n", a.port), 2, &[], &[p1]);
+    let mut fwd = Forwarder::builder()
+        .forward("one", p1, a.port)
+        .workers(2)
+        .start();
     assert!(wait_until(WAIT, || fwd.worker_pids().len() == 2));
     // As `kill -TERM -PGID` or Ctrl-C in a terminal: every process gets the signal at once.
     // SAFETY: kill(2) on the process group the test's ChildGuard created.
@@ -307,7 +322,7 @@ fn sigterm_to_the_whole_process_group_stops_without_restarts() {
 
 /// Runs `forwarder --check --rules PATH`: whether it passed, and what it printed on stderr.
 fn check(path: &std::path::Path) -> (bool, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_forwarder"))
+    let out = command()
         .args(["--check", "--rules"])
         .arg(path)
         .output()

@@ -6,72 +6,10 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::process::Command;
 
 use common::*;
 use forwarder::tcp::proxy;
-use testbed::testing::{free_port, wait_for_listen, wait_until, ChildGuard};
-
-/// A forwarder with its web page (for /metrics) on a free loopback port.
-struct Served {
-    process: ChildGuard,
-    web: SocketAddr,
-    _dir: tempfile::TempDir,
-}
-
-impl Served {
-    fn start(rules: &str, workers: usize, extra: &[&str], ports: &[u16]) -> Served {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("entries.csv");
-        std::fs::write(&path, rules).unwrap();
-        let web = local(free_port());
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_forwarder"));
-        cmd.arg("--rules")
-            .arg(&path)
-            .arg("--web")
-            .arg(web.to_string())
-            .arg("--workers")
-            .arg(workers.to_string())
-            .arg("--max-connections")
-            .arg("2000")
-            .args(extra);
-        let process = ChildGuard::spawn(cmd);
-        assert!(
-            wait_for_listen(web, WAIT),
-            "web page never listened:\n{}",
-            process.output()
-        );
-        for &port in ports {
-            assert!(
-                wait_until(WAIT, || is_listening(port)),
-                "{}",
-                process.output()
-            );
-        }
-        Served {
-            process,
-            web,
-            _dir: dir,
-        }
-    }
-
-    /// One figure from /metrics: the line that starts with `series` (name and labels).
-    fn metric(&self, series: &str) -> u64 {
-        let mut s = TcpStream::connect(self.web).unwrap();
-        s.set_read_timeout(Some(WAIT)).unwrap();
-        write!(
-            s,
-            "GET /metrics HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
-            self.web
-        )
-        .unwrap();
-        let mut text = String::new();
-        s.read_to_string(&mut text).unwrap();
-        text.lines()
-            .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
-            .unwrap_or_else(|| panic!("no {series} in /metrics:\n{text}"))
-    }
-}
+use testbed_dev::testing::{free_port, wait_until};
 
 /// Connects to the forwarder's `port` from loopback address `from` (127.0.0.x).
 fn connect_from(from: [u8; 4], port: u16) -> TcpStream {
@@ -101,15 +39,16 @@ fn listen_label(port: u16) -> String {
 fn an_allowed_client_is_served_and_a_denied_one_closed_counted_and_logged_once() {
     let b = Backend::echo(Some("OK"));
     let port = free_port();
-    let fwd = Served::start(
-        &format!(
+    let fwd = Forwarder::builder()
+        .rules(&format!(
             "ssh,{port},127.0.0.1,{},\"allow=127.0.0.0/24,2001:db8::/32 deny=127.0.0.66\"\n",
             b.port
-        ),
-        2,
-        &[],
-        &[port],
-    );
+        ))
+        .workers(2)
+        .web("127.0.0.1")
+        .args(["--max-connections", "2000"])
+        .listening(&[port])
+        .start();
     assert_eq!(tag_from([127, 0, 0, 5], port).as_deref(), Some("OK"));
     assert_eq!(tag_from([127, 0, 0, 67], port).as_deref(), Some("OK"));
     for _ in 0..3 {
@@ -120,12 +59,14 @@ fn an_allowed_client_is_served_and_a_denied_one_closed_counted_and_logged_once()
         "forwarder_pool_refused_total{},reason=\"denied\"}}",
         listen_label(port)
     );
-    assert!(wait_until(WAIT, || fwd.metric(&denied) == 6));
+    assert!(wait_until(WAIT, || fwd.counter(&denied) == 6));
     assert_eq!(
         b.accepted.load(std::sync::atomic::Ordering::SeqCst),
         2,
         "no backend connect"
     );
+    // The log reaches us through a reader thread, possibly after the figures: wait for it.
+    fwd.process.wait_for_output("client=127.0.0.66", WAIT);
     let out = fwd.process.output();
     // Once per address per worker and minute: at most two workers' worth.
     let logged = out.matches("client=127.0.0.66").count();
@@ -139,12 +80,11 @@ fn an_allowed_client_is_served_and_a_denied_one_closed_counted_and_logged_once()
 fn the_global_deny_list_applies_to_every_pool() {
     let b = Backend::echo(Some("OK"));
     let port = free_port();
-    let fwd = Forwarder::start(
-        &format!("open,{port},127.0.0.1,{}\n", b.port),
-        1,
-        &["--deny", "127.0.0.7", "--allow", "127.0.0.0/8"],
-        &[port],
-    );
+    let fwd = Forwarder::builder()
+        .forward("open", port, b.port)
+        .workers(1)
+        .args(["--deny", "127.0.0.7", "--allow", "127.0.0.0/8"])
+        .start();
     assert_eq!(tag_from([127, 0, 0, 8], port).as_deref(), Some("OK"));
     assert_eq!(tag_from([127, 0, 0, 7], port), None);
     assert!(fwd
@@ -157,15 +97,14 @@ fn weights_three_to_one_are_exact_and_smooth_over_400_connections() {
     let a = Backend::echo(Some("AA"));
     let b = Backend::echo(Some("BB"));
     let port = free_port();
-    let _fwd = Forwarder::start(
-        &format!(
+    let _fwd = Forwarder::builder()
+        .rules(&format!(
             "a,{port},127.0.0.1,{},weight=3\nb,{port},127.0.0.1,{},weight=1\n",
             a.port, b.port
-        ),
-        2,
-        &[],
-        &[port],
-    );
+        ))
+        .workers(2)
+        .listening(&[port])
+        .start();
     let got: Vec<String> = (0..400).map(|_| read_tag(port, 2)).collect();
     assert_eq!(got.iter().filter(|t| *t == "AA").count(), 300);
     // nginx's smooth order, whichever of the two workers accepted each connection.
@@ -178,15 +117,16 @@ fn leastconn_sends_new_connections_to_the_backend_with_fewest_open() {
     let a = Backend::echo(Some("AA"));
     let b = Backend::echo(Some("BB"));
     let port = free_port();
-    let fwd = Served::start(
-        &format!(
+    let fwd = Forwarder::builder()
+        .rules(&format!(
             "a,{port},127.0.0.1,{},balance=leastconn\nb,{port},127.0.0.1,{}\n",
             a.port, b.port
-        ),
-        2,
-        &[],
-        &[port],
-    );
+        ))
+        .workers(2)
+        .web("127.0.0.1")
+        .args(["--max-connections", "2000"])
+        .listening(&[port])
+        .start();
     let open = |name: &str, backend: u16| {
         format!(
             "forwarder_backend_active_connections{{listen=\"0.0.0.0:{port}\",name=\"{name}\",backend=\"127.0.0.1:{backend}\"}}"
@@ -205,8 +145,8 @@ fn leastconn_sends_new_connections_to_the_backend_with_fewest_open() {
     assert_eq!(held.iter().filter(|(t, _)| t == "AA").count(), 3);
     // Skew: a's three end, b keeps its three.
     held.retain(|(t, _)| t == "BB");
-    assert!(wait_until(WAIT, || fwd.metric(&open("a", a.port)) == 0));
-    assert_eq!(fwd.metric(&open("b", b.port)), 3);
+    assert!(wait_until(WAIT, || fwd.counter(&open("a", a.port)) == 0));
+    assert_eq!(fwd.counter(&open("b", b.port)), 3);
     let next: Vec<(String, TcpStream)> = (0..3)
         .map(|_| {
             let mut s = TcpStream::connect(local(port)).unwrap();
@@ -238,7 +178,11 @@ fn source_hash_is_stable_across_reconnects_and_a_new_backend_takes_about_one_in_
             backends[i].port
         )
     };
-    let fwd = Forwarder::start(&(0..3).map(row).collect::<String>(), 2, &[], &[port]);
+    let fwd = Forwarder::builder()
+        .rules(&(0..3).map(row).collect::<String>())
+        .workers(2)
+        .listening(&[port])
+        .start();
     let clients: Vec<[u8; 4]> = (10..74).map(|i| [127, 0, 0, i]).collect();
     let first: Vec<String> = clients
         .iter()
@@ -275,15 +219,16 @@ fn max_conns_skips_a_full_backend_then_refuses_and_counts() {
     let a = Backend::echo(Some("AA"));
     let b = Backend::echo(Some("BB"));
     let port = free_port();
-    let fwd = Served::start(
-        &format!(
+    let fwd = Forwarder::builder()
+        .rules(&format!(
             "a,{port},127.0.0.1,{},max_conns=1\nb,{port},127.0.0.1,{},max_conns=2\n",
             a.port, b.port
-        ),
-        2,
-        &[],
-        &[port],
-    );
+        ))
+        .workers(2)
+        .web("127.0.0.1")
+        .args(["--max-connections", "2000"])
+        .listening(&[port])
+        .start();
     let mut held = Vec::new();
     let mut tags = Vec::new();
     for _ in 0..3 {
@@ -303,7 +248,7 @@ fn max_conns_skips_a_full_backend_then_refuses_and_counts() {
         "forwarder_pool_refused_total{},reason=\"max_conns\"}}",
         listen_label(port)
     );
-    assert_eq!(fwd.metric(&full), 2);
+    assert_eq!(fwd.counter(&full), 2);
     drop(held.pop());
     assert!(
         wait_until(WAIT, || tag_from([127, 0, 0, 1], port).is_some()),
@@ -315,7 +260,10 @@ fn max_conns_skips_a_full_backend_then_refuses_and_counts() {
 fn a_bad_option_in_a_live_edit_keeps_the_old_rules() {
     let a = Backend::echo(Some("AA"));
     let port = free_port();
-    let fwd = Forwarder::start(&format!("a,{port},127.0.0.1,{}\n", a.port), 1, &[], &[port]);
+    let fwd = Forwarder::builder()
+        .forward("a", port, a.port)
+        .workers(1)
+        .start();
     fwd.rewrite_rules(&format!(
         "a,{port},127.0.0.1,{},\"weight=0 allow=10.0.0.0/8\"\n",
         a.port
@@ -358,12 +306,13 @@ fn send_proxy_v1_and_v2_name_the_real_client_before_its_bytes() {
     for version in ["v1", "v2"] {
         let (backend, received) = recording_backend();
         let port = free_port();
-        let _fwd = Forwarder::start(
-            &format!("web,{port},127.0.0.1,{backend},send_proxy={version}\n"),
-            1,
-            &[],
-            &[port],
-        );
+        let _fwd = Forwarder::builder()
+            .rules(&format!(
+                "web,{port},127.0.0.1,{backend},send_proxy={version}\n"
+            ))
+            .workers(1)
+            .listening(&[port])
+            .start();
         let mut s = connect_from([127, 0, 0, 9], port);
         let client = s.local_addr().unwrap();
         s.write_all(b"hello").unwrap();
@@ -390,12 +339,16 @@ fn send_proxy_v1_and_v2_name_the_real_client_before_its_bytes() {
 fn accept_proxy_takes_the_client_from_the_header_for_access_lists_and_send_proxy() {
     let (backend, received) = recording_backend();
     let port = free_port();
-    let fwd = Served::start(
-        &format!("lb,{port},127.0.0.1,{backend},\"accept_proxy send_proxy=v1 deny=10.9.9.9\"\n"),
-        1,
-        &["--connect-timeout-ms", "500"],
-        &[port],
-    );
+    let fwd = Forwarder::builder()
+        .rules(&format!(
+            "lb,{port},127.0.0.1,{backend},\"accept_proxy send_proxy=v1 deny=10.9.9.9\"\n"
+        ))
+        .workers(1)
+        .web("127.0.0.1")
+        .args(["--max-connections", "2000"])
+        .args(["--connect-timeout-ms", "500"])
+        .listening(&[port])
+        .start();
     // From the load balancer in front: a v2 header naming 10.9.8.7:1234 -> 10.0.0.1:443.
     let theirs: SocketAddr = "10.9.8.7:1234".parse().unwrap();
     let reached: SocketAddr = "10.0.0.1:443".parse().unwrap();
@@ -423,13 +376,13 @@ fn accept_proxy_takes_the_client_from_the_header_for_access_lists_and_send_proxy
     assert!(matches!(garbage.read(&mut [0u8; 4]), Ok(0) | Err(_)));
     let label = listen_label(port);
     assert_eq!(
-        fwd.metric(&format!(
+        fwd.counter(&format!(
             "forwarder_pool_refused_total{label},reason=\"proxy_header\"}}"
         )),
         2
     );
     assert_eq!(
-        fwd.metric(&format!(
+        fwd.counter(&format!(
             "forwarder_pool_refused_total{label},reason=\"denied\"}}"
         )),
         1
@@ -462,15 +415,15 @@ fn the_access_log_has_one_line_per_connection_matching_what_happened_and_reopens
     let dead = dead_port();
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("access.log");
-    let fwd = Forwarder::start(
-        &format!(
+    let fwd = Forwarder::builder()
+        .rules(&format!(
             "web,{port},127.0.0.1,{},deny=127.0.0.66\ngone,{dead_pool},127.0.0.1,{dead}\n",
             b.port
-        ),
-        2,
-        &["--access-log", log.to_str().unwrap()],
-        &[port, dead_pool],
-    );
+        ))
+        .workers(2)
+        .args(["--access-log", log.to_str().unwrap()])
+        .listening(&[port, dead_pool])
+        .start();
     // A whole exchange the client ends: 2 bytes up, tag + echo down.
     let mut s = connect_from([127, 0, 0, 5], port);
     let client = s.local_addr().unwrap();
@@ -539,17 +492,17 @@ fn the_json_access_log_parses_back() {
     let port = free_port();
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("access.json");
-    let _fwd = Forwarder::start(
-        &format!("web,{port},127.0.0.1,{},max_conns=1\n", b.port),
-        1,
-        &[
+    let _fwd = Forwarder::builder()
+        .rules(&format!("web,{port},127.0.0.1,{},max_conns=1\n", b.port))
+        .workers(1)
+        .args([
             "--access-log",
             log.to_str().unwrap(),
             "--access-log-format",
             "json",
-        ],
-        &[port],
-    );
+        ])
+        .listening(&[port])
+        .start();
     let held = connect_from([127, 0, 0, 5], port);
     let mut tag = [0u8; 2];
     (&held).read_exact(&mut tag).unwrap();
@@ -579,12 +532,16 @@ fn the_json_access_log_parses_back() {
 fn max_conns_per_ip_holds_across_workers_and_frees_on_close() {
     let b = Backend::echo(Some("OK"));
     let port = free_port();
-    let fwd = Served::start(
-        &format!("web,{port},127.0.0.1,{},max_conns_per_ip=2\n", b.port),
-        3,
-        &[],
-        &[port],
-    );
+    let fwd = Forwarder::builder()
+        .rules(&format!(
+            "web,{port},127.0.0.1,{},max_conns_per_ip=2\n",
+            b.port
+        ))
+        .workers(3)
+        .web("127.0.0.1")
+        .args(["--max-connections", "2000"])
+        .listening(&[port])
+        .start();
     // Held connections, spread over the workers by SO_REUSEPORT.
     let mut held: Vec<TcpStream> = (0..2)
         .map(|_| {
@@ -605,7 +562,7 @@ fn max_conns_per_ip_holds_across_workers_and_frees_on_close() {
         "forwarder_pool_refused_total{},reason=\"max_conns_per_ip\"}}",
         listen_label(port)
     );
-    assert_eq!(fwd.metric(&refused), 3);
+    assert_eq!(fwd.counter(&refused), 3);
     held.pop();
     assert!(
         wait_until(WAIT, || tag_from([127, 0, 0, 5], port).is_some()),
@@ -619,7 +576,7 @@ fn check_prints_the_options_and_names_a_bad_one() {
     let path = dir.path().join("entries.csv");
     let check = |text: &str| {
         std::fs::write(&path, text).unwrap();
-        let out = Command::new(env!("CARGO_BIN_EXE_forwarder"))
+        let out = command()
             .arg("--check")
             .arg("--rules")
             .arg(&path)
@@ -651,12 +608,14 @@ fn check_prints_the_options_and_names_a_bad_one() {
 fn a_killed_workers_per_ip_counts_are_freed() {
     let b = Backend::echo(Some("OK"));
     let port = free_port();
-    let fwd = Forwarder::start(
-        &format!("web,{port},127.0.0.1,{},max_conns_per_ip=1\n", b.port),
-        1,
-        &[],
-        &[port],
-    );
+    let fwd = Forwarder::builder()
+        .rules(&format!(
+            "web,{port},127.0.0.1,{},max_conns_per_ip=1\n",
+            b.port
+        ))
+        .workers(1)
+        .listening(&[port])
+        .start();
     let held = connect_from([127, 0, 0, 5], port);
     (&held).read_exact(&mut [0u8; 2]).unwrap();
     assert_eq!(tag_from([127, 0, 0, 5], port), None, "at its limit");

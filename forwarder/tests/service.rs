@@ -3,15 +3,13 @@
 
 mod common;
 
-use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::os::unix::net::UnixDatagram;
 use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
-use testbed::testing::{free_port, wait_until, ChildGuard};
+use testbed_dev::testing::{free_port, wait_until, ChildGuard};
 
 /// The notifications a forwarder sent, in order, read from a datagram socket.
 struct NotifySocket {
@@ -68,22 +66,20 @@ fn accepts_and_forwards(port: u16) -> bool {
 fn systemd_hears_ready_reloading_stopping_and_the_watchdog() {
     let backend = Backend::echo(None);
     let (p1, p2) = (free_port(), free_port());
-    let dir = tempfile::tempdir().unwrap();
-    let rules = dir.path().join("entries.csv");
-    std::fs::write(&rules, format!("one,{p1},127.0.0.1,{}\n", backend.port)).unwrap();
     let notify = NotifySocket::bind();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_forwarder"));
-    cmd.arg("--rules")
-        .arg(&rules)
-        .args(["--no-web", "--workers", "2"])
+    let builder = Forwarder::builder()
+        .rules(&format!("one,{p1},127.0.0.1,{}\n", backend.port))
+        .workers(2)
         .env("NOTIFY_SOCKET", &notify.path)
         // Ping every 300 ms.
         .env("WATCHDOG_USEC", "600000");
     let spawned = Instant::now();
-    let mut fwd = ChildGuard::spawn(cmd);
+    let mut forwarder = builder.spawn();
+    let rules = forwarder.rules.clone();
+    let fwd = &mut forwarder.process;
 
     // The first word systemd hears is READY, and by then the port already forwards.
-    let (first, _) = notify.next(&fwd);
+    let (first, _) = notify.next(fwd);
     assert!(first.starts_with("READY=1\n"), "{first}");
     assert!(is_listening(p1), "READY=1 before the port listens");
     assert!(accepts_and_forwards(p1));
@@ -93,7 +89,7 @@ fn systemd_hears_ready_reloading_stopping_and_the_watchdog() {
     // since the process started.
     let mut last = spawned;
     for _ in 0..4 {
-        let (message, at) = notify.next(&fwd);
+        let (message, at) = notify.next(fwd);
         assert_eq!(message, "WATCHDOG=1");
         last = at;
     }
@@ -114,7 +110,7 @@ fn systemd_hears_ready_reloading_stopping_and_the_watchdog() {
     )
     .unwrap();
     fwd.signal(libc::SIGHUP);
-    let reloading = notify.next_state(&fwd);
+    let reloading = notify.next_state(fwd);
     let mut lines = reloading.lines();
     assert_eq!(lines.next(), Some("RELOADING=1"), "{reloading}");
     assert!(
@@ -123,7 +119,7 @@ fn systemd_hears_ready_reloading_stopping_and_the_watchdog() {
             .is_some_and(|v| v.parse::<u64>().is_ok())),
         "{reloading}"
     );
-    let ready = notify.next_state(&fwd);
+    let ready = notify.next_state(fwd);
     assert!(ready.starts_with("READY=1\n"), "{ready}");
     assert!(
         accepts_and_forwards(p2),
@@ -132,7 +128,7 @@ fn systemd_hears_ready_reloading_stopping_and_the_watchdog() {
 
     // SIGTERM: STOPPING=1, then exit 0 once drained.
     fwd.signal(libc::SIGTERM);
-    let stopping = notify.next_state(&fwd);
+    let stopping = notify.next_state(fwd);
     assert!(stopping.starts_with("STOPPING=1\n"), "{stopping}");
     let status = fwd.wait_exit(WAIT).expect("exits after SIGTERM");
     assert_eq!(status.code(), Some(0));
@@ -163,20 +159,6 @@ fn is_root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
 
-/// GET `path` from the web page; the whole response as text.
-fn http_get(port: u16, path: &str) -> String {
-    let mut s = TcpStream::connect(local(port)).unwrap();
-    s.set_read_timeout(Some(WAIT)).unwrap();
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    out
-}
-
 #[test]
 fn user_nobody_serves_low_ports_and_reloads_a_new_one() {
     if !is_root() {
@@ -193,16 +175,17 @@ fn user_nobody_serves_low_ports_and_reloads_a_new_one() {
     let rules = dir.path().join("entries.csv");
     std::fs::write(&rules, format!("one,{low1},127.0.0.1,{}\n", backend.port)).unwrap();
     set_mode(&rules, 0o644);
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_forwarder"));
-    cmd.arg("--rules")
-        .arg(&rules)
-        .args(["--workers", "2", "--user", "nobody", "--web"])
-        .arg(local(web).to_string());
-    let fwd = ChildGuard::spawn(cmd);
+    let forwarder = Forwarder::builder()
+        .rules_at(&rules)
+        .workers(2)
+        .web_on(&local(web).to_string())
+        .args(["--user", "nobody"])
+        .spawn();
+    let fwd = &forwarder.process;
     assert!(wait_until(WAIT, || is_listening(low1)), "{}", fwd.output());
-    assert!(wait_until(WAIT, || children_of(fwd.pid()).len() == 2));
+    assert!(wait_until(WAIT, || workers_of(fwd.pid()).len() == 2));
 
-    let mut pids = children_of(fwd.pid());
+    let mut pids = workers_of(fwd.pid());
     pids.push(fwd.pid());
     for &pid in &pids {
         assert_eq!(ids(pid, "Uid:"), vec![nobody.uid; 4], "pid {pid}");
@@ -214,8 +197,8 @@ fn user_nobody_serves_low_ports_and_reloads_a_new_one() {
     let warning = "user nobody cannot write the folder";
     assert!(fwd.wait_for_output(warning, WAIT), "{}", fwd.output());
     assert!(wait_until(WAIT, || is_listening(web)));
-    let page = http_get(web, "/api/rules");
-    assert!(page.contains(warning), "{page}");
+    let page = http::get(local(web), "/api/rules");
+    assert!(page.body.contains(warning), "{}", page.body);
 
     // A reload that adds another port below 1024 works as nobody.
     let low2 = (700..low1)
@@ -242,8 +225,13 @@ fn user_nobody_serves_low_ports_and_reloads_a_new_one() {
 
     // Once nobody owns the folder, the page has nothing to warn about.
     std::os::unix::fs::chown(dir.path(), Some(nobody.uid), Some(nobody.gid)).unwrap();
-    let page = http_get(web, "/api/rules");
-    assert!(page.contains("200 OK") && !page.contains(warning), "{page}");
+    let page = http::get(local(web), "/api/rules");
+    assert!(
+        page.status == 200 && !page.body.contains(warning),
+        "{} {}",
+        page.head,
+        page.body
+    );
 }
 
 fn set_mode(path: &Path, mode: u32) {
@@ -254,7 +242,7 @@ fn set_mode(path: &Path, mode: u32) {
 /// Runs the forwarder to completion with `args`; its exit code and stderr.
 fn run(args: &[&str], rules: Option<&str>) -> (Option<i32>, String) {
     let dir = tempfile::tempdir().unwrap();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_forwarder"));
+    let mut cmd = command();
     if let Some(text) = rules {
         let path = dir.path().join("entries.csv");
         std::fs::write(&path, text).unwrap();
@@ -315,12 +303,10 @@ fn exit_codes_tell_config_errors_from_ports_in_use() {
 fn sigusr1_logs_status_and_hup_to_the_group_spares_the_workers() {
     let backend = Backend::echo(None);
     let p1 = free_port();
-    let fwd = Forwarder::start(
-        &format!("web1,{p1},127.0.0.1,{}\n", backend.port),
-        2,
-        &[],
-        &[p1],
-    );
+    let fwd = Forwarder::builder()
+        .forward("web1", p1, backend.port)
+        .workers(2)
+        .start();
     assert!(wait_until(WAIT, || fwd.worker_pids().len() == 2));
     let workers = fwd.worker_pids();
     let mut held = TcpStream::connect(local(p1)).unwrap();

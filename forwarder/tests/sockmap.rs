@@ -13,7 +13,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use common::*;
-use testbed::testing::{free_port, wait_until};
+use testbed_dev::testing::{free_port, wait_until};
 
 const SOCKMAP: [&str; 2] = ["--data-path", "sockmap"];
 
@@ -25,17 +25,15 @@ fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
 /// A forwarder with the sockmap path and its web page, in front of `backend_port`.
 fn start(backend_port: u16, options: &str, extra: &[&str]) -> (Forwarder, u16, SocketAddr) {
     let port = free_port();
-    let web = local(free_port());
-    let web_arg = web.to_string();
-    let mut args = vec!["--web", &web_arg];
-    args.extend_from_slice(&SOCKMAP);
-    args.extend_from_slice(extra);
-    let fwd = Forwarder::start(
-        &format!("k,{port},127.0.0.1,{backend_port}{options}\n"),
-        1,
-        &args,
-        &[port],
-    );
+    let fwd = Forwarder::builder()
+        .rules(&format!("k,{port},127.0.0.1,{backend_port}{options}\n"))
+        .workers(1)
+        .web("127.0.0.1")
+        .args(SOCKMAP)
+        .args(extra)
+        .listening(&[port])
+        .start();
+    let web = fwd.web();
     (fwd, port, web)
 }
 
@@ -303,7 +301,12 @@ fn accepted_behind_stalled_backend(extra: &[&str], secs: u64, cap: usize) -> (us
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let bport = listener.local_addr().unwrap().port();
     let port = free_port();
-    let _fwd = Forwarder::start(&format!("s,{port},127.0.0.1,{bport}\n"), 1, extra, &[port]);
+    let _fwd = Forwarder::builder()
+        .rules(&format!("s,{port},127.0.0.1,{bport}\n"))
+        .workers(1)
+        .args(extra)
+        .listening(&[port])
+        .start();
     let mut c = TcpStream::connect(local(port)).unwrap();
     let (_backend, _) = listener.accept().unwrap();
     std::thread::sleep(Duration::from_millis(300)); // joined (or not) by now
@@ -552,16 +555,13 @@ fn three_thousand_concurrent_connections_in_the_kernel() {
     testbed::fdlimit::raise_nofile().unwrap();
     let backend = Backend::echo(None);
     let port = free_port();
-    let web = local(free_port());
-    let web_arg = web.to_string();
-    let mut args = vec!["--web", &web_arg];
-    args.extend_from_slice(&SOCKMAP);
-    let _fwd = Forwarder::start(
-        &format!("many,{port},127.0.0.1,{}\n", backend.port),
-        2,
-        &args,
-        &[port],
-    );
+    let fwd = Forwarder::builder()
+        .forward("many", port, backend.port)
+        .workers(2)
+        .web("127.0.0.1")
+        .args(SOCKMAP)
+        .start();
+    let web = fwd.web();
     const N: usize = 3000;
     // All open at once, in two workers' maps.
     let _conns = all_open_each_echoes_its_own(port, N, WAIT);

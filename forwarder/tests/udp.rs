@@ -11,10 +11,10 @@ use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::udp::{udp_sockets_on, Forwarder, MAX_DATAGRAM};
-use common::{local, Backend, WAIT};
+use common::udp::{udp_sockets_on, MAX_DATAGRAM};
+use common::{local, Backend, Forwarder, WAIT};
 use forwarder::udp::sys;
-use testbed::testing::{free_port, wait_until};
+use testbed_dev::testing::{free_port, wait_until};
 
 /// A UDP echo server on loopback: sends every datagram back unchanged (after `delay`), and
 /// remembers which source addresses it saw and how many datagrams.
@@ -96,15 +96,10 @@ fn datagrams_pass_whole_both_ways_and_sessions_split_evenly() {
         UdpEcho::start(Duration::ZERO),
     );
     let port = free_port();
-    let f = Forwarder::start(
-        &format!(
+    let f = Forwarder::builder().rules(&format!(
             "a,127.0.0.1:{port}/udp,127.0.0.1,{}\n\"b\",\"127.0.0.1:{port}/udp\",\"127.0.0.1\",\"{}\"\n",
             a.port, b.port
-        ),
-        2,
-        &[],
-        &[port],
-    );
+        )).workers(2).web("127.0.0.1").udp_bound(&[port]).start();
     let clients: Vec<UdpSocket> = (0..10).map(|_| client()).collect();
     for (i, c) in clients.iter().enumerate() {
         for (j, len) in [1, 0, MAX_DATAGRAM, 1400, 1, MAX_DATAGRAM]
@@ -166,12 +161,12 @@ fn datagrams_pass_whole_both_ways_and_sessions_split_evenly() {
 fn replies_leave_from_the_address_the_client_used() {
     let echo = UdpEcho::start(Duration::ZERO);
     let port = free_port();
-    let f = Forwarder::start(
-        &format!("a,{port}/udp,127.0.0.1,{}\n", echo.port),
-        1,
-        &[],
-        &[port],
-    );
+    let f = Forwarder::builder()
+        .rules(&format!("a,{port}/udp,127.0.0.1,{}\n", echo.port))
+        .workers(1)
+        .web("127.0.0.1")
+        .udp_bound(&[port])
+        .start();
     // The forwarder listens on 0.0.0.0; 127.0.0.7 is one of the host's addresses.
     let c = client();
     for ip in [[127, 0, 0, 7], [127, 0, 0, 1]] {
@@ -189,12 +184,12 @@ fn replies_leave_from_the_address_the_client_used() {
 fn ten_thousand_concurrent_sessions_all_answered() {
     let echo = UdpEcho::start(Duration::ZERO);
     let port = free_port();
-    let f = Forwarder::start(
-        &format!("a,127.0.0.1:{port}/udp,127.0.0.1,{}\n", echo.port),
-        1,
-        &[],
-        &[port],
-    );
+    let f = Forwarder::builder()
+        .rules(&format!("a,127.0.0.1:{port}/udp,127.0.0.1,{}\n", echo.port))
+        .workers(1)
+        .web("127.0.0.1")
+        .udp_bound(&[port])
+        .start();
     // 10,000 client addresses from 100 sockets: each socket sends from 100 loopback addresses
     // (127.0.1.1 ... 127.0.1.100 chosen per datagram with IP_PKTINFO), so the test needs 100
     // descriptors, not 10,000. Four threads, each with at most 100 datagrams in flight.
@@ -267,12 +262,13 @@ fn ten_thousand_concurrent_sessions_all_answered() {
 fn idle_sessions_expire_and_a_full_table_evicts_the_least_recently_active() {
     let echo = UdpEcho::start(Duration::ZERO);
     let port = free_port();
-    let f = Forwarder::start(
-        &format!("a,127.0.0.1:{port}/udp,127.0.0.1,{}\n", echo.port),
-        1,
-        &["--udp-max-sessions", "3", "--udp-idle-timeout-s", "2"],
-        &[port],
-    );
+    let f = Forwarder::builder()
+        .rules(&format!("a,127.0.0.1:{port}/udp,127.0.0.1,{}\n", echo.port))
+        .workers(1)
+        .web("127.0.0.1")
+        .args(["--udp-max-sessions", "3", "--udp-idle-timeout-s", "2"])
+        .udp_bound(&[port])
+        .start();
     let c: Vec<UdpSocket> = (0..5).map(|_| client()).collect();
     for s in &c[..3] {
         assert_eq!(ping(s, port, b"x"), b"x");
@@ -298,6 +294,8 @@ fn idle_sessions_expire_and_a_full_table_evicts_the_least_recently_active() {
         .map(|&i| c[i].local_addr().unwrap().to_string())
         .collect();
     assert_eq!(clients, expect, "sessions 1 and 2 were evicted");
+    // The log reaches us through a reader thread, possibly after the figures: wait for it.
+    f.process.wait_for_output("udp session table full", WAIT);
     assert_eq!(
         f.process.output().matches("udp session table full").count(),
         1,
@@ -327,15 +325,15 @@ fn sessions_fail_over_when_a_backend_is_port_unreachable() {
     let live = UdpEcho::start(Duration::ZERO);
     let dead = common::dead_port();
     let port = free_port();
-    let f = Forwarder::start(
-        &format!(
+    let f = Forwarder::builder()
+        .rules(&format!(
             "dead,127.0.0.1:{port}/udp,127.0.0.1,{dead}\nlive,127.0.0.1:{port}/udp,127.0.0.1,{}\n",
             live.port
-        ),
-        1,
-        &[],
-        &[port],
-    );
+        ))
+        .workers(1)
+        .web("127.0.0.1")
+        .udp_bound(&[port])
+        .start();
     // The session on the dead backend loses its first datagram (answered by ICMP port
     // unreachable), moves to the live one, and the client's retry is answered.
     let mut retries = 0;
@@ -388,7 +386,7 @@ fn sessions_fail_over_when_a_backend_is_port_unreachable() {
         )),
         Some(6),
         "every session ends up on the live backend: {}\n{}",
-        f.get("/api/connections"),
+        f.text("/api/connections"),
         f.process.output()
     );
     assert!(f
@@ -406,7 +404,12 @@ fn reload_adds_and_removes_udp_ports_without_touching_tcp_or_other_sessions() {
         "t,127.0.0.1:{tcp},127.0.0.1,{}\nu1,127.0.0.1:{u1}/udp,127.0.0.1,{}\n",
         tcp_backend.port, echo.port
     );
-    let f = Forwarder::start(&base, 2, &[], &[u1]);
+    let f = Forwarder::builder()
+        .rules(&base)
+        .workers(2)
+        .web("127.0.0.1")
+        .udp_bound(&[u1])
+        .start();
     assert!(wait_until(WAIT, || common::is_listening(tcp)));
     let mut conn = TcpStream::connect(local(tcp)).unwrap();
     conn.set_read_timeout(Some(WAIT)).unwrap();
@@ -469,12 +472,13 @@ fn reload_adds_and_removes_udp_ports_without_touching_tcp_or_other_sessions() {
 fn garbage_floods_and_odd_sources_keep_memory_bounded() {
     let echo = UdpEcho::start(Duration::ZERO);
     let port = free_port();
-    let f = Forwarder::start(
-        &format!("a,127.0.0.1:{port}/udp,127.0.0.1,{}\n", echo.port),
-        1,
-        &["--udp-max-sessions", "500"],
-        &[port],
-    );
+    let f = Forwarder::builder()
+        .rules(&format!("a,127.0.0.1:{port}/udp,127.0.0.1,{}\n", echo.port))
+        .workers(1)
+        .web("127.0.0.1")
+        .args(["--udp-max-sessions", "500"])
+        .udp_bound(&[port])
+        .start();
     // Zero-length datagrams pass as zero-length datagrams.
     let c = client();
     assert_eq!(ping(&c, port, b""), b"");
@@ -512,7 +516,7 @@ fn garbage_floods_and_odd_sources_keep_memory_bounded() {
             made.is_some_and(|m| m >= 2_000) && made.zip(gone).is_some_and(|(m, g)| m - g == 500)
         }),
         "the table never filled:\n{}",
-        f.get("/metrics")
+        f.text("/metrics")
     );
     assert_eq!(f.metric("forwarder_active_udp_sessions"), Some(500));
     let c2 = client();
@@ -525,12 +529,12 @@ fn garbage_floods_and_odd_sources_keep_memory_bounded() {
 fn sigterm_stops_reading_but_lets_replies_in_flight_arrive() {
     let slow = UdpEcho::start(Duration::from_millis(300));
     let port = free_port();
-    let mut f = Forwarder::start(
-        &format!("a,127.0.0.1:{port}/udp,127.0.0.1,{}\n", slow.port),
-        1,
-        &[],
-        &[port],
-    );
+    let mut f = Forwarder::builder()
+        .rules(&format!("a,127.0.0.1:{port}/udp,127.0.0.1,{}\n", slow.port))
+        .workers(1)
+        .web("127.0.0.1")
+        .udp_bound(&[port])
+        .start();
     let c = client();
     c.send_to(b"late reply", local(port)).unwrap();
     assert!(wait_until(WAIT, || slow.datagrams() == 1));
@@ -551,12 +555,13 @@ fn sigterm_stops_reading_but_lets_replies_in_flight_arrive() {
 fn a_one_session_table_never_mixes_two_clients_datagrams() {
     let echo = UdpEcho::start(Duration::ZERO);
     let port = free_port();
-    let f = Forwarder::start(
-        &format!("a,127.0.0.1:{port}/udp,127.0.0.1,{}\n", echo.port),
-        1,
-        &["--udp-max-sessions", "1"],
-        &[port],
-    );
+    let f = Forwarder::builder()
+        .rules(&format!("a,127.0.0.1:{port}/udp,127.0.0.1,{}\n", echo.port))
+        .workers(1)
+        .web("127.0.0.1")
+        .args(["--udp-max-sessions", "1"])
+        .udp_bound(&[port])
+        .start();
     let (a, b) = (client(), client());
     a.set_read_timeout(Some(Duration::from_millis(300)))
         .unwrap();

@@ -8,9 +8,9 @@ mod common;
 use std::collections::HashMap;
 use std::process::Command;
 
-use common::udp::{udp_sockets_on, Forwarder};
-use common::WAIT;
-use testbed::testing::{free_port, wait_until, ChildGuard};
+use common::udp::udp_sockets_on;
+use common::{Forwarder, WAIT};
+use testbed_dev::testing::{free_port, wait_until, ChildGuard};
 
 /// A dnsmasq on loopback answering `web.lab A 10.0.0.80` and `who.lab TXT <who>`.
 fn dnsmasq(who: &str) -> (ChildGuard, u16) {
@@ -44,14 +44,14 @@ fn dig_through_the_forwarder_gets_answers_split_evenly_over_two_dnsmasq() {
     let (_one, p1) = dnsmasq("one");
     let (_two, p2) = dnsmasq("two");
     let port = free_port();
-    let f = Forwarder::start(
-        &format!(
+    let f = Forwarder::builder()
+        .rules(&format!(
             "dns1,127.0.0.1:{port}/udp,127.0.0.1,{p1}\ndns2,127.0.0.1:{port}/udp,127.0.0.1,{p2}\n"
-        ),
-        2,
-        &[],
-        &[port],
-    );
+        ))
+        .workers(2)
+        .web("127.0.0.1")
+        .udp_bound(&[port])
+        .start();
     let dir = tempfile::tempdir().unwrap();
     let batch = dir.path().join("queries");
     // Ten queries per client port: five for the server's name, five for a shared record.

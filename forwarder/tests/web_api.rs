@@ -3,68 +3,28 @@
 //! field, changes need the token off loopback and the page's own origin, and hostile names
 //! come back as plain JSON text.
 
+mod common;
+
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::PathBuf;
-use std::process::Command;
 use std::time::Duration;
 
+use common::http::{request, Response};
+use common::{local, Forwarder, WAIT};
 use serde_json::Value;
-use testbed::testing::{free_port, wait_for_listen, wait_until, ChildGuard};
+use testbed_dev::testing::{free_port, wait_for_listen, wait_until};
 
-const WAIT: Duration = Duration::from_secs(20);
-
-fn local(port: u16) -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], port))
+/// A forwarder with its web page on loopback and one worker.
+fn loopback(rules: &str) -> Forwarder {
+    Forwarder::builder()
+        .rules(rules)
+        .web("127.0.0.1")
+        .args(["--max-connections", "1000"])
+        .start()
 }
 
-/// A forwarder with its web page on a free port and its rules file in a temp dir.
-struct Forwarder {
-    process: ChildGuard,
-    web: SocketAddr,
-    rules: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
+/// What these tests ask of the page besides a GET.
 impl Forwarder {
-    fn start(rules: &str, web_ip: &str, extra: &[&str]) -> Forwarder {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("entries.csv");
-        std::fs::write(&path, rules).unwrap();
-        let port = free_port();
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_forwarder"));
-        cmd.arg("--rules")
-            .arg(&path)
-            .arg("--web")
-            .arg(format!("{web_ip}:{port}"))
-            .arg("--workers")
-            .arg("1")
-            .arg("--max-connections")
-            .arg("1000")
-            .args(extra);
-        let process = ChildGuard::spawn(cmd);
-        let web = local(port);
-        assert!(
-            wait_for_listen(web, WAIT),
-            "web page never listened:\n{}",
-            process.output()
-        );
-        Forwarder {
-            process,
-            web,
-            rules: path,
-            _dir: dir,
-        }
-    }
-
-    fn loopback(rules: &str) -> Forwarder {
-        Self::start(rules, "127.0.0.1", &[])
-    }
-
-    fn get(&self, path: &str) -> Response {
-        http(self.web, "GET", path, &[], None)
-    }
-
     fn send(
         &self,
         method: &str,
@@ -74,53 +34,15 @@ impl Forwarder {
     ) -> Response {
         let mut all = vec![("Content-Type", "application/json")];
         all.extend_from_slice(headers);
-        http(self.web, method, path, &all, body)
+        http(self.web(), method, path, &all, body)
     }
 
     fn etag(&self) -> String {
         self.get("/api/rules").header("etag").unwrap().to_string()
     }
-
-    fn file(&self) -> String {
-        std::fs::read_to_string(&self.rules).unwrap()
-    }
 }
 
-struct Response {
-    status: u16,
-    headers: Vec<(String, String)>,
-    body: String,
-}
-
-impl Response {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-    }
-
-    fn json(&self) -> Value {
-        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
-    }
-
-    /// `(field, message)` of each error of a 400 answer.
-    fn field_errors(&self) -> Vec<(String, String)> {
-        self.json()["errors"]
-            .as_array()
-            .unwrap_or_else(|| panic!("no errors array: {}", self.body))
-            .iter()
-            .map(|e| {
-                (
-                    e["field"].as_str().unwrap().to_string(),
-                    e["message"].as_str().unwrap().to_string(),
-                )
-            })
-            .collect()
-    }
-}
-
-/// A minimal HTTP/1.1 client: one request per connection.
+/// One request on a fresh connection; panics when the exchange fails.
 fn http(
     addr: SocketAddr,
     method: &str,
@@ -128,61 +50,8 @@ fn http(
     headers: &[(&str, &str)],
     body: Option<&str>,
 ) -> Response {
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(WAIT)).unwrap();
-    let mut req = format!("{method} {path} HTTP/1.1\r\nConnection: close\r\n");
-    if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("host")) {
-        req.push_str(&format!("Host: {addr}\r\n"));
-    }
-    for (k, v) in headers {
-        req.push_str(&format!("{k}: {v}\r\n"));
-    }
-    let body = body.unwrap_or("");
-    req.push_str(&format!("Content-Length: {}\r\n\r\n{body}", body.len()));
-    s.write_all(req.as_bytes()).unwrap();
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw).unwrap();
-    let text = String::from_utf8(raw).unwrap();
-    let (head, rest) = text.split_once("\r\n\r\n").expect("HTTP head");
-    let mut lines = head.split("\r\n");
-    let status = lines
-        .next()
-        .unwrap()
-        .split(' ')
-        .nth(1)
-        .unwrap()
-        .parse()
-        .unwrap();
-    let headers: Vec<(String, String)> = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
-        .collect();
-    let chunked = headers
-        .iter()
-        .any(|(k, v)| k.eq_ignore_ascii_case("transfer-encoding") && v.contains("chunked"));
-    let body = if chunked {
-        dechunk(rest)
-    } else {
-        rest.to_string()
-    };
-    Response {
-        status,
-        headers,
-        body,
-    }
-}
-
-fn dechunk(mut rest: &str) -> String {
-    let mut out = String::new();
-    loop {
-        let (size, after) = rest.split_once("\r\n").expect("chunk size");
-        let size = usize::from_str_radix(size.trim(), 16).unwrap();
-        if size == 0 {
-            return out;
-        }
-        out.push_str(&after[..size]);
-        rest = &after[size + 2..];
-    }
+    request(addr, None, method, path, headers, body.unwrap_or(""))
+        .unwrap_or_else(|e| panic!("{method} {path}: {e}"))
 }
 
 /// An echo server on a free loopback port, for as long as the test runs.
@@ -242,7 +111,7 @@ fn add_edit_and_delete_reach_the_file_and_the_ports() {
     let backend = echo_backend();
     let (p1, p2, p3) = (free_port(), free_port(), free_port());
     let original = format!("r1,{p1},127.0.0.1,{backend}\n");
-    let fwd = Forwarder::loopback(&original);
+    let fwd = loopback(&original);
     assert!(wait_for_listen(local(p1), WAIT));
 
     let listed = fwd.get("/api/rules");
@@ -264,7 +133,7 @@ fn add_edit_and_delete_reach_the_file_and_the_ports() {
     );
     assert_eq!(added.status, 201, "{}", added.body);
     let id = added.json()["id"].as_str().unwrap().to_string();
-    assert!(fwd.file().ends_with(&format!(
+    assert!(fwd.rules_text().ends_with(&format!(
         "r1,{p1},127.0.0.1,{backend}\nnew,{p2},127.0.0.1,{backend}\n"
     )));
     assert_eq!(
@@ -291,9 +160,9 @@ fn add_edit_and_delete_reach_the_file_and_the_ports() {
     );
     assert_echo(&mut held, "established connection survives the edit");
     assert!(fwd
-        .file()
+        .rules_text()
         .contains(&format!("renamed,{p3},127.0.0.1,{backend}\n")));
-    assert!(!fwd.file().contains("new,"));
+    assert!(!fwd.rules_text().contains("new,"));
 
     // Delete: the port closes, the other rule keeps forwarding.
     let deleted = fwd.send("DELETE", &format!("/api/rules/{new_id}"), &[], None);
@@ -303,26 +172,26 @@ fn add_edit_and_delete_reach_the_file_and_the_ports() {
         wait_until(WAIT, || refused(p3)),
         "the deleted port still listens"
     );
-    assert!(!fwd.file().contains("renamed"));
+    assert!(!fwd.rules_text().contains("renamed"));
     echo_through(p1, "the first rule is untouched");
     assert_echo(&mut held, "still here after the delete");
 
     // An id that is gone is a 404, and nothing changes.
-    let before = fwd.file();
+    let before = fwd.rules_text();
     let gone = fwd.send("DELETE", &format!("/api/rules/{new_id}"), &[], None);
     assert_eq!(gone.status, 404);
     assert_eq!(
         gone.json()["error"],
         format!("no rule with id \"{new_id}\" (the rules changed? reload them)")
     );
-    assert_eq!(fwd.file(), before);
+    assert_eq!(fwd.rules_text(), before);
 }
 
 #[test]
 fn several_rules_are_deleted_in_one_write() {
     let backend = echo_backend();
     let (p1, p2, p3) = (free_port(), free_port(), free_port());
-    let fwd = Forwarder::loopback(&format!(
+    let fwd = loopback(&format!(
         "a,{p1},127.0.0.1,{backend}\nb,{p2},127.0.0.1,{backend}\nc,{p3},127.0.0.1,{backend}\n"
     ));
     let doc = fwd.get("/api/rules").json();
@@ -354,7 +223,7 @@ fn several_rules_are_deleted_in_one_write() {
 fn a_stale_write_is_refused_with_412() {
     let backend = echo_backend();
     let (p1, p2, p3) = (free_port(), free_port(), free_port());
-    let fwd = Forwarder::loopback(&format!("r1,{p1},127.0.0.1,{backend}\n"));
+    let fwd = loopback(&format!("r1,{p1},127.0.0.1,{backend}\n"));
     let v1 = fwd.etag();
 
     // Browser A saves first; browser B still holds v1.
@@ -366,7 +235,7 @@ fn a_stale_write_is_refused_with_412() {
     );
     assert_eq!(a.status, 201);
     let v2 = a.header("etag").unwrap().to_string();
-    let after_a = fwd.file();
+    let after_a = fwd.rules_text();
     let b = fwd.send(
         "POST",
         "/api/rules",
@@ -383,7 +252,11 @@ fn a_stale_write_is_refused_with_412() {
         Some(v2.as_str()),
         "a 412 tells the current version"
     );
-    assert_eq!(fwd.file(), after_a, "the stale write changed the file");
+    assert_eq!(
+        fwd.rules_text(),
+        after_a,
+        "the stale write changed the file"
+    );
     assert!(refused(p3));
 
     // A hand edit also makes the page's version stale, for edits and deletes alike.
@@ -403,7 +276,7 @@ fn a_stale_write_is_refused_with_412() {
         None,
     );
     assert_eq!(del.status, 412);
-    assert!(fwd.file().ends_with("# edited by hand\n"));
+    assert!(fwd.rules_text().ends_with("# edited by hand\n"));
 
     // The page shows the hand-edited file; with its version the write goes through.
     let fresh = fwd.get("/api/rules");
@@ -414,7 +287,7 @@ fn a_stale_write_is_refused_with_412() {
     let v3 = fresh.header("etag").unwrap().to_string();
     assert_ne!(v3, v2);
     let not_modified = http(
-        fwd.web,
+        fwd.web(),
         "GET",
         "/api/rules",
         &[("If-None-Match", &v3)],
@@ -434,8 +307,8 @@ fn a_stale_write_is_refused_with_412() {
 fn bad_input_is_refused_with_the_field_and_nothing_is_written() {
     let backend = echo_backend();
     let p1 = free_port();
-    let fwd = Forwarder::loopback(&format!("r1,{p1},127.0.0.1,{backend}\n"));
-    let file = fwd.file();
+    let fwd = loopback(&format!("r1,{p1},127.0.0.1,{backend}\n"));
+    let file = fwd.rules_text();
     let post = |body: &str| fwd.send("POST", "/api/rules", &[], Some(body));
     let one = |body: serde_json::Value| {
         let r = post(&body.to_string());
@@ -508,7 +381,7 @@ fn bad_input_is_refused_with_the_field_and_nothing_is_written() {
         .unwrap()
         .starts_with("the body is not valid JSON"));
     let form = http(
-        fwd.web,
+        fwd.web(),
         "POST",
         "/api/rules",
         &[("Content-Type", "application/x-www-form-urlencoded")],
@@ -518,7 +391,11 @@ fn bad_input_is_refused_with_the_field_and_nothing_is_written() {
     let huge = format!("{{\"name\": \"{}\"}}", "x".repeat(64 * 1024));
     assert_eq!(post(&huge).status, 413, "the body size is limited");
 
-    assert_eq!(fwd.file(), file, "a refused change touched the rules file");
+    assert_eq!(
+        fwd.rules_text(),
+        file,
+        "a refused change touched the rules file"
+    );
     assert!(!fwd.rules.with_extension("csv.bak").exists());
 }
 
@@ -526,11 +403,12 @@ fn bad_input_is_refused_with_the_field_and_nothing_is_written() {
 fn changes_off_loopback_need_the_token() {
     let backend = echo_backend();
     let p1 = free_port();
-    let fwd = Forwarder::start(
-        &format!("r1,{p1},127.0.0.1,{backend}\n"),
-        "0.0.0.0",
-        &["--web-token", "s3cret-t0ken"],
-    );
+    let fwd = Forwarder::builder()
+        .rules(&format!("r1,{p1},127.0.0.1,{backend}\n"))
+        .web("0.0.0.0")
+        .args(["--max-connections", "1000"])
+        .args(["--web-token", "s3cret-t0ken"])
+        .start();
     assert_eq!(fwd.get("/api/rules").status, 200, "reads stay open");
     let body = rule_json("t", free_port(), backend);
     let none = fwd.send("POST", "/api/rules", &[], Some(&body));
@@ -583,11 +461,11 @@ fn changes_off_loopback_need_the_token() {
 #[test]
 fn a_token_is_generated_and_printed_when_none_is_given_off_loopback() {
     let backend = echo_backend();
-    let fwd = Forwarder::start(
-        &format!("r1,{},127.0.0.1,{backend}\n", free_port()),
-        "0.0.0.0",
-        &[],
-    );
+    let fwd = Forwarder::builder()
+        .rules(&format!("r1,{},127.0.0.1,{backend}\n", free_port()))
+        .web("0.0.0.0")
+        .args(["--max-connections", "1000"])
+        .start();
     assert!(fwd.process.wait_for_output("#token=", WAIT));
     let out = fwd.process.output();
     let token: String = out
@@ -616,8 +494,8 @@ fn a_token_is_generated_and_printed_when_none_is_given_off_loopback() {
 #[test]
 fn cross_site_requests_are_refused() {
     let backend = echo_backend();
-    let fwd = Forwarder::loopback(&format!("r1,{},127.0.0.1,{backend}\n", free_port()));
-    let file = fwd.file();
+    let fwd = loopback(&format!("r1,{},127.0.0.1,{backend}\n", free_port()));
+    let file = fwd.rules_text();
     let body = rule_json("csrf", free_port(), backend);
     let foreign = fwd.send(
         "POST",
@@ -639,11 +517,11 @@ fn cross_site_requests_are_refused() {
     assert_eq!(cross.status, 403);
     let null = fwd.send("DELETE", "/api/connections/1", &[("Origin", "null")], None);
     assert_eq!(null.status, 403);
-    assert_eq!(fwd.file(), file);
+    assert_eq!(fwd.rules_text(), file);
 
     // A DNS-rebinding page reaches the port under a foreign host name: refused.
     let rebound = http(
-        fwd.web,
+        fwd.web(),
         "GET",
         "/api/rules",
         &[("Host", "evil.example")],
@@ -652,7 +530,7 @@ fn cross_site_requests_are_refused() {
     assert_eq!(rebound.status, 403);
 
     // The page's own origin is accepted.
-    let origin = format!("http://{}", fwd.web);
+    let origin = format!("http://{}", fwd.web());
     let same = fwd.send(
         "POST",
         "/api/rules",
@@ -666,15 +544,16 @@ fn cross_site_requests_are_refused() {
 fn a_hostile_rule_name_comes_back_as_json_text() {
     let backend = echo_backend();
     let port = free_port();
-    let fwd = Forwarder::loopback("");
+    let fwd = loopback("");
     let name = "<script>alert(\"x\")</script>";
     let body = serde_json::json!({"name": name, "listen_port": port, "dest_ip": "127.0.0.1", "dest_port": backend}).to_string();
     let r = fwd.send("POST", "/api/rules", &[], Some(&body));
     assert_eq!(r.status, 201, "{}", r.body);
     assert!(
-        fwd.file().contains("\"<script>alert(\"\"x\"\")</script>\""),
+        fwd.rules_text()
+            .contains("\"<script>alert(\"\"x\"\")</script>\""),
         "CSV quoting: {}",
-        fwd.file()
+        fwd.rules_text()
     );
 
     let listed = fwd.get("/api/rules");
@@ -706,7 +585,7 @@ fn a_hostile_rule_name_comes_back_as_json_text() {
 fn a_fresh_listing_includes_the_connection_opened_last() {
     let backend = echo_backend();
     let p1 = free_port();
-    let fwd = Forwarder::loopback(&format!("r1,{p1},127.0.0.1,{backend}\n"));
+    let fwd = loopback(&format!("r1,{p1},127.0.0.1,{backend}\n"));
     assert!(wait_for_listen(local(p1), WAIT));
     let _a = echo_through(p1, "first");
     assert!(wait_until(WAIT, || fwd
@@ -734,7 +613,7 @@ fn a_fresh_listing_includes_the_connection_opened_last() {
 fn connections_are_listed_and_closed_and_figures_count_them() {
     let backend = echo_backend();
     let p1 = free_port();
-    let fwd = Forwarder::loopback(&format!("r1,{p1},127.0.0.1,{backend}\n"));
+    let fwd = loopback(&format!("r1,{p1},127.0.0.1,{backend}\n"));
     assert!(wait_for_listen(local(p1), WAIT));
     // The history counts from its first sample of a pool: wait for it (a loaded machine can
     // start the sampler late), so the connections below land after it.
@@ -814,7 +693,7 @@ fn connections_are_listed_and_closed_and_figures_count_them() {
 
 #[test]
 fn the_page_and_its_assets_are_embedded() {
-    let fwd = Forwarder::loopback("");
+    let fwd = loopback("");
     let page = fwd.get("/");
     assert_eq!(page.status, 200);
     assert_eq!(
@@ -844,17 +723,10 @@ fn the_page_and_its_assets_are_embedded() {
 fn a_web_port_in_use_is_reported_at_start() {
     let taken = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = taken.local_addr().unwrap().port();
-    let dir = tempfile::tempdir().unwrap();
-    let rules = dir.path().join("entries.csv");
-    std::fs::write(&rules, "").unwrap();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_forwarder"));
-    cmd.arg("--rules")
-        .arg(&rules)
-        .arg("--web")
-        .arg(format!("127.0.0.1:{port}"))
-        .arg("--workers")
-        .arg("1");
-    let mut process = ChildGuard::spawn(cmd);
+    let mut fwd = Forwarder::builder()
+        .web_on(&format!("127.0.0.1:{port}"))
+        .spawn();
+    let process = &mut fwd.process;
     let status = process.wait_exit(WAIT).expect("the forwarder exits");
     assert!(!status.success());
     assert!(process.wait_for_output("Address already in use", WAIT));
@@ -871,7 +743,7 @@ fn a_web_port_in_use_is_reported_at_start() {
 fn a_broken_hand_edit_is_shown_and_can_be_fixed_from_the_page() {
     let backend = echo_backend();
     let (p1, p2) = (free_port(), free_port());
-    let fwd = Forwarder::loopback(&format!("good,{p1},127.0.0.1,{backend}\n"));
+    let fwd = loopback(&format!("good,{p1},127.0.0.1,{backend}\n"));
     assert!(wait_for_listen(local(p1), WAIT));
     std::fs::write(
         &fwd.rules,
@@ -912,7 +784,7 @@ fn a_broken_hand_edit_is_shown_and_can_be_fixed_from_the_page() {
 fn a_valid_file_that_cannot_be_applied_says_why_on_the_page() {
     let backend = echo_backend();
     let p1 = free_port();
-    let fwd = Forwarder::loopback(&format!("good,{p1},127.0.0.1,{backend}\n"));
+    let fwd = loopback(&format!("good,{p1},127.0.0.1,{backend}\n"));
     assert!(wait_for_listen(local(p1), WAIT));
     let doc = fwd.get("/api/rules").json();
     assert_eq!(doc["in_force"], true);
@@ -947,11 +819,11 @@ fn a_valid_file_that_cannot_be_applied_says_why_on_the_page() {
 fn a_flood_of_idle_page_connections_does_not_stop_forwarding_or_reloads() {
     let backend = echo_backend();
     let (p1, p2) = (free_port(), free_port());
-    let fwd = Forwarder::loopback(&format!("r1,{p1},127.0.0.1,{backend}\n"));
+    let fwd = loopback(&format!("r1,{p1},127.0.0.1,{backend}\n"));
     assert!(wait_for_listen(local(p1), WAIT));
     // More idle connections than the page serves at once: the page stalls, nothing else does.
     let idle: Vec<TcpStream> = (0..300)
-        .map(|_| TcpStream::connect(fwd.web).unwrap())
+        .map(|_| TcpStream::connect(fwd.web()).unwrap())
         .collect();
     echo_through(p1, "forwarding goes on");
     std::fs::write(

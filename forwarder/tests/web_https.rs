@@ -4,58 +4,25 @@
 //! the handshake, a rules reload leaves the page's TLS alone, a bad pair stops the start with one
 //! line naming the file, and plain HTTP off loopback is warned about at start and on the page.
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::sync::Arc;
-use std::time::Duration;
+mod common;
 
-use serde_json::Value;
-use testbed::testing::{free_port, wait_for_listen, ChildGuard};
+use std::ffi::OsStr;
+use std::path::Path;
+use std::sync::Arc;
+
+use common::http::request;
+use common::{Forwarder, WAIT};
+use testbed_dev::testing::free_port;
 use tokio_rustls::rustls;
 
-const WAIT: Duration = Duration::from_secs(20);
-
 /// A forwarder serving its page on `web_ip` and a free port, with one rule.
-struct Forwarder {
-    process: ChildGuard,
-    web: SocketAddr,
-    rules: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl Forwarder {
-    fn start(web_ip: &str, extra: &[&str]) -> Forwarder {
-        let dir = tempfile::tempdir().unwrap();
-        let rules = dir.path().join("entries.csv");
-        std::fs::write(
-            &rules,
-            format!("web-secret-rule,{},127.0.0.1,9\n", free_port()),
-        )
-        .unwrap();
-        let port = free_port();
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_forwarder"));
-        cmd.arg("--rules")
-            .arg(&rules)
-            .arg("--web")
-            .arg(format!("{web_ip}:{port}"))
-            .args(["--workers", "1", "--max-connections", "1000"])
-            .args(extra);
-        let process = ChildGuard::spawn(cmd);
-        let web = SocketAddr::from(([127, 0, 0, 1], port));
-        assert!(
-            wait_for_listen(web, WAIT),
-            "web page never listened:\n{}",
-            process.output()
-        );
-        Forwarder {
-            process,
-            web,
-            rules,
-            _dir: dir,
-        }
-    }
+fn start(web_ip: &str, extra: &[&str]) -> Forwarder {
+    Forwarder::builder()
+        .rules(&format!("web-secret-rule,{},127.0.0.1,9\n", free_port()))
+        .web(web_ip)
+        .args(["--max-connections", "1000"])
+        .args(extra)
+        .start()
 }
 
 /// A throwaway CA and server pair in `dir`.
@@ -67,91 +34,6 @@ fn client_trusting(ca: &Path) -> Arc<rustls::ClientConfig> {
     Arc::new(testbed::tls::client_config(ca).unwrap())
 }
 
-struct Response {
-    status: u16,
-    head: String,
-    body: String,
-}
-
-impl Response {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.head.lines().skip(1).find_map(|l| {
-            let (k, v) = l.split_once(':')?;
-            k.eq_ignore_ascii_case(name).then(|| v.trim())
-        })
-    }
-
-    fn json(&self) -> Value {
-        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
-    }
-}
-
-/// One HTTP/1.1 request with `Connection: close`, over TLS when `tls` is given.
-fn request(
-    addr: SocketAddr,
-    tls: Option<Arc<rustls::ClientConfig>>,
-    method: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-    body: &str,
-) -> std::io::Result<Response> {
-    let tcp = TcpStream::connect(addr)?;
-    tcp.set_read_timeout(Some(WAIT))?;
-    let mut req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
-        body.len()
-    );
-    for (k, v) in headers {
-        req.push_str(&format!("{k}: {v}\r\n"));
-    }
-    req.push_str("\r\n");
-    req.push_str(body);
-    let mut raw = Vec::new();
-    match tls {
-        Some(config) => {
-            let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
-            let conn =
-                rustls::ClientConnection::new(config, name).map_err(std::io::Error::other)?;
-            let mut stream = rustls::StreamOwned::new(conn, tcp);
-            stream.write_all(req.as_bytes())?;
-            stream.read_to_end(&mut raw)?;
-        }
-        None => {
-            let mut tcp = tcp;
-            tcp.write_all(req.as_bytes())?;
-            tcp.read_to_end(&mut raw)?;
-        }
-    }
-    let text = String::from_utf8(raw).unwrap();
-    let (head, rest) = text.split_once("\r\n\r\n").expect("HTTP head");
-    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
-    let chunked = head
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked");
-    Ok(Response {
-        status,
-        head: head.to_string(),
-        body: if chunked {
-            dechunk(rest)
-        } else {
-            rest.to_string()
-        },
-    })
-}
-
-fn dechunk(mut rest: &str) -> String {
-    let mut out = String::new();
-    loop {
-        let (size, after) = rest.split_once("\r\n").expect("chunk size");
-        let size = usize::from_str_radix(size.trim(), 16).unwrap();
-        if size == 0 {
-            return out;
-        }
-        out.push_str(&after[..size]);
-        rest = &after[size + 2..];
-    }
-}
-
 #[test]
 fn the_api_answers_over_https_to_the_ca_and_a_reload_leaves_tls_alone() {
     let certs_dir = tempfile::tempdir().unwrap();
@@ -160,28 +42,44 @@ fn the_api_answers_over_https_to_the_ca_and_a_reload_leaves_tls_alone() {
         pair.server_cert.to_str().unwrap(),
         pair.server_key.to_str().unwrap(),
     );
-    let fwd = Forwarder::start("127.0.0.1", &["--web-cert", cert, "--web-key", key]);
+    let fwd = start("127.0.0.1", &["--web-cert", cert, "--web-key", key]);
     let trusted = client_trusting(&pair.ca_cert);
     assert!(
         fwd.process
-            .wait_for_output(&format!("web page on https://{}/\n", fwd.web), WAIT),
+            .wait_for_output(&format!("web page on https://{}/\n", fwd.web()), WAIT),
         "{}",
         fwd.process.output()
     );
 
-    let rules = request(fwd.web, Some(trusted.clone()), "GET", "/api/rules", &[], "").unwrap();
+    let rules = request(
+        fwd.web(),
+        Some(trusted.clone()),
+        "GET",
+        "/api/rules",
+        &[],
+        "",
+    )
+    .unwrap();
     assert_eq!(rules.status, 200, "{}", rules.body);
     assert_eq!(rules.json()["entries"][0]["name"], "web-secret-rule");
     assert_eq!(
         rules.header("strict-transport-security"),
         Some("max-age=31536000")
     );
-    let stats = request(fwd.web, Some(trusted.clone()), "GET", "/api/stats", &[], "").unwrap();
+    let stats = request(
+        fwd.web(),
+        Some(trusted.clone()),
+        "GET",
+        "/api/stats",
+        &[],
+        "",
+    )
+    .unwrap();
     assert_eq!(
         stats.json()["web"],
         serde_json::json!({"https": true, "warning": null})
     );
-    let metrics = request(fwd.web, Some(trusted.clone()), "GET", "/metrics", &[], "").unwrap();
+    let metrics = request(fwd.web(), Some(trusted.clone()), "GET", "/metrics", &[], "").unwrap();
     assert_eq!(metrics.status, 200);
     assert!(metrics.body.contains("web-secret-rule"), "{}", metrics.body);
 
@@ -194,12 +92,16 @@ fn the_api_answers_over_https_to_the_ca_and_a_reload_leaves_tls_alone() {
     std::fs::write(&tmp, format!("reloaded-rule,{},127.0.0.1,9\n", free_port())).unwrap();
     std::fs::rename(&tmp, &fwd.rules).unwrap();
     assert!(
-        testbed::testing::wait_until(WAIT, || fwd.process.output().matches("reloading").count()
+        testbed_dev::testing::wait_until(WAIT, || fwd
+            .process
+            .output()
+            .matches("reloading")
+            .count()
             > before),
         "no reload noticed:\n{}",
         fwd.process.output()
     );
-    let after = request(fwd.web, Some(trusted), "GET", "/api/rules", &[], "").unwrap();
+    let after = request(fwd.web(), Some(trusted), "GET", "/api/rules", &[], "").unwrap();
     assert_eq!(after.status, 200);
     assert_eq!(after.json()["entries"][0]["name"], "reloaded-rule");
 }
@@ -209,7 +111,7 @@ fn plain_http_to_the_tls_port_gets_no_rules_and_a_wrong_ca_fails_the_handshake()
     let certs_dir = tempfile::tempdir().unwrap();
     let pair = throwaway(&certs_dir.path().join("right"));
     let other = throwaway(&certs_dir.path().join("other"));
-    let fwd = Forwarder::start(
+    let fwd = start(
         "127.0.0.1",
         &[
             "--web-cert",
@@ -219,7 +121,7 @@ fn plain_http_to_the_tls_port_gets_no_rules_and_a_wrong_ca_fails_the_handshake()
         ],
     );
 
-    let plain = request(fwd.web, None, "GET", "/api/rules", &[], "").unwrap();
+    let plain = request(fwd.web(), None, "GET", "/api/rules", &[], "").unwrap();
     assert_eq!(plain.status, 400);
     assert_eq!(
         plain.body,
@@ -228,7 +130,7 @@ fn plain_http_to_the_tls_port_gets_no_rules_and_a_wrong_ca_fails_the_handshake()
     assert!(!plain.head.contains("web-secret-rule"));
 
     let e = request(
-        fwd.web,
+        fwd.web(),
         Some(client_trusting(&other.ca_cert)),
         "GET",
         "/api/rules",
@@ -244,7 +146,7 @@ fn plain_http_to_the_tls_port_gets_no_rules_and_a_wrong_ca_fails_the_handshake()
     );
     // The page is still there for the right client.
     let ok = request(
-        fwd.web,
+        fwd.web(),
         Some(client_trusting(&pair.ca_cert)),
         "GET",
         "/api/rules",
@@ -259,7 +161,7 @@ fn plain_http_to_the_tls_port_gets_no_rules_and_a_wrong_ca_fails_the_handshake()
 fn off_loopback_the_token_link_is_https_and_changes_work_with_the_token() {
     let certs_dir = tempfile::tempdir().unwrap();
     let pair = throwaway(certs_dir.path());
-    let fwd = Forwarder::start(
+    let fwd = start(
         "0.0.0.0",
         &[
             "--web-cert",
@@ -268,7 +170,7 @@ fn off_loopback_the_token_link_is_https_and_changes_work_with_the_token() {
             pair.server_key.to_str().unwrap(),
         ],
     );
-    let port = fwd.web.port();
+    let port = fwd.web().port();
     assert!(fwd.process.wait_for_output("#token=", WAIT));
     let out = fwd.process.output();
     let link = format!("open https://<this host>:{port}/#token=");
@@ -291,7 +193,7 @@ fn off_loopback_the_token_link_is_https_and_changes_work_with_the_token() {
     .to_string();
     let json = ("Content-Type", "application/json");
     let refused = request(
-        fwd.web,
+        fwd.web(),
         Some(trusted.clone()),
         "POST",
         "/api/rules",
@@ -302,7 +204,7 @@ fn off_loopback_the_token_link_is_https_and_changes_work_with_the_token() {
     assert_eq!(refused.status, 401);
     let auth = format!("Bearer {token}");
     let added = request(
-        fwd.web,
+        fwd.web(),
         Some(trusted),
         "POST",
         "/api/rules",
@@ -320,7 +222,7 @@ fn off_loopback_the_token_link_is_https_and_changes_work_with_the_token() {
 
 #[test]
 fn plain_http_off_loopback_is_warned_about_at_start_and_on_the_page() {
-    let fwd = Forwarder::start("0.0.0.0", &["--web-token", "t0ken"]);
+    let fwd = start("0.0.0.0", &["--web-token", "t0ken"]);
     let warning = "the web token and the rules travel unencrypted on the network; serve the page \
          over HTTPS with --web-cert certs/server.crt --web-key certs/server.key (make the pair \
          with `certs --san <this host's name or address>`)";
@@ -328,14 +230,14 @@ fn plain_http_off_loopback_is_warned_about_at_start_and_on_the_page() {
         fwd.process.wait_for_output(
             &format!(
                 "web page on http://<this host>:{}/ is plain HTTP: {warning}\n",
-                fwd.web.port()
+                fwd.web().port()
             ),
             WAIT
         ),
         "{}",
         fwd.process.output()
     );
-    let stats = request(fwd.web, None, "GET", "/api/stats", &[], "").unwrap();
+    let stats = request(fwd.web(), None, "GET", "/api/stats", &[], "").unwrap();
     assert_eq!(
         stats.json()["web"],
         serde_json::json!({"https": false, "warning": warning})
@@ -343,8 +245,8 @@ fn plain_http_off_loopback_is_warned_about_at_start_and_on_the_page() {
     assert_eq!(stats.header("strict-transport-security"), None);
 
     // On loopback nothing crosses a network: no warning.
-    let local = Forwarder::start("127.0.0.1", &[]);
-    let stats = request(local.web, None, "GET", "/api/stats", &[], "").unwrap();
+    let local = start("127.0.0.1", &[]);
+    let stats = request(local.web(), None, "GET", "/api/stats", &[], "").unwrap();
     assert_eq!(
         stats.json()["web"],
         serde_json::json!({"https": false, "warning": null})
@@ -355,27 +257,20 @@ fn plain_http_off_loopback_is_warned_about_at_start_and_on_the_page() {
 /// Runs the forwarder with `cert` and `key`; it must exit non-zero before starting anything,
 /// and the last line it prints is returned.
 fn failed_start(cert: &Path, key: &Path) -> String {
-    let dir = tempfile::tempdir().unwrap();
-    let rules = dir.path().join("entries.csv");
     let port = free_port();
-    std::fs::write(&rules, format!("r,{port},127.0.0.1,9\n")).unwrap();
-    let web = free_port();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_forwarder"));
-    cmd.arg("--rules")
-        .arg(&rules)
-        .arg("--web")
-        .arg(format!("127.0.0.1:{web}"))
-        .arg("--web-cert")
-        .arg(cert)
-        .arg("--web-key")
-        .arg(key);
-    let mut process = ChildGuard::spawn(cmd);
+    let mut fwd = Forwarder::builder()
+        .rules(&format!("r,{port},127.0.0.1,9\n"))
+        .web("127.0.0.1")
+        .args([OsStr::new("--web-cert"), cert.as_os_str()])
+        .args([OsStr::new("--web-key"), key.as_os_str()])
+        .spawn();
+    let process = &mut fwd.process;
     let status = process
         .wait_exit(WAIT)
         .unwrap_or_else(|| panic!("still running:\n{}", process.output()));
     assert!(!status.success());
     // Give the output readers a moment to see the pipes close.
-    assert!(testbed::testing::wait_until(WAIT, || process
+    assert!(testbed_dev::testing::wait_until(WAIT, || process
         .output()
         .contains("forwarder: ")));
     let out = process.output();

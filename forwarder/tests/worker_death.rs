@@ -6,12 +6,11 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::process::Command;
 use std::time::Duration;
 
-use common::{children_of, http_get, local, metric, round_trip, Backend, WAIT};
+use common::{children_of, http_get, local, metric, round_trip, Backend, Forwarder, WAIT};
 use serde_json::Value;
-use testbed::testing::{free_port, wait_for_listen, wait_until, ChildGuard};
+use testbed_dev::testing::{free_port, wait_for_listen, wait_until};
 
 /// Connections opened in each round.
 const CONNECTIONS: usize = 120;
@@ -58,17 +57,12 @@ fn still_forwards(s: &mut TcpStream) -> bool {
 fn a_killed_workers_connections_are_lost_not_active() {
     let backend = Backend::echo(None);
     let port = free_port();
-    let web = local(free_port());
-    let dir = tempfile::tempdir().unwrap();
-    let rules = dir.path().join("entries.csv");
-    std::fs::write(&rules, format!("a,{port},127.0.0.1,{}\n", backend.port)).unwrap();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_forwarder"));
-    cmd.arg("--rules")
-        .arg(&rules)
-        .args(["--workers", "2", "--web"])
-        .arg(web.to_string());
-    let fwd = ChildGuard::spawn(cmd);
-    assert!(wait_for_listen(web, WAIT), "{}", fwd.output());
+    let forwarder = Forwarder::builder()
+        .rules(&format!("a,{port},127.0.0.1,{}\n", backend.port))
+        .workers(2)
+        .web("127.0.0.1")
+        .start();
+    let (fwd, web) = (&forwarder.process, forwarder.web());
     assert!(wait_for_listen(local(port), WAIT), "{}", fwd.output());
 
     let mut lost_so_far = 0;

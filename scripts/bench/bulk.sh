@@ -7,7 +7,7 @@
 # proc: /proc/<pid>/task/*/schedstat) over the bytes iperf3 received. Prints which path auto chose
 # and why (its start-up line), the machine's load (uptime) before and after.
 #
-# Usage: scripts/bench-forwarder.sh --bulk, or scripts/bench/bulk.sh [--rounds N] [--seconds S] [--out FILE] [--keep] [--no-build]
+# Usage: scripts/bench/bench-forwarder.sh --bulk, or scripts/bench/bulk.sh [--rounds N] [--seconds S] [--out FILE] [--keep] [--no-build]
 # Run it under `flock /work/locks/bench.lock` on a shared machine.
 set -euo pipefail
 

@@ -12,7 +12,7 @@
 # For each bulk run the softirq time of every CPU is kept, to see where redirected bytes are
 # processed (--keep keeps the raw figures).
 #
-# Run through scripts/bench-forwarder.sh --data-path-compare [options].
+# Run through scripts/bench/bench-forwarder.sh --data-path-compare [options].
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
@@ -24,7 +24,7 @@ source scripts/bench/lib.sh
 
 usage() {
     cat <<'EOF'
-Usage: scripts/bench-forwarder.sh --data-path-compare [options]
+Usage: scripts/bench/bench-forwarder.sh --data-path-compare [options]
   --runs N             single-stream iperf3 runs per target, alternating [20]
   --seconds S          length of each iperf3 run [3]
   --ping-seconds S     length of the ping-pong load (all targets in 50 ms slices) [6]
@@ -89,14 +89,14 @@ port_of() { # target service
 say "backends on 127.0.0.1:$IPERF (iperf3) and :$ECHO (echo); work dir $WORK"
 start_bg "$WORK/iperf3.log" iperf3 -s -B 127.0.0.1 -p "$IPERF" --idle-timeout 300
 start_bg "$WORK/echo.log" "$LOAD" echo --listen "127.0.0.1:$ECHO" --threads 2 --max-seconds 1800
-for p in "$IPERF" "$ECHO"; do wait_listen "$p"; done
+for p in "$IPERF" "$ECHO"; do wait_port "$p"; done
 for t in splice sockmap; do
     printf 'iperf,%s,127.0.0.1,%s\necho,%s,127.0.0.1,%s\n' "$(port_of $t iperf)" "$IPERF" \
         "$(port_of $t echo)" "$ECHO" >"$WORK/rules-$t.csv"
     start_bg "$WORK/forwarder-$t.log" "$FORWARDER" --rules "$WORK/rules-$t.csv" --no-web --workers 2 \
         --data-path "$t" --log-level info --drain-timeout-s 1
     PID[$t]=$BG_PID
-    for s in iperf echo; do wait_listen "$(port_of $t $s)"; done
+    for s in iperf echo; do wait_port "$(port_of $t $s)"; done
 done
 grep -q "data path: sockmap" "$WORK/forwarder-sockmap.log" || {
     say "the sockmap forwarder did not load its program:"

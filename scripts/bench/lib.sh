@@ -1,55 +1,10 @@
 # shellcheck shell=bash
-# Helpers for scripts/bench-forwarder.sh: free ports, background processes that are always killed,
-# waiting on sockets, templates, and the figures' arithmetic. Sourced, not run.
+# Helpers for the benchmarks under scripts/bench/: free port blocks, quiet sockets, templates, and
+# the figures' arithmetic, on top of scripts/lib/common.sh (waiting on ports, background processes,
+# binaries). Sourced, not run.
 
-BENCH_PIDS=()
-
-# Builds the release forwarder and bench-load when BUILD=1, then checks they are there; sets
-# TARGET_DIR, FORWARDER (BENCH_FORWARDER when set: another build to measure) and LOAD.
-# Usage: release_binaries TOOL-NAME (named in the messages).
-release_binaries() {
-    TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
-    if [ "${BUILD:-1}" = 1 ]; then
-        echo "$1: building release binaries (cargo build --release -p forwarder --bins --examples)" >&2
-        cargo build --release -q -p forwarder --bins --examples
-    fi
-    FORWARDER=${BENCH_FORWARDER:-$TARGET_DIR/release/forwarder}
-    LOAD=$TARGET_DIR/release/examples/bench-load
-    local b
-    for b in "$FORWARDER" "$LOAD"; do
-        [ -x "$b" ] || { echo "$1: $b is missing (run without --no-build)" >&2; exit 1; }
-    done
-}
-
-# Starts "$@" in its own session (so its whole process group can be killed by id), output to $LOG.
-# Usage: start_bg LOGFILE cmd args...; the pid is left in $BG_PID.
-start_bg() {
-    local log=$1
-    shift
-    setsid "$@" >"$log" 2>&1 </dev/null &
-    BG_PID=$!
-    BENCH_PIDS+=("$BG_PID")
-}
-
-# Stops one process group started by start_bg: TERM, up to 3 s to exit, then KILL.
-stop_bg() {
-    local pid=$1 i
-    kill -TERM -- "-$pid" 2>/dev/null || return 0
-    for i in $(seq 30); do
-        kill -0 -- "-$pid" 2>/dev/null || return 0
-        sleep 0.1
-    done
-    kill -KILL -- "-$pid" 2>/dev/null || true
-}
-
-# Stops every process group this script started (newest first). Installed as the EXIT trap.
-stop_all() {
-    local i
-    for ((i = ${#BENCH_PIDS[@]} - 1; i >= 0; i--)); do
-        stop_bg "${BENCH_PIDS[$i]}"
-    done
-    BENCH_PIDS=()
-}
+# shellcheck source=../lib/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/../lib/common.sh"
 
 # True when no socket in any state uses a port in [first, first+count).
 ports_free() {
@@ -68,17 +23,6 @@ pick_port_block() {
         fi
     done
     echo "no free block of 50 ports found in 21000-31000" >&2
-    return 1
-}
-
-# Waits up to $2 seconds (default 10) for a listener on 127.0.0.1:$1.
-wait_listen() {
-    local port=$1 secs=${2:-10} i
-    for i in $(seq $((secs * 20))); do
-        [ -n "$(ss -Htln "( sport = :$port )")" ] && return 0
-        sleep 0.05
-    done
-    echo "nothing listens on 127.0.0.1:$port after ${secs}s" >&2
     return 1
 }
 

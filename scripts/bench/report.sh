@@ -1,5 +1,5 @@
 # shellcheck shell=bash
-# The result table of scripts/bench-forwarder.sh: medians over rounds, ratios, and the targets'
+# The result table of scripts/bench/bench-forwarder.sh: medians over rounds, ratios, and the targets'
 # verdicts, from the JSON results and meta.env in a work directory. Sourced; needs lib.sh.
 
 # report WORKDIR: prints the markdown table and verdicts.
@@ -80,14 +80,16 @@ report() {
     verdict() { if "$@"; then echo PASS; else echo FAIL; fi; }
     # A target is judged only on measured figures: a missing one makes it FAIL, and says which.
     absent() { # "TARGET KEY"... -> "; no figure for ..." naming the missing ones, or nothing
-        local tk out=()
+        local tk missing=()
         for tk in "$@"; do
             local v=${V[${tk#* },${tk% *}]}
-            if [ -z "$v" ] || [ "$v" = null ]; then out+=("$tk"); fi
+            if [ -z "$v" ] || [ "$v" = null ]; then missing+=("$tk"); fi
         done
-        [ ${#out[@]} -eq 0 ] || echo "; no figure for: ${out[*]}"
+        [ ${#missing[@]} -eq 0 ] || echo "; no figure for: ${missing[*]}"
     }
+    # shellcheck disable=SC2317  # called by name, through `versus` below
     cheaper() { less_than "${V[$1,ours]}" "${V[$1,haproxy]}" && less_than "${V[$1,ours]}" "${V[$1,nginx]}"; }
+    # shellcheck disable=SC2317  # called by name, through `versus` below
     no_more() { at_most "${V[$1,ours]}" "${V[$1,haproxy]}" && at_most "${V[$1,ours]}" "${V[$1,nginx]}"; }
     # "PASS (ours 1.0 vs HAProxy 2.0, nginx 3.0)"; a FAIL by less than 5 % is marked as within noise.
     versus() { # test key decimals

@@ -29,8 +29,8 @@ printf 'i,%s,127.0.0.1,%s\n' "$PROXY" "$SERVER" >"$WORK/rules.csv"
 start_bg "$WORK/iperf3.log" iperf3 -s -B 127.0.0.1 -p "$SERVER"
 start_bg "$WORK/forwarder.log" "$FORWARDER" --rules "$WORK/rules.csv" --no-web --workers 2 \
     --data-path sockmap --log-level info
-wait_listen "$SERVER"
-wait_listen "$PROXY"
+wait_port "$SERVER"
+wait_port "$PROXY"
 grep -q "data path: sockmap" "$WORK/forwarder.log" || { cat "$WORK/forwarder.log" >&2; exit 1; }
 
 PINCMD=()

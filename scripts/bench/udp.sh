@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# UDP forwarder benchmark (run as `scripts/bench-forwarder.sh --udp`): direct loopback vs our
+# UDP forwarder benchmark (run as `scripts/bench/bench-forwarder.sh --udp`): direct loopback vs our
 # forwarder vs nginx stream (`listen … udp`, 2 workers) vs socat (UDP-LISTEN,fork) vs rinetd (a
 # /udp rule), side by side in one run on 127.0.0.1 only.
 #
@@ -10,7 +10,7 @@
 # latency p50/p99 with sockperf (UDP, 64 B). The figure of merit per size: the highest rate at
 # which loss stays below 0.1 %.
 #
-# Usage: scripts/bench-forwarder.sh --udp [--quick] [--seconds S] [--rates "R1 R2 …"] [--out FILE]
+# Usage: scripts/bench/bench-forwarder.sh --udp [--quick] [--seconds S] [--rates "R1 R2 …"] [--out FILE]
 #                                         [--keep] [--no-build] [--from DIR]
 set -euo pipefail
 

@@ -34,7 +34,7 @@ declare -A BIN=([a]=$A/release/forwarder [b]=$B/release/forwarder)
 declare -A PID
 
 start_bg "$WORK/echo.log" "$LOAD" echo --listen "127.0.0.1:$ECHO" --threads 2 --max-seconds 1800
-wait_listen "$ECHO"
+wait_port "$ECHO"
 for v in a b; do
     opts_var=AB_OPTIONS_${v^^}
     if [ -n "${!opts_var:-}" ]; then
@@ -44,7 +44,7 @@ for v in a b; do
     fi
     start_bg "$WORK/forwarder-$v.log" "${BIN[$v]}" --rules "$WORK/rules-$v.csv" --no-web --workers 2
     PID[$v]=$BG_PID
-    wait_listen "${PORT[$v]}"
+    wait_port "${PORT[$v]}"
 done
 
 for round in $(seq "$ROUNDS"); do

@@ -45,7 +45,9 @@ LAB_RESULTS=${LAB_RESULTS:-$REPO/lab-results}
 log() { printf '[lab %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 die() { log "error: $*"; exit 1; }
 
-in_ns() { local ns=$1; shift; ip netns exec "$ns" "$@"; }
+# in_ns NS CMD...: from the shared shell.
+# shellcheck source=scripts/lib/common.sh
+source "$REPO/scripts/lib/common.sh"
 
 # Picks the directory with the workspace binaries: LAB_BIN_DIR if given (used as it is), else the
 # release build, brought up to date here so that every case runs the current programs. Sets BIN_DIR

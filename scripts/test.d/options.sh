@@ -46,7 +46,8 @@ fail() {
     done
     exit 1
 }
-in_ns() { local ns=$1; shift; ip netns exec "$ns" "$@"; }
+# shellcheck source=scripts/lib/common.sh
+source scripts/lib/common.sh
 
 # Leftovers of a killed run first.
 for ns in fwopt-c1 fwopt-c2 fwopt-fw fwopt-be; do ip netns del "$ns" 2>/dev/null; done

@@ -21,6 +21,8 @@ installed() { dpkg-query -W -f='${Status}' forwarder 2>/dev/null | grep -q 'inst
 started=$(date +%s)
 PROFILE=dev scripts/package.sh >/dev/null
 target=${CARGO_TARGET_DIR:-$root/target}
+# The newest package: the names are ours (forwarder_VERSION_ARCH.deb), so ls -t is safe here.
+# shellcheck disable=SC2012
 deb=$(ls -t "$target"/debian/forwarder_*.deb | head -n 1)
 built=$(date +%s)
 
@@ -44,6 +46,12 @@ done
 for f in /usr/share/bash-completion/completions/forwarder /usr/share/zsh/vendor-completions/_forwarder \
     /usr/share/fish/vendor_completions.d/forwarder.fish; do
     grep -q -- 'refuse-root' "$f" || fail "$f lacks --refuse-root"
+done
+# The forwarder's own documentation, not the workspace README.
+head -n 1 /usr/share/doc/forwarder/README.md | grep -qx '# forwarder' ||
+    fail "/usr/share/doc/forwarder/README.md is not the forwarder's README"
+for d in rules service web internals; do
+    [ -s "/usr/share/doc/forwarder/$d.md" ] || fail "no /usr/share/doc/forwarder/$d.md"
 done
 for p in ssl-echo-server ssl-echo-client chat-server chat-client certs; do
     other=$(env MANPAGER=cat man -l "$target/debug/docs/man/$p.1.gz" 2>&1) || fail "man $p: $other"

@@ -4,13 +4,15 @@
 # test, and always stops what it started. The forwarder whose changes need a token serves its
 # page over HTTPS with a throwaway pair from `certs`; Chromium trusts exactly that key (its SPKI
 # hash), nothing else. A third one, bound off loopback over plain HTTP, must show the warning. The screenshot goes to a temp file, or to
-# $WEB_SCREENSHOT when set (WEB_SCREENSHOT=docs/img/web.png refreshes the README's picture).
+# $WEB_SCREENSHOT when set (WEB_SCREENSHOT=docs/img/web.png refreshes the picture in docs/web.md).
 set -euo pipefail
 cd "$(dirname "$0")/../.." || exit 1
 root=$PWD
 
 # shellcheck source=scripts/lib/apt.sh
 source scripts/lib/apt.sh
+# shellcheck source=scripts/lib/common.sh
+source scripts/lib/common.sh
 ensure_apt_packages chromium fonts-dejavu-core openssl
 # nodesource's nodejs provides npm itself (and conflicts with Debian's npm package).
 if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
@@ -62,22 +64,11 @@ read -r web_port backend_a backend_b dead_port pool_port dead_pool_port new_port
     node scripts/e2e/ports.mjs 9
 )
 
-wait_for_port() {
-    local host=$1 port=$2 _
-    for _ in $(seq 1 150); do
-        if (exec 3<>"/dev/tcp/$host/$port") 2>/dev/null; then
-            return 0
-        fi
-        sleep 0.1
-    done
-    echo "web: nothing listens on $host:$port" >&2
-    return 1
-}
 
 setsid node scripts/e2e/backend.mjs "$backend_a" "$backend_b" >"$work/backend.log" 2>&1 &
 pids+=($!)
-wait_for_port 127.0.0.1 "$backend_a"
-wait_for_port 127.0.0.1 "$backend_b"
+wait_port "$backend_a" 15
+wait_port "$backend_b" 15
 
 rules="$work/entries.csv"
 cat >"$rules" <<EOF
@@ -93,7 +84,7 @@ setsid "$bin" --rules entries.csv --web "127.0.0.1:$web_port" --workers 2 --heal
     --log-level info >"$work/forwarder.log" 2>&1 &
 pids+=($!)
 cd "$root"
-if ! wait_for_port 127.0.0.1 "$web_port"; then
+if ! wait_port "$web_port" 15; then
     cat "$work/forwarder.log" >&2
     exit 1
 fi
@@ -112,7 +103,7 @@ setsid "$bin" --rules "$work/token/entries.csv" --web "127.0.0.2:$token_port" --
     --web-cert "$work/certs/server.crt" --web-key "$work/certs/server.key" \
     --workers 1 --log-level info >"$work/forwarder-token.log" 2>&1 &
 pids+=($!)
-if ! wait_for_port 127.0.0.2 "$token_port"; then
+if ! wait_port "$token_port" 15; then
     cat "$work/forwarder-token.log" >&2
     exit 1
 fi
@@ -122,7 +113,7 @@ fi
 setsid "$bin" --rules "$work/plain.csv" --web "0.0.0.0:$plain_port" --web-token "$token" \
     --workers 1 --log-level info >"$work/forwarder-plain.log" 2>&1 &
 pids+=($!)
-if ! wait_for_port 127.0.0.1 "$plain_port"; then
+if ! wait_port "$plain_port" 15; then
     cat "$work/forwarder-plain.log" >&2
     exit 1
 fi

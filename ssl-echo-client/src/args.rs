@@ -8,9 +8,11 @@ use anyhow::{bail, Context};
 use clap::Parser;
 
 use crate::agent::AgentArgs;
-use crate::config::{RunConfig, Workload};
+use crate::config::{Churn, Payload, RunConfig, Workload, MAX_MESSAGE_BYTES};
 use crate::coordinator::OnLoss;
 use crate::prompt::{self, DEFAULT_CONNECTIONS, DEFAULT_COUNT, DEFAULT_MESSAGE};
+use crate::slo::Slo;
+use crate::tls::{TlsOptions, TlsVersion};
 
 /// Opens N TLS (or plain TCP) connections to an echo server, sends a message M times on each
 /// (or for a duration), checks every echo, measures response times, and writes a spreadsheet
@@ -104,6 +106,57 @@ pub struct Args {
     #[arg(long, value_name = "NAME")]
     pub server_name: Option<String>,
 
+    /// Only this TLS version [default: 1.2 and 1.3, 1.3 preferred].
+    #[arg(long, value_enum, value_name = "VERSION", conflicts_with = "plain")]
+    pub tls_version: Option<TlsVersion>,
+
+    /// Cipher suites to offer, by rustls name, in preference order (comma-separated, e.g.
+    /// TLS13_AES_128_GCM_SHA256); an unknown name is refused with the list of valid ones
+    /// [default: all of the ring provider's].
+    #[arg(
+        long,
+        value_name = "SUITE,...",
+        value_delimiter = ',',
+        conflicts_with = "plain"
+    )]
+    pub ciphers: Vec<String>,
+
+    /// ALPN protocols to offer, in preference order (repeatable or comma-separated, e.g.
+    /// h2,http/1.1) [default: none].
+    #[arg(
+        long,
+        value_name = "PROTO,...",
+        value_delimiter = ',',
+        conflicts_with = "plain"
+    )]
+    pub alpn: Vec<String>,
+
+    /// Client certificate chain (PEM), for servers that require one (with --key).
+    #[arg(long, value_name = "PATH", requires = "key", conflicts_with = "plain")]
+    pub cert: Option<PathBuf>,
+
+    /// Private key of --cert (PEM: PKCS#8, PKCS#1 or SEC1).
+    #[arg(long, value_name = "PATH", requires = "cert", conflicts_with = "plain")]
+    pub key: Option<PathBuf>,
+
+    /// Offer each new connection a session from an earlier one of the same process (TLS 1.3
+    /// tickets, TLS 1.2 session IDs or tickets), as a returning browser does; the report gives
+    /// the share that resumed. Without it every handshake is a full one.
+    #[arg(long, conflicts_with = "plain")]
+    pub resume: bool,
+
+    /// Handshake capacity: open R new connections per second (over the whole run), open loop,
+    /// for --duration seconds [default 10] or until --connections were opened; each lives
+    /// --lifetime and closes. No barrier; reports handshakes/s achieved vs asked.
+    #[arg(long, value_name = "R", value_parser = positive_f64,
+          conflicts_with_all = ["count", "connect_rate"])]
+    pub churn: Option<f64>,
+
+    /// With --churn: how long each connection lives after its handshake: seconds (`2`, `2.5s`,
+    /// `500ms`) or messages (`10msg`) [default: 1msg].
+    #[arg(long, value_name = "T", requires = "churn", value_parser = parse_lifetime)]
+    pub lifetime: Option<Workload>,
+
     /// Spreadsheet to write [default: reports/client-data-<N>-<timestamp>.xlsx].
     #[arg(long, value_name = "PATH")]
     pub report: Option<PathBuf>,
@@ -126,6 +179,51 @@ pub struct Args {
     /// is 3 (the report is written either way).
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub max_errors: u64,
+
+    /// A service-level objective, judged at the end on the corrected figures under --rate (exit
+    /// status 4 when one fails): `p99<20ms`, `errors<0.1%`, `handshake.p99<150ms`, `rate>=5000`.
+    /// Repeat for several.
+    #[arg(long, value_name = "OBJECTIVE")]
+    pub slo: Vec<Slo>,
+
+    /// Write one JSON record per second of phase 2 here (messages, msg/s, percentiles, client
+    /// CPU and hiccups), as the run goes.
+    #[arg(long, value_name = "PATH")]
+    pub json_lines: Option<PathBuf>,
+
+    /// Write the response times here in HdrHistogram's interval-log format, one interval per
+    /// second (plot with HdrHistogram's tools).
+    #[arg(long, value_name = "PATH")]
+    pub hdr_log: Option<PathBuf>,
+
+    /// Messages of N random bytes (from --seed) instead of --message text.
+    #[arg(long, value_name = "N", conflicts_with_all = ["message", "message_file"],
+          value_parser = clap::value_parser!(u64).range(1..=MAX_MESSAGE_BYTES))]
+    pub size: Option<u64>,
+
+    /// Seed of the --size bytes: the same seed gives the same bytes.
+    #[arg(long, value_name = "S", default_value_t = 1)]
+    pub seed: u64,
+
+    /// Send this file's bytes as every message instead of --message text.
+    #[arg(long, value_name = "PATH", conflicts_with = "message")]
+    pub message_file: Option<PathBuf>,
+
+    /// Messages per second over all connections together on a fixed schedule (split evenly:
+    /// --rate R/N each); instead of --rate.
+    #[arg(long, value_name = "R", value_parser = positive_f64, conflicts_with = "rate")]
+    pub total_rate: Option<f64>,
+
+    /// While waiting at the barrier, each open connection echoes one message this often (not
+    /// counted in the figures), so a gateway's idle timeout does not cut the first connections
+    /// while the last are opened (0 = off).
+    #[arg(long, value_name = "SECS", default_value_t = 0.0, value_parser = non_negative_f64)]
+    pub keepalive_s: f64,
+
+    /// Connections of one process being opened (connect + handshake) at once at most.
+    #[arg(long, value_name = "N", default_value_t = crate::shard::MAX_CONNECTING as u64,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_connecting: u64,
 
     /// Log filter (error, warn, info, debug, trace); RUST_LOG overrides it.
     #[arg(long, default_value = "warn")]
@@ -151,6 +249,32 @@ fn positive_f64(s: &str) -> Result<f64, String> {
     }
 }
 
+/// `--lifetime`: `2`, `2.5s`, `500ms` (seconds) or `10msg` (messages).
+fn parse_lifetime(s: &str) -> Result<Workload, String> {
+    let t = s.trim();
+    let bad =
+        || format!("{s:?}: expected seconds (2, 2.5s, 500ms) or a number of messages (10msg)");
+    if let Some(n) = t.strip_suffix("msg").or_else(|| t.strip_suffix("messages")) {
+        return match n.trim().parse::<u64>() {
+            Ok(m) if m > 0 => Ok(Workload::Count(m)),
+            Ok(_) => Err(format!("{s:?}: at least 1 message")),
+            Err(_) => Err(bad()),
+        };
+    }
+    let (number, scale) = match t.strip_suffix("ms") {
+        Some(n) => (n, 0.001),
+        None => (t.strip_suffix('s').unwrap_or(t), 1.0),
+    };
+    match number.trim().parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 => Ok(Workload::DurationSecs(v * scale)),
+        Ok(_) => Err(format!("{s:?}: must be above 0")),
+        Err(_) => Err(bad()),
+    }
+}
+
+/// Seconds of opening in churn mode when neither --duration nor --connections says.
+pub const DEFAULT_CHURN_WINDOW_S: f64 = 10.0;
+
 fn non_negative_f64(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
         Ok(v) if v.is_finite() && v >= 0.0 => Ok(v),
@@ -163,6 +287,9 @@ impl Args {
     /// True when the user gave none of the inputs the original client asked for.
     fn nothing_to_send_given(&self) -> bool {
         self.message.is_none()
+            && self.churn.is_none()
+            && self.size.is_none()
+            && self.message_file.is_none()
             && self.count.is_none()
             && self.duration.is_none()
             && self.connections.is_none()
@@ -191,7 +318,33 @@ impl Args {
         if message.is_empty() {
             bail!("--message must not be empty: an empty message has no echo to check");
         }
+        let payload = match (self.size, &self.message_file) {
+            (Some(size), _) => Some(Payload::Random {
+                size,
+                seed: self.seed,
+            }),
+            (None, Some(path)) => Some(read_message_file(path)?),
+            (None, None) => None,
+        };
+        let rate = match self.total_rate {
+            Some(total) => Some(total / connections as f64),
+            None => self.rate,
+        };
         let addr = resolve_addr(&self.host, self.port)?;
+        let (workload, connections, churn) = match self.churn {
+            None => (workload, connections, None),
+            Some(rate) => {
+                let window_s = match (self.duration, self.connections) {
+                    (Some(d), _) => d,
+                    (None, Some(n)) => n as f64 / rate,
+                    (None, None) => DEFAULT_CHURN_WINDOW_S,
+                };
+                let scheduled = ((rate * window_s).round() as u64).max(1);
+                let connections = self.connections.map_or(scheduled, |n| n.min(scheduled));
+                let lifetime = self.lifetime.unwrap_or(Workload::Count(1));
+                (lifetime, connections, Some(Churn { rate, window_s }))
+            }
+        };
         Ok(RunConfig {
             host: self.host.clone(),
             addr,
@@ -203,12 +356,46 @@ impl Args {
             message,
             workload,
             connections,
-            connect_rate: self.connect_rate,
-            rate: self.rate,
+            // In churn mode the opening rate is the churn rate; split() shares it out.
+            connect_rate: churn.map_or(self.connect_rate, |c| c.rate),
+            rate,
             timeout_ms: self.timeout_ms,
             source_ips: self.source_ip.clone(),
+            tls_options: TlsOptions {
+                version: self.tls_version,
+                ciphers: self.ciphers.clone(),
+                alpn: self.alpn.clone(),
+                cert: self.cert.clone(),
+                key: self.key.clone(),
+                resume: self.resume,
+            },
+            churn,
+            max_connecting: self.max_connecting,
+            keepalive_ms: (self.keepalive_s * 1000.0).round() as u64,
+            payload,
         })
     }
+}
+
+/// Reads `--message-file` once (the parent), for every process and agent.
+fn read_message_file(path: &std::path::Path) -> anyhow::Result<Payload> {
+    use base64::Engine as _;
+    let shown = path.display();
+    let meta = std::fs::metadata(path).with_context(|| format!("--message-file {shown}"))?;
+    if meta.len() > MAX_MESSAGE_BYTES {
+        bail!(
+            "--message-file {shown}: {} bytes is more than the {MAX_MESSAGE_BYTES} a message may have",
+            meta.len()
+        );
+    }
+    let bytes = std::fs::read(path).with_context(|| format!("--message-file {shown}"))?;
+    if bytes.is_empty() {
+        bail!("--message-file {shown}: the file is empty: an empty message has no echo to check");
+    }
+    Ok(Payload::File {
+        path: shown.to_string(),
+        base64: base64::engine::general_purpose::STANDARD.encode(bytes),
+    })
 }
 
 /// Looks `host` up once; IPv4 first (the servers listen on 0.0.0.0 by default).
@@ -283,5 +470,118 @@ mod tests {
             .resolve()
             .unwrap_err();
         assert!(e.to_string().contains("--message must not be empty"), "{e}");
+        let e = parse(&["--plain", "--tls-version", "1.2"]).unwrap_err();
+        assert!(e.to_string().contains("cannot be used with"), "{e}");
+        let e = parse(&["--cert", "c.pem"]).unwrap_err();
+        assert!(e.to_string().contains("--key"), "{e}");
+        let e = parse(&["--lifetime", "2s"]).unwrap_err();
+        assert!(e.to_string().contains("--churn"), "{e}");
+        let e = parse(&["--churn", "10", "--lifetime", "soon"]).unwrap_err();
+        assert!(e.to_string().contains("expected seconds"), "{e}");
+        let e = parse(&["--slo", "p99<20"]).unwrap_err();
+        assert!(e.to_string().contains("a time needs a unit"), "{e}");
+        let e = parse(&["--size", "10", "--message", "x"]).unwrap_err();
+        assert!(e.to_string().contains("cannot be used with"), "{e}");
+        let e = parse(&["--rate", "1", "--total-rate", "5"]).unwrap_err();
+        assert!(e.to_string().contains("cannot be used with"), "{e}");
+        let e = parse(&["--message-file", "/nonexistent/m.bin", "--count", "1"])
+            .unwrap()
+            .resolve()
+            .unwrap_err();
+        assert!(
+            format!("{e:#}").starts_with("--message-file /nonexistent/m.bin: "),
+            "{e:#}"
+        );
+    }
+
+    #[test]
+    fn tls_flags_reach_the_run() {
+        let c = parse(&[
+            "--count",
+            "1",
+            "--tls-version",
+            "1.2",
+            "--ciphers",
+            "A,B",
+            "--alpn",
+            "h2",
+            "--alpn",
+            "http/1.1,x",
+            "--cert",
+            "c.pem",
+            "--key",
+            "k.pem",
+            "--resume",
+        ])
+        .unwrap()
+        .resolve()
+        .unwrap();
+        let t = &c.tls_options;
+        assert_eq!(t.version, Some(TlsVersion::V12));
+        assert_eq!(t.ciphers, ["A", "B"]);
+        assert_eq!(t.alpn, ["h2", "http/1.1", "x"]);
+        assert_eq!(t.cert, Some(PathBuf::from("c.pem")));
+        assert!(t.resume);
+        assert!(c.churn.is_none());
+    }
+
+    #[test]
+    fn churn_sets_the_window_the_count_and_the_lifetime() {
+        let c = parse(&["--churn", "50", "--duration", "3", "--lifetime", "500ms"])
+            .unwrap()
+            .resolve()
+            .unwrap();
+        assert_eq!(
+            c.churn,
+            Some(Churn {
+                rate: 50.0,
+                window_s: 3.0
+            })
+        );
+        assert_eq!(c.connections, 150);
+        assert_eq!(c.connect_rate, 50.0);
+        assert_eq!(c.workload, Workload::DurationSecs(0.5));
+        let c = parse(&["--churn", "20", "--connections", "10", "--lifetime", "3msg"])
+            .unwrap()
+            .resolve()
+            .unwrap();
+        assert_eq!(c.churn.unwrap().window_s, 0.5);
+        assert_eq!(c.connections, 10);
+        assert_eq!(c.workload, Workload::Count(3));
+        let c = parse(&["--churn", "5"]).unwrap().resolve().unwrap();
+        assert_eq!(c.connections, 50);
+        assert_eq!(c.workload, Workload::Count(1));
+        let e = parse(&["--churn", "5", "--count", "2"]).unwrap_err();
+        assert!(e.to_string().contains("cannot be used with"), "{e}");
+    }
+
+    #[test]
+    fn traffic_shape_flags_resolve() {
+        let c = parse(&[
+            "--count",
+            "1",
+            "--connections",
+            "40",
+            "--total-rate",
+            "1000",
+            "--size",
+            "64",
+        ])
+        .unwrap()
+        .resolve()
+        .unwrap();
+        assert_eq!(c.rate, Some(25.0));
+        assert_eq!(c.payload, Some(Payload::Random { size: 64, seed: 1 }));
+        assert_eq!(c.payload_bytes().unwrap().len(), 64);
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("m.bin");
+        std::fs::write(&f, [0u8, 255, 10]).unwrap();
+        let c = parse(&["--count", "1", "--message-file", f.to_str().unwrap()])
+            .unwrap()
+            .resolve()
+            .unwrap();
+        assert_eq!(c.payload_bytes().unwrap(), [0u8, 255, 10]);
+        let a = parse(&["--slo", "p99<20ms", "--slo", "errors<0.1%"]).unwrap();
+        assert_eq!(a.slo.len(), 2);
     }
 }

@@ -18,6 +18,7 @@ use tokio_rustls::TlsConnector;
 
 use crate::config::RunConfig;
 use crate::failure::{Failure, Phase};
+use crate::tls::{self, Negotiated};
 
 /// Plain TCP or TLS over TCP, chosen once per run.
 #[derive(Clone)]
@@ -42,6 +43,8 @@ pub struct Established {
     pub local: SocketAddr,
     pub connect: Duration,
     pub handshake: Option<Duration>,
+    /// What the TLS handshake settled on (`None` for plain TCP).
+    pub negotiated: Option<Negotiated>,
 }
 
 /// A connection that did not: the failure and whatever was measured before it.
@@ -53,16 +56,13 @@ pub struct NotEstablished {
 
 impl Connector {
     /// Builds the connector for `config`: reads the CA file (a clear error if it is missing or
-    /// holds no certificate) and checks the server name.
+    /// holds no certificate), applies the TLS options, and checks the server name.
     pub fn new(config: &RunConfig) -> anyhow::Result<Connector> {
         let Some(ca) = &config.ca else {
             return Ok(Connector::Plain);
         };
-        let mut tls =
-            testbed::tls::client_config(ca).context("loading the CA for TLS (or use --plain)")?;
-        // Every connection stands for a separate client, so each does a full handshake, as the
-        // original lab's clients did; resumed sessions would make the server's work look smaller.
-        tls.resumption = rustls::client::Resumption::disabled();
+        let tls = tls::client_config(ca, &config.tls_options)
+            .context("setting up TLS (or use --plain)")?;
         let server_name = ServerName::try_from(config.server_name.clone()).with_context(|| {
             format!(
                 "--server-name {:?} is neither a DNS name nor an IP address",
@@ -119,6 +119,7 @@ impl Connector {
                     local,
                     connect,
                     handshake: None,
+                    negotiated: None,
                 })
             }
             Connector::Tls {
@@ -136,12 +137,16 @@ impl Connector {
             Ok(Ok(_late)) if shaking.elapsed() > timeout => {
                 Err(failed(Failure::timeout(Phase::Handshake, timeout_ms)))
             }
-            Ok(Ok(tls)) => Ok(Established {
-                stream: Stream::Tls(Box::new(tls)),
-                local,
-                connect,
-                handshake: Some(shaking.elapsed()),
-            }),
+            Ok(Ok(stream)) => {
+                let handshake = shaking.elapsed();
+                Ok(Established {
+                    negotiated: Some(tls::negotiated(stream.get_ref().1)),
+                    stream: Stream::Tls(Box::new(stream)),
+                    local,
+                    connect,
+                    handshake: Some(handshake),
+                })
+            }
             Ok(Err(e)) => Err(failed(Failure::io(Phase::Handshake, &e))),
             Err(_) => Err(failed(Failure::timeout(Phase::Handshake, timeout_ms))),
         }

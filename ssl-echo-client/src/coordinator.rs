@@ -19,6 +19,7 @@ use crate::backends::{BackendMap, ForwarderApi};
 use crate::config::{split, RunConfig, ShardPlan};
 use crate::connector::Connector;
 use crate::failure::{Cause, Failure, Phase};
+use crate::interval::Intervals;
 use crate::link::{self, AgentLink, FromAgent, ToAgent};
 use crate::live::Display;
 use crate::recorder::{merge_timeline, new_histogram, LiveSnapshot, Recorder, Second};
@@ -55,6 +56,10 @@ pub struct Options {
     /// Longest wait for every shard to reach the barrier.
     pub barrier_timeout: Duration,
     pub on_loss: OnLoss,
+    /// `--json-lines`: one record per second of phase 2.
+    pub json_lines: Option<std::path::PathBuf>,
+    /// `--hdr-log`: HdrHistogram interval log.
+    pub hdr_log: Option<std::path::PathBuf>,
 }
 
 /// One agent's (client PC's) part of the outcome.
@@ -63,6 +68,31 @@ pub struct AgentResult {
     pub processes: u64,
     /// Its shards' histograms merged (exact: the same buckets, counts added).
     pub response: Histogram<u64>,
+    /// The same from the intended send time (`--rate`).
+    pub corrected: Histogram<u64>,
+}
+
+/// The steady window and the drain of phase 2, over every process.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Window {
+    /// From the go to the end of sending: the deadline with `--duration`, else the last echo.
+    pub send_window_s: f64,
+    /// From the end of sending to the last echo.
+    pub drain_s: f64,
+    /// Echoes that arrived in the drain.
+    pub drained: u64,
+}
+
+/// One process's CPU over phase 2, as its meter measured it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ProcessCpu {
+    pub process: u32,
+    /// % of one core, averaged over phase 2.
+    pub avg_pct: f64,
+    /// The highest one-second figure.
+    pub max_pct: f64,
+    /// Threads running its connections (its ceiling is 100 % × threads).
+    pub threads: u32,
 }
 
 /// A part of the run that was lost, and why.
@@ -82,6 +112,18 @@ pub struct Outcome {
     pub connect_s: f64,
     /// Phase 2: from the barrier until the last shard finished.
     pub exchange_s: f64,
+    /// The steady window (what msg/s is measured over) and the drain.
+    pub window: Window,
+    /// How late every process's hiccup timer fired (µs), merged.
+    pub hiccup: Histogram<u64>,
+    /// Per process, in process order.
+    pub cpu: Vec<ProcessCpu>,
+    /// Seconds in which some process used more than 90 % of what its threads can get.
+    pub saturated_seconds: u64,
+    /// Per backend slot from the intended send time (`--rate`); alongside `backends`.
+    pub backends_corrected: Vec<Histogram<u64>>,
+    /// Why `--json-lines` or `--hdr-log` could not be written in full.
+    pub streams_error: Option<String>,
     /// One per connection, sorted by id.
     pub records: Vec<ConnectionRecord>,
     pub response: Histogram<u64>,
@@ -196,6 +238,7 @@ struct Endpoint {
     /// Why its missing connections are missing.
     missing_reason: String,
     response: Histogram<u64>,
+    corrected: Histogram<u64>,
     processes: u64,
 }
 
@@ -217,7 +260,9 @@ pub fn split_over_agents(config: &RunConfig, nofile: &[u64]) -> Vec<Vec<ShardPla
             let mut part = config.clone();
             part.connections = share;
             part.connect_rate = config.connect_rate * share as f64 / config.connections as f64;
-            let processes = testbed::fdlimit::processes_needed(share, 1, FD_RESERVE, limit);
+            // In churn mode, sized for the connections open at once, not for all of them.
+            let processes =
+                testbed::fdlimit::processes_needed(part.open_at_once(), 1, FD_RESERVE, limit);
             let mut plans = split(&part, processes);
             for p in &mut plans {
                 p.first_id += first_id;
@@ -270,6 +315,7 @@ pub async fn run(
                     missing_reason: "worker process ended without reporting this connection"
                         .to_string(),
                     response: new_histogram(),
+                    corrected: new_histogram(),
                     processes: 1,
                 });
             }
@@ -307,6 +353,7 @@ pub async fn run(
                         link.name
                     ),
                     response: new_histogram(),
+                    corrected: new_histogram(),
                     processes: count as u64,
                 });
             }
@@ -316,6 +363,17 @@ pub async fn run(
     let processes = plans.len() as u64;
 
     let mut display = Display::new(config.connections, opts.show);
+    let mut intervals = Intervals::new(
+        shards.len(),
+        config.rate.is_some(),
+        opts.json_lines.as_deref(),
+        opts.hdr_log.as_deref(),
+    )?;
+    let mut window = Window::default();
+    let mut last_answer_s: f64 = 0.0;
+    let mut hiccup = new_histogram();
+    let mut cpu: Vec<ProcessCpu> = Vec::new();
+    let mut backends_corrected: Vec<Histogram<u64>> = Vec::new();
     let mut records: Vec<ConnectionRecord> = Vec::with_capacity(config.connections as usize);
     let mut response = new_histogram();
     let mut corrected = new_histogram();
@@ -345,7 +403,10 @@ pub async fn run(
             }
             let total = sum(&shards);
             connect_s = started.elapsed().as_secs_f64();
-            display.connected(&total, started.elapsed());
+            match &config.churn {
+                Some(churn) => display.churn_started(churn),
+                None => display.connected(&total, started.elapsed()),
+            }
             if let Some(api) = &opts.forwarder {
                 let asked = Instant::now();
                 let map = match api.connections_of_at_least(total.up).await {
@@ -388,12 +449,33 @@ pub async fn run(
                     Event::Msg(i, WorkerMsg::Connected { .. }) => shards[i].connected = true,
                     Event::Msg(i, WorkerMsg::Connection(mut r)) => {
                         r.agent = endpoints[shards[i].endpoint].agent.clone();
-                        records.push(r);
+                        records.push(*r);
                     }
-                    Event::Msg(i, WorkerMsg::Finished { exchange_s: s, response: r, corrected: c, timeline: t, by_backend }) => {
+                    Event::Msg(i, WorkerMsg::Interval(report)) => {
+                        let live = sum(&shards);
+                        intervals.add(i, report, (live.open, live.errors));
+                    }
+                    Event::Msg(i, WorkerMsg::Finished { exchange_s: s, response: r, corrected: c, timeline: t, by_backend, by_backend_corrected, window: w }) => {
                         r.merge_into(&mut response);
                         r.merge_into(&mut endpoints[shards[i].endpoint].response);
                         c.merge_into(&mut corrected);
+                        c.merge_into(&mut endpoints[shards[i].endpoint].corrected);
+                        window.send_window_s = window.send_window_s.max(w.send_window_s);
+                        window.drained += w.drained;
+                        last_answer_s = last_answer_s.max(w.last_answer_s);
+                        w.hiccup.merge_into(&mut hiccup);
+                        cpu.push(ProcessCpu {
+                            process: plans[i].index,
+                            avg_pct: w.cpu_pct_avg,
+                            max_pct: w.cpu_pct_max,
+                            threads: w.threads,
+                        });
+                        if backends_corrected.len() < by_backend_corrected.len() {
+                            backends_corrected.resize_with(by_backend_corrected.len(), new_histogram);
+                        }
+                        for (h, d) in backends_corrected.iter_mut().zip(&by_backend_corrected) {
+                            d.merge_into(h);
+                        }
                         merge_timeline(&mut timeline, &t);
                         if let Some((_, hists)) = &mut backends {
                             for (h, d) in hists.iter_mut().zip(&by_backend) {
@@ -443,7 +525,7 @@ pub async fn run(
                     }
                 }
                 let total = sum(&shards);
-                if phase2 { display.exchanging(&total) } else { display.connecting(&total) }
+                if phase2 { display.exchanging(&total, intervals.latest()) } else { display.connecting(&total) }
             }
             _ = tokio::time::sleep_until(barrier_deadline), if !phase2 => {
                 for (e, endpoint) in endpoints.iter().enumerate() {
@@ -492,6 +574,13 @@ pub async fn run(
     if !phase2 {
         connect_s = started.elapsed().as_secs_f64();
     }
+    let live = sum(&shards);
+    let streams_error = intervals.finish((live.open, live.errors));
+    if let Some(e) = &streams_error {
+        tracing::error!("{e}");
+    }
+    window.drain_s = (last_answer_s - window.send_window_s).max(0.0);
+    cpu.sort_by_key(|c| c.process);
     let reasons: Vec<String> = shards
         .iter()
         .map(|s| endpoints[s.endpoint].missing_reason.clone())
@@ -517,6 +606,7 @@ pub async fn run(
                 name,
                 processes: e.processes,
                 response: e.response,
+                corrected: e.corrected,
             })
         })
         .collect();
@@ -527,6 +617,12 @@ pub async fn run(
         ended_at: Local::now(),
         connect_s,
         exchange_s,
+        window,
+        hiccup,
+        cpu,
+        saturated_seconds: intervals.saturated_seconds,
+        backends_corrected,
+        streams_error,
         records,
         response,
         corrected,
@@ -744,6 +840,11 @@ mod tests {
             rate: None,
             timeout_ms: 1,
             source_ips: Vec::new(),
+            tls_options: Default::default(),
+            churn: None,
+            max_connecting: 500,
+            keepalive_ms: 0,
+            payload: None,
         };
         // One agent with room for 20,000 per process, one with 10,000.
         let split = split_over_agents(&config, &[20_000, 10_000]);

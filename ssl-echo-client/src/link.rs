@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncBufReadExt, AsyncWrite, AsyncWriteExt, BufReader, Lines};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, Lines};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 
@@ -90,6 +90,35 @@ pub async fn recv<T: DeserializeOwned>(r: &mut Reader) -> anyhow::Result<Option<
     }
 }
 
+/// A line longer than the limit [`recv_bounded`] was given.
+#[derive(Debug, thiserror::Error)]
+#[error("a line longer than {0} bytes")]
+pub struct LineTooLong(pub usize);
+
+/// Like [`recv`], but reads at most `max` bytes for the line (a stranger cannot make the agent
+/// buffer without end); a longer one is a [`LineTooLong`] error. Also `None` when the other side
+/// closed in the middle of a line.
+pub async fn recv_bounded<T: DeserializeOwned>(
+    r: &mut Reader,
+    max: usize,
+) -> anyhow::Result<Option<T>> {
+    let mut line = Vec::new();
+    (&mut *r.get_mut())
+        .take(max as u64 + 1)
+        .read_until(b'\n', &mut line)
+        .await?;
+    if line.last() != Some(&b'\n') {
+        if line.len() > max {
+            return Err(LineTooLong(max).into());
+        }
+        return Ok(None);
+    }
+    let text = String::from_utf8_lossy(&line);
+    Ok(Some(serde_json::from_str(text.trim_end()).with_context(
+        || format!("unreadable message: {text:.200}"),
+    )?))
+}
+
 /// Splits a connection into its two sides.
 pub fn split(stream: TcpStream) -> (Reader, OwnedWriteHalf) {
     let (r, w) = stream.into_split();
@@ -138,5 +167,44 @@ pub async fn connect(name: &str, token: Option<&str>) -> anyhow::Result<AgentLin
         Some(FromAgent::Refused { reason }) => bail!("refused: {reason}"),
         Some(other) => bail!("unexpected first message {other:?}"),
         None => bail!("closed the connection without a welcome"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A reader on a loopback connection whose other end wrote `bytes` and closed.
+    async fn reader_of(bytes: &'static [u8]) -> Reader {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let mut s = TcpStream::connect(addr).await.unwrap();
+            s.write_all(bytes).await.unwrap();
+        });
+        let (stream, _) = listener.accept().await.unwrap();
+        split(stream).0
+    }
+
+    #[tokio::test]
+    async fn a_bounded_read_takes_a_line_refuses_a_long_one_and_sees_a_cut_one() {
+        let mut r = reader_of(b"{\"type\":\"stop\"}\n{\"type\":\"stop\"}\n").await;
+        assert!(matches!(
+            recv_bounded::<ToAgent>(&mut r, 64).await.unwrap(),
+            Some(ToAgent::Stop)
+        ));
+        // The rest of the stream is still read line by line afterwards.
+        assert!(matches!(
+            recv::<ToAgent>(&mut r).await.unwrap(),
+            Some(ToAgent::Stop)
+        ));
+
+        let mut r = reader_of(&[b'x'; 100]).await;
+        let e = recv_bounded::<ToAgent>(&mut r, 64).await.unwrap_err();
+        assert!(e.is::<LineTooLong>(), "{e}");
+        assert_eq!(e.to_string(), "a line longer than 64 bytes");
+
+        let mut r = reader_of(b"{\"type\":").await;
+        assert!(recv_bounded::<ToAgent>(&mut r, 64).await.unwrap().is_none());
     }
 }

@@ -2,11 +2,11 @@
 //! open (terminal only), then a live line with connections up, messages per second and errors
 //! (redrawn in place on a terminal, one line every few seconds otherwise, e.g. in CI logs).
 
-use std::io::Write;
 use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
+use crate::interval::Latest;
 use crate::recorder::LiveSnapshot;
 
 /// How often the live line is redrawn on a terminal, and printed when not on one.
@@ -20,7 +20,8 @@ pub struct Display {
     phase2_start: Option<Instant>,
     last_print: Instant,
     last_messages: u64,
-    drew_line: bool,
+    /// The live line on a terminal (indicatif redraws it in place).
+    line: Option<ProgressBar>,
 }
 
 impl Display {
@@ -44,7 +45,7 @@ impl Display {
             phase2_start: None,
             last_print: Instant::now(),
             last_messages: 0,
-            drew_line: false,
+            line: None,
         }
     }
 
@@ -75,8 +76,24 @@ impl Display {
         self.last_messages = snap.messages;
     }
 
-    /// Phase 2 progress; prints when it is time to.
-    pub fn exchanging(&mut self, snap: &LiveSnapshot) {
+    /// Churn mode has no phase 1 to report: says what the open loop will do instead.
+    pub fn churn_started(&mut self, churn: &crate::config::Churn) {
+        if let Some(bar) = self.bar.take() {
+            bar.finish_and_clear();
+        }
+        eprintln!(
+            "churn: opening {} connections at {:.1}/s over {:.1} s (open loop, no barrier)",
+            self.total, churn.rate, churn.window_s
+        );
+        self.phase2_start = Some(Instant::now());
+        self.last_print = Instant::now();
+        self.last_messages = 0;
+    }
+
+    /// Phase 2 progress; prints when it is time to. The rate is the messages answered since the
+    /// last print over the time since it, the same counter the summary's msg/s divides by the
+    /// send window; `avg` is that figure so far.
+    pub fn exchanging(&mut self, snap: &LiveSnapshot, latest: Latest) {
         let every = if self.terminal {
             REDRAW_TERMINAL
         } else {
@@ -88,17 +105,32 @@ impl Display {
         }
         let rate = snap.messages.saturating_sub(self.last_messages) as f64 / since.as_secs_f64();
         let elapsed = self.phase2_start.map_or(0.0, |s| s.elapsed().as_secs_f64());
-        let line = format!(
-            "[{elapsed:6.1} s] {} up  {:>9.0} msg/s  {} messages  {} errors",
-            snap.open, rate, snap.messages, snap.errors
-        );
-        let mut err = std::io::stderr().lock();
-        if self.terminal {
-            let _ = write!(err, "\r\x1b[2K{line}");
-            let _ = err.flush();
-            self.drew_line = true;
+        let avg = if elapsed > 0.0 {
+            snap.messages as f64 / elapsed
         } else {
-            let _ = writeln!(err, "{line}");
+            0.0
+        };
+        let line = format!(
+            "[{elapsed:6.1} s] {} up  {:>9.0} msg/s (avg {:.0})  {} messages  {} errors  client cpu {:.0}%  hiccup p99 {:.1} ms{}",
+            snap.open,
+            rate,
+            avg,
+            snap.messages,
+            snap.errors,
+            latest.cpu_pct_max,
+            latest.hiccup_p99_ms,
+            if latest.saturated { "  CLIENT SATURATED" } else { "" }
+        );
+        if self.terminal {
+            let line_bar = self.line.get_or_insert_with(|| {
+                let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
+                // The template is a constant that indicatif accepts.
+                bar.set_style(ProgressStyle::with_template("{msg}").expect("valid live template"));
+                bar
+            });
+            line_bar.set_message(line);
+        } else {
+            eprintln!("{line}");
         }
         self.last_print = Instant::now();
         self.last_messages = snap.messages;
@@ -109,9 +141,9 @@ impl Display {
         if let Some(bar) = self.bar.take() {
             bar.finish_and_clear();
         }
-        if self.drew_line {
-            eprintln!();
-            self.drew_line = false;
+        if let Some(line) = self.line.take() {
+            // Leaves the last line on the screen, then the summary below it.
+            line.finish();
         }
     }
 }

@@ -11,7 +11,7 @@ use ssl_echo_client::args::{Args, Command};
 use ssl_echo_client::backends::ForwarderApi;
 use ssl_echo_client::coordinator::{self, OnLoss, Options, Placement, FD_RESERVE};
 use ssl_echo_client::summary::Summary;
-use ssl_echo_client::{agent, link, report, worker};
+use ssl_echo_client::{agent, csv, link, report, worker};
 
 fn main() -> ExitCode {
     testbed::docs::generate_if_asked::<Args>(&[]);
@@ -35,6 +35,10 @@ fn main() -> ExitCode {
 /// allows (1 stays "could not run", 2 is clap's "bad command line").
 const EXIT_TOO_MANY_ERRORS: u8 = 3;
 
+/// Exit status of a run that completed within `--max-errors` but missed an objective (`--slo`).
+/// 3 wins when both apply: too many errors make the figures moot.
+const EXIT_SLO_FAILED: u8 = 4;
+
 fn run(args: &Args) -> anyhow::Result<ExitCode> {
     let config = args.resolve()?;
     let forwarder = args
@@ -51,12 +55,30 @@ fn run(args: &Args) -> anyhow::Result<ExitCode> {
         ))
     });
 
+    if config.tls() {
+        if let Some(path) = std::env::var_os(ssl_echo_client::tls::KEY_LOG_ENV) {
+            // With --agents the connections are made on the agents' PCs, from their environment.
+            if !args.agents.is_empty() {
+                eprintln!(
+                    "{}: the agents make the connections; set it where each agent runs",
+                    ssl_echo_client::tls::KEY_LOG_ENV
+                );
+            } else {
+                eprintln!(
+                "{}={}: writing every connection's TLS secrets there (whoever has the file can \
+                 decrypt a capture of this run)",
+                ssl_echo_client::tls::KEY_LOG_ENV,
+                    std::path::Path::new(&path).display()
+                );
+            }
+        }
+    }
     let agents = !args.agents.is_empty();
     let processes = if agents {
         1 // this process only coordinates
     } else {
         let needed =
-            testbed::fdlimit::processes_needed(config.connections, 1, FD_RESERVE, limit.soft);
+            testbed::fdlimit::processes_needed(config.open_at_once(), 1, FD_RESERVE, limit.soft);
         let processes = args.processes.unwrap_or(needed).min(config.connections);
         eprintln!(
             "{} connection{} over {} process{} (open-file limit {})",
@@ -88,6 +110,8 @@ fn run(args: &Args) -> anyhow::Result<ExitCode> {
         forwarder,
         barrier_timeout: std::time::Duration::from_secs_f64(args.barrier_timeout_s),
         on_loss: args.on_agent_loss,
+        json_lines: args.json_lines.clone(),
+        hdr_log: args.hdr_log.clone(),
     };
     let outcome = runtime.block_on(async {
         let placement = if agents {
@@ -99,15 +123,22 @@ fn run(args: &Args) -> anyhow::Result<ExitCode> {
     })?;
 
     let mut summary = Summary::of(&outcome);
+    let slo_met = summary.judge(&args.slo);
     let written = report::write(&report_path, &outcome, &summary);
     if written.is_ok() {
         summary.report = Some(report_path.display().to_string());
     }
+    let csv_path = csv::path_next_to(&report_path);
+    let csv_written = csv::write(&csv_path, &outcome);
     eprint!("{}", summary.table());
+    if let Some(w) = summary.saturation_warning() {
+        tracing::warn!("{w}");
+    }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&summary)?);
     }
     written?;
+    csv_written?;
     if outcome.stopped_by_loss {
         eprintln!(
             "ssl-echo-client: the run was stopped: {}",
@@ -133,6 +164,20 @@ fn run(args: &Args) -> anyhow::Result<ExitCode> {
             args.max_errors
         );
         return Ok(ExitCode::from(EXIT_TOO_MANY_ERRORS));
+    }
+    if !slo_met {
+        let failed: Vec<&str> = summary
+            .slo
+            .iter()
+            .filter(|v| !v.passed)
+            .map(|v| v.slo.as_str())
+            .collect();
+        eprintln!(
+            "ssl-echo-client: objective{} not met: {}",
+            if failed.len() == 1 { "" } else { "s" },
+            failed.join(", ")
+        );
+        return Ok(ExitCode::from(EXIT_SLO_FAILED));
     }
     Ok(ExitCode::SUCCESS)
 }

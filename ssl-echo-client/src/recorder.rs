@@ -63,6 +63,15 @@ pub struct Second {
     pub errors: u64,
     pub response_us_sum: u64,
     pub response_us_max: u64,
+    /// Measured from the intended send time (only with `--rate`).
+    #[serde(default)]
+    pub corrected_us_sum: u64,
+    #[serde(default)]
+    pub corrected_us_max: u64,
+    /// Scheduled sends (`--rate`) whose connection failed before it could send them, counted in
+    /// the second they were due.
+    #[serde(default)]
+    pub sends_failed: u64,
 }
 
 impl Second {
@@ -71,6 +80,9 @@ impl Second {
         self.errors += other.errors;
         self.response_us_sum += other.response_us_sum;
         self.response_us_max = self.response_us_max.max(other.response_us_max);
+        self.corrected_us_sum += other.corrected_us_sum;
+        self.corrected_us_max = self.corrected_us_max.max(other.corrected_us_max);
+        self.sends_failed += other.sends_failed;
     }
 }
 
@@ -92,7 +104,72 @@ pub struct Tallies {
     pub timeline: Vec<Second>,
     /// One histogram per backend slot (see [`BackendMap::slot_of`]); empty without `--forwarder`.
     pub by_backend: Vec<Histogram<u64>>,
+    /// The same per backend, from the intended send time (with `--rate`).
+    pub by_backend_corrected: Vec<Histogram<u64>>,
 }
+
+impl Tallies {
+    fn new() -> Tallies {
+        Tallies {
+            response: new_histogram(),
+            corrected: new_histogram(),
+            timeline: Vec::new(),
+            by_backend: Vec::new(),
+            by_backend_corrected: Vec::new(),
+        }
+    }
+
+    /// Adds `other` into `self` (same bounds: exact).
+    fn absorb(&mut self, other: Tallies) {
+        let _ = self.response.add(&other.response);
+        let _ = self.corrected.add(&other.corrected);
+        merge_timeline(&mut self.timeline, &other.timeline);
+        for (mine, theirs) in [
+            (&mut self.by_backend, other.by_backend),
+            (&mut self.by_backend_corrected, other.by_backend_corrected),
+        ] {
+            if mine.len() < theirs.len() {
+                mine.resize_with(theirs.len(), new_histogram);
+            }
+            for (a, b) in mine.iter_mut().zip(&theirs) {
+                let _ = a.add(b);
+            }
+        }
+    }
+}
+
+/// What one stripe of the recorder holds: the run's tallies and the current interval's
+/// histograms (taken every second for `--json-lines` and `--hdr-log`).
+struct Stripe {
+    tallies: Tallies,
+    interval: Interval,
+}
+
+/// The response times recorded since the last [`Recorder::take_interval`].
+pub struct Interval {
+    pub response: Histogram<u64>,
+    pub corrected: Histogram<u64>,
+}
+
+impl Interval {
+    pub fn new() -> Interval {
+        Interval {
+            response: new_histogram(),
+            corrected: new_histogram(),
+        }
+    }
+}
+
+impl Default for Interval {
+    fn default() -> Self {
+        Interval::new()
+    }
+}
+
+/// Connections record into one of this many stripes (by connection id), each behind its own
+/// lock, so the runtime's threads do not queue on one lock per message; the stripes are merged
+/// when the interval or the run ends (histograms with the same bounds add up exactly).
+const STRIPES: usize = 16;
 
 /// Shared by every connection task of one process.
 pub struct Recorder {
@@ -101,7 +178,13 @@ pub struct Recorder {
     go: OnceLock<Instant>,
     /// Which backend serves which connection, when the parent asked the forwarder.
     backends: OnceLock<BackendMap>,
-    tallies: Mutex<Tallies>,
+    stripes: Box<[Mutex<Stripe>]>,
+    /// The latest echo of the run, in µs after the go (the end of the drain).
+    last_answer_us: AtomicU64,
+    /// Echoes that arrived after the end of sending (`--duration`): the drain.
+    drained: AtomicU64,
+    /// The latest moment a connection stopped sending, in µs after the go.
+    send_end_us: AtomicU64,
 }
 
 impl Default for Recorder {
@@ -111,18 +194,39 @@ impl Default for Recorder {
             phase1_changed: Notify::new(),
             go: OnceLock::new(),
             backends: OnceLock::new(),
-            tallies: Mutex::new(Tallies {
-                response: new_histogram(),
-                corrected: new_histogram(),
-                timeline: Vec::new(),
-                by_backend: Vec::new(),
-            }),
+            stripes: (0..STRIPES)
+                .map(|_| {
+                    Mutex::new(Stripe {
+                        tallies: Tallies::new(),
+                        interval: Interval::new(),
+                    })
+                })
+                .collect(),
+            last_answer_us: AtomicU64::new(0),
+            drained: AtomicU64::new(0),
+            send_end_us: AtomicU64::new(0),
         }
     }
 }
 
-fn micros(d: Duration) -> u64 {
+pub fn micros(d: Duration) -> u64 {
     u64::try_from(d.as_micros()).unwrap_or(u64::MAX).max(1)
+}
+
+/// One answered message, as a connection reports it to the [`Recorder`].
+#[derive(Debug, Clone, Copy)]
+pub struct Answer {
+    /// The connection (chooses the stripe).
+    pub conn: u64,
+    /// When the echo was complete.
+    pub at: Instant,
+    pub response: Duration,
+    /// From the intended send time, when sending on a schedule.
+    pub corrected: Option<Duration>,
+    /// The connection's backend slot, if known.
+    pub backend: Option<usize>,
+    /// The echo came after the end of sending (counts in the drain).
+    pub drained: bool,
 }
 
 impl Recorder {
@@ -168,11 +272,20 @@ impl Recorder {
         let _ = self.go.set(at);
     }
 
+    /// The barrier instant, once given.
+    pub fn go(&self) -> Option<Instant> {
+        self.go.get().copied()
+    }
+
     /// Who serves which connection (set before the go, once).
     pub fn set_backends(&self, map: BackendMap) {
         let slots = map.slots();
         if self.backends.set(map).is_ok() {
-            self.lock().by_backend = (0..slots).map(|_| new_histogram()).collect();
+            for stripe in self.stripes.iter() {
+                let t = &mut lock(stripe).tallies;
+                t.by_backend = (0..slots).map(|_| new_histogram()).collect();
+                t.by_backend_corrected = (0..slots).map(|_| new_histogram()).collect();
+            }
         }
     }
 
@@ -185,37 +298,85 @@ impl Recorder {
         at.saturating_duration_since(go).as_secs() as usize
     }
 
-    /// One echo arrived at `at` after `response`; `corrected` is measured from the intended send
-    /// time when sending on a schedule; `backend` is the connection's backend slot, if known.
-    pub fn message(
-        &self,
-        at: Instant,
-        response: Duration,
-        corrected: Option<Duration>,
-        backend: Option<usize>,
-    ) {
+    fn stripe(&self, conn: u64) -> std::sync::MutexGuard<'_, Stripe> {
+        lock(&self.stripes[(conn % STRIPES as u64) as usize])
+    }
+
+    /// One echo arrived.
+    pub fn message(&self, a: Answer) {
         self.live.messages.fetch_add(1, Ordering::Relaxed);
-        let us = micros(response);
-        let second = self.second_of(at);
-        let mut t = self.lock();
+        let us = micros(a.response);
+        let second = self.second_of(a.at);
+        if let Some(go) = self.go() {
+            self.last_answer_us.fetch_max(
+                micros(a.at.saturating_duration_since(go)),
+                Ordering::Relaxed,
+            );
+        }
+        if a.drained {
+            self.drained.fetch_add(1, Ordering::Relaxed);
+        }
+        let corrected_us = a.corrected.map(micros);
+        let mut stripe = self.stripe(a.conn);
+        let Stripe {
+            tallies: t,
+            interval,
+        } = &mut *stripe;
         t.response.saturating_record(us);
-        if let Some(h) = backend.and_then(|b| t.by_backend.get_mut(b)) {
+        interval.response.saturating_record(us);
+        if let Some(h) = a.backend.and_then(|b| t.by_backend.get_mut(b)) {
             h.saturating_record(us);
         }
-        if let Some(c) = corrected {
-            t.corrected.saturating_record(micros(c));
+        if let Some(c) = corrected_us {
+            t.corrected.saturating_record(c);
+            interval.corrected.saturating_record(c);
+            if let Some(h) = a.backend.and_then(|b| t.by_backend_corrected.get_mut(b)) {
+                h.saturating_record(c);
+            }
         }
         let s = bucket(&mut t.timeline, second);
         s.messages += 1;
         s.response_us_sum += us;
         s.response_us_max = s.response_us_max.max(us);
+        if let Some(c) = corrected_us {
+            s.corrected_us_sum += c;
+            s.corrected_us_max = s.corrected_us_max.max(c);
+        }
+    }
+
+    /// Scheduled sends of connection `conn` that will never happen because it failed: each is
+    /// due at one of `due` and counts in the corrected figures as a response of `counted_as`
+    /// (the `--timeout-ms` a message may take before it is called failed), so the corrected
+    /// tail is not cut off when a connection dies.
+    pub fn sends_failed(
+        &self,
+        conn: u64,
+        due: impl Iterator<Item = Instant>,
+        counted_as: Duration,
+        backend: Option<usize>,
+    ) {
+        let us = micros(counted_as);
+        let mut stripe = self.stripe(conn);
+        let Stripe {
+            tallies: t,
+            interval,
+        } = &mut *stripe;
+        for at in due {
+            let second = self.second_of(at);
+            t.corrected.saturating_record(us);
+            interval.corrected.saturating_record(us);
+            if let Some(h) = backend.and_then(|b| t.by_backend_corrected.get_mut(b)) {
+                h.saturating_record(us);
+            }
+            bucket(&mut t.timeline, second).sends_failed += 1;
+        }
     }
 
     /// A connection failed during phase 2 at `at`.
-    pub fn exchange_failed(&self, at: Instant) {
+    pub fn exchange_failed(&self, conn: u64, at: Instant) {
         self.live.errors.fetch_add(1, Ordering::Relaxed);
         let second = self.second_of(at);
-        bucket(&mut self.lock().timeline, second).errors += 1;
+        bucket(&mut self.stripe(conn).tallies.timeline, second).errors += 1;
     }
 
     /// An open connection was closed (for whatever reason).
@@ -223,22 +384,57 @@ impl Recorder {
         self.live.open.fetch_sub(1, Ordering::Relaxed);
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Tallies> {
-        // A panic while holding the lock cannot leave the tallies half-updated in a way that
-        // matters more than losing them, so keep going with the inner value.
-        self.tallies.lock().unwrap_or_else(|p| p.into_inner())
+    /// The response times recorded since the last call, every stripe merged.
+    pub fn take_interval(&self) -> Interval {
+        let mut all = Interval::new();
+        for stripe in self.stripes.iter() {
+            let mut s = lock(stripe);
+            let _ = all.response.add(&s.interval.response);
+            let _ = all.corrected.add(&s.interval.corrected);
+            s.interval.response.reset();
+            s.interval.corrected.reset();
+        }
+        all
     }
 
-    /// Takes the tallies at the end of the run.
-    pub fn take(&self) -> Tallies {
-        let mut t = self.lock();
-        Tallies {
-            response: std::mem::replace(&mut t.response, new_histogram()),
-            corrected: std::mem::replace(&mut t.corrected, new_histogram()),
-            timeline: std::mem::take(&mut t.timeline),
-            by_backend: std::mem::take(&mut t.by_backend),
+    /// The latest echo, in seconds after the go (0 before any).
+    pub fn last_answer_s(&self) -> f64 {
+        self.last_answer_us.load(Ordering::Relaxed) as f64 / 1e6
+    }
+
+    /// A connection stopped sending at `at` (its deadline, its last echo, a failure or a stop).
+    pub fn sending_ended(&self, at: Instant) {
+        if let Some(go) = self.go() {
+            self.send_end_us
+                .fetch_max(micros(at.saturating_duration_since(go)), Ordering::Relaxed);
         }
     }
+
+    /// From the go to the moment the last connection stopped sending, in seconds.
+    pub fn send_window_s(&self) -> f64 {
+        self.send_end_us.load(Ordering::Relaxed) as f64 / 1e6
+    }
+
+    /// Echoes that arrived after the end of sending.
+    pub fn drained(&self) -> u64 {
+        self.drained.load(Ordering::Relaxed)
+    }
+
+    /// Takes the tallies at the end of the run, every stripe merged.
+    pub fn take(&self) -> Tallies {
+        let mut all = Tallies::new();
+        for stripe in self.stripes.iter() {
+            let mut s = lock(stripe);
+            all.absorb(std::mem::replace(&mut s.tallies, Tallies::new()));
+        }
+        all
+    }
+}
+
+fn lock(stripe: &Mutex<Stripe>) -> std::sync::MutexGuard<'_, Stripe> {
+    // A panic while holding the lock cannot leave the tallies half-updated in a way that
+    // matters more than losing them, so keep going with the inner value.
+    stripe.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn bucket(timeline: &mut Vec<Second>, second: usize) -> &mut Second {
@@ -248,27 +444,52 @@ fn bucket(timeline: &mut Vec<Second>, second: usize) -> &mut Second {
     &mut timeline[second]
 }
 
-/// A histogram as (value, count) pairs, the form it travels in between processes.
+/// A histogram in the form it travels in between processes and agents: HdrHistogram's own V2
+/// compressed encoding (what its interval logs hold), base64. Exact: every bucket and count.
 #[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct HistogramDump(pub Vec<(u64, u64)>);
+pub struct HistogramDump(pub String);
 
 impl HistogramDump {
     pub fn of(h: &Histogram<u64>) -> HistogramDump {
-        HistogramDump(
-            h.iter_recorded()
-                .map(|v| (v.value_iterated_to(), v.count_at_value()))
-                .collect(),
-        )
+        use base64::Engine as _;
+        use hdrhistogram::serialization::{Serializer as _, V2DeflateSerializer};
+        let mut bytes = Vec::new();
+        // Serialising into memory cannot fail for a histogram of our own bounds.
+        V2DeflateSerializer::new()
+            .serialize(h, &mut bytes)
+            .expect("histogram serialises");
+        HistogramDump(base64::engine::general_purpose::STANDARD.encode(bytes))
     }
 
-    /// Adds the recorded values into `into`.
+    /// Decodes the histogram.
+    pub fn decode(&self) -> anyhow::Result<Histogram<u64>> {
+        use anyhow::Context as _;
+        use base64::Engine as _;
+        if self.0.is_empty() {
+            return Ok(new_histogram());
+        }
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(&self.0)
+            .context("histogram is not base64")?;
+        hdrhistogram::serialization::Deserializer::new()
+            .deserialize(&mut bytes.as_slice())
+            .map_err(|e| anyhow::anyhow!("histogram does not decode: {e:?}"))
+    }
+
+    /// Adds the recorded values into `into`; a dump that does not decode is logged and skipped.
     pub fn merge_into(&self, into: &mut Histogram<u64>) {
-        for &(value, count) in &self.0 {
-            // In range by construction (dumped from a histogram with the same bounds); saturate
-            // rather than fail if a foreign dump says otherwise.
-            if into.record_n(value, count).is_err() {
-                into.saturating_record(value);
+        match self.decode() {
+            Ok(h) => {
+                if into.add(&h).is_err() {
+                    // Another peer's bounds: add value by value, saturating.
+                    for v in h.iter_recorded() {
+                        for _ in 0..v.count_at_value().min(1_000_000) {
+                            into.saturating_record(v.value_iterated_to());
+                        }
+                    }
+                }
             }
+            Err(e) => tracing::error!("{e:#}"),
         }
     }
 }
@@ -282,25 +503,18 @@ mod tests {
         let r = Recorder::default();
         let go = Instant::now();
         r.set_go(go);
-        r.message(
-            go + Duration::from_millis(10),
-            Duration::from_millis(2),
-            None,
-            None,
-        );
-        r.message(
-            go + Duration::from_millis(900),
-            Duration::from_millis(4),
-            None,
-            None,
-        );
-        r.message(
-            go + Duration::from_millis(2100),
-            Duration::from_millis(1),
-            None,
-            None,
-        );
-        r.exchange_failed(go + Duration::from_millis(2500));
+        let answer = |conn, at_ms, ms| Answer {
+            conn,
+            at: go + Duration::from_millis(at_ms),
+            response: Duration::from_millis(ms),
+            corrected: None,
+            backend: None,
+            drained: false,
+        };
+        r.message(answer(0, 10, 2));
+        r.message(answer(1, 900, 4));
+        r.message(answer(2, 2100, 1));
+        r.exchange_failed(3, go + Duration::from_millis(2500));
         let t = r.take();
         assert_eq!(t.timeline.len(), 3);
         assert_eq!(t.timeline[0].messages, 2);
@@ -370,6 +584,7 @@ mod tests {
             errors: 0,
             response_us_sum: 10,
             response_us_max: 10,
+            ..Second::default()
         }];
         let b = vec![
             Second {
@@ -377,6 +592,7 @@ mod tests {
                 errors: 1,
                 response_us_sum: 30,
                 response_us_max: 20,
+                ..Second::default()
             },
             Second {
                 messages: 5,

@@ -22,6 +22,7 @@ pub const CONNECTIONS: &str = "Connections";
 pub const TIMELINE: &str = "Timeline";
 pub const AGENTS: &str = "Agents";
 pub const BACKENDS: &str = "Backends";
+pub const TLS: &str = "TLS";
 
 /// Column titles of the Agents and Backends sheets, in order (the first is the agent's or the
 /// backend's name).
@@ -43,7 +44,7 @@ pub const GROUP_COLUMNS: [&str; 14] = [
 ];
 
 /// Column titles of the Connections sheet, in order.
-pub const CONNECTION_COLUMNS: [&str; 16] = [
+pub const CONNECTION_COLUMNS: [&str; 22] = [
     "id",
     "process",
     "local port",
@@ -60,15 +61,43 @@ pub const CONNECTION_COLUMNS: [&str; 16] = [
     "agent",
     "local address",
     "backend",
+    "TLS version",
+    "cipher suite",
+    "ALPN",
+    "resumed",
+    "started ms",
+    "start lag ms",
+];
+
+/// Column titles of the Connections sheet after [`CONNECTION_COLUMNS`]: from the intended send
+/// time (`--rate`), and the scheduled sends the connection never completed.
+pub const CORRECTED_COLUMNS: [&str; 4] = [
+    "corrected min ms",
+    "corrected avg ms",
+    "corrected max ms",
+    "sends failed",
+];
+
+/// Column titles of the Agents and Backends sheets after [`GROUP_COLUMNS`] (whose times are
+/// the corrected ones under `--rate`): the measured p99 beside them, and fairness.
+pub const GROUP_EXTRA_COLUMNS: [&str; 5] = [
+    "uncorrected p99 ms",
+    "min messages per connection",
+    "median messages per connection",
+    "max messages per connection",
+    "Jain's index",
 ];
 
 /// Column titles of the Timeline sheet, in order.
-pub const TIMELINE_COLUMNS: [&str; 5] = [
+pub const TIMELINE_COLUMNS: [&str; 8] = [
     "second",
     "messages/s",
     "errors",
     "avg response ms",
     "max response ms",
+    "corrected avg ms",
+    "corrected max ms",
+    "sends failed",
 ];
 
 /// Chart size in pixels: two charts stacked beside the tables fill a landscape page at about
@@ -119,6 +148,9 @@ pub fn write(path: &Path, outcome: &Outcome, summary: &Summary) -> anyhow::Resul
     }
     if !summary.backends.is_empty() {
         workbook.push_worksheet(group_sheet(BACKENDS, &summary.backends, &f)?);
+    }
+    if summary.negotiated.is_some() || summary.churn.is_some() {
+        workbook.push_worksheet(tls_sheet(summary, &f)?);
     }
     workbook
         .save(path)
@@ -335,6 +367,96 @@ fn summary_sheet(outcome: &Outcome, s: &Summary, f: &Formats) -> Result<Workshee
         &f.int,
     )?;
     num(&mut ws, &mut row, "messages/s", s.messages_per_sec, &f.rate)?;
+    num(&mut ws, &mut row, "send window (s)", s.send_window_s, &f.ms)?;
+    num(&mut ws, &mut row, "drain (s)", s.drain_s, &f.ms)?;
+    num(
+        &mut ws,
+        &mut row,
+        "echoes in the drain",
+        s.messages_drained as f64,
+        &f.int,
+    )?;
+    if let Some(offered) = s.offered_messages_per_sec {
+        num(&mut ws, &mut row, "offered messages/s", offered, &f.rate)?;
+        num(
+            &mut ws,
+            &mut row,
+            "scheduled sends failed",
+            s.sends_failed as f64,
+            &f.int,
+        )?;
+    }
+    if let Some(l) = &s.littles_law {
+        num(
+            &mut ws,
+            &mut row,
+            "Little's law N/rate (ms)",
+            l.predicted_avg_ms,
+            &f.ms,
+        )?;
+        text(
+            &mut ws,
+            &mut row,
+            "closed loop",
+            "latency ≈ connections / rate; use --rate for latency at a given load",
+        )?;
+    }
+
+    row += 1;
+    heading(&mut ws, &mut row, "Messages per connection")?;
+    let fair = &s.fairness;
+    for (k, v) in [
+        ("min", fair.min),
+        ("p1", fair.p1),
+        ("median", fair.median),
+        ("max", fair.max),
+    ] {
+        num(&mut ws, &mut row, k, v as f64, &f.int)?;
+    }
+    num(&mut ws, &mut row, "Jain's index", fair.jain, &f.ms)?;
+
+    row += 1;
+    heading(&mut ws, &mut row, "Client")?;
+    num(&mut ws, &mut row, "hiccup p99 ms", s.hiccup_ms.p99, &f.ms)?;
+    num(&mut ws, &mut row, "hiccup max ms", s.hiccup_ms.max, &f.ms)?;
+    for c in &s.client_cpu {
+        num(
+            &mut ws,
+            &mut row,
+            &format!("process {} cpu % (avg)", c.process),
+            c.avg_pct,
+            &f.rate,
+        )?;
+        num(
+            &mut ws,
+            &mut row,
+            &format!("process {} cpu % (max)", c.process),
+            c.max_pct,
+            &f.rate,
+        )?;
+    }
+    num(
+        &mut ws,
+        &mut row,
+        "saturated seconds",
+        s.client_saturated_seconds as f64,
+        &f.int,
+    )?;
+    if let Some(w) = s.saturation_warning() {
+        text(&mut ws, &mut row, "WARNING", &w)?;
+    }
+    if !s.slo.is_empty() {
+        row += 1;
+        heading(&mut ws, &mut row, "Objectives (--slo)")?;
+        for v in &s.slo {
+            ws.write_string(row, 0, &v.slo)?;
+            ws.write_string(row, 1, if v.passed { "pass" } else { "FAIL" })?;
+            if let Some(m) = v.measured {
+                ws.write_number_with_format(row, 2, m, &f.ms)?;
+            }
+            row += 1;
+        }
+    }
 
     row += 1;
     ws.write_string_with_format(row, 0, "Response time (ms)", &f.heading)?;
@@ -342,6 +464,7 @@ fn summary_sheet(outcome: &Outcome, s: &Summary, f: &Formats) -> Result<Workshee
     if s.corrected_response_ms.is_some() {
         ws.write_string_with_format(row, 2, "from intended send", &f.header)?;
     }
+
     row += 1;
     let corrected = s.corrected_response_ms.map(|c| c.named());
     for (i, (name, value)) in s.response_ms.named().into_iter().enumerate() {
@@ -353,6 +476,14 @@ fn summary_sheet(outcome: &Outcome, s: &Summary, f: &Formats) -> Result<Workshee
         row += 1;
     }
 
+    if s.handshake_ms.max > 0.0 {
+        row += 1;
+        heading(&mut ws, &mut row, "Open time (ms): connect + handshake")?;
+        for (name, value) in s.handshake_ms.named() {
+            num(&mut ws, &mut row, &format!("open {name}"), value, &f.ms)?;
+        }
+    }
+
     row += 1;
     heading(&mut ws, &mut row, "Failures by cause")?;
     for cause in Cause::ALL {
@@ -361,8 +492,14 @@ fn summary_sheet(outcome: &Outcome, s: &Summary, f: &Formats) -> Result<Workshee
     }
     num(&mut ws, &mut row, "total", s.errors_total as f64, &f.int)?;
 
-    // Chart data: the distribution table in columns E and F.
-    let bars = distribution(&outcome.response);
+    // Chart data: the distribution table in columns E and F; from the intended send time under
+    // --rate (the figure the run is judged by).
+    let corrected = c.rate.is_some();
+    let bars = distribution(if corrected {
+        &outcome.corrected
+    } else {
+        &outcome.response
+    });
     ws.write_string_with_format(2, 4, "response ms", &f.header)?;
     ws.write_string_with_format(2, 5, "messages", &f.header)?;
     for (i, bar) in bars.iter().enumerate() {
@@ -378,7 +515,11 @@ fn summary_sheet(outcome: &Outcome, s: &Summary, f: &Formats) -> Result<Workshee
             .set_categories((SUMMARY, 3, 4, last, 4))
             .set_values((SUMMARY, 3, 5, last, 5))
             .set_gap(30);
-        chart.title().set_name("Response time distribution");
+        chart.title().set_name(if corrected {
+            "Response time distribution (from the intended send)"
+        } else {
+            "Response time distribution"
+        });
         chart.x_axis().set_name("response time (ms, upper bound)");
         chart.y_axis().set_name("messages");
         chart.legend().set_hidden();
@@ -415,7 +556,11 @@ fn summary_sheet(outcome: &Outcome, s: &Summary, f: &Formats) -> Result<Workshee
 fn connections_sheet(outcome: &Outcome, f: &Formats) -> Result<Worksheet, XlsxError> {
     let mut ws = Worksheet::new();
     ws.set_name(CONNECTIONS)?;
-    for (col, title) in CONNECTION_COLUMNS.iter().enumerate() {
+    for (col, title) in CONNECTION_COLUMNS
+        .iter()
+        .chain(CORRECTED_COLUMNS.iter())
+        .enumerate()
+    {
         ws.write_string_with_format(0, col as u16, *title, &f.header)?;
         ws.set_column_width(col as u16, if col == 12 { 60 } else { 11 })?;
         if col > 12 {
@@ -461,9 +606,23 @@ fn connections_sheet(outcome: &Outcome, f: &Formats) -> Result<Worksheet, XlsxEr
         if let Some(b) = &r.backend {
             ws.write_string(row, 15, b)?;
         }
+        write_tls_columns(&mut ws, row, r, f)?;
+        // The corrected columns follow CONNECTION_COLUMNS (the TLS and churn columns end it).
+        let c = CONNECTION_COLUMNS.len() as u16;
+        if let Some(v) = r.corrected_us_min {
+            ws.write_number_with_format(row, c, ms(v), &f.ms)?;
+        }
+        if let Some(v) = r.corrected_ms_avg() {
+            ws.write_number_with_format(row, c + 1, v, &f.ms)?;
+        }
+        if let Some(v) = r.corrected_us_max {
+            ws.write_number_with_format(row, c + 2, ms(v), &f.ms)?;
+        }
+        ws.write_number(row, c + 3, r.sends_failed as f64)?;
     }
     let last = outcome.records.len() as u32;
-    ws.autofilter(0, 0, last.max(1), (CONNECTION_COLUMNS.len() - 1) as u16)?;
+    let columns = CONNECTION_COLUMNS.len() + CORRECTED_COLUMNS.len();
+    ws.autofilter(0, 0, last.max(1), (columns - 1) as u16)?;
     Ok(ws)
 }
 
@@ -475,7 +634,11 @@ fn write_groups(
     groups: &[Group],
     f: &Formats,
 ) -> Result<(), XlsxError> {
-    for (k, title) in GROUP_COLUMNS.iter().enumerate() {
+    for (k, title) in GROUP_COLUMNS
+        .iter()
+        .chain(GROUP_EXTRA_COLUMNS.iter())
+        .enumerate()
+    {
         ws.write_string_with_format(row, col + k as u16, *title, &f.header)?;
     }
     for (i, g) in groups.iter().enumerate() {
@@ -492,9 +655,18 @@ fn write_groups(
             ws.write_number_with_format(row, col + 1 + k as u16, n as f64, &f.int)?;
         }
         ws.write_number_with_format(row, col + 6, g.messages_per_sec, &f.rate)?;
-        for (k, (_, v)) in g.response_ms.named().into_iter().enumerate() {
+        for (k, (_, v)) in g.headline().named().into_iter().enumerate() {
             ws.write_number_with_format(row, col + 7 + k as u16, v, &f.ms)?;
         }
+        let extra = col + GROUP_COLUMNS.len() as u16;
+        ws.write_number_with_format(row, extra, g.response_ms.p99, &f.ms)?;
+        for (k, n) in [g.fairness.min, g.fairness.median, g.fairness.max]
+            .into_iter()
+            .enumerate()
+        {
+            ws.write_number_with_format(row, extra + 1 + k as u16, n as f64, &f.int)?;
+        }
+        ws.write_number_with_format(row, extra + 4, g.fairness.jain, &f.ms)?;
     }
     Ok(())
 }
@@ -557,6 +729,98 @@ fn timeline_sheet(outcome: &Outcome, f: &Formats) -> Result<Worksheet, XlsxError
             let avg = sec.response_us_sum as f64 / sec.messages as f64 / 1000.0;
             ws.write_number_with_format(row, 3, avg, &f.ms)?;
             ws.write_number_with_format(row, 4, sec.response_us_max as f64 / 1000.0, &f.ms)?;
+            if outcome.config.rate.is_some() {
+                let avg = sec.corrected_us_sum as f64 / sec.messages as f64 / 1000.0;
+                ws.write_number_with_format(row, 5, avg, &f.ms)?;
+            }
+        }
+        if outcome.config.rate.is_some() && sec.corrected_us_max > 0 {
+            ws.write_number_with_format(row, 6, sec.corrected_us_max as f64 / 1000.0, &f.ms)?;
+        }
+        ws.write_number(row, 7, sec.sends_failed as f64)?;
+    }
+    Ok(ws)
+}
+
+/// Columns 16.. of the Connections sheet: what the handshake negotiated, and the churn schedule.
+fn write_tls_columns(
+    ws: &mut Worksheet,
+    row: u32,
+    r: &crate::session::ConnectionRecord,
+    f: &Formats,
+) -> Result<(), XlsxError> {
+    if let Some(t) = r.tls() {
+        ws.write_string(row, 16, &t.version)?;
+        ws.write_string(row, 17, &t.suite)?;
+        if let Some(alpn) = &t.alpn {
+            ws.write_string(row, 18, alpn)?;
+        }
+        ws.write_number(row, 19, u32::from(t.resumed) as f64)?;
+    }
+    if let Some(c) = r.churn_start() {
+        ws.write_number_with_format(row, 20, c.started_ms, &f.ms)?;
+        ws.write_number_with_format(row, 21, c.start_lag_ms, &f.ms)?;
+    }
+    Ok(())
+}
+
+/// The "TLS" sheet: what the handshakes negotiated (counts by version, suite, ALPN; the resumed
+/// share) and, with `--churn`, the handshake capacity figures. Label in column A, value in B.
+fn tls_sheet(s: &Summary, f: &Formats) -> Result<Worksheet, XlsxError> {
+    let mut ws = Worksheet::new();
+    ws.set_name(TLS)?;
+    ws.set_column_width(0, 44)?;
+    ws.set_column_width(1, 14)?;
+    let mut row = 0;
+    let num = |ws: &mut Worksheet, row: &mut u32, k: &str, v: f64, fmt: &Format| {
+        ws.write_string(*row, 0, k)?;
+        ws.write_number_with_format(*row, 1, v, fmt)?;
+        *row += 1;
+        Ok::<(), XlsxError>(())
+    };
+    if let Some(n) = &s.negotiated {
+        ws.write_string_with_format(row, 0, "Negotiated", &f.heading)?;
+        row += 1;
+        num(&mut ws, &mut row, "handshakes", n.handshakes as f64, &f.int)?;
+        num(&mut ws, &mut row, "resumed", n.resumed as f64, &f.int)?;
+        num(&mut ws, &mut row, "resumed %", n.resumed_pct, &f.rate)?;
+        for (title, counts) in [
+            ("version", &n.versions),
+            ("cipher suite", &n.suites),
+            ("ALPN", &n.alpn),
+        ] {
+            for (name, count) in counts {
+                num(
+                    &mut ws,
+                    &mut row,
+                    &format!("{title} {name}"),
+                    *count as f64,
+                    &f.int,
+                )?;
+            }
+        }
+        row += 1;
+    }
+    if let Some(c) = &s.churn {
+        ws.write_string_with_format(row, 0, "Handshake capacity (--churn)", &f.heading)?;
+        row += 1;
+        for (k, v, fmt) in [
+            ("asked (/s)", c.asked_per_sec, &f.rate),
+            ("window (s)", c.window_s, &f.ms),
+            ("opened", c.opened as f64, &f.int),
+            ("up", c.established as f64, &f.int),
+            ("failed", c.failed as f64, &f.int),
+            ("achieved (/s)", c.achieved_per_sec, &f.rate),
+            ("achieved % of asked", c.achieved_pct, &f.rate),
+            ("handshake p50 ms", c.handshake_ms.p50, &f.ms),
+            ("handshake p99 ms", c.handshake_ms.p99, &f.ms),
+            ("handshake max ms", c.handshake_ms.max, &f.ms),
+            ("connect p50 ms", c.connect_ms.p50, &f.ms),
+            ("connect p99 ms", c.connect_ms.p99, &f.ms),
+            ("started late (> 10 ms)", c.started_late as f64, &f.int),
+            ("max start lag ms", c.start_lag_max_ms, &f.ms),
+        ] {
+            num(&mut ws, &mut row, k, v, fmt)?;
         }
     }
     Ok(ws)

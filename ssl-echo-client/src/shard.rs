@@ -13,6 +13,8 @@ use tokio::sync::{watch, Semaphore};
 use crate::config::ShardPlan;
 use crate::connector::Connector;
 use crate::failure::{Cause, Failure, Phase};
+use crate::meter::{self, IntervalReport};
+use crate::ramp::TokenBucket;
 use crate::recorder::{HistogramDump, LiveSnapshot, Recorder, Second};
 use crate::session::{self, ConnectionRecord, Shared};
 
@@ -35,7 +37,9 @@ pub enum WorkerMsg {
         ok: u64,
         failed: u64,
     },
-    Connection(ConnectionRecord),
+    Connection(Box<ConnectionRecord>),
+    /// One second of phase 2 (from the meter).
+    Interval(IntervalReport),
     Finished {
         exchange_s: f64,
         response: HistogramDump,
@@ -44,7 +48,29 @@ pub enum WorkerMsg {
         /// One per backend slot (see `BackendMap::slot_of`); empty without `--forwarder`.
         #[serde(default)]
         by_backend: Vec<HistogramDump>,
+        /// The same from the intended send time (`--rate`).
+        #[serde(default)]
+        by_backend_corrected: Vec<HistogramDump>,
+        /// The send window and the drain, and the meter's totals.
+        #[serde(default)]
+        window: Box<ShardWindow>,
     },
+}
+
+/// When a shard's sending ended and its last echo came, and what its meter saw.
+#[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ShardWindow {
+    /// From the go to the moment its last connection stopped sending (the deadline with
+    /// `--duration`, else the last echo).
+    pub send_window_s: f64,
+    /// From the go to its last echo.
+    pub last_answer_s: f64,
+    /// Echoes that came after the end of sending.
+    pub drained: u64,
+    pub hiccup: HistogramDump,
+    pub cpu_pct_avg: f64,
+    pub cpu_pct_max: f64,
+    pub threads: u32,
 }
 
 /// Where a shard's messages go (a channel in-process, stdout in a worker process).
@@ -62,17 +88,31 @@ pub async fn drive(
     go: impl Future<Output = Option<Instant>>,
     stop: watch::Receiver<bool>,
 ) {
+    let payload: Arc<[u8]> = match plan.config.payload_bytes() {
+        Ok(p) => p.into(),
+        Err(e) => {
+            // The parent built the same payload before starting anyone; cannot differ here.
+            tracing::error!("{e:#}");
+            plan.config.message.as_bytes().into()
+        }
+    };
     let shared = Arc::new(Shared {
         config: plan.config.clone(),
         connector,
         recorder: Arc::clone(&recorder),
         process: plan.index,
         stop,
+        payload,
     });
     let (go_tx, go_rx) = watch::channel(None);
 
-    let ramp = tokio::spawn(open_all(plan.clone(), shared, go_rx));
-    recorder.wait_phase1(plan.connections).await;
+    // Churn mode opens nothing before the go: it is an open loop that starts at the go.
+    let churn = plan.config.churn.is_some();
+    let ramp =
+        (!churn).then(|| tokio::spawn(open_all(plan.clone(), Arc::clone(&shared), go_rx.clone())));
+    if !churn {
+        recorder.wait_phase1(plan.connections).await;
+    }
     let phase1 = recorder.snapshot();
     emit(WorkerMsg::Progress(phase1));
     emit(WorkerMsg::Connected {
@@ -81,20 +121,33 @@ pub async fn drive(
     });
 
     let go_at = go.await;
+    let (meter_end, meter_rx) = tokio::sync::oneshot::channel();
+    let mut meter = None;
     match go_at {
         Some(at) => {
             recorder.set_go(at);
             let _ = go_tx.send(Some(at));
+            let (recorder, emit) = (Arc::clone(&recorder), Arc::clone(&emit));
+            meter = Some(tokio::spawn(meter::run(
+                at,
+                recorder,
+                move |r| emit(WorkerMsg::Interval(r)),
+                meter_rx,
+            )));
         }
         None => drop(go_tx),
     }
 
-    let handles = match ramp.await {
-        Ok(handles) => handles,
-        Err(e) => {
-            tracing::error!("connection ramp failed: {e}");
-            Vec::new()
-        }
+    let handles = match (ramp, go_at) {
+        (Some(ramp), _) => match ramp.await {
+            Ok(handles) => handles,
+            Err(e) => {
+                tracing::error!("connection ramp failed: {e}");
+                Vec::new()
+            }
+        },
+        (None, Some(at)) => crate::churn::open_all(&plan, shared, go_rx, at).await,
+        (None, None) => Vec::new(),
     };
     for (offset, handle) in handles.into_iter().enumerate() {
         let record = handle.await.unwrap_or_else(|e| {
@@ -102,9 +155,25 @@ pub async fn drive(
             r.failure = Some(Failure::new(Cause::Other, Phase::Exchange, e));
             r
         });
-        emit(WorkerMsg::Connection(record));
+        emit(WorkerMsg::Connection(Box::new(record)));
     }
     let exchange_s = go_at.map_or(0.0, |at| at.elapsed().as_secs_f64());
+    let _ = meter_end.send(());
+    let mut window = ShardWindow {
+        send_window_s: recorder.send_window_s(),
+        last_answer_s: recorder.last_answer_s(),
+        drained: recorder.drained(),
+        ..ShardWindow::default()
+    };
+    if let Some(Ok(totals)) = match meter {
+        Some(m) => Some(m.await),
+        None => None,
+    } {
+        window.hiccup = HistogramDump::of(&totals.hiccup);
+        window.cpu_pct_avg = totals.cpu_pct_avg;
+        window.cpu_pct_max = totals.cpu_pct_max;
+        window.threads = totals.threads;
+    }
     let tallies = recorder.take();
     emit(WorkerMsg::Progress(recorder.snapshot()));
     emit(WorkerMsg::Finished {
@@ -113,23 +182,39 @@ pub async fn drive(
         corrected: HistogramDump::of(&tallies.corrected),
         timeline: tallies.timeline,
         by_backend: tallies.by_backend.iter().map(HistogramDump::of).collect(),
+        by_backend_corrected: tallies
+            .by_backend_corrected
+            .iter()
+            .map(HistogramDump::of)
+            .collect(),
+        window: Box::new(window),
     });
 }
 
-/// Starts every connection of the shard, spaced by the connect rate and limited to
-/// [`MAX_CONNECTING`] in flight. Returns their handles in id order.
+/// Starts every connection of the shard, paced by a token bucket at the connect rate and
+/// limited to `--max-connecting` in flight. Returns their handles in id order.
+///
+/// A token bucket rather than an absolute schedule: when the in-flight cap (or a slow server)
+/// holds the ramp back, the time lost is not made up in a burst afterwards; the bucket holds
+/// at most [`crate::ramp::BURST`] tokens.
 async fn open_all(
     plan: ShardPlan,
     shared: Arc<Shared>,
     go: watch::Receiver<Option<Instant>>,
 ) -> Vec<tokio::task::JoinHandle<ConnectionRecord>> {
-    let connecting = Arc::new(Semaphore::new(MAX_CONNECTING));
-    let start = Instant::now();
+    let cap = usize::try_from(plan.config.max_connecting)
+        .unwrap_or(MAX_CONNECTING)
+        .max(1);
+    let connecting = Arc::new(Semaphore::new(cap));
+    let mut bucket =
+        (plan.connect_rate > 0.0).then(|| TokenBucket::new(plan.connect_rate, Instant::now()));
     let mut handles = Vec::with_capacity(plan.connections as usize);
     for i in 0..plan.connections {
-        if plan.connect_rate > 0.0 {
-            let at = start + Duration::from_secs_f64(i as f64 / plan.connect_rate);
-            tokio::time::sleep_until(at.into()).await;
+        if let Some(bucket) = &mut bucket {
+            let now = Instant::now();
+            if let Some(wait) = bucket.take(now) {
+                tokio::time::sleep_until((now + wait).into()).await;
+            }
         }
         // The semaphore is never closed, so acquiring cannot fail.
         let permit = Arc::clone(&connecting)
@@ -139,7 +224,7 @@ async fn open_all(
         handles.push(tokio::spawn(session::run(
             plan.first_id + i,
             Arc::clone(&shared),
-            permit,
+            Some(permit),
             go.clone(),
         )));
     }

@@ -8,9 +8,12 @@ use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 
 use crate::config::Workload;
-use crate::coordinator::{Lost, Outcome};
+use crate::coordinator::{Lost, Outcome, ProcessCpu};
 use crate::failure::{count_by_cause, Failure};
+use crate::fairness::Fairness;
+use crate::recorder::new_histogram;
 use crate::session::ConnectionRecord;
+use crate::slo::{Figures, Slo, Stat, Verdict};
 
 /// Response-time statistics in milliseconds. All zero when no message was answered.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -68,16 +71,25 @@ pub struct Group {
     pub messages: u64,
     pub messages_per_sec: f64,
     pub response_ms: Latency,
+    /// From the intended send time (only with `--rate`).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub corrected_response_ms: Option<Latency>,
+    /// Messages per connection over the group's connections that were up.
+    #[serde(default)]
+    pub fairness: Fairness,
 }
 
 impl Group {
-    /// Counts from `records`, response times from `h` (the group's own merged histogram).
+    /// Counts from `records`, response times from `h` (the group's own merged histogram) and
+    /// `corrected` (with `--rate`); msg/s over the send window `window_s`.
     pub fn of<'a>(
         name: &str,
         records: impl Iterator<Item = &'a ConnectionRecord>,
         h: &Histogram<u64>,
-        exchange_s: f64,
+        corrected: Option<&Histogram<u64>>,
+        window_s: f64,
     ) -> Group {
+        let records: Vec<&ConnectionRecord> = records.collect();
         let mut g = Group {
             name: name.to_string(),
             connections: 0,
@@ -87,6 +99,8 @@ impl Group {
             messages: 0,
             messages_per_sec: 0.0,
             response_ms: Latency::of(h),
+            corrected_response_ms: corrected.map(Latency::of),
+            fairness: fairness_of(records.iter().copied()),
         };
         for r in records {
             g.connections += 1;
@@ -98,8 +112,42 @@ impl Group {
             }
             g.messages += r.messages;
         }
-        g.messages_per_sec = per_sec(g.messages, exchange_s);
+        g.messages_per_sec = per_sec(g.messages, window_s);
         g
+    }
+
+    /// The latency the group is judged by: corrected under `--rate`.
+    pub fn headline(&self) -> &Latency {
+        self.corrected_response_ms
+            .as_ref()
+            .unwrap_or(&self.response_ms)
+    }
+}
+
+/// Messages per connection over the connections that were up for phase 2.
+fn fairness_of<'a>(records: impl Iterator<Item = &'a ConnectionRecord>) -> Fairness {
+    Fairness::of(records.filter(|r| r.established()).map(|r| r.messages))
+}
+
+/// The closed-loop reading of Little's law: with N connections each waiting for its echo
+/// before sending again, the mean response time is N / throughput, whatever the server does:
+/// the latency of a closed loop is set by the number of connections.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct LittlesLaw {
+    pub connections: u64,
+    /// N / msg/s, in ms.
+    pub predicted_avg_ms: f64,
+    pub measured_avg_ms: f64,
+}
+
+impl LittlesLaw {
+    pub fn line(&self, rate: f64) -> String {
+        format!(
+            "closed loop: {} connections / {:.0} msg/s = {:.1} ms mean response by Little's law \
+             (measured {:.1} ms); the latency is set by the connection count, use --rate R for \
+             the latency at a given load",
+            self.connections, rate, self.predicted_avg_ms, self.measured_avg_ms
+        )
     }
 }
 
@@ -135,7 +183,50 @@ pub struct Summary {
     pub connect_s: f64,
     /// Phase 2: from the barrier until the last connection finished.
     pub duration_s: f64,
+    /// Messages answered per second over the send window (from the go to the end of sending).
     pub messages_per_sec: f64,
+    /// The steady window: from the go to the end of sending (the deadline with `--duration`,
+    /// the last echo with `--count`).
+    #[serde(default)]
+    pub send_window_s: f64,
+    /// From the end of sending to the last echo, and the echoes that came in it.
+    #[serde(default)]
+    pub drain_s: f64,
+    #[serde(default)]
+    pub messages_drained: u64,
+    /// With `--rate`: what was asked (connections up × rate) and the scheduled sends that
+    /// failed with their connection.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub offered_messages_per_sec: Option<f64>,
+    #[serde(default)]
+    pub sends_failed: u64,
+    /// Keep-alive messages echoed at the barrier (`--keepalive-s`), not in the figures.
+    #[serde(default)]
+    pub keepalives: u64,
+    /// Closed loop only: N / rate against the measured mean.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub littles_law: Option<LittlesLaw>,
+    /// Messages per connection (connections up): min, p1, median, max, Jain's index.
+    #[serde(default)]
+    pub fairness: Fairness,
+    /// Connect plus handshake per connection that opened, ms.
+    #[serde(default)]
+    pub handshake_ms: Latency,
+    /// How late the client's hiccup timer fired (1 ms timer): the client's own stalls.
+    #[serde(default)]
+    pub hiccup_ms: Latency,
+    /// CPU per client process over phase 2 (% of one core).
+    #[serde(default)]
+    pub client_cpu: Vec<ProcessCpu>,
+    /// Seconds in which a client process used more than 90 % of what its threads can get.
+    #[serde(default)]
+    pub client_saturated_seconds: u64,
+    /// The objectives (`--slo`), judged on the corrected figures under `--rate`.
+    #[serde(skip_serializing_if = "Vec::is_empty", default)]
+    pub slo: Vec<Verdict>,
+    /// Why `--json-lines` or `--hdr-log` is incomplete.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub streams_error: Option<String>,
     pub response_ms: Latency,
     /// Measured from the intended send time (only with `--rate`).
     #[serde(skip_serializing_if = "Option::is_none", default)]
@@ -157,6 +248,154 @@ pub struct Summary {
     /// Why the forwarder could not be asked.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub backends_error: Option<String>,
+    /// What the TLS handshakes negotiated (TLS runs only).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub negotiated: Option<TlsNegotiated>,
+    /// Handshake capacity (`--churn` runs only).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub churn: Option<ChurnFigures>,
+}
+
+/// Counts of what the handshakes settled on, over every connection that finished one.
+#[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TlsNegotiated {
+    pub handshakes: u64,
+    /// By version (`TLSv1.3`, `TLSv1.2`).
+    pub versions: BTreeMap<String, u64>,
+    /// By rustls suite name.
+    pub suites: BTreeMap<String, u64>,
+    /// By ALPN protocol; `none` when the server chose none.
+    pub alpn: BTreeMap<String, u64>,
+    /// Handshakes the server resumed from an earlier session (`--resume`).
+    pub resumed: u64,
+    /// resumed / handshakes, in percent.
+    pub resumed_pct: f64,
+}
+
+impl TlsNegotiated {
+    /// From the records; `None` when no connection finished a TLS handshake.
+    pub fn of(records: &[ConnectionRecord]) -> Option<TlsNegotiated> {
+        let mut n = TlsNegotiated::default();
+        for t in records.iter().filter_map(ConnectionRecord::tls) {
+            n.handshakes += 1;
+            *n.versions.entry(t.version.clone()).or_insert(0) += 1;
+            *n.suites.entry(t.suite.clone()).or_insert(0) += 1;
+            let alpn = t.alpn.clone().unwrap_or_else(|| "none".into());
+            *n.alpn.entry(alpn).or_insert(0) += 1;
+            n.resumed += u64::from(t.resumed);
+        }
+        n.resumed_pct = 100.0 * n.resumed as f64 / n.handshakes.max(1) as f64;
+        (n.handshakes > 0).then_some(n)
+    }
+
+    /// The terminal's short line: `TLSv1.3 ×40 · TLS13_AES_256_GCM_SHA384 ×40 · ALPN h2 ×40 ·
+    /// resumed 38 of 40 (95.0 %)`.
+    pub fn line(&self) -> String {
+        let counts = |m: &BTreeMap<String, u64>| {
+            m.iter()
+                .map(|(k, v)| format!("{k} ×{v}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        format!(
+            "{} · {} · ALPN {} · resumed {} of {} ({:.1} %)",
+            counts(&self.versions),
+            counts(&self.suites),
+            counts(&self.alpn),
+            self.resumed,
+            self.handshakes,
+            self.resumed_pct
+        )
+    }
+}
+
+/// Handshake capacity: what `--churn` asked for and what the server gave.
+#[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChurnFigures {
+    /// New connections per second asked for, and over how many seconds.
+    pub asked_per_sec: f64,
+    pub window_s: f64,
+    /// Connections started (all of them unless the run was stopped).
+    pub opened: u64,
+    /// Connections that finished connect and handshake.
+    pub established: u64,
+    pub failed: u64,
+    /// Established connections per second, between the first and the last to finish their
+    /// handshake (a server that falls behind stretches that span, so this drops).
+    pub achieved_per_sec: f64,
+    /// achieved / asked, in percent.
+    pub achieved_pct: f64,
+    /// TLS handshake times (for plain TCP: connect times).
+    pub handshake_ms: Latency,
+    pub connect_ms: Latency,
+    /// Starts more than [`crate::churn::LATE_START`] behind schedule (the client fell behind,
+    /// or ran out of descriptors), and the worst lag.
+    pub started_late: u64,
+    pub start_lag_max_ms: f64,
+}
+
+impl ChurnFigures {
+    pub fn of(churn: &crate::config::Churn, records: &[ConnectionRecord]) -> ChurnFigures {
+        let mut handshake = crate::recorder::new_histogram();
+        let mut connect = crate::recorder::new_histogram();
+        let us = |ms: f64| (ms * 1000.0).round().max(1.0) as u64;
+        let mut done: Vec<f64> = Vec::new();
+        let late_ms = crate::churn::LATE_START.as_secs_f64() * 1000.0;
+        let mut f = ChurnFigures {
+            asked_per_sec: churn.rate,
+            window_s: churn.window_s,
+            ..ChurnFigures::default()
+        };
+        for r in records.iter().filter(|r| r.churn_start().is_some()) {
+            f.opened += 1;
+            let lag = r.churn_start().map_or(0.0, |c| c.start_lag_ms);
+            f.started_late += u64::from(lag > late_ms);
+            f.start_lag_max_ms = f.start_lag_max_ms.max(lag);
+            let Some(at) = r.established_ms() else {
+                f.failed += 1;
+                continue;
+            };
+            f.established += 1;
+            done.push(at);
+            if let Some(c) = r.connect_ms {
+                connect.saturating_record(us(c));
+            }
+            if let Some(h) = r.handshake_ms.or(r.connect_ms) {
+                handshake.saturating_record(us(h));
+            }
+        }
+        done.sort_by(f64::total_cmp);
+        if let (Some(first), Some(last)) = (done.first(), done.last()) {
+            let span_s = (last - first) / 1000.0;
+            if done.len() >= 2 && span_s > 0.0 {
+                f.achieved_per_sec = (done.len() - 1) as f64 / span_s;
+            }
+        }
+        f.achieved_pct = 100.0 * f.achieved_per_sec / churn.rate;
+        f.handshake_ms = Latency::of(&handshake);
+        f.connect_ms = Latency::of(&connect);
+        f
+    }
+
+    /// The terminal's line.
+    pub fn line(&self) -> String {
+        format!(
+            "asked {:.1}/s for {:.1} s: {} opened, {} up, {} failed; achieved {:.1}/s ({:.1} % of \
+             asked); handshake p50 {:.3} p99 {:.3} max {:.3} ms; {} started late (max lag {:.1} ms)",
+            self.asked_per_sec,
+            self.window_s,
+            self.opened,
+            self.established,
+            self.failed,
+            self.achieved_per_sec,
+            self.achieved_pct,
+            self.handshake_ms.p50,
+            self.handshake_ms.p99,
+            self.handshake_ms.max,
+            self.started_late,
+            self.start_lag_max_ms
+        )
+    }
 }
 
 impl Summary {
@@ -179,8 +418,8 @@ impl Summary {
             port: c.addr.port(),
             server_name: c.server_name.clone(),
             tls: c.tls(),
-            message: c.message.clone(),
-            message_bytes: c.message.len() as u64,
+            message: c.payload_name(),
+            message_bytes: c.payload_bytes().map_or(0, |p| p.len() as u64),
             count: match c.workload {
                 Workload::Count(m) => Some(m),
                 Workload::DurationSecs(_) => None,
@@ -207,7 +446,29 @@ impl Summary {
             bytes_received: records.iter().map(|r| r.bytes_received).sum(),
             connect_s: outcome.connect_s,
             duration_s: outcome.exchange_s,
-            messages_per_sec: per_sec(messages, outcome.exchange_s),
+            messages_per_sec: per_sec(messages, outcome.window.send_window_s),
+            send_window_s: outcome.window.send_window_s,
+            drain_s: outcome.window.drain_s,
+            messages_drained: outcome.window.drained,
+            offered_messages_per_sec: c.rate.map(|r| r * connections_ok as f64),
+            sends_failed: records.iter().map(|r| r.sends_failed).sum(),
+            keepalives: records.iter().map(|r| r.keepalives).sum(),
+            littles_law: (c.rate.is_none() && messages > 0).then(|| {
+                let active = records.iter().filter(|r| r.established()).count() as u64;
+                LittlesLaw {
+                    connections: active,
+                    predicted_avg_ms: 1000.0 * active as f64
+                        / per_sec(messages, outcome.window.send_window_s).max(1e-9),
+                    measured_avg_ms: outcome.response.mean() / 1000.0,
+                }
+            }),
+            fairness: fairness_of(records.iter()),
+            handshake_ms: handshake_latency(records),
+            hiccup_ms: Latency::of(&outcome.hiccup),
+            client_cpu: outcome.cpu.clone(),
+            client_saturated_seconds: outcome.saturated_seconds,
+            slo: Vec::new(),
+            streams_error: outcome.streams_error.clone(),
             response_ms: Latency::of(&outcome.response),
             corrected_response_ms: c.rate.map(|_| Latency::of(&outcome.corrected)),
             errors_total: failures.len() as u64,
@@ -218,12 +479,23 @@ impl Summary {
                 .iter()
                 .map(|a| {
                     let mine = records.iter().filter(|r| r.agent.as_ref() == Some(&a.name));
-                    Group::of(&a.name, mine, &a.response, outcome.exchange_s)
+                    Group::of(
+                        &a.name,
+                        mine,
+                        &a.response,
+                        c.rate.map(|_| &a.corrected),
+                        outcome.window.send_window_s,
+                    )
                 })
                 .collect(),
             agents_lost: outcome.lost.clone(),
             backends: backend_groups(outcome),
             backends_error: outcome.backends_error.clone(),
+            negotiated: TlsNegotiated::of(records),
+            churn: c
+                .churn
+                .as_ref()
+                .map(|churn| ChurnFigures::of(churn, records)),
         }
     }
 
@@ -254,16 +526,57 @@ impl Summary {
                 if self.processes == 1 { "" } else { "es" }
             ),
         );
-        row("connect phase", format!("{:.2} s", self.connect_s));
+        row(
+            "connect phase",
+            if self.keepalives > 0 {
+                format!(
+                    "{:.2} s ({} keep-alive echoes at the barrier)",
+                    self.connect_s, self.keepalives
+                )
+            } else {
+                format!("{:.2} s", self.connect_s)
+            },
+        );
         row(
             "messages",
             format!(
-                "{} in {:.2} s = {:.0} msg/s ({} bytes sent, {} received)",
+                "{} in the {:.2} s send window = {:.0} msg/s ({} bytes sent, {} received)",
                 self.messages,
-                self.duration_s,
+                self.send_window_s,
                 self.messages_per_sec,
                 self.bytes_sent,
                 self.bytes_received
+            ),
+        );
+        row(
+            "drain",
+            format!(
+                "{:.2} s after the end of sending, {} echoes (phase 2 {:.2} s in all)",
+                self.drain_s, self.messages_drained, self.duration_s
+            ),
+        );
+        if let Some(offered) = self.offered_messages_per_sec {
+            row(
+                "offered vs achieved",
+                format!(
+                    "{:.0} msg/s asked, {:.0} achieved ({:.1} %), {} scheduled sends failed",
+                    offered,
+                    self.messages_per_sec,
+                    if offered > 0.0 {
+                        100.0 * self.messages_per_sec / offered
+                    } else {
+                        0.0
+                    },
+                    self.sends_failed
+                ),
+            );
+        }
+        let f = &self.fairness;
+        row(
+            "per connection",
+            format!(
+                "messages min {}  p1 {}  median {}  max {}  Jain's index {:.3}",
+                f.min, f.p1, f.median, f.max, f.jain
             ),
         );
         let lat = |l: &Latency| {
@@ -272,9 +585,38 @@ impl Summary {
                 l.avg, l.p50, l.p90, l.p99, l.p999, l.max
             )
         };
-        row("response ms", lat(&self.response_ms));
-        if let Some(c) = &self.corrected_response_ms {
-            row("corrected ms", lat(c));
+        match &self.corrected_response_ms {
+            Some(c) => {
+                row(
+                    "response ms",
+                    format!("{} (from the intended send)", lat(c)),
+                );
+                row("uncorrected ms", lat(&self.response_ms));
+            }
+            None => row("response ms", lat(&self.response_ms)),
+        }
+        if let Some(l) = &self.littles_law {
+            row("little's law", l.line(self.messages_per_sec));
+        }
+        if self.handshake_ms.max > 0.0 {
+            row("open ms", lat(&self.handshake_ms));
+        }
+        row(
+            "client",
+            format!(
+                "hiccup p50 {:.3}  p99 {:.3}  max {:.3} ms; cpu {}",
+                self.hiccup_ms.p50,
+                self.hiccup_ms.p99,
+                self.hiccup_ms.max,
+                self.client_cpu
+                    .iter()
+                    .map(|c| format!("{:.0}% (max {:.0}%)", c.avg_pct, c.max_pct))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        );
+        if let Some(w) = self.saturation_warning() {
+            row("WARNING", w);
         }
         let errors: Vec<String> = self
             .errors
@@ -291,15 +633,21 @@ impl Summary {
             },
         );
         let group = |g: &Group| {
+            let l = g.headline();
             format!(
-                "{} connections ({} up), {} messages = {:.0} msg/s, avg {:.3} p50 {:.3} p99 {:.3} ms",
+                "{} connections ({} up), {} messages = {:.0} msg/s, avg {:.3} p50 {:.3} p99 {:.3} ms{}, per connection min {} median {} max {} Jain {:.3}",
                 g.connections,
                 g.connections_ok,
                 g.messages,
                 g.messages_per_sec,
-                g.response_ms.avg,
-                g.response_ms.p50,
-                g.response_ms.p99
+                l.avg,
+                l.p50,
+                l.p99,
+                if g.corrected_response_ms.is_some() { " (corrected)" } else { "" },
+                g.fairness.min,
+                g.fairness.median,
+                g.fairness.max,
+                g.fairness.jain
             )
         };
         for a in &self.agents {
@@ -314,11 +662,94 @@ impl Summary {
         if let Some(e) = &self.backends_error {
             row("backends", e.clone());
         }
+        if let Some(n) = &self.negotiated {
+            row("negotiated", n.line());
+        }
+        if let Some(c) = &self.churn {
+            row("churn", c.line());
+        }
+        for v in &self.slo {
+            row("slo", v.to_string());
+        }
+        if let Some(e) = &self.streams_error {
+            row("streams", e.clone());
+        }
         if let Some(r) = &self.report {
             row("report", r.clone());
         }
         t
     }
+
+    /// The latency the run is judged by: corrected under `--rate`.
+    pub fn headline(&self) -> &Latency {
+        self.corrected_response_ms
+            .as_ref()
+            .unwrap_or(&self.response_ms)
+    }
+
+    /// Judges the objectives and keeps the verdicts; true when every one passed.
+    pub fn judge(&mut self, slos: &[Slo]) -> bool {
+        self.slo = slos.iter().map(|s| s.judge(&*self)).collect();
+        self.slo.iter().all(|v| v.passed)
+    }
+
+    /// Said when a client process was saturated: the figures may be the client's limit.
+    pub fn saturation_warning(&self) -> Option<String> {
+        (self.client_saturated_seconds > 0).then(|| {
+            format!(
+                "the client was saturated (a process above 90 % CPU) for {} s of phase 2: the \
+                 figures may be the client's limit, not the target's; spread the load over \
+                 more processes or agents",
+                self.client_saturated_seconds
+            )
+        })
+    }
+}
+
+impl Figures for Summary {
+    fn response_ms(&self, s: Stat) -> f64 {
+        stat_of(self.headline(), s)
+    }
+
+    fn handshake_ms(&self, s: Stat) -> Option<f64> {
+        (self.connections_ok > 0).then(|| stat_of(&self.handshake_ms, s))
+    }
+
+    fn errors(&self) -> (u64, u64) {
+        (self.errors_total, self.connections)
+    }
+
+    fn rate(&self) -> f64 {
+        self.messages_per_sec
+    }
+}
+
+fn stat_of(l: &Latency, s: Stat) -> f64 {
+    match s {
+        Stat::Min => l.min,
+        Stat::Avg => l.avg,
+        Stat::P50 => l.p50,
+        Stat::P90 => l.p90,
+        Stat::P99 => l.p99,
+        Stat::P999 => l.p999,
+        Stat::Max => l.max,
+    }
+}
+
+/// Connect plus handshake time of every connection that opened.
+fn handshake_latency(records: &[ConnectionRecord]) -> Latency {
+    let mut h = new_histogram();
+    for r in records.iter().filter(|r| {
+        r.failure
+            .as_ref()
+            .is_none_or(|f| f.phase == crate::failure::Phase::Exchange)
+    }) {
+        if let Some(c) = r.connect_ms {
+            let ms = c + r.handshake_ms.unwrap_or(0.0);
+            h.saturating_record(((ms * 1000.0) as u64).max(1));
+        }
+    }
+    Latency::of(&h)
 }
 
 /// One group per backend the forwarder named, then `unknown` if any connection was not listed.
@@ -335,8 +766,19 @@ fn backend_groups(outcome: &Outcome) -> Vec<Group> {
                 .filter(|r| r.backend.as_deref() == Some(name))
                 .collect();
             let known = slot < map.names.len();
-            (known || !mine.is_empty())
-                .then(|| Group::of(name, mine.into_iter(), &hists[slot], outcome.exchange_s))
+            let corrected = outcome
+                .config
+                .rate
+                .and_then(|_| outcome.backends_corrected.get(slot));
+            (known || !mine.is_empty()).then(|| {
+                Group::of(
+                    name,
+                    mine.into_iter(),
+                    &hists[slot],
+                    corrected,
+                    outcome.window.send_window_s,
+                )
+            })
         })
         .collect()
 }
@@ -353,7 +795,70 @@ pub fn per_sec(n: u64, secs: f64) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::recorder::new_histogram;
+
+    fn churned(id: u64, started_ms: f64, handshake_ms: Option<f64>) -> ConnectionRecord {
+        let mut r = ConnectionRecord::new(id, 0);
+        r.opening_mut().churn = Some(crate::session::ChurnStart {
+            started_ms,
+            start_lag_ms: if id == 3 { 25.0 } else { 0.5 },
+        });
+        r.connect_ms = Some(1.0);
+        r.handshake_ms = handshake_ms;
+        if handshake_ms.is_none() {
+            r.failure = Some(Failure::timeout(crate::failure::Phase::Handshake, 10));
+        }
+        r
+    }
+
+    #[test]
+    fn churn_rate_is_measured_between_the_first_and_last_handshake() {
+        let churn = crate::config::Churn {
+            rate: 10.0,
+            window_s: 0.5,
+        };
+        // Five due every 100 ms; the server gets slower, so they finish further apart.
+        let records: Vec<ConnectionRecord> = vec![
+            churned(0, 0.0, Some(2.0)),
+            churned(1, 100.0, Some(2.0)),
+            churned(2, 200.0, Some(52.0)),
+            churned(3, 325.0, Some(102.0)),
+            churned(4, 400.0, None),
+        ];
+        let f = ChurnFigures::of(&churn, &records);
+        assert_eq!((f.opened, f.established, f.failed), (5, 4, 1));
+        // Done at 3, 103, 253, 428 ms: 3 intervals over 425 ms.
+        assert!((f.achieved_per_sec - 3.0 / 0.425).abs() < 1e-9, "{f:?}");
+        assert!((f.achieved_pct - 100.0 * 3.0 / 0.425 / 10.0).abs() < 1e-9);
+        assert_eq!((f.started_late, f.start_lag_max_ms), (1, 25.0));
+        assert!((f.handshake_ms.max - 102.0).abs() < 0.2, "{f:?}");
+    }
+
+    #[test]
+    fn negotiated_counts_and_the_resumed_share() {
+        let mut records = Vec::new();
+        for i in 0..4 {
+            let mut r = ConnectionRecord::new(i, 0);
+            r.opening_mut().tls = Some(crate::tls::Negotiated {
+                version: if i == 0 { "TLSv1.2" } else { "TLSv1.3" }.into(),
+                suite: "S".into(),
+                alpn: (i % 2 == 0).then(|| "h2".to_string()),
+                resumed: i > 0,
+            });
+            records.push(r);
+        }
+        records.push(ConnectionRecord::new(9, 0)); // failed before its handshake
+        let n = TlsNegotiated::of(&records).unwrap();
+        assert_eq!(n.handshakes, 4);
+        assert_eq!(n.versions["TLSv1.3"], 3);
+        assert_eq!(n.alpn["none"], 2);
+        assert_eq!(n.resumed, 3);
+        assert_eq!(n.resumed_pct, 75.0);
+        assert_eq!(
+            n.line(),
+            "TLSv1.2 ×1, TLSv1.3 ×3 · S ×4 · ALPN h2 ×2, none ×2 · resumed 3 of 4 (75.0 %)"
+        );
+        assert_eq!(TlsNegotiated::of(&records[4..]), None);
+    }
 
     #[test]
     fn percentiles_of_one_to_a_thousand_ms() {

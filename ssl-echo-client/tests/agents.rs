@@ -7,7 +7,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use testbed::testing::{free_port, wait_until};
+use testbed_dev::testing::{free_port, wait_until};
 
 const LIMIT: Duration = Duration::from_secs(120);
 
@@ -300,4 +300,93 @@ fn an_agent_too_slow_for_the_barrier_is_named_and_the_run_stops() {
     assert_eq!(j["errors"]["other"], 5);
     let rows = sheet(&report, "Connections");
     assert_eq!(text(&rows, 1, 12), format!("other during exchange: {why}"));
+}
+
+/// Opens a connection to `agent` from the loopback address `from` (127.0.0.0/8 is all local).
+fn connect_from(from: [u8; 4], agent: &str) -> std::net::TcpStream {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket
+        .bind(&std::net::SocketAddr::from((from, 0)).into())
+        .unwrap();
+    let addr: std::net::SocketAddr = agent.parse().unwrap();
+    socket.connect(&addr.into()).unwrap();
+    socket.into()
+}
+
+/// True when the agent closed (or reset) `s` within `limit`, while we dribble a byte a second
+/// that never makes a whole hello line.
+fn closed_within(s: &mut std::net::TcpStream, limit: Duration) -> bool {
+    use std::io::{Read, Write};
+    let start = std::time::Instant::now();
+    s.set_read_timeout(Some(Duration::from_millis(250)))
+        .unwrap();
+    let mut buf = [0u8; 256];
+    let mut last_write = None::<std::time::Instant>;
+    while start.elapsed() < limit {
+        if last_write.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+            if s.write_all(b"{").is_err() {
+                return true;
+            }
+            last_write = Some(std::time::Instant::now());
+        }
+        match s.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => {} // a refusal line, then the close
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {}
+            Err(_) => return true,
+        }
+    }
+    false
+}
+
+#[test]
+fn a_slow_control_client_is_cut_while_the_coordinator_still_reaches_the_agent() {
+    let setup = Setup::plain("gate.xlsx");
+    let agent = Agent::start(&[]);
+    // Strangers from 127.0.0.2 take every slot one address may hold (8) by dribbling a hello
+    // that never ends; a ninth from there is refused at once.
+    let mut dribblers: Vec<std::net::TcpStream> = (0..8)
+        .map(|_| connect_from([127, 0, 0, 2], &agent.addr))
+        .collect();
+    let opened = std::time::Instant::now();
+    for d in &mut dribblers {
+        use std::io::Write;
+        d.write_all(b"{\"type\":").unwrap();
+    }
+    let mut ninth = connect_from([127, 0, 0, 2], &agent.addr);
+    assert!(
+        closed_within(&mut ninth, Duration::from_secs(2)),
+        "a ninth greeting from one address must be refused at once"
+    );
+    // Meanwhile the coordinator (from 127.0.0.1) reaches the agent and runs.
+    let run = setup.run(
+        &[
+            "--agents",
+            &agent.addr,
+            "--connections",
+            "5",
+            "--count",
+            "3",
+        ],
+        LIMIT,
+    );
+    assert!(run.status.success(), "{}", run.stderr);
+    assert_eq!(run.json()["messages"], 15);
+    // The dribblers are cut within the hello limit (5 s), plus slack for a loaded machine.
+    for d in &mut dribblers {
+        let left = Duration::from_secs(10).saturating_sub(opened.elapsed());
+        assert!(closed_within(d, left), "a dribbler was still open");
+    }
+    assert!(
+        opened.elapsed() >= Duration::from_secs(4),
+        "cut before the limit"
+    );
+    // Counted, and logged once for that address (not once per connection).
+    let log = agent.guard.output();
+    let lines = log
+        .lines()
+        .filter(|l| l.contains("control port: 127.0.0.2: connections refused or cut"))
+        .count();
+    assert_eq!(lines, 1, "{log}");
 }

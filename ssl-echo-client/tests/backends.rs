@@ -8,7 +8,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::*;
-use testbed::testing::{bin_path, free_port, wait_for_listen, wait_until, ChildGuard};
+use testbed_dev::testing::{bin_path, free_port, wait_for_listen, wait_until, ChildGuard};
 
 const LIMIT: Duration = Duration::from_secs(120);
 

@@ -68,6 +68,11 @@ async fn a_handshake_that_finishes_after_the_limit_is_a_timeout() {
         rate: None,
         timeout_ms: limit.as_millis() as u64,
         source_ips: Vec::new(),
+        tls_options: Default::default(),
+        churn: None,
+        max_connecting: 500,
+        keepalive_ms: 0,
+        payload: None,
     };
     let connector = Connector::new(&config).unwrap();
     let opening = tokio::spawn(async move { connector.open(relay, None, limit).await });

@@ -9,7 +9,7 @@ use std::net::TcpListener;
 use std::time::Duration;
 
 use common::*;
-use testbed::testing::{free_port, wait_until};
+use testbed_dev::testing::{free_port, wait_until};
 
 const LIMIT: Duration = Duration::from_secs(120);
 
@@ -72,7 +72,10 @@ fn tls_300_connections_of_20_messages_give_exact_counts_in_json_and_report() {
     assert!(wait_until(Duration::from_secs(5), || server
         .stat("bytes_echoed")
         == 6000 * 11));
-    assert_eq!(sheet_names(report), ["Summary", "Connections", "Timeline"]);
+    assert_eq!(
+        sheet_names(report),
+        ["Summary", "Connections", "Timeline", "TLS"]
+    );
     let rows = sheet(report, "Connections");
     assert_eq!(rows.height(), 301, "header + one row per connection");
     assert_eq!(text(&rows, 0, 5), "messages");

@@ -9,7 +9,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::*;
-use testbed::testing::{bin_path, wait_until, ChildGuard};
+use testbed_dev::testing::{bin_path, wait_until, ChildGuard};
 
 const LIMIT: Duration = Duration::from_secs(120);
 const PORTS: &str = "40000 40099";

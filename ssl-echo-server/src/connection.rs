@@ -7,12 +7,13 @@
 
 use std::io::{self, Read, Write};
 use std::net::Shutdown;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
 use mio::net::TcpStream;
 use rustls::ServerConnection;
-use tracing::debug;
+use tracing::{debug, info};
 
 use crate::stats::WorkerCounters;
 
@@ -132,6 +133,16 @@ impl Connection {
     }
 
     fn fail(&mut self, e: &io::Error, counters: &mut WorkerCounters) {
+        if let Some(reason) = client_cert_refusal(e) {
+            counters.handshake_failures += 1;
+            counters.client_cert_refused += 1;
+            let peer = self
+                .socket
+                .peer_addr()
+                .map_or("?".to_string(), |p| p.to_string());
+            log_refusal(self.id, &peer, &reason);
+            return;
+        }
         if matches!(self.state, State::Handshaking { .. }) {
             // A client that connects and leaves without a byte (port scan, health check) is not
             // a failed handshake.
@@ -288,7 +299,7 @@ impl Connection {
                         return Err(io::Error::new(io::ErrorKind::InvalidData, e));
                     }
                     if was_handshaking && !tls.is_handshaking() {
-                        counters.handshakes_total += 1;
+                        note_handshake(self.id, &tls, counters);
                         self.state = State::Echoing;
                     }
                 }
@@ -312,5 +323,67 @@ impl Connection {
         })();
         self.tls = Some(tls);
         result
+    }
+}
+
+/// Counts a finished handshake by what it negotiated and logs it (debug: one line per connection).
+fn note_handshake(id: u64, tls: &ServerConnection, counters: &mut WorkerCounters) {
+    counters.handshakes_total += 1;
+    let version = tls.protocol_version();
+    match version {
+        Some(rustls::ProtocolVersion::TLSv1_2) => counters.tls12_handshakes += 1,
+        Some(rustls::ProtocolVersion::TLSv1_3) => counters.tls13_handshakes += 1,
+        _ => {}
+    }
+    let resumed = tls.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+    if resumed {
+        counters.resumed_handshakes += 1;
+    }
+    debug!(
+        id,
+        version = ?version,
+        suite = ?tls.negotiated_cipher_suite().map(|s| s.suite()),
+        alpn = ?tls.alpn_protocol().map(String::from_utf8_lossy),
+        resumed,
+        "handshake done"
+    );
+}
+
+/// Why the handshake refused the client's certificate, if that is what `e` (from
+/// `process_new_packets`) says. With `--client-ca`, rustls reports a missing certificate as
+/// `NoCertificatesPresented` and a bad one as `InvalidCertificate`; a server without client
+/// authentication never verifies certificates, so neither arises otherwise.
+fn client_cert_refusal(e: &io::Error) -> Option<String> {
+    let tls = e.get_ref()?.downcast_ref::<rustls::Error>()?;
+    match tls {
+        rustls::Error::NoCertificatesPresented => Some("no client certificate".to_string()),
+        rustls::Error::InvalidCertificate(why) => Some(format!("client certificate: {why:?}")),
+        _ => None,
+    }
+}
+
+/// When the last refusal line was written (seconds since the process's first refusal + 1, 0 =
+/// never) and how many were left out since; a flood of refused clients writes one line a second.
+static REFUSALS_LOGGED_AT: AtomicU64 = AtomicU64::new(0);
+static REFUSALS_UNLOGGED: AtomicU64 = AtomicU64::new(0);
+
+fn log_refusal(id: u64, peer: &str, reason: &str) {
+    static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    let now = EPOCH.get_or_init(Instant::now).elapsed().as_secs() + 1;
+    let last = REFUSALS_LOGGED_AT.load(Ordering::Relaxed);
+    if last != 0 && now == last {
+        REFUSALS_UNLOGGED.fetch_add(1, Ordering::Relaxed);
+        debug!(id, "client certificate refused from {peer}: {reason}");
+        return;
+    }
+    REFUSALS_LOGGED_AT.store(now, Ordering::Relaxed);
+    let unlogged = REFUSALS_UNLOGGED.swap(0, Ordering::Relaxed);
+    if unlogged > 0 {
+        info!(
+            id,
+            "client certificate refused from {peer}: {reason} ({unlogged} more in the last second)"
+        );
+    } else {
+        info!(id, "client certificate refused from {peer}: {reason}");
     }
 }

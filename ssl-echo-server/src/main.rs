@@ -37,18 +37,33 @@ struct Args {
     /// Echo without TLS (to compare plaintext with TLS under the same load).
     #[arg(long)]
     plain: bool,
-    /// Worker processes [default: one per CPU, more if --max-connections needs them].
+    /// Worker processes [default: one per CPU, more if --max-connections needs them]. An explicit
+    /// count stands (each worker has its own TLS session cache: use 1 to test resumption).
     #[arg(long)]
     workers: Option<usize>,
+    /// Require client certificates signed by a CA in this PEM file; a client without one, or
+    /// with one from another CA, is refused (logged and counted as client_cert_refused).
+    #[arg(long, value_name = "PATH", conflicts_with = "plain")]
+    client_ca: Option<PathBuf>,
+    /// ALPN protocols to accept, in preference order (repeatable or comma-separated); a client
+    /// that offers only others is refused. None given: no ALPN.
+    #[arg(
+        long,
+        value_name = "PROTO,...",
+        value_delimiter = ',',
+        conflicts_with = "plain"
+    )]
+    alpn: Vec<String>,
     /// Seconds between stats lines (and stats file writes); fractions allowed.
     #[arg(long, default_value_t = 5.0)]
     stats_interval: f64,
     /// Also write the counters as JSON to this file every interval and at exit (atomically).
     #[arg(long)]
     stats_file: Option<PathBuf>,
-    /// Connections the server must be able to hold; sets the worker count with the open-file limit.
-    #[arg(long, default_value_t = 20_000)]
-    max_connections: u64,
+    /// Connections the server must be able to hold [default: 20000]; without --workers it sets
+    /// the worker count with the open-file limit; with --workers a shortfall is warned about.
+    #[arg(long, value_name = "N")]
+    max_connections: Option<u64>,
     /// Close a TLS connection whose handshake has not finished after this many milliseconds.
     // Longer than ssl-echo-client's whole budget for opening a connection (10 s to connect, then
     // 10 s for the handshake): at equal limits an overloaded run saw the server give up on
@@ -101,7 +116,7 @@ fn run_supervisor(args: &Args) -> anyhow::Result<()> {
     }
     // Fail here, once, with a clear message, rather than in every worker.
     if !args.plain {
-        config::load_tls(&args.cert, &args.key)?;
+        config::load_tls(&args.cert, &args.key, &tls_extras(args))?;
     }
     // Bind once *without* SO_REUSEPORT: that fails if anything listens there already, even
     // another SO_REUSEPORT server that our workers would otherwise silently share the port with.
@@ -117,16 +132,20 @@ fn run_supervisor(args: &Args) -> anyhow::Result<()> {
         bail!(
             "--max-connections {} needs {} workers with an open-file limit of {} per process (most allowed: {MAX_WORKERS}); \
              lower --max-connections or raise the limit (ulimit -n)",
-            args.max_connections,
+            args.max_connections.unwrap_or(config::DEFAULT_MAX_CONNECTIONS),
             plan.workers,
             limit.soft
         );
     }
-    if let Some(asked) = plan.raised_from {
+    if let Some(asked) = plan.short_of {
         warn!(
-            "--workers {asked} cannot hold --max-connections {} with {} open files per process; using {} workers",
-            args.max_connections, limit.soft, plan.workers
+            "--workers {} cannot hold --max-connections {asked} with {} open files per process \
+             (about {} connections); keeping {} as asked, connections beyond it wait in the backlog",
+            plan.workers, limit.soft, plan.capacity, plan.workers
         );
+    }
+    if let Some(ca) = &args.client_ca {
+        info!("client certificates required (signed by {})", ca.display());
     }
     info!(
         "listening on {listen} ({}); capacity ≈ {} connections with {} workers ({} each; open-file limit {} per process)",
@@ -150,6 +169,14 @@ fn run_supervisor(args: &Args) -> anyhow::Result<()> {
     if args.plain {
         worker_args.push("--plain".to_string());
     }
+    if let Some(ca) = &args.client_ca {
+        worker_args.push("--client-ca".to_string());
+        worker_args.push(ca.display().to_string());
+    }
+    if !args.alpn.is_empty() {
+        worker_args.push("--alpn".to_string());
+        worker_args.push(args.alpn.join(","));
+    }
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(sig, Arc::clone(&stop))
@@ -167,12 +194,23 @@ fn run_supervisor(args: &Args) -> anyhow::Result<()> {
     sup.run(&stop)
 }
 
+fn tls_extras(args: &Args) -> config::TlsExtras {
+    config::TlsExtras {
+        client_ca: args.client_ca.clone(),
+        alpn: args.alpn.clone(),
+    }
+}
+
 fn run_worker(args: &Args, index: usize) -> anyhow::Result<()> {
     let limit = testbed::fdlimit::raise_nofile().context("cannot raise the open-file limit")?;
     let tls = if args.plain {
         None
     } else {
-        Some(Arc::new(config::load_tls(&args.cert, &args.key)?))
+        Some(Arc::new(config::load_tls(
+            &args.cert,
+            &args.key,
+            &tls_extras(args),
+        )?))
     };
     let mut worker = worker::Worker::new(worker::WorkerConfig {
         index,

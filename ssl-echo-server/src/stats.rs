@@ -28,10 +28,23 @@ pub struct WorkerCounters {
     pub connection_errors: u64,
     /// accept() failures (EMFILE and friends).
     pub accept_errors: u64,
+    /// Completed handshakes by negotiated version, so a test (or an operator) sees what clients
+    /// got without a capture.
+    #[serde(default)]
+    pub tls12_handshakes: u64,
+    #[serde(default)]
+    pub tls13_handshakes: u64,
+    /// Completed handshakes that resumed an earlier session.
+    #[serde(default)]
+    pub resumed_handshakes: u64,
+    /// Handshakes refused because `--client-ca` was given and the client sent no certificate or
+    /// one the CA did not sign (also counted in `handshake_failures`).
+    #[serde(default)]
+    pub client_cert_refused: u64,
 }
 
 /// Number of `u64` fields in [`WorkerCounters`].
-pub const COUNTER_WORDS: usize = 9;
+pub const COUNTER_WORDS: usize = 13;
 
 impl WorkerCounters {
     /// The fields in a fixed order, for the shared-memory slot.
@@ -46,6 +59,10 @@ impl WorkerCounters {
             self.messages_echoed,
             self.connection_errors,
             self.accept_errors,
+            self.tls12_handshakes,
+            self.tls13_handshakes,
+            self.resumed_handshakes,
+            self.client_cert_refused,
         ]
     }
 
@@ -61,6 +78,10 @@ impl WorkerCounters {
             messages_echoed: w[6],
             connection_errors: w[7],
             accept_errors: w[8],
+            tls12_handshakes: w[9],
+            tls13_handshakes: w[10],
+            resumed_handshakes: w[11],
+            client_cert_refused: w[12],
         }
     }
 
@@ -75,6 +96,10 @@ impl WorkerCounters {
         self.messages_echoed += other.messages_echoed;
         self.connection_errors += other.connection_errors;
         self.accept_errors += other.accept_errors;
+        self.tls12_handshakes += other.tls12_handshakes;
+        self.tls13_handshakes += other.tls13_handshakes;
+        self.resumed_handshakes += other.resumed_handshakes;
+        self.client_cert_refused += other.client_cert_refused;
     }
 }
 
@@ -131,7 +156,18 @@ pub fn stats_line(prev: &WorkerCounters, now: &WorkerCounters, secs: f64) -> Str
         rate(prev.handshakes_total, now.handshakes_total),
         rate(prev.messages_echoed, now.messages_echoed),
         human_bytes(rate(prev.bytes_echoed, now.bytes_echoed)),
-    )
+    ) + &refused_since(prev, now)
+}
+
+/// ` | client certificates refused N` when some were refused in the interval, else nothing.
+fn refused_since(prev: &WorkerCounters, now: &WorkerCounters) -> String {
+    match now
+        .client_cert_refused
+        .saturating_sub(prev.client_cert_refused)
+    {
+        0 => String::new(),
+        n => format!(" | client certificates refused {n}"),
+    }
 }
 
 /// `1234567.0` → `"1.23 MB"` (decimal units, like network rates are usually given).
@@ -178,11 +214,14 @@ mod tests {
 
     #[test]
     fn sums_add_every_field() {
-        let w = WorkerCounters::from_words([1, 2, 3, 4, 5, 6, 7, 8, 9]);
+        let w = WorkerCounters::from_words([1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13]);
         let mut sum = WorkerCounters::default();
         sum.add(&w);
         sum.add(&w);
-        assert_eq!(sum.to_words(), [2, 4, 6, 8, 10, 12, 14, 16, 18]);
+        assert_eq!(
+            sum.to_words(),
+            [2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26]
+        );
     }
 
     #[test]
@@ -208,6 +247,10 @@ mod tests {
             "handshakes_total",
             "bytes_echoed",
             "messages_echoed",
+            "tls12_handshakes",
+            "tls13_handshakes",
+            "resumed_handshakes",
+            "client_cert_refused",
             "workers",
             "plain",
         ] {
@@ -225,10 +268,12 @@ mod tests {
 
     #[test]
     fn words_round_trip_in_field_order() {
-        let c = WorkerCounters::from_words([1, 2, 3, 4, 5, 6, 7, 8, 9]);
+        let words = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13];
+        let c = WorkerCounters::from_words(words);
         assert_eq!(c.connections_now, 1);
         assert_eq!(c.accept_errors, 9);
-        assert_eq!(c.to_words(), [1, 2, 3, 4, 5, 6, 7, 8, 9]);
+        assert_eq!(c.client_cert_refused, 13);
+        assert_eq!(c.to_words(), words);
     }
 
     #[test]

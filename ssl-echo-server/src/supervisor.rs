@@ -135,12 +135,17 @@ impl Supervisor {
             .map(|i| format!("{i}={}", self.shared.read(i).connections_total))
             .collect();
         info!(
-            "summary: {} connections accepted (per worker: {}), {} handshakes ({} failed, {} timed out), \
+            "summary: {} connections accepted (per worker: {}), {} handshakes ({} TLS 1.3, {} TLS 1.2, \
+             {} resumed; {} failed, {} of them client certificates refused; {} timed out), \
              {} messages, {} bytes echoed, {} connection errors, {} worker restarts, up {:.1} s",
             totals.connections_total,
             per_worker.join(" "),
             totals.handshakes_total,
+            totals.tls13_handshakes,
+            totals.tls12_handshakes,
+            totals.resumed_handshakes,
             totals.handshake_failures,
+            totals.client_cert_refused,
             totals.handshake_timeouts,
             totals.messages_echoed,
             totals.bytes_echoed,

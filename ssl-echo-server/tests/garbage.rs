@@ -8,8 +8,8 @@ mod common;
 
 use std::time::Duration;
 
-use testbed::garbage;
-use testbed::testing::wait_until;
+use testbed_dev::garbage;
+use testbed_dev::testing::wait_until;
 
 /// Garbage connections per run (each up to 64 KiB, about 3 s at most).
 const GARBAGE: usize = 400;

@@ -216,3 +216,28 @@ fn a_killed_worker_is_restarted_and_serves_again() {
         "the restarted worker served none: {stats}"
     );
 }
+
+#[test]
+fn an_explicit_worker_count_stands_with_a_warning_when_it_is_short() {
+    // The default --max-connections (20,000) does not add a second worker to an explicit 1:
+    // each worker has its own TLS session cache, so resumption needs exactly one.
+    let server = common::start(&["--workers", "1"]);
+    let stats = server.wait_stats("one worker", |s| s["workers"] == 1);
+    assert_eq!(stats["per_worker"].as_array().map(Vec::len), Some(1));
+    assert!(
+        !server.guard.output().contains("cannot hold"),
+        "{}",
+        server.guard.output()
+    );
+    drop(server);
+
+    // Asked for more than one worker can hold: it keeps 1 and says so.
+    let server = common::start(&["--workers", "1", "--max-connections", "1000000"]);
+    server.wait_stats("one worker", |s| s["workers"] == 1);
+    let out = server.guard.output();
+    assert!(
+        out.contains("--workers 1 cannot hold --max-connections 1000000")
+            && out.contains("keeping 1 as asked"),
+        "{out}"
+    );
+}

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use testbed::testing::wait_until;
+use testbed_dev::testing::wait_until;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 async fn echo_line(
@@ -204,7 +204,7 @@ fn running_out_of_descriptors_pauses_accepting_without_spinning() {
     // Start the server through a shell-free wrapper: a tiny hard limit set just before exec.
     let limit = 64;
     let dir = tempfile::tempdir().unwrap();
-    let port = testbed::testing::free_port();
+    let port = testbed_dev::testing::free_port();
     let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_ssl-echo-server"));
     cmd.args([
@@ -233,7 +233,7 @@ fn running_out_of_descriptors_pauses_accepting_without_spinning() {
             Ok(())
         });
     }
-    let server = testbed::testing::ChildGuard::spawn(cmd);
+    let server = testbed_dev::testing::ChildGuard::spawn(cmd);
     assert!(
         server.wait_for_output("workers ready", Duration::from_secs(20)),
         "{}",

@@ -9,7 +9,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use chat_server::protocol::ServerLine;
-use testbed::testing::{free_port, wait_for_listen, ChildGuard};
+use testbed_dev::testing::{free_port, wait_for_listen, ChildGuard};
 
 /// Generous: a bound for a failing test, not a performance claim.
 pub const PATIENCE: Duration = Duration::from_secs(20);

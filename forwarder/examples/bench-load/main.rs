@@ -1,4 +1,4 @@
-//! `bench-load`: the load tools behind `scripts/bench-forwarder.sh`. An echo backend, and clients
+//! `bench-load`: the load tools behind `scripts/bench/bench-forwarder.sh`. An echo backend, and clients
 //! that measure, through any TCP proxy on loopback, what the script compares side by side: new
 //! connections per second, closed-loop request/response messages per second, ping-pong latency and
 //! the memory an idle connection costs; and for UDP, datagrams/s and loss at a set rate. Each client can read the proxy's own CPU time and RSS from

@@ -5,9 +5,12 @@
 //! whichever worker accepted them), leastconn on the open-connection count of each backend,
 //! source on a rendezvous hash of the client address. A pick reserves a place in the backend's
 //! open count, which is what makes `max_conns` exact across workers. Backends in back-off are
-//! skipped; when every backend is down one is tried anyway (fail open).
+//! skipped; when every backend is down one is tried anyway (fail open). Pools with `backup`,
+//! `drain`/`disabled` or `slowstart` backends pick through [`tier`].
 
 pub mod acl;
+pub mod sni;
+pub mod tier;
 
 use std::net::IpAddr;
 use std::sync::atomic::Ordering::Relaxed;
@@ -18,6 +21,7 @@ use crate::control::PoolSpec;
 use crate::rules::options::Balance;
 use crate::stats::Shared;
 use acl::Acl;
+use tier::{Ranking, Tiers};
 
 /// A pool as a worker serves it.
 #[derive(Debug)]
@@ -27,11 +31,37 @@ pub struct ServedPool {
     /// Backend indices in smooth weighted round-robin order, one period long; empty when every
     /// weight is equal (plain modulo then, as before weights existed).
     schedule: Vec<u16>,
+    /// Routes by TLS server name, when rows of the pool carry `sni=`: a connection is then
+    /// served by the group its ClientHello names ([`sni::SniRoutes::route`]).
+    pub sni: Option<sni::SniRoutes>,
+    /// A range steered to this pool's one listener by nftables: the pools of its ports.
+    pub steered: Option<crate::ranges::SteeredPorts>,
+    /// Primaries and backups, when a backend has `backup`, `drain`, `disabled` or `slowstart`;
+    /// `None` keeps the plain pick.
+    pub tiers: Option<Tiers>,
 }
 
 impl ServedPool {
     /// Compiles `spec` with the forwarder's default access lists (`--allow`, `--deny`).
     pub fn new(spec: PoolSpec, default_allow: &[IpNet], default_deny: &[IpNet]) -> ServedPool {
+        let routes = sni::SniRoutes::build(&spec, |group| {
+            Self::without_routes(group, default_allow, default_deny)
+        });
+        let steered = spec
+            .steered
+            .then(|| crate::ranges::SteeredPorts::new(spec.clone(), default_allow, default_deny));
+        ServedPool {
+            sni: routes,
+            steered,
+            ..Self::without_routes(spec, default_allow, default_deny)
+        }
+    }
+
+    fn without_routes(
+        spec: PoolSpec,
+        default_allow: &[IpNet],
+        default_deny: &[IpNet],
+    ) -> ServedPool {
         let acl = Acl::build(
             &spec.options.allow,
             &spec.options.deny,
@@ -44,10 +74,14 @@ impl ServedPool {
         } else {
             smooth_schedule(&weights)
         };
+        let tiers = Tiers::build(&spec.backends);
         ServedPool {
             spec,
             acl,
             schedule,
+            sni: None,
+            steered: None,
+            tiers,
         }
     }
 }
@@ -96,6 +130,9 @@ pub fn pick_backend(
     if n == 0 {
         return Err(Refusal::NoBackend);
     }
+    if let Some(tiers) = &pool.tiers {
+        return pick_tiered(pool, tiers, shared, worker, now_ms, client, &[]);
+    }
     let order = match pool.spec.options.balance {
         Balance::RoundRobin => {
             let turn = shared.pool(pool.spec.slot).next.fetch_add(1, Relaxed);
@@ -106,7 +143,7 @@ pub fn pick_backend(
             };
             Order::From(start)
         }
-        Balance::LeastConn => Order::List(least_loaded(pool, shared)),
+        Balance::LeastConn => Order::List(least_loaded(pool, shared).0),
         Balance::Source => Order::List(by_hash(pool, client)),
     };
     choose(pool, shared, worker, now_ms, order, &[])
@@ -126,12 +163,52 @@ pub fn next_backend(
     let Some(&last) = tried.last() else {
         return pick_backend(pool, shared, worker, now_ms, client);
     };
+    if let Some(tiers) = &pool.tiers {
+        return pick_tiered(pool, tiers, shared, worker, now_ms, client, tried);
+    }
     let order = match pool.spec.options.balance {
         Balance::RoundRobin => Order::From((last + 1) % n.max(1)),
-        Balance::LeastConn => Order::List(least_loaded(pool, shared)),
+        Balance::LeastConn => Order::List(least_loaded(pool, shared).0),
         Balance::Source => Order::List(by_hash(pool, client)),
     };
     choose(pool, shared, worker, now_ms, order, tried)
+}
+
+/// The pick for a pool with tiers: the strategy ranks, [`tier::choose`] decides.
+fn pick_tiered(
+    pool: &ServedPool,
+    tiers: &Tiers,
+    shared: &Shared,
+    worker: usize,
+    now_ms: u64,
+    client: IpAddr,
+    tried: &[usize],
+) -> Result<usize, Refusal> {
+    let backends = &pool.spec.backends;
+    match pool.spec.options.balance {
+        Balance::RoundRobin => {
+            let turn = shared.pool(pool.spec.slot).next.fetch_add(1, Relaxed);
+            tier::choose(
+                tiers,
+                backends,
+                shared,
+                worker,
+                now_ms,
+                Ranking::Turn(turn),
+                tried,
+            )
+        }
+        Balance::LeastConn => {
+            let (list, turn) = least_loaded(pool, shared);
+            let ranking = Ranking::List(&list, Some(turn));
+            tier::choose(tiers, backends, shared, worker, now_ms, ranking, tried)
+        }
+        Balance::Source => {
+            let list = by_hash(pool, client);
+            let ranking = Ranking::List(&list, None);
+            tier::choose(tiers, backends, shared, worker, now_ms, ranking, tried)
+        }
+    }
 }
 
 /// Takes back a reservation from [`pick_backend`] or [`next_backend`].
@@ -183,10 +260,12 @@ fn choose(
 }
 
 /// Backends by open connections per unit of weight, fewest first; ties keep index order rotated
-/// by the pool's counter, so an idle pool is still served in turn.
-fn least_loaded(pool: &ServedPool, shared: &Shared) -> Vec<usize> {
+/// by the pool's counter, so an idle pool is still served in turn. Also returns the counter's
+/// turn.
+fn least_loaded(pool: &ServedPool, shared: &Shared) -> (Vec<usize>, u64) {
     let n = pool.spec.backends.len();
-    let turn = shared.pool(pool.spec.slot).next.fetch_add(1, Relaxed) as usize % n;
+    let drawn = shared.pool(pool.spec.slot).next.fetch_add(1, Relaxed);
+    let turn = drawn as usize % n;
     let mut order: Vec<(u128, usize, usize)> = pool
         .spec
         .backends
@@ -200,7 +279,7 @@ fn least_loaded(pool: &ServedPool, shared: &Shared) -> Vec<usize> {
         })
         .collect();
     order.sort_unstable();
-    order.into_iter().map(|(_, _, i)| i).collect()
+    (order.into_iter().map(|(_, _, i)| i).collect(), drawn)
 }
 
 /// Backends by rendezvous (highest random weight) score for `client`, best first. A backend's
@@ -240,7 +319,7 @@ fn hash_ip(ip: IpAddr) -> u64 {
 }
 
 /// splitmix64's finaliser: a fixed function, so every worker and every restart agrees.
-fn mix(mut x: u64) -> u64 {
+pub(crate) fn mix(mut x: u64) -> u64 {
     x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
     x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
@@ -256,6 +335,8 @@ mod tests {
     fn pool(weights: &[u32], balance: Balance) -> ServedPool {
         let mut spec = PoolSpec {
             listen: "0.0.0.0:1".parse().unwrap(),
+            ports: 1,
+            steered: false,
             proto: Default::default(),
             slot: 0,
             options: Default::default(),
@@ -270,6 +351,8 @@ mod tests {
                         weight,
                         ..Default::default()
                     },
+                    port_range: false,
+                    line: 0,
                 })
                 .collect(),
         };

@@ -7,11 +7,11 @@
 pub mod file;
 pub mod options;
 mod parse;
+pub mod range;
 
 pub use options::{BackendOptions, PoolOptions, Proto};
-pub use parse::{
-    parse, parse_listen, parse_port, read_rows, resolve, to_csv, validate, Listen, Row,
-};
+pub use parse::{destination, parse, parse_listen, read_rows, to_csv, validate, Listen, Row};
+pub use range::{parse_port, parse_port_range, PortRange};
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -41,7 +41,15 @@ pub struct Rule {
     pub line: usize,
     pub listen: SocketAddr,
     pub proto: Proto,
+    /// The destination; with a destination range, its first port; for a host name,
+    /// `0.0.0.0:PORT` (the addresses are in `dns` answers).
     pub dest: SocketAddr,
+    /// The destination ports: one, or a range as long as the pool's listen range (the port a
+    /// client reached maps to the same offset in it).
+    pub dest_ports: PortRange,
+    /// The host name to resolve (in the background, never on a connection's path), when
+    /// `dest_ip` is not an address literal.
+    pub host: Option<String>,
     /// This row's backend options (weight, PROXY protocol, limit).
     pub options: BackendOptions,
 }
@@ -49,7 +57,10 @@ pub struct Rule {
 /// The backends reached through one listening address and transport, in file order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Pool {
+    /// The address and the first port.
     pub listen: SocketAddr,
+    /// Every port the pool listens on: `listen`'s alone, or a range starting there.
+    pub ports: PortRange,
     pub proto: Proto,
     /// What the pool's rows say about the whole pool (they agree, or the file is refused).
     pub options: PoolOptions,
@@ -58,12 +69,32 @@ pub struct Pool {
 
 impl Pool {
     /// How the page, the logs and the API name the pool: `0.0.0.0:8080`, `0.0.0.0:53/udp`.
+    /// A range reads `0.0.0.0:27000-27099`.
     pub fn label(&self) -> String {
         Listen {
             addr: self.listen,
+            ports: self.ports,
             proto: self.proto,
         }
         .to_string()
+    }
+}
+
+impl Rule {
+    /// The destination as messages write it: `10.0.0.9:27000-27099` for a range.
+    pub fn dest_label(&self) -> String {
+        if let Some(host) = &self.host {
+            return format!("{host}:{}", self.dest_ports);
+        }
+        if self.dest_ports.is_single() {
+            self.dest.to_string()
+        } else {
+            let ip = match self.dest.ip() {
+                std::net::IpAddr::V4(ip) => ip.to_string(),
+                std::net::IpAddr::V6(ip) => format!("[{ip}]"),
+            };
+            format!("{ip}:{}", self.dest_ports)
+        }
     }
 }
 
@@ -115,6 +146,7 @@ pub const EXAMPLE_FILE: &str = "\
 # Forwarding rules: name,listen_port,dest_ip,dest_port[,options] (one rule per line).
 # Rows that share a listen port form one pool, served round robin.
 # listen_port may be ADDR:PORT to bind one address, and end in /udp for a UDP rule;
+# a port may be a range FROM-TO (dest_port the same length, or one port for all of them);
 # dest_ip may be a host name or IPv6 literal. The optional fifth column holds options, quoted:
 #   web1,8080,10.0.0.11,80,\"weight=3 send_proxy=v2\"   ssh,22222,10.0.0.13,22,\"allow=10.0.0.0/24\"
 # Changes are applied live (on save, or SIGHUP) without dropping connections.

@@ -1,11 +1,13 @@
 //! The one reader and the one writer of the rules CSV: rows read with their line numbers (kept
-//! even when malformed, so the page can show them), each field checked, host names resolved once,
-//! pools formed; and entries written back as rows.
+//! even when malformed, so the page can show them), each field checked (host names are checked,
+//! not resolved: `dns` does that in the background), pools formed; and entries written back as
+//! rows.
 
 use std::collections::HashMap;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 use super::options::{merge_pool, parse_options, pool_conflict, RowOptions};
+use super::range::{overlap_message, parse_port_range, PortIndex, PortRange};
 use super::{Entry, Pool, PoolOptions, Proto, Rule, RuleError, RuleSet, RulesError, EXAMPLE_FILE};
 
 /// One row of a rules file as written, valid or not.
@@ -68,11 +70,15 @@ pub fn read_rows(text: &str, file: &str) -> Vec<Row> {
         .from_reader(text.as_bytes());
     let mut rows = Vec::new();
     let mut first = true;
+    let mut lines = LineCursor::default();
     for record in reader.records() {
         let record = match record {
             Ok(r) => r,
             Err(e) => {
-                let line = e.position().map(|p| line_at(text, p.byte())).unwrap_or(0);
+                let line = e
+                    .position()
+                    .map(|p| lines.line_at(text, p.byte()))
+                    .unwrap_or(0);
                 rows.push(Row {
                     line,
                     entry: Entry::default(),
@@ -87,7 +93,7 @@ pub fn read_rows(text: &str, file: &str) -> Vec<Row> {
         // The csv crate's own line count skips comments and blank lines; count from the offset.
         let line = record
             .position()
-            .map(|p| line_at(text, p.byte()))
+            .map(|p| lines.line_at(text, p.byte()))
             .unwrap_or(0);
         let malformed = (!(4..=5).contains(&record.len())).then(|| {
             let message = if record.len() == 1 && record[0].contains(';') {
@@ -117,15 +123,21 @@ pub fn read_rows(text: &str, file: &str) -> Vec<Row> {
 }
 
 /// Validates entries (with their line numbers) into pools: each field checked, options parsed,
-/// destinations resolved, duplicates, conflicting listen addresses and pool options that two rows
-/// disagree on refused.
+/// destinations resolved, duplicates, overlapping or conflicting listen ports and pool options
+/// that two rows disagree on refused. Linear in the rows (and in the ports of the ranges).
 pub fn validate(entries: &[(usize, Entry)], file: &str) -> Result<RuleSet, RulesError> {
     let mut errors = Vec::new();
     let mut pools: Vec<Pool> = Vec::new();
     // The row options each pool's rows wrote, with their lines, to find disagreements.
     let mut pool_rows: Vec<Vec<(usize, RowOptions)>> = Vec::new();
-    // (port, transport) -> (listen address, first line): one port takes one listen address.
+    // Which row first claimed each port; ranges that overlap without being equal are refused.
+    let mut claimed = PortIndex::default();
+    // (first port, transport) -> (listen address, first line): one port takes one listen address.
     let mut ports: HashMap<(u16, Proto), (SocketAddr, usize)> = HashMap::new();
+    // (listen address, transport) -> index into `pools`.
+    let mut pool_at: HashMap<(SocketAddr, Proto), usize> = HashMap::new();
+    // (pool index, destination, host name) -> line, for duplicates.
+    let mut dests: HashMap<(usize, SocketAddr, Option<String>), usize> = HashMap::new();
     for (line, entry) in entries {
         let line = *line;
         let before = errors.len();
@@ -133,11 +145,26 @@ pub fn validate(entries: &[(usize, Entry)], file: &str) -> Result<RuleSet, Rules
         let listen = parse_listen(&entry.listen_port)
             .map_err(|m| errors.push(err(file, line, "listen_port", m)))
             .ok();
-        let port = parse_port(&entry.dest_port)
+        let dest_ports = parse_port_range(&entry.dest_port)
             .map_err(|m| errors.push(err(file, line, "dest_port", m)))
             .ok();
-        let dest = match port {
-            Some(port) => resolve(&entry.dest_ip, port)
+        if let (Some(l), Some(d)) = (listen, dest_ports) {
+            if !d.is_single() && d.len() != l.ports.len() {
+                errors.push(err(
+                    file,
+                    line,
+                    "dest_port",
+                    format!(
+                        "{d} has {} ports but listen_port {} has {}; a destination range must be as long as the listen range, or one port",
+                        d.len(),
+                        l.ports,
+                        l.ports.len()
+                    ),
+                ));
+            }
+        }
+        let dest = match dest_ports {
+            Some(d) => destination(&entry.dest_ip, d.first)
                 .map_err(|m| errors.push(err(file, line, "dest_ip", m)))
                 .ok(),
             None => None,
@@ -146,12 +173,28 @@ pub fn validate(entries: &[(usize, Entry)], file: &str) -> Result<RuleSet, Rules
         let options = parse_options(&entry.options, proto)
             .map_err(|m| errors.push(err(file, line, "options", m)))
             .ok();
+        if let (Some((dest, None)), Some(options)) = (&dest, &options) {
+            // A host name's addresses are known only once it resolves.
+            crate::outbound::check(&options.backend, *dest)
+                .unwrap_or_else(|m| errors.push(err(file, line, "options", m)));
+        }
         if errors.len() > before {
             continue;
         }
-        let (Some(listen), Some(dest), Some(options)) = (listen, dest, options) else {
+        let (Some(listen), Some((dest, host)), Some(dest_ports), Some(options)) =
+            (listen, dest, dest_ports, options)
+        else {
             continue;
         };
+        if let Err(owner) = claimed.claim(listen.ports, proto, line) {
+            errors.push(err(
+                file,
+                line,
+                "listen_port",
+                overlap_message(listen.ports, owner, proto),
+            ));
+            continue;
+        }
         match ports.get(&(listen.addr.port(), proto)) {
             Some((addr, first_line)) if *addr != listen.addr => {
                 errors.push(err(
@@ -170,29 +213,29 @@ pub fn validate(entries: &[(usize, Entry)], file: &str) -> Result<RuleSet, Rules
                 ports.insert((listen.addr.port(), proto), (listen.addr, line));
             }
         }
+        let rule_host = host.clone();
         let rule = Rule {
             entry: entry.clone(),
             line,
             listen: listen.addr,
             proto,
             dest,
+            dest_ports,
+            host,
             options: options.backend.clone(),
         };
-        match pools
-            .iter()
-            .position(|p| p.listen == listen.addr && p.proto == proto)
-        {
+        match pool_at.get(&(listen.addr, proto)).copied() {
             Some(i) => {
                 let pool = &mut pools[i];
-                if let Some(dup) = pool.rules.iter().find(|r| r.dest == dest) {
+                if let Some(dup) = dests.get(&(i, dest, rule.host.clone())) {
                     errors.push(err(
                         file,
                         line,
                         "dest_ip",
                         format!(
-                            "duplicate destination {dest} for listen port {} (already on line {})",
+                            "duplicate destination {} for listen port {} (already on line {dup})",
+                            rule.dest_label(),
                             port_label(listen),
-                            dup.line
                         ),
                     ));
                     continue;
@@ -211,6 +254,7 @@ pub fn validate(entries: &[(usize, Entry)], file: &str) -> Result<RuleSet, Rules
                     ));
                     continue;
                 }
+                dests.insert((i, dest, rule_host.clone()), line);
                 merge_pool(&mut pool.options, &options);
                 pool.rules.push(rule);
                 pool_rows[i].push((line, options));
@@ -218,8 +262,11 @@ pub fn validate(entries: &[(usize, Entry)], file: &str) -> Result<RuleSet, Rules
             None => {
                 let mut pool_options = PoolOptions::default();
                 merge_pool(&mut pool_options, &options);
+                pool_at.insert((listen.addr, proto), pools.len());
+                dests.insert((pools.len(), dest, rule_host.clone()), line);
                 pools.push(Pool {
                     listen: listen.addr,
+                    ports: listen.ports,
                     proto,
                     options: pool_options,
                     rules: vec![rule],
@@ -235,11 +282,12 @@ pub fn validate(entries: &[(usize, Entry)], file: &str) -> Result<RuleSet, Rules
     }
 }
 
-/// A port as messages name it: `8080` (TCP, as the original tool's messages did), `53/udp`.
+/// A port as messages name it: `8080` (TCP, as the original tool's messages did), `53/udp`,
+/// `27000-27099`.
 fn port_label(listen: Listen) -> String {
     match listen.proto {
-        Proto::Tcp => listen.addr.port().to_string(),
-        Proto::Udp => format!("{}/udp", listen.addr.port()),
+        Proto::Tcp => listen.ports.to_string(),
+        Proto::Udp => format!("{}/udp", listen.ports),
     }
 }
 
@@ -286,25 +334,41 @@ fn skipped_row(record: &csv::StringRecord, first: &mut bool) -> bool {
     is_header
 }
 
-/// 1-based line number of the record that the csv reader reports at `byte`. The reader reports
-/// where it started looking, before the blank and comment lines it skipped, so skip them too.
-fn line_at(text: &str, byte: u64) -> usize {
-    let mut start = (byte as usize).min(text.len());
-    let mut line = text.as_bytes()[..start]
-        .iter()
-        .filter(|&&b| b == b'\n')
-        .count()
-        + 1;
-    while let Some(rest) = text.get(start..) {
-        let this = rest.split('\n').next().unwrap_or("");
-        let skipped = this.trim().is_empty() || this.starts_with('#');
-        if !skipped || this.len() == rest.len() {
-            break;
+/// Turns the byte offsets the csv reader reports into 1-based lines, counting newlines only
+/// between one record and the next (records come in order), so reading a file is linear in its
+/// size, not quadratic.
+#[derive(Debug, Default)]
+struct LineCursor {
+    /// Byte offset counted up to, and the newlines before it.
+    byte: usize,
+    newlines: usize,
+}
+
+impl LineCursor {
+    /// The line of the record that the csv reader reports at `byte`. The reader reports where it
+    /// started looking, before the blank and comment lines it skipped, so skip them too.
+    fn line_at(&mut self, text: &str, byte: u64) -> usize {
+        let mut start = (byte as usize).min(text.len());
+        if start < self.byte {
+            *self = LineCursor::default();
         }
-        start += this.len() + 1;
-        line += 1;
+        self.newlines += text.as_bytes()[self.byte..start]
+            .iter()
+            .filter(|&&b| b == b'\n')
+            .count();
+        self.byte = start;
+        let mut line = self.newlines + 1;
+        while let Some(rest) = text.get(start..) {
+            let this = rest.split('\n').next().unwrap_or("");
+            let skipped = this.trim().is_empty() || this.starts_with('#');
+            if !skipped || this.len() == rest.len() {
+                break;
+            }
+            start += this.len() + 1;
+            line += 1;
+        }
+        line
     }
-    line
 }
 
 fn err(file: &str, line: usize, field: &str, message: String) -> RuleError {
@@ -332,21 +396,28 @@ fn check_name(name: &str) -> Result<(), String> {
 /// Where a rule listens: an address and a transport.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Listen {
+    /// The address and the first port.
     pub addr: SocketAddr,
+    /// The ports listened on (`addr`'s port alone, or a range starting there).
+    pub ports: PortRange,
     pub proto: Proto,
 }
 
 impl std::fmt::Display for Listen {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.addr.ip() {
+            IpAddr::V4(ip) => write!(f, "{ip}:{}", self.ports)?,
+            IpAddr::V6(ip) => write!(f, "[{ip}]:{}", self.ports)?,
+        }
         match self.proto {
-            Proto::Tcp => write!(f, "{}", self.addr),
-            Proto::Udp => write!(f, "{}/udp", self.addr),
+            Proto::Tcp => Ok(()),
+            Proto::Udp => write!(f, "/udp"),
         }
     }
 }
 
-/// `PORT` (all IPv4 addresses), `ADDR:PORT`, or `[V6]:PORT`, each optionally followed by `/udp`
-/// or `/tcp`.
+/// `PORT` (all IPv4 addresses), `ADDR:PORT`, or `[V6]:PORT`, where PORT may be a range
+/// `FROM-TO`, each optionally followed by `/udp` or `/tcp`.
 pub fn parse_listen(field: &str) -> Result<Listen, String> {
     if field.is_empty() {
         return Err("listen port is empty".into());
@@ -357,35 +428,39 @@ pub fn parse_listen(field: &str) -> Result<Listen, String> {
         Some((_, p)) => return Err(format!("\"/{p}\" is not a transport: write /tcp or /udp")),
         None => (field, Proto::Tcp),
     };
-    if field.bytes().all(|b| b.is_ascii_digit()) || !field.contains(':') {
-        let port = parse_port(field)?;
-        let addr = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port);
-        return Ok(Listen { addr, proto });
+    if !field.contains(':') {
+        let ports = parse_port_range(field)?;
+        let addr = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), ports.first);
+        return Ok(Listen { addr, ports, proto });
     }
-    let addr = field.parse::<SocketAddr>().map_err(|_| {
-        format!("\"{field}\" is neither a port nor ADDR:PORT (use [v6addr]:PORT for IPv6)")
-    })?;
-    if addr.port() == 0 {
+    let bad =
+        || format!("\"{field}\" is neither a port nor ADDR:PORT (use [v6addr]:PORT for IPv6)");
+    // The last ':' splits the port off ("[::1]:80", "127.0.0.1:27000-27099").
+    let (host, port) = field.rsplit_once(':').ok_or_else(bad)?;
+    let bare = match host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        Some(v6) => v6,
+        None if host.contains(':') => return Err(bad()),
+        None => host,
+    };
+    let ip: IpAddr = bare.parse().map_err(|_| bad())?;
+    let ports = if port.contains('-') {
+        parse_port_range(port)?
+    } else {
+        PortRange::single(port.parse::<u16>().map_err(|_| bad())?)
+    };
+    if ports.first == 0 {
         return Err("port 0 is not allowed".into());
     }
-    Ok(Listen { addr, proto })
+    Ok(Listen {
+        addr: SocketAddr::new(ip, ports.first),
+        ports,
+        proto,
+    })
 }
 
-/// A port 1..=65535.
-pub fn parse_port(field: &str) -> Result<u16, String> {
-    if field.is_empty() {
-        return Err("port is empty".into());
-    }
-    match field.parse::<u32>() {
-        Ok(0) => Err("port 0 is not allowed".into()),
-        Ok(p) if p <= 65535 => Ok(p as u16),
-        Ok(p) => Err(format!("port {p} is out of range 1-65535")),
-        Err(_) => Err(format!("\"{field}\" is not a port number")),
-    }
-}
-
-/// An IP literal (IPv6 with or without brackets) or a host name, resolved now.
-pub fn resolve(host: &str, port: u16) -> Result<SocketAddr, String> {
+/// An IP literal (IPv6 with or without brackets), or a host name to resolve later: then
+/// `(0.0.0.0:PORT, Some(name))`.
+pub fn destination(host: &str, port: u16) -> Result<(SocketAddr, Option<String>), String> {
     if host.is_empty() {
         return Err("destination is empty".into());
     }
@@ -397,20 +472,22 @@ pub fn resolve(host: &str, port: u16) -> Result<SocketAddr, String> {
         if ip.is_unspecified() {
             return Err(format!("{ip} is not a destination address"));
         }
-        return Ok(SocketAddr::new(ip, port));
+        return Ok((SocketAddr::new(ip, port), None));
     }
-    if !bare
-        .chars()
-        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.' || c == '_')
+    let labels_ok = bare
+        .trim_end_matches('.')
+        .split('.')
+        .all(|l| !l.is_empty() && l.len() <= 63 && !l.starts_with('-') && !l.ends_with('-'));
+    if bare.len() > 253
+        || !labels_ok
+        || !bare
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.' || c == '_')
     {
         return Err(format!("\"{host}\" is not an IP address or host name"));
     }
-    match (bare, port).to_socket_addrs() {
-        Ok(mut addrs) => addrs
-            .next()
-            .ok_or_else(|| format!("unknown host \"{host}\"")),
-        Err(e) => Err(format!("unknown host \"{host}\": {e}")),
-    }
+    let unresolved = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port);
+    Ok((unresolved, Some(bare.to_ascii_lowercase())))
 }
 
 #[cfg(test)]
@@ -474,13 +551,27 @@ mod tests {
     }
 
     #[test]
-    fn unknown_host_and_conflicting_listen_address() {
-        let e = errors(
-            "a,8080,no-such-host.invalid,80\nb,9000,127.0.0.1,80\nc,127.0.0.1:9000,127.0.0.1,81\n",
+    fn host_names_are_kept_for_later_and_conflicting_listen_address() {
+        let set = parse(
+            "a,8080,No-Such-Host.invalid,80\nb,8080,no-such-host.invalid,81\n",
+            "f",
+        )
+        .unwrap();
+        assert_eq!(
+            set.pools[0].rules[0].host.as_deref(),
+            Some("no-such-host.invalid")
         );
-        assert!(e[0].starts_with("entries.csv:1: dest_ip: unknown host \"no-such-host.invalid\""));
-        assert!(e[1].starts_with(
-            "entries.csv:3: listen_port: port 9000 is already bound to 0.0.0.0:9000 by line 2"
+        assert_eq!(set.pools[0].rules[1].dest, "0.0.0.0:81".parse().unwrap());
+        let e = errors(
+            "a,8080,web.lab,80\na2,8080,web.lab,80\nbad,8081,-x-.lab,80\nb,9000,127.0.0.1,80\nc,127.0.0.1:9000,127.0.0.1,81\n",
+        );
+        assert_eq!(e[0], "entries.csv:2: dest_ip: duplicate destination web.lab:80 for listen port 8080 (already on line 1)");
+        assert_eq!(
+            e[1],
+            "entries.csv:3: dest_ip: \"-x-.lab\" is not an IP address or host name"
+        );
+        assert!(e[2].starts_with(
+            "entries.csv:5: listen_port: port 9000 is already bound to 0.0.0.0:9000 by line 4"
         ));
     }
 

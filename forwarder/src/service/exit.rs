@@ -135,7 +135,7 @@ mod tests {
 
     #[test]
     fn the_readme_lists_every_code_and_signal() {
-        let readme = include_str!("../../../docs/readme/forwarder.md");
+        let readme = include_str!("../../../docs/service.md");
         for (code, text) in CODES {
             let row = format!("| {} | {text} |", *code as u8);
             assert!(readme.contains(&row), "README lacks {row}");

@@ -6,6 +6,7 @@ pub mod exit;
 pub mod notify;
 pub mod privilege;
 pub mod signals;
+pub mod tproxy;
 
 /// The man page's sections after OPTIONS: EXIT STATUS, SIGNALS, FILES and SEE ALSO, as roff.
 pub fn man_sections() -> Vec<(&'static str, String)> {

@@ -9,6 +9,8 @@ use std::path::Path;
 
 /// `CAP_NET_BIND_SERVICE` from linux/capability.h.
 const CAP_NET_BIND_SERVICE: u32 = 10;
+/// `CAP_NET_ADMIN`: `IP_TRANSPARENT` (rules with `transparent`) and `SO_MARK` (`mark=`).
+pub const CAP_NET_ADMIN: u32 = 12;
 /// `_LINUX_CAPABILITY_VERSION_3`: 64-bit capability sets, as two 32-bit words.
 const CAPABILITY_VERSION_3: u32 = 0x2008_0522;
 
@@ -70,7 +72,13 @@ pub fn lookup(name: &str) -> Result<User, PrivilegeError> {
 /// Applies `--user` and `--refuse-root` before any thread or worker starts (credentials and
 /// capabilities are per thread at the system-call level; threads created later copy them).
 /// Returns the user switched to, if any.
-pub fn drop_to(user: Option<&str>, refuse_root: bool) -> Result<Option<User>, PrivilegeError> {
+/// `keep` names capabilities to keep besides `CAP_NET_BIND_SERVICE` (`CAP_NET_ADMIN` when a
+/// rule is transparent or marks its packets).
+pub fn drop_to(
+    user: Option<&str>,
+    refuse_root: bool,
+    keep: &[u32],
+) -> Result<Option<User>, PrivilegeError> {
     // SAFETY: geteuid has no preconditions.
     let euid = unsafe { libc::geteuid() };
     let Some(name) = user else {
@@ -115,9 +123,11 @@ pub fn drop_to(user: Option<&str>, refuse_root: bool) -> Result<Option<User>, Pr
             return Err(os("setresuid"));
         }
     }
-    keep_only_net_bind_service().map_err(|source| PrivilegeError::Os {
+    let mut caps = vec![CAP_NET_BIND_SERVICE];
+    caps.extend_from_slice(keep);
+    keep_only(&caps).map_err(|source| PrivilegeError::Os {
         user: name.to_string(),
-        step: "keeping CAP_NET_BIND_SERVICE",
+        step: "keeping CAP_NET_BIND_SERVICE (and CAP_NET_ADMIN for transparent or mark=)",
         source,
     })?;
     // SAFETY: as above. Setting the uid made the process non-dumpable, which hides its
@@ -143,10 +153,10 @@ struct CapData {
     inheritable: u32,
 }
 
-/// Effective, permitted and inheritable sets = {CAP_NET_BIND_SERVICE}, then raised as ambient
-/// so it survives execve of the (non-setuid) worker binary.
-fn keep_only_net_bind_service() -> std::io::Result<()> {
-    let bit = 1u32 << CAP_NET_BIND_SERVICE;
+/// Effective, permitted and inheritable sets = `caps` (all below 32), then each raised as
+/// ambient so they survive execve of the (non-setuid) worker binary.
+fn keep_only(caps: &[u32]) -> std::io::Result<()> {
+    let bit = caps.iter().fold(0u32, |bits, &c| bits | 1 << c);
     let mut header = CapHeader {
         version: CAPABILITY_VERSION_3,
         pid: 0,
@@ -163,18 +173,20 @@ fn keep_only_net_bind_service() -> std::io::Result<()> {
     if unsafe { libc::syscall(libc::SYS_capset, &mut header, data.as_ptr()) } != 0 {
         return Err(std::io::Error::last_os_error());
     }
-    // SAFETY: prctl with constant arguments.
-    let rc = unsafe {
-        libc::prctl(
-            libc::PR_CAP_AMBIENT,
-            libc::PR_CAP_AMBIENT_RAISE,
-            CAP_NET_BIND_SERVICE as libc::c_ulong,
-            0,
-            0,
-        )
-    };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error());
+    for &cap in caps {
+        // SAFETY: prctl with plain integer arguments.
+        let rc = unsafe {
+            libc::prctl(
+                libc::PR_CAP_AMBIENT,
+                libc::PR_CAP_AMBIENT_RAISE,
+                cap as libc::c_ulong,
+                0,
+                0,
+            )
+        };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
     }
     Ok(())
 }

@@ -2,6 +2,7 @@
 //! mapping (a memfd, inherited by the workers), slots of relaxed atomics indexed by a slot number
 //! the supervisor assigns. Cheap on the hot path: a worker only does `fetch_add` on its slots.
 
+pub mod health;
 pub mod per_ip;
 pub mod snapshot;
 
@@ -12,10 +13,14 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use testbed::shm::SharedMemory;
 
-/// How many distinct pools and backends a forwarder can have over its life (slots are reused once
-/// their rule is gone and they carry no connection).
-pub const MAX_POOLS: usize = 4096;
-pub const MAX_BACKENDS: usize = 8192;
+/// How many distinct pools and backends a forwarder can have at once (slots are reused once
+/// their rule is gone and they carry no connection). Pools: one per port of both transports,
+/// which is more than the rules can ever hold (a port belongs to one pool, a range is one pool),
+/// so no rules file runs out of them. Backends: 65,536 rows, over three times what the
+/// descriptor budget lets workers listen on. The mapping is sparse: pages no slot touched cost
+/// no memory (about 52 MiB of address space, a few MiB resident for 20,000 rows).
+pub const MAX_POOLS: usize = 2 * 65_535;
+pub const MAX_BACKENDS: usize = 65_536;
 /// Most worker processes: each has its own row of open-connection counts.
 pub const MAX_WORKERS: usize = 64;
 
@@ -52,6 +57,26 @@ pub struct PoolSlot {
     pub bad_header: AtomicU64,
     /// UDP sessions ended early to make room for a new one (the session table was full).
     pub evicted: AtomicU64,
+    /// The pool's bandwidth limits in force, bits per second ([`crate::rate::Rates`] order; 0 =
+    /// none), written by the supervisor on every apply and read by connections on every pump,
+    /// so an edit reaches connections already open.
+    pub rates: [AtomicU64; 6],
+    /// Non-zero when any of `rates` is: the one word an unlimited connection looks at.
+    pub limited: AtomicU64,
+    /// The pool's own buckets (`rate_up`, `rate_down`): GCRA arrival times ([`crate::rate`]).
+    pub bucket_up: AtomicU64,
+    pub bucket_down: AtomicU64,
+    /// Time connection directions spent held back by a limit, summed (µs).
+    pub throttled_us: AtomicU64,
+    /// Bytes that passed after a limit had held their direction back.
+    pub throttled_bytes: AtomicU64,
+    /// UDP datagrams dropped for being over a limit.
+    pub rate_drops: AtomicU64,
+    /// SNI pools: connections whose server name no row serves, with no default row.
+    pub no_sni_route: AtomicU64,
+    /// SNI pools: connections closed without a readable ClientHello in time (malformed, too
+    /// long, closed early, or silent).
+    pub bad_hello: AtomicU64,
 }
 
 /// One backend of one pool: traffic counters and passive/active health. How many connections
@@ -94,7 +119,25 @@ pub struct BackendSlot {
     /// no room: a full buffer drops and counts, it never blocks a worker.
     pub drops_up: AtomicU64,
     pub drops_down: AtomicU64,
+    /// Connects of a `transparent` backend that timed out (the hint about the return route is
+    /// logged by whichever worker counts the [`crate::outbound::TRANSPARENT_HINT_AFTER`]th).
+    pub transparent_timeouts: AtomicU64,
+    /// Good checks (connects, replies, active checks) in a row since the backend went down: it
+    /// is up again at [`RISE`].
+    pub rise: AtomicU64,
+    /// Unix ms the backend came back into service (recovered, drain lifted, added by a reload);
+    /// where `slowstart` ramps from. 0 = in service since the rules were first loaded.
+    pub up_since_ms: AtomicU64,
+    /// 1 once a connect succeeded or a reply came back: until then its health is unknown.
+    pub ever_ok: AtomicU64,
 }
+
+/// Good checks in a row that bring a down backend back (HAProxy's `rise 2`): one success after
+/// a failure is not yet trusted.
+pub const RISE: u64 = 2;
+/// After the first good check of a down backend, how long it waits for the next one before it
+/// takes connections again (the connection that made the check was served).
+pub const RISE_HOLD_MS: u64 = 1000;
 
 /// `last_error` value for a connect that did not finish in time.
 pub const ERR_TIMEOUT: u64 = u64::MAX;
@@ -108,6 +151,8 @@ struct Layout {
     open: [[AtomicU64; MAX_BACKENDS]; MAX_WORKERS],
     /// Open connections per client address and pool ([`per_ip`]).
     per_ip: [AtomicU64; per_ip::TABLE_WORDS],
+    /// Bandwidth buckets per client address and pool ([`crate::rate::shared`]).
+    ip_buckets: [AtomicU64; crate::rate::shared::TABLE_WORDS],
 }
 
 /// The shared mapping. Created by the supervisor before it starts workers; a worker maps the
@@ -169,6 +214,24 @@ impl Shared {
     pub fn pool(&self, slot: usize) -> &PoolSlot {
         // SAFETY: as above; indexing is bounds-checked.
         unsafe { &(*self.ptr).pools[slot] }
+    }
+
+    /// The per-address bandwidth buckets (`ip_rate_up/down`).
+    pub fn ip_buckets(&self) -> &[AtomicU64] {
+        // SAFETY: as above.
+        unsafe { &(*self.ptr).ip_buckets }
+    }
+
+    /// Publishes each pool's bandwidth limits, where its connections read them.
+    pub fn publish_rates(&self, specs: &[crate::control::PoolSpec]) {
+        for spec in specs {
+            let slot = self.pool(spec.slot);
+            let rates = spec.options.rates.as_array();
+            for (word, value) in slot.rates.iter().zip(rates) {
+                word.store(value, Relaxed);
+            }
+            slot.limited.store(spec.options.rates.any() as u64, Relaxed);
+        }
     }
 
     pub fn backend(&self, slot: usize) -> &BackendSlot {
@@ -264,7 +327,18 @@ impl PoolSlot {
             &self.per_ip_full,
             &self.bad_header,
             &self.evicted,
-        ] {
+            &self.limited,
+            &self.bucket_up,
+            &self.bucket_down,
+            &self.throttled_us,
+            &self.throttled_bytes,
+            &self.rate_drops,
+            &self.no_sni_route,
+            &self.bad_hello,
+        ]
+        .into_iter()
+        .chain(&self.rates)
+        {
             a.store(0, Relaxed);
         }
     }
@@ -283,6 +357,7 @@ impl BackendSlot {
             &self.spliced_down,
             &self.in_kernel,
             &self.connect_failures,
+            &self.transparent_timeouts,
             &self.down_until_ms,
             &self.down_since_ms,
             &self.failures_in_row,
@@ -293,6 +368,9 @@ impl BackendSlot {
             &self.datagrams_down,
             &self.drops_up,
             &self.drops_down,
+            &self.rise,
+            &self.up_since_ms,
+            &self.ever_ok,
         ] {
             a.store(0, Relaxed);
         }
@@ -307,6 +385,7 @@ impl BackendSlot {
     /// when this call took the backend from up to down (so exactly one process logs it).
     pub fn record_failure(&self, error: u64, now_ms: u64) -> bool {
         self.connect_failures.fetch_add(1, Relaxed);
+        self.rise.store(0, Relaxed);
         self.last_error.store(error, Relaxed);
         self.last_error_ms.store(now_ms, Relaxed);
         let in_row = self.failures_in_row.fetch_add(1, Relaxed) + 1;
@@ -317,14 +396,29 @@ impl BackendSlot {
             .is_ok()
     }
 
-    /// Records a successful connect. Returns true when this call brought the backend back up.
-    pub fn record_success(&self) -> bool {
+    /// Records a successful connect (or a reply, or a good active check). A down backend needs
+    /// [`RISE`] of them in a row: after the first it is held off for [`RISE_HOLD_MS`] until the
+    /// next. Returns true when this call brought the backend back up.
+    pub fn record_success(&self, now_ms: u64) -> bool {
+        // Loads first: this runs for every connection, and a store would dirty the line.
+        if self.ever_ok.load(Relaxed) == 0 {
+            self.ever_ok.store(1, Relaxed);
+        }
         if self.failures_in_row.load(Relaxed) == 0 {
             return false;
         }
+        if self.rise.fetch_add(1, Relaxed) + 1 < RISE {
+            self.down_until_ms.store(now_ms + RISE_HOLD_MS, Relaxed);
+            return false;
+        }
         self.failures_in_row.store(0, Relaxed);
+        self.rise.store(0, Relaxed);
         self.down_until_ms.store(0, Relaxed);
-        self.down_since_ms.swap(0, Relaxed) != 0
+        let back = self.down_since_ms.swap(0, Relaxed) != 0;
+        if back {
+            self.up_since_ms.store(now_ms, Relaxed);
+        }
+        back
     }
 }
 
@@ -362,9 +456,18 @@ mod tests {
         );
         assert!(!b.is_down(3600));
         assert_eq!(b.connect_failures.load(Relaxed), 2);
-        assert!(b.record_success());
-        assert!(!b.record_success());
-        assert!(!b.is_down(1600));
+        assert!(!b.record_success(3600), "one good check is not recovery");
+        assert!(b.is_down(4000), "held until the next check");
+        assert!(b.record_success(4600));
+        assert_eq!(b.up_since_ms.load(Relaxed), 4600);
+        assert!(!b.record_success(4700));
+        assert!(!b.is_down(4700));
+        // A failure between two good checks starts the count again.
+        b.record_failure(111, 5000);
+        b.record_success(7000);
+        b.record_failure(111, 7100);
+        assert!(!b.record_success(20_000));
+        assert!(b.record_success(21_000));
         assert_eq!(describe_error(ERR_TIMEOUT), "connect timed out");
     }
 

@@ -4,11 +4,11 @@
 //! shutdown. One thread here owns every signal the process takes (HUP, TERM, INT, USR1). It
 //! forwards no traffic itself, so nothing the web side does can stall forwarding.
 
+mod names;
 pub mod reload;
 pub mod slots;
 mod workers;
 
-use std::net::SocketAddr;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{mpsc, Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -44,6 +44,15 @@ pub struct SupervisorConfig {
     pub drain_timeout: Duration,
     /// The data path the workers use and why (`--data-path`, resolved at start).
     pub data_path: Choice,
+    /// `--source`: the outbound address of backends without `source=` (one per family).
+    pub default_sources: Vec<std::net::IpAddr>,
+    /// Listening sockets a worker may hold ([`crate::capacity::listen_budget`]); every reload is
+    /// checked against it as `--check` and the start were.
+    pub listen_budget: usize,
+    /// The nftables table that steers large TCP ranges to one listener, or why there is none.
+    pub steering: Result<crate::steer::Steering, String>,
+    /// How backend host names are re-resolved.
+    pub dns: crate::dns::DnsConfig,
 }
 
 struct Inner {
@@ -52,6 +61,8 @@ struct Inner {
     /// The same rules as the workers get them: with the shared slots that count them.
     specs: Vec<PoolSpec>,
     slots: Slots,
+    /// The last answer for every host name the rules use.
+    answers: crate::dns::Answers,
     workers: Vec<WorkerHandle>,
     /// Why the last reload was refused (cleared by the next one that applies), for the page.
     reload_error: Option<String>,
@@ -88,12 +99,31 @@ impl Supervisor {
             .header()
             .capacity
             .store(config.capacity as u64, Relaxed);
+        crate::ranges::check_limits(
+            &rules,
+            config.rules.label(),
+            config.listen_budget,
+            config.steering.as_ref().map(|_| ()).map_err(|s| s.as_str()),
+        )?;
         let mut slots = Slots::default();
-        let specs = slots.assign(&rules, &shared)?;
+        let answers = names::first_answers(&config.dns, &rules)?;
+        let mut specs = slots.assign(&rules, &answers, &shared)?;
+        crate::outbound::apply_default_sources(&mut specs, &config.default_sources);
+        shared.publish_rates(&specs);
+        crate::ranges::mark_steered(&mut specs, &rules, config.steering.is_ok());
+        if let Ok(steering) = &config.steering {
+            // Also replaces a table a crashed run on the same rules file left behind.
+            let ranges = crate::steer::steered_ranges(rules.pools.iter());
+            steering
+                .sync(&ranges)
+                .with_context(|| format!("installing nftables table {}", steering.table))?;
+            reload::log_steering(steering, &ranges);
+        }
         let inner = Inner {
             rules,
             specs,
             slots,
+            answers,
             workers: Vec::new(),
             reload_error: None,
         };
@@ -125,6 +155,7 @@ impl Supervisor {
         if let Some(interval) = self.config.health_interval {
             self.start_health_checks(interval);
         }
+        self.start_dns();
         let mut last_file_check = Instant::now();
         loop {
             match rx.recv_timeout(Duration::from_millis(200)) {
@@ -227,6 +258,11 @@ impl Supervisor {
                 udp_capacity: self.config.udp_capacity,
                 data_path: &self.config.data_path,
             },
+            snapshot::Members {
+                specs: &inner.specs,
+                answers: &inner.answers,
+                active_checks: self.config.health_interval.is_some(),
+            },
         )
     }
 
@@ -265,21 +301,28 @@ impl Supervisor {
         let spawned = std::thread::Builder::new()
             .name("health".into())
             .spawn(move || loop {
-                let backends: Vec<(usize, SocketAddr, String)> = {
+                // TCP backends only (a TCP connect says nothing about a UDP service), and not
+                // the disabled ones: the operator took them out of checking too.
+                let backends: Vec<crate::control::BackendSpec> = {
                     let inner = me.lock();
                     inner
                         .specs
                         .iter()
-                        .flat_map(|p| p.backends.iter().map(|b| (b.slot, b.addr, b.name.clone())))
+                        .filter(|p| p.proto == crate::rules::Proto::Tcp)
+                        .flat_map(|p| p.backends.iter())
+                        .filter(|b| b.options.admin != crate::rules::options::Admin::Disabled)
+                        .cloned()
                         .collect()
                 };
-                for (slot, addr, name) in backends {
-                    let s = me.shared.backend(slot);
-                    let result = std::net::TcpStream::connect_timeout(&addr, me.config.connect_timeout);
+                for b in backends {
+                    let (addr, name) = (b.addr, b.name);
+                    let s = me.shared.backend(b.slot);
+                    // From the row's outbound address, interface and mark: the path connections take.
+                    let result = crate::outbound::connect_tcp_blocking(addr, &b.options, me.config.connect_timeout);
                     s.last_check_ms.store(now_ms(), Relaxed);
                     match result {
                         Ok(_) => {
-                            if s.record_success() {
+                            if s.record_success(now_ms()) {
                                 tracing::info!(backend = %addr, %name, "backend up (health check)");
                             }
                         }

@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use super::workers::deliver;
 use super::Supervisor;
 use crate::rules::{self, Entry, Proto, RuleError, RuleSet, RulesError};
+use crate::stats::now_ms;
 
 impl Supervisor {
     /// Applies the rules file if it changed since it was last applied (or, with `force`, in any
@@ -37,17 +38,23 @@ impl Supervisor {
     /// Makes `new` the rules in force: new ports are checked for being free, then every worker
     /// switches over. Established connections are untouched.
     pub fn apply(&self, new: RuleSet) -> Result<(), RulesError> {
+        crate::ranges::check_limits(
+            &new,
+            self.config.rules.label(),
+            self.config.listen_budget,
+            self.config
+                .steering
+                .as_ref()
+                .map(|_| ())
+                .map_err(|s| s.as_str()),
+        )?;
+        let steer = self.config.steering.is_ok();
+        self.look_up_new_names(&new);
         let mut inner = self.lock();
         let mut errors = Vec::new();
-        for pool in new_listeners(&inner.rules, &new) {
-            if let Err(e) = probe_bind(pool.listen, pool.proto) {
-                let line = pool.rules.first().map(|r| r.line).unwrap_or(0);
-                errors.push(RuleError {
-                    file: self.config.rules.label().to_string(),
-                    line,
-                    field: "listen_port".into(),
-                    message: format!("cannot listen on {}: {e}", pool.label()),
-                });
+        for (pool, fresh) in new_listeners(&inner.rules, &new, steer) {
+            if let Some(e) = probe_pool(pool, fresh.into_iter(), self.config.rules.label()) {
+                errors.push(e);
             }
         }
         if !errors.is_empty() {
@@ -55,7 +62,7 @@ impl Supervisor {
         }
         // Slots are committed only once every worker took the rules.
         let mut slots = inner.slots.clone();
-        let specs = match slots.assign(&new, &self.shared) {
+        let mut specs = match slots.assign(&new, &inner.answers, &self.shared) {
             Ok(s) => s,
             Err(e) => {
                 return Err(RulesError(vec![RuleError {
@@ -66,6 +73,9 @@ impl Supervisor {
                 }]))
             }
         };
+        crate::outbound::apply_default_sources(&mut specs, &self.config.default_sources);
+        crate::ranges::mark_steered(&mut specs, &new, steer);
+        crate::balance::tier::mark_returning(&inner.specs, &specs, &self.shared, now_ms());
         let failures = deliver(&mut inner.workers, &specs);
         if !failures.is_empty() {
             // All or nothing: put the workers that switched back on the rules in force.
@@ -87,6 +97,15 @@ impl Supervisor {
                     })
                     .collect(),
             ));
+        }
+        self.shared.publish_rates(&specs);
+        if let Ok(steering) = &self.config.steering {
+            // After the workers listen on the ranges' first ports, so no redirect finds none.
+            let ranges = crate::steer::steered_ranges(new.pools.iter());
+            match steering.sync(&ranges) {
+                Ok(()) => log_steering(steering, &ranges),
+                Err(e) => tracing::error!("nftables table {} not updated: {e}", steering.table),
+            }
         }
         inner.slots = slots;
         inner.reload_error = None;
@@ -114,24 +133,71 @@ fn probe_bind(addr: SocketAddr, proto: Proto) -> std::io::Result<()> {
     s.bind(&addr.into())
 }
 
-/// Checks every new listen address of `set` (for `--check` and start-up).
-pub fn check_bindable(set: &RuleSet, file: &str) -> Result<(), RulesError> {
+/// Checks every listen address of `set` (for `--check` and start-up; a steered range listens
+/// on its first port only).
+pub fn check_bindable(set: &RuleSet, file: &str, steering: bool) -> Result<(), RulesError> {
     let errors: Vec<RuleError> = set
         .pools
         .iter()
-        .filter_map(|p| {
-            probe_bind(p.listen, p.proto).err().map(|e| RuleError {
-                file: file.to_string(),
-                line: p.rules.first().map(|r| r.line).unwrap_or(0),
-                field: "listen_port".into(),
-                message: format!("cannot listen on {}: {e}", p.label()),
-            })
-        })
+        .filter_map(|p| probe_pool(p, crate::ranges::listen_addrs(p, steering), file))
         .collect();
     if errors.is_empty() {
         Ok(())
     } else {
         Err(RulesError(errors))
+    }
+}
+
+/// Probes `addrs` of `pool` (all its ports, or those not listened on yet); the error names the
+/// first port that cannot be listened on, and how many others of a range cannot either.
+fn probe_pool(
+    pool: &rules::Pool,
+    addrs: impl Iterator<Item = SocketAddr>,
+    file: &str,
+) -> Option<RuleError> {
+    let mut first: Option<(SocketAddr, std::io::Error)> = None;
+    let mut more = 0usize;
+    for addr in addrs {
+        if let Err(e) = probe_bind(addr, pool.proto) {
+            match first {
+                None => first = Some((addr, e)),
+                Some(_) => more += 1,
+            }
+        }
+    }
+    let (addr, e) = first?;
+    let what = if pool.ports.is_single() {
+        pool.label()
+    } else {
+        let suffix = if pool.proto == Proto::Udp { "/udp" } else { "" };
+        let others = if more > 0 {
+            format!(" and {more} more port(s) of the range")
+        } else {
+            String::new()
+        };
+        format!("{addr}{suffix} (of {}){others}", pool.label())
+    };
+    Some(RuleError {
+        file: file.to_string(),
+        line: pool.rules.first().map(|r| r.line).unwrap_or(0),
+        field: "listen_port".into(),
+        message: format!("cannot listen on {what}: {e}"),
+    })
+}
+
+/// Logs how each steered range is served.
+pub(super) fn log_steering(
+    steering: &crate::steer::Steering,
+    ranges: &[(SocketAddr, rules::PortRange)],
+) {
+    for (addr, ports) in ranges {
+        tracing::info!(
+            "{}:{ports}: steered to one listener on port {} by nftables table inet {} ({} ports: too many for one socket each)",
+            addr.ip(),
+            ports.first,
+            steering.table,
+            ports.len()
+        );
     }
 }
 
@@ -169,12 +235,28 @@ fn changes<'a>(old: &'a RuleSet, new: &'a RuleSet) -> Vec<Change<'a>> {
     out
 }
 
-/// The pools of `new` whose listen address (with protocol) `old` does not listen on.
-fn new_listeners<'a>(old: &'a RuleSet, new: &'a RuleSet) -> impl Iterator<Item = &'a rules::Pool> {
-    changes(old, new).into_iter().filter_map(|c| match c {
-        Change::New(p) => Some(p),
-        _ => None,
-    })
+/// The addresses each pool of `new` listens on that `old` does not (every port of a range served
+/// port by port, the first of a steered one).
+fn new_listeners<'a>(
+    old: &RuleSet,
+    new: &'a RuleSet,
+    steer: bool,
+) -> Vec<(&'a rules::Pool, Vec<SocketAddr>)> {
+    let held: std::collections::HashSet<(SocketAddr, Proto)> = old
+        .pools
+        .iter()
+        .flat_map(|p| crate::ranges::listen_addrs(p, steer).map(|a| (a, p.proto)))
+        .collect();
+    new.pools
+        .iter()
+        .map(|p| {
+            let fresh = crate::ranges::listen_addrs(p, steer)
+                .filter(|a| !held.contains(&(*a, p.proto)))
+                .collect();
+            (p, fresh)
+        })
+        .filter(|(_, fresh): &(_, Vec<SocketAddr>)| !fresh.is_empty())
+        .collect()
 }
 
 fn log_changes(old: &RuleSet, new: &RuleSet) {
@@ -196,13 +278,13 @@ fn destinations(p: &rules::Pool) -> Vec<(&Entry, SocketAddr)> {
     p.rules.iter().map(|r| (&r.entry, r.dest)).collect()
 }
 
-/// `a 127.0.0.1:9001, b 127.0.0.1:9002`
+/// `a 127.0.0.1:9001, b 127.0.0.1:9002` (a host name as written, a range as `ip:from-to`).
 pub fn describe_pool(p: &rules::Pool) -> String {
     p.rules
         .iter()
         .map(|r| match r.entry.options.trim() {
-            "" => format!("{} {}", r.entry.name, r.dest),
-            options => format!("{} {} [{options}]", r.entry.name, r.dest),
+            "" => format!("{} {}", r.entry.name, r.dest_label()),
+            options => format!("{} {} [{options}]", r.entry.name, r.dest_label()),
         })
         .collect::<Vec<_>>()
         .join(", ")
@@ -232,8 +314,17 @@ mod tests {
     fn only_new_addresses_are_probed() {
         let old = set("a,127.0.0.1:7101,127.0.0.1,9001\n");
         let new = set("a,127.0.0.1:7101,127.0.0.1,9002\nb,127.0.0.1:7102,127.0.0.1,9001\n");
-        let probed: Vec<String> = new_listeners(&old, &new).map(|p| p.label()).collect();
+        let probed: Vec<String> = new_listeners(&old, &new, false)
+            .iter()
+            .map(|(p, _)| p.label())
+            .collect();
         assert_eq!(probed, ["127.0.0.1:7102"]);
+        // A range grown by ten ports probes only the ten.
+        let old = set("a,127.0.0.1:7200-7209,127.0.0.1,9001\n");
+        let new = set("a,127.0.0.1:7200-7219,127.0.0.1,9001\n");
+        let fresh = &new_listeners(&old, &new, false)[0].1;
+        assert_eq!(fresh.len(), 10);
+        assert_eq!(fresh[0], "127.0.0.1:7210".parse().unwrap());
     }
 
     #[test]
@@ -281,7 +372,7 @@ mod tests {
         let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = held.local_addr().unwrap().port();
         let set = set(&format!("a,127.0.0.1:{port},127.0.0.1,9001\n"));
-        let e = check_bindable(&set, "entries.csv").unwrap_err();
+        let e = check_bindable(&set, "entries.csv", false).unwrap_err();
         assert_eq!(e.0.len(), 1);
         assert_eq!((e.0[0].file.as_str(), e.0[0].line), ("entries.csv", 1));
         assert_eq!(e.0[0].field, "listen_port");

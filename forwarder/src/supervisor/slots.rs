@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 
 use crate::control::{BackendSpec, PoolSpec};
+use crate::dns::Answers;
 use crate::rules::{Pool, Proto, RuleSet};
 use crate::stats::{Shared, MAX_BACKENDS, MAX_POOLS};
 
@@ -28,10 +29,13 @@ pub struct SlotsExhausted;
 
 impl Slots {
     /// The worker view of `rules`, giving slots to new pools and backends and retiring the slots
-    /// of those that are gone.
+    /// of those that are gone. A row with a host name becomes one member per address of its
+    /// last good answer in `answers` (none until it resolves); an address two rows of a pool
+    /// reach is one member, the first row's.
     pub fn assign(
         &mut self,
         rules: &RuleSet,
+        answers: &Answers,
         shared: &Shared,
     ) -> Result<Vec<PoolSpec>, SlotsExhausted> {
         self.reclaim(shared);
@@ -48,9 +52,23 @@ impl Slots {
                 }
             };
             pools_kept.insert((pool.listen, pool.proto), slot);
-            let mut backends = Vec::new();
-            for rule in &pool.rules {
-                let key = (pool.listen, pool.proto, rule.dest);
+            let mut backends: Vec<BackendSpec> = Vec::new();
+            for (rule, addr) in pool.rules.iter().flat_map(|rule| {
+                let addrs: Vec<SocketAddr> = match &rule.host {
+                    None => vec![rule.dest],
+                    Some(host) => answers.get(host).map_or(Vec::new(), |a| {
+                        a.addrs
+                            .iter()
+                            .map(|&ip| SocketAddr::new(ip, rule.dest.port()))
+                            .collect()
+                    }),
+                };
+                addrs.into_iter().map(move |addr| (rule, addr))
+            }) {
+                if backends.iter().any(|b| b.addr == addr) {
+                    continue;
+                }
+                let key = (pool.listen, pool.proto, addr);
                 let bslot = match self.backends.get(&key) {
                     Some(&s) => s,
                     None => {
@@ -66,13 +84,17 @@ impl Slots {
                 backends_kept.insert(key, bslot);
                 backends.push(BackendSpec {
                     name: rule.entry.name.clone(),
-                    addr: rule.dest,
+                    addr,
                     slot: bslot,
                     options: rule.options.clone(),
+                    port_range: !rule.dest_ports.is_single(),
+                    line: rule.line,
                 });
             }
             specs.push(PoolSpec {
                 listen: pool.listen,
+                ports: pool.ports.len(),
+                steered: false,
                 proto: pool.proto,
                 slot,
                 options: pool.options.clone(),
@@ -147,6 +169,7 @@ mod tests {
         let a = slots
             .assign(
                 &parse("a,8080,127.0.0.1,1\nb,8080,127.0.0.1,2\n", "f").unwrap(),
+                &Default::default(),
                 &shared,
             )
             .unwrap();
@@ -161,6 +184,7 @@ mod tests {
                     "f",
                 )
                 .unwrap(),
+                &Default::default(),
                 &shared,
             )
             .unwrap();
@@ -171,6 +195,7 @@ mod tests {
         slots
             .assign(
                 &parse("a,8080,127.0.0.1,1\nc,9090,127.0.0.1,3\n", "f").unwrap(),
+                &Default::default(),
                 &shared,
             )
             .unwrap();
@@ -181,15 +206,54 @@ mod tests {
                     "f",
                 )
                 .unwrap(),
+                &Default::default(),
                 &shared,
             )
             .unwrap();
         assert_ne!(d[1].backends[1].slot, 1);
         shared.open(0, 1).store(0, Relaxed);
         let e = slots
-            .assign(&parse("a,8080,127.0.0.1,1\nc,9090,127.0.0.1,3\nd,9090,127.0.0.1,4\ne,7070,127.0.0.1,5\n", "f").unwrap(), &shared)
+            .assign(&parse("a,8080,127.0.0.1,1\nc,9090,127.0.0.1,3\nd,9090,127.0.0.1,4\ne,7070,127.0.0.1,5\n", "f").unwrap(), &Default::default(), &shared)
             .unwrap();
         assert_eq!(e[2].backends[0].slot, 1, "idle retired slot reused");
         assert_eq!(shared.backend(1).total.load(Relaxed), 0, "and reset");
+    }
+
+    #[test]
+    fn a_host_name_is_one_member_per_address_and_none_until_it_resolves() {
+        let shared = Shared::create().unwrap();
+        let mut slots = Slots::default();
+        let rules = parse("w,8080,web.lab,80\nx,8080,10.0.0.2,80\n", "f").unwrap();
+        let none = slots.assign(&rules, &Default::default(), &shared).unwrap();
+        let addrs = |specs: &[PoolSpec]| -> Vec<String> {
+            specs[0]
+                .backends
+                .iter()
+                .map(|b| format!("{} {}", b.name, b.addr))
+                .collect()
+        };
+        assert_eq!(addrs(&none), ["x 10.0.0.2:80"]);
+        let mut answers = crate::dns::Answers::default();
+        answers.insert(
+            "web.lab".into(),
+            crate::dns::Answer {
+                addrs: vec!["10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap()],
+                ..Default::default()
+            },
+        );
+        let two = slots.assign(&rules, &answers, &shared).unwrap();
+        assert_eq!(
+            addrs(&two),
+            ["w 10.0.0.1:80", "w 10.0.0.2:80"],
+            "10.0.0.2 once, the first row's"
+        );
+        assert_eq!(two[0].backends[0].line, 1);
+        answers.get_mut("web.lab").unwrap().addrs = vec!["10.0.0.1".parse().unwrap()];
+        let one = slots.assign(&rules, &answers, &shared).unwrap();
+        assert_eq!(addrs(&one), ["w 10.0.0.1:80", "x 10.0.0.2:80"]);
+        assert_eq!(
+            one[0].backends[0].slot, two[0].backends[0].slot,
+            "a kept address keeps its slot"
+        );
     }
 }

@@ -111,6 +111,10 @@ impl Supervisor {
 
     pub(super) fn shutdown(&self) -> anyhow::Result<()> {
         crate::service::notify::stopping();
+        if let Ok(steering) = &self.config.steering {
+            // Connections already redirected keep their conntrack entries and go on.
+            steering.remove();
+        }
         let mut inner = self.lock();
         tracing::info!(
             "shutting down: draining connections for up to {} s",

@@ -3,6 +3,7 @@
 //! refusal or timeout, and what happens once the backend answers.
 
 use std::io;
+use std::net::SocketAddr;
 use std::sync::atomic::Ordering::Relaxed;
 
 use mio::net::TcpStream;
@@ -18,6 +19,9 @@ use crate::tokens;
 impl Relay {
     /// Counts the client against `max_conns_per_ip`, picks the first backend and connects.
     pub(super) fn route(&mut self, ctx: &mut Context) -> Next {
+        if self.pool.sni.is_some() {
+            return self.start_hello(ctx);
+        }
         let client = self.client_addr.ip();
         let per_ip = self.pool.spec.options.max_conns_per_ip;
         if per_ip > 0 {
@@ -47,8 +51,14 @@ impl Relay {
     ) -> Next {
         self.backend_index = index;
         self.reserved = true;
-        let addr = self.pool.spec.backends[index].addr;
-        let mut backend = match TcpStream::connect(addr) {
+        let spec = &self.pool.spec.backends[index];
+        let addr = spec.addr;
+        let opened = if crate::outbound::is_plain(&spec.options) {
+            TcpStream::connect(addr)
+        } else {
+            crate::outbound::connect_tcp(addr, &spec.options, self.client_addr.ip())
+        };
+        let mut backend = match opened {
             Ok(s) => s,
             Err(e) => {
                 tracing::warn!("cannot open a socket to {addr}: {e}");
@@ -87,15 +97,20 @@ impl Relay {
             .options
             .send_proxy
             .map(|version| {
+                // The pool's port is the one the client reached, also when nftables steered
+                // the connection to another listening port (a range's first).
                 let header_destination = self
                     .header_destination
-                    .or_else(|| self.client.local_addr().ok())
+                    .or_else(|| {
+                        let local = self.client.local_addr().ok()?;
+                        Some(SocketAddr::new(local.ip(), self.pool.spec.listen.port()))
+                    })
                     .unwrap_or(self.pool.spec.listen);
                 proxy::encode(version, self.client_addr, header_destination)
             });
         let slot = ctx.shared.backend(self.backend_slot());
         slot.total.fetch_add(1, Relaxed);
-        if slot.record_success() {
+        if slot.record_success(now_ms()) {
             tracing::info!(backend = %self.backend_addr(), "backend up");
         }
         let mut header = header;
@@ -121,6 +136,9 @@ impl Relay {
         };
         let tried = std::mem::take(tried);
         let failed = &self.pool.spec.backends[self.backend_index];
+        if code == crate::stats::ERR_TIMEOUT {
+            crate::outbound::note_timeout(failed, ctx.shared);
+        }
         if ctx
             .shared
             .backend(failed.slot)

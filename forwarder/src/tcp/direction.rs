@@ -49,6 +49,10 @@ pub struct Progress {
     pub spliced: u64,
     /// Stopped at the fair share with more to do: pump again without waiting for an event.
     pub yielded: bool,
+    /// Bytes read from the source (what a bandwidth limit is charged).
+    pub read: u64,
+    /// Stopped at the read budget (a bandwidth limit) before the source ran dry.
+    pub throttled: bool,
 }
 
 /// Why a direction failed; the connection is then reset on both sides.
@@ -126,6 +130,9 @@ impl Direction {
     /// a new edge. That saves the read that would only return EAGAIN, a third of the system calls
     /// per small message. A FIN that came with the bytes raises no new edge, so once an event
     /// reported the peer closing ([`Direction::source_closing`]) every pump reads to the end.
+    ///
+    /// At most `budget` bytes are read (`u64::MAX`: no limit); reaching it with the source not
+    /// known to be dry ends the pump with [`Progress::throttled`].
     pub fn pump(
         &mut self,
         src: &mut TcpStream,
@@ -133,6 +140,7 @@ impl Direction {
         res: &mut Resources,
         until_eagain: bool,
         other_finished: bool,
+        budget: u64,
     ) -> Result<Progress, PumpError> {
         let until_eagain = until_eagain || self.source_closing;
         let mut progress = Progress::default();
@@ -162,9 +170,17 @@ impl Direction {
                 progress.yielded = true;
                 return Ok(progress);
             }
-            match self.fill(src, res) {
+            let left = budget - progress.read;
+            if left == 0 {
+                progress.throttled = true;
+                return Ok(progress);
+            }
+            match self.fill(src, res, left) {
                 Ok((0, _)) => self.read_eof = true,
-                Ok((_, short)) => drained = short && !until_eagain,
+                Ok((n, short)) => {
+                    progress.read += n as u64;
+                    drained = short && !until_eagain;
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     self.release(res);
                     return Ok(progress);
@@ -209,7 +225,12 @@ impl Direction {
     /// Reads one batch from the source into a buffer or pipe; returns the bytes and whether the
     /// read was short (less than room). Only called with nothing in flight, so with a pipe,
     /// EAGAIN can only mean the socket is empty.
-    fn fill(&mut self, src: &mut TcpStream, res: &mut Resources) -> io::Result<(usize, bool)> {
+    fn fill(
+        &mut self,
+        src: &mut TcpStream,
+        res: &mut Resources,
+        budget: u64,
+    ) -> io::Result<(usize, bool)> {
         if self.bulk && res.splice && matches!(self.in_flight, InFlight::Nothing) {
             if let Some(pipe) = res.pipes.take() {
                 self.in_flight = InFlight::Pipe { pipe, len: 0 };
@@ -217,7 +238,8 @@ impl Direction {
         }
         match &mut self.in_flight {
             InFlight::Pipe { pipe, len } => {
-                let n = pipe.fill_from(src.as_raw_fd(), pipe.capacity())?;
+                let room = pipe.capacity().min(budget.try_into().unwrap_or(usize::MAX));
+                let n = pipe.fill_from(src.as_raw_fd(), room)?;
                 *len = n;
                 // A splice can return less than room while bytes are still queued (the pipe runs
                 // out of slots before bytes), so it never counts as short.
@@ -238,9 +260,10 @@ impl Direction {
                     _ if self.bulk => res.buffers.take_bulk(),
                     _ => res.buffers.take(),
                 };
-                match src.read(&mut buf) {
+                let room = buf.len().min(budget.try_into().unwrap_or(usize::MAX));
+                match src.read(&mut buf[..room]) {
                     Ok(n) => {
-                        let short = n < buf.len();
+                        let short = n < room;
                         self.bulk |= !short;
                         self.in_flight = InFlight::Buffer {
                             buf,

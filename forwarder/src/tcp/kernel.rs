@@ -3,6 +3,7 @@
 //! ([`KernelDirection`]: `TCP_INFO`, `SIOCOUTQ`), counting what passed and passing each FIN on
 //! once everything before it is in the sink's send queue. The relay never reads these bytes.
 
+use crate::rate::throttle::Throttle;
 use std::io::{self, Write};
 use std::net::Shutdown;
 use std::os::fd::{AsRawFd, RawFd};
@@ -196,6 +197,12 @@ impl Relay {
         let Some(map) = ctx.res.sockmap.as_ref() else {
             return Err(backend);
         };
+        if self.pool.spec.options.rates.any()
+            || Throttle::pool_limited(ctx.shared, self.pool.spec.slot)
+        {
+            // The kernel's verdict program cannot hold bytes back: limits are kept in user space.
+            return Err(backend);
+        }
         let mut header_sent = 0;
         if let Some(bytes) = header.take() {
             // A fresh connection's send buffer takes a PROXY header (at most 232 bytes) whole.

@@ -15,6 +15,7 @@ pub mod kernel;
 pub mod proxy;
 pub mod relay;
 pub mod relaying;
+pub mod sni;
 pub mod sockmap;
 
 use std::cmp::Reverse;
@@ -312,7 +313,17 @@ impl Tcp {
             };
             let pool = Rc::clone(&listener.pool);
             match listener.socket.accept() {
-                Ok((client, addr)) => self.start_relay(client, addr, pool, shared, registry, now),
+                Ok((client, addr)) => {
+                    // A range steered here by nftables: the pool of the port the client reached.
+                    let pool = match &pool.steered {
+                        Some(ports) => match crate::ranges::reached_pool(ports, &client) {
+                            Some(reached) => reached,
+                            None => continue, // dropped: closes it
+                        },
+                        None => pool,
+                    };
+                    self.start_relay(client, addr, pool, shared, registry, now)
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) if is_out_of_descriptors(&e) => {

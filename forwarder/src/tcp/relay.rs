@@ -19,6 +19,7 @@ use mio::{Interest, Registry};
 use crate::access_log::{AccessLog, Record};
 use crate::balance::{self, ServedPool};
 use crate::control::ConnectionInfo;
+use crate::rate::throttle::Throttle;
 use crate::stats::{Shared, ERR_TIMEOUT};
 use crate::tcp::connect::connect_result;
 use crate::tcp::direction::{Direction, PumpError, Resources};
@@ -78,6 +79,10 @@ pub enum Ending {
     PerIpFull,
     /// `accept_proxy`: no valid PROXY header arrived within the connect timeout.
     BadHeader(HeaderError),
+    /// `sni=`: the name asked for has no row, and the pool has no default row.
+    NoSniRoute,
+    /// `sni=`: no readable ClientHello within the connect timeout (why: the text).
+    BadHello(&'static str),
 }
 
 impl Ending {
@@ -93,6 +98,8 @@ impl Ending {
             Ending::Denied => "denied",
             Ending::Full | Ending::PerIpFull => "limit",
             Ending::BadHeader(_) => "bad_proxy_header",
+            Ending::NoSniRoute => "no_sni_route",
+            Ending::BadHello(_) => "bad_tls_hello",
         }
     }
 
@@ -161,6 +168,10 @@ pub(super) enum Phase {
     ReadingHeader {
         deadline: Instant,
     },
+    /// `sni=`: waiting for the whole ClientHello, to pick the backends serving its name.
+    ReadingHello {
+        deadline: Instant,
+    },
     /// Waiting for the backend's non-blocking connect. `tried` holds the pool indices tried so
     /// far (the last one is in progress).
     Connecting {
@@ -215,6 +226,8 @@ pub struct Relay {
     pub(super) per_ip_counted: bool,
     /// Which side sent the first FIN (the access log says who ended the connection).
     pub(super) first_fin: Option<Side>,
+    /// The TLS server name the client asked for (pools with `sni=` rows only).
+    pub(super) sni: Option<String>,
     pub(super) phase: Phase,
     /// client → backend
     pub(super) up: Direction,
@@ -222,6 +235,9 @@ pub struct Relay {
     pub(super) down: Direction,
     pub(super) started: Instant,
     pub(super) last_active: Instant,
+    /// The pool's bandwidth limits as this connection answers to them; None while the pool has
+    /// none (taken on at the next pump when an edit adds one).
+    pub(super) throttle: Option<Box<Throttle>>,
 }
 
 impl Relay {
@@ -247,12 +263,14 @@ impl Relay {
             header_read_bytes: 0,
             header_sent_uncounted: 0,
             first_fin: None,
+            sni: None,
             per_ip_counted: false,
             phase: Phase::Accepted,
             up: Direction::default(),
             down: Direction::default(),
             started: now,
             last_active: now,
+            throttle: None,
         }
     }
 
@@ -302,6 +320,8 @@ impl Relay {
             Phase::Accepted => Next::Wait,
             Phase::ReadingHeader { .. } if side == Side::Client => self.read_header(ctx),
             Phase::ReadingHeader { .. } => Next::Wait,
+            Phase::ReadingHello { .. } if side == Side::Client => self.read_hello(ctx),
+            Phase::ReadingHello { .. } => Next::Wait,
             // Client bytes wait in the kernel until the backend is up.
             Phase::Connecting { .. } if side == Side::Client => Next::Wait,
             Phase::Connecting { backend, .. } => {
@@ -339,9 +359,13 @@ impl Relay {
             Phase::ReadingHeader { deadline } if *deadline <= ctx.now => {
                 Next::Close(Ending::BadHeader(HeaderError::Timeout))
             }
+            Phase::ReadingHello { deadline } if *deadline <= ctx.now => Next::Close(
+                Ending::BadHello("no ClientHello within the connect timeout"),
+            ),
             Phase::InKernel {
                 fin_due: Some(due), ..
             } if *due <= ctx.now => self.watch_kernel(ctx),
+            Phase::Relaying { .. } if self.throttle.is_some() => self.throttle_expired(ctx),
             _ => Next::Wait,
         }
     }
@@ -393,7 +417,7 @@ impl Relay {
             Phase::Connecting { backend, .. }
             | Phase::Relaying { backend }
             | Phase::InKernel { backend, .. } => Some(backend),
-            Phase::Accepted | Phase::ReadingHeader { .. } => None,
+            Phase::Accepted | Phase::ReadingHeader { .. } | Phase::ReadingHello { .. } => None,
         };
         if ending.resets() {
             for s in std::iter::once(&self.client).chain(backend) {
@@ -424,6 +448,13 @@ impl Relay {
             Ending::BadHeader(_) => {
                 pool.bad_header.fetch_add(1, Relaxed);
             }
+            Ending::NoSniRoute => {
+                pool.no_sni_route.fetch_add(1, Relaxed);
+            }
+            Ending::BadHello(why) => {
+                tracing::debug!(id = self.id, client = %self.client_addr, "closed: {why}");
+                pool.bad_hello.fetch_add(1, Relaxed);
+            }
             _ => {}
         }
         if let Some(log) = ctx.access_log {
@@ -437,7 +468,12 @@ impl Relay {
     fn log(&self, log: &AccessLog, ending: &Ending, ctx: &Context) {
         let chosen = !matches!(
             ending,
-            Ending::Denied | Ending::Full | Ending::PerIpFull | Ending::BadHeader(_)
+            Ending::Denied
+                | Ending::Full
+                | Ending::PerIpFull
+                | Ending::BadHeader(_)
+                | Ending::NoSniRoute
+                | Ending::BadHello(_)
         ) && !self.pool.spec.backends.is_empty();
         let backend = chosen.then(|| &self.pool.spec.backends[self.backend_index]);
         let record = Record {
@@ -450,6 +486,11 @@ impl Relay {
             bytes_down: self.bytes().1,
             duration: ctx.now.saturating_duration_since(self.started),
             ending: ending.word(self.first_fin),
+            throttled: self
+                .throttle
+                .as_ref()
+                .map(|t| (t.held_ms(crate::rate::now_ns()), t.held_bytes)),
+            sni: self.sni.as_deref(),
         };
         log.write(&record, ctx.shared);
     }
@@ -466,9 +507,10 @@ impl Relay {
             rule: b.name.clone(),
             backend: b.addr,
             state: match self.phase {
-                Phase::Accepted | Phase::ReadingHeader { .. } | Phase::Connecting { .. } => {
-                    "connecting".into()
-                }
+                Phase::Accepted
+                | Phase::ReadingHeader { .. }
+                | Phase::ReadingHello { .. }
+                | Phase::Connecting { .. } => "connecting".into(),
                 Phase::Relaying { .. } | Phase::InKernel { .. } => "relaying".into(),
             },
             bytes_up: self.bytes().0,
@@ -477,6 +519,7 @@ impl Relay {
             client_half_closed: self.source_done().0,
             backend_half_closed: self.source_done().1,
             udp: None,
+            sni: self.sni.clone(),
         }
     }
 

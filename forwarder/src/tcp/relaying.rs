@@ -4,6 +4,9 @@
 
 use std::sync::atomic::Ordering::Relaxed;
 
+use std::os::fd::AsRawFd;
+
+use crate::rate::throttle::{self, Throttle, Way};
 use crate::tcp::direction::Progress;
 use crate::tcp::relay::{Context, Ending, Next, Phase, Relay, Side, Sides, Wake};
 
@@ -46,8 +49,27 @@ impl Relay {
         let mut up = Progress::default();
         let mut down = Progress::default();
         let mut result = Ok(());
+        if self.throttle.is_none() && Throttle::pool_limited(ctx.shared, self.pool.spec.slot) {
+            let rtt = throttle::socket_rtt_ns(self.client.as_raw_fd())
+                .max(throttle::socket_rtt_ns(backend.as_raw_fd()));
+            self.throttle = Some(Box::new(Throttle::new(
+                self.pool.spec.slot,
+                self.client_addr.ip(),
+                rtt,
+            )));
+        }
+        let now_ns = if self.throttle.is_some() {
+            crate::rate::now_ns()
+        } else {
+            0
+        };
+        let budget = |t: &mut Option<Box<Throttle>>, way: Way| match t {
+            Some(t) => t.allowance(ctx.shared, way, now_ns),
+            None => u64::MAX,
+        };
         if sides.up {
             let other = self.down.finished();
+            let budget = budget(&mut self.throttle, Way::Up);
             result = self
                 .up
                 .pump(
@@ -56,11 +78,13 @@ impl Relay {
                     ctx.res,
                     sides.until_eagain,
                     other,
+                    budget,
                 )
                 .map(|p| up = p);
         }
         if sides.down && result.is_ok() {
             let other = self.up.finished();
+            let budget = budget(&mut self.throttle, Way::Down);
             result = self
                 .down
                 .pump(
@@ -69,8 +93,17 @@ impl Relay {
                     ctx.res,
                     sides.until_eagain,
                     other,
+                    budget,
                 )
                 .map(|p| down = p);
+        }
+        if let Some(t) = self.throttle.as_mut() {
+            if sides.up {
+                t.charge(ctx.shared, Way::Up, now_ns, up.read, up.throttled);
+            }
+            if sides.down {
+                t.charge(ctx.shared, Way::Down, now_ns, down.read, down.throttled);
+            }
         }
         if self.first_fin.is_none() {
             if self.up.source_done() {
@@ -109,8 +142,36 @@ impl Relay {
                 down: down.yielded,
                 until_eagain: true,
             })
+        } else if let Some(at) = self
+            .throttle
+            .as_mut()
+            .and_then(|t| t.timer(ctx.now, now_ns))
+        {
+            Next::Timer(at)
         } else {
             Next::Wait
+        }
+    }
+
+    /// A bandwidth wake-up: pump the held directions that may read again (to EAGAIN: their
+    /// sockets raised no edge while held), or arm the next wake-up.
+    pub(super) fn throttle_expired(&mut self, ctx: &mut Context) -> Next {
+        let now = crate::rate::now_ns();
+        let Some(t) = self.throttle.as_mut() else {
+            return Next::Wait;
+        };
+        t.fired();
+        let sides = Sides {
+            up: t.due(Way::Up, now),
+            down: t.due(Way::Down, now),
+            until_eagain: true,
+        };
+        if sides.up || sides.down {
+            return self.pump(sides, ctx);
+        }
+        match t.timer(ctx.now, now) {
+            Some(at) => Next::Timer(at),
+            None => Next::Wait,
         }
     }
 }

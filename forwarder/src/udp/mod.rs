@@ -19,8 +19,9 @@ use mio::net::UdpSocket;
 use mio::{Interest, Registry, Token};
 
 use crate::balance::{self, next_backend, pick_backend, ServedPool};
-use crate::control::{ConnectionInfo, SessionFigures, ID_WORKER_SHIFT};
+use crate::control::{BackendSpec, ConnectionInfo, SessionFigures, ID_WORKER_SHIFT};
 use crate::listeners::Listeners;
+use crate::rate::throttle::{Throttle, Way};
 use crate::rules::Proto;
 use crate::stats::{now_ms, Shared};
 use crate::tokens::{self, Owner};
@@ -60,6 +61,11 @@ struct Flow {
     bytes: u64,
 }
 
+/// The burst of a UDP session's limits, as time at the rate: a datagram cannot wait for its
+/// bucket the way a TCP read can, and datagrams that queued while the worker was busy elsewhere
+/// arrive here as one burst; 100 ms of them pass, so only the excess over the rate is dropped.
+const UDP_BURST_NS: u64 = 100_000_000;
+
 /// One client address's session: its connected socket toward the backend.
 struct Session {
     id: u64,
@@ -72,11 +78,26 @@ struct Session {
     created: Instant,
     up: Flow,
     down: Flow,
+    /// The pool's bandwidth limits as this session answers to them (None while it has none).
+    throttle: Option<Box<Throttle>>,
 }
 
 impl Session {
     fn slot(&self) -> usize {
         self.pool.spec.backends[self.backend].slot
+    }
+
+    /// Whether a datagram of `len` bytes going `way` is within the pool's limits (charged when
+    /// it is); one load of the pool's slot when the pool has none.
+    fn within_rate(&mut self, shared: &Shared, way: Way, len: usize, client: IpAddr) -> bool {
+        let slot = self.pool.spec.slot;
+        if !Throttle::pool_limited(shared, slot) {
+            return true;
+        }
+        let t = self
+            .throttle
+            .get_or_insert_with(|| Box::new(Throttle::new(slot, client, UDP_BURST_NS)));
+        t.admit_datagram(shared, way, crate::rate::now_ns(), len as u64)
     }
 }
 
@@ -213,9 +234,14 @@ impl Udp {
                     continue; // refused or unroutable: counted where it was decided
                 };
                 self.sessions.touch(session, now_ms);
-                if let (Some(local), Some(s)) = (local, self.sessions.get_mut(session)) {
-                    // Answer from wherever the client sent its latest datagram.
-                    s.local = Some(local);
+                if let Some(s) = self.sessions.get_mut(session) {
+                    if let Some(local) = local {
+                        // Answer from wherever the client sent its latest datagram.
+                        s.local = Some(local);
+                    }
+                    if !s.within_rate(shared, Way::Up, data.len(), got.from.ip()) {
+                        continue; // over a limit: dropped, counted in the pool's rate_drops
+                    }
                 }
                 if run != Some(session) {
                     if let Some(prev) = run {
@@ -326,7 +352,7 @@ impl Udp {
         };
         // From here the backend's place is reserved: give it back if the session cannot be made.
         let backend = &pool.spec.backends[index];
-        let socket = connected_socket(backend.addr).and_then(|mut socket| {
+        let socket = connected_socket(backend, client.ip()).and_then(|mut socket| {
             let key = self.sessions.vacant_key();
             registry.register(&mut socket, tokens::udp_session(key), Interest::READABLE)?;
             Ok(socket)
@@ -354,6 +380,7 @@ impl Udp {
             created: now,
             up: Flow::default(),
             down: Flow::default(),
+            throttle: None,
         };
         Some(self.sessions.insert(port, client, self.ms(now), session))
     }
@@ -380,7 +407,11 @@ impl Udp {
             return;
         };
         let to = &s.pool.spec.backends[next];
-        if s.socket.connect(to.addr).is_err() {
+        // The socket was bound for the failed backend's source, interface and mark: it can move
+        // only to a backend that wants the same (else the session ends when it goes idle).
+        if !crate::outbound::same_socket(&failed.options, &to.options)
+            || s.socket.connect(to.addr).is_err()
+        {
             balance::release(&s.pool, shared, worker, next);
             return;
         }
@@ -425,16 +456,25 @@ impl Udp {
                 }
             };
             let backend = shared.backend(s.slot());
-            if backend.failures_in_row.load(Relaxed) > 0 && backend.record_success() {
+            // A reply is the UDP backend's good check (its only one, with no probe datagram).
+            if (backend.ever_ok.load(Relaxed) == 0 || backend.failures_in_row.load(Relaxed) > 0)
+                && backend.record_success(now_ms())
+            {
                 tracing::info!(backend = %s.pool.spec.backends[s.backend].addr, "backend up");
             }
+            let rx = &self.rx;
+            let from = s.local;
             let outgoing: Vec<Outgoing> = (0..n)
-                .map(|i| Outgoing {
-                    data: self.rx.get(i).1,
+                .map(|i| rx.get(i).1)
+                .filter(|data| s.within_rate(shared, Way::Down, data.len(), client.ip()))
+                .map(|data| Outgoing {
+                    data,
                     to: Some(client),
-                    from: s.local,
+                    from,
                 })
                 .collect();
+            let n_read = n;
+            let n = outgoing.len();
             let fd = self.ports[port].socket.as_raw_fd();
             let mut done = 0;
             while done < n {
@@ -467,7 +507,7 @@ impl Udp {
                 }
             }
             moved = true;
-            if n < self.rx.slots() {
+            if n_read < self.rx.slots() {
                 more = false;
                 break;
             }
@@ -545,6 +585,7 @@ impl Udp {
                         datagrams_down: s.down.datagrams,
                         idle_ms,
                     }),
+                    sni: None,
                     client_half_closed: false,
                     backend_half_closed: false,
                 }
@@ -629,17 +670,17 @@ fn reuseport_socket(addr: SocketAddr) -> io::Result<UdpSocket> {
     Ok(UdpSocket::from_std(socket.into()))
 }
 
-/// A non-blocking UDP socket connected to `backend` (an ephemeral local port).
-fn connected_socket(backend: SocketAddr) -> io::Result<UdpSocket> {
-    let any: SocketAddr = if backend.is_ipv6() {
-        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
-    } else {
-        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
-    };
-    let socket = UdpSocket::bind(any)?;
+/// A non-blocking UDP socket connected to `backend` (an ephemeral local port, on the row's
+/// outbound address, interface and mark).
+fn connected_socket(backend: &BackendSpec, client: IpAddr) -> io::Result<UdpSocket> {
+    let socket = UdpSocket::from_std(crate::outbound::bind_udp(
+        backend.addr,
+        &backend.options,
+        client,
+    )?);
     // A burst of replies must not overflow the default (~200 KiB, ~90 datagrams of 1,400 B)
     // while the worker is busy elsewhere; a limit, not memory taken up front.
     sys::set_buffers(socket.as_raw_fd(), SESSION_SOCKET_BUFFER);
-    socket.connect(backend)?;
+    socket.connect(backend.addr)?;
     Ok(socket)
 }

@@ -16,6 +16,7 @@ use super::entries::{self, Change, FieldError};
 use super::{call, AppState};
 use crate::control::ConnectionInfo;
 use crate::rules::file::{Snapshot, WriteError};
+use crate::rules::options::Admin;
 use crate::rules::{self, Entry, Proto, RuleError};
 use crate::stats::snapshot::StatsSnapshot;
 use crate::supervisor::Supervisor;
@@ -268,6 +269,28 @@ pub async fn edit_rule(
     Ok(with_etag(StatusCode::OK, doc))
 }
 
+/// `PUT /api/rules/ID/state` with `{"state": "drain"|"disabled"|"active"}`: takes a backend out
+/// of service or back, by rewriting its `drain`/`disabled` option in the rules file (so it
+/// survives a restart); open connections are never cut.
+pub async fn set_admin(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let wanted = serde_json::from_slice::<Value>(&body)
+        .ok()
+        .and_then(|v| v.get("state").and_then(Value::as_str).map(str::to_string));
+    let Some(admin) = wanted.as_deref().and_then(Admin::parse) else {
+        return Err(ApiError::invalid(
+            "send {\"state\": \"drain\"}, {\"state\": \"disabled\"} or {\"state\": \"active\"}",
+            Vec::new(),
+        ));
+    };
+    let doc = change(&state, &headers, Change::Admin(id, admin)).await?;
+    Ok(with_etag(StatusCode::OK, doc))
+}
+
 /// `DELETE /api/rules/ID` or `/api/rules/ID1,ID2,...`: several rows in one write, all or none.
 pub async fn delete_rules(
     State(state): State<AppState>,
@@ -510,6 +533,9 @@ struct ConnectionDoc {
     /// Milliseconds since the session's last datagram (UDP).
     #[serde(skip_serializing_if = "Option::is_none")]
     idle_ms: Option<u64>,
+    /// The TLS server name the client asked for (pools with `sni=` rows only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    sni: Option<String>,
 }
 
 #[derive(serde::Deserialize)]
@@ -545,6 +571,7 @@ pub async fn get_connections(
             client: c.client.to_string(),
             listen: rules::Listen {
                 addr: c.listen,
+                ports: rules::PortRange::single(c.listen.port()),
                 proto: c.proto,
             }
             .to_string(),
@@ -560,6 +587,7 @@ pub async fn get_connections(
             datagrams_up: c.udp.as_ref().map(|u| u.datagrams_up),
             datagrams_down: c.udp.as_ref().map(|u| u.datagrams_down),
             idle_ms: c.udp.as_ref().map(|u| u.idle_ms),
+            sni: c.sni.clone(),
         })
         .collect();
     let mut response = Json(docs).into_response();

@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use serde::Serialize;
 
 use crate::rules::file::version;
+use crate::rules::options::{with_admin, Admin};
 use crate::rules::{Entry, Row};
 
 /// What a request asks to change.
@@ -15,6 +16,9 @@ pub enum Change {
     Add(Entry),
     Edit(String, Entry),
     Delete(Vec<String>),
+    /// Put one backend in or out of service (`drain`, `disabled`, `active`): only its
+    /// `drain`/`disabled` option changes.
+    Admin(String, Admin),
 }
 
 /// The rules as they will be written.
@@ -46,6 +50,11 @@ pub fn plan(rows: &[Row], ids: &[String], change: &Change) -> Result<Plan, Strin
         Change::Edit(id, entry) => {
             let i = index_of(id)?;
             entries[i] = entry.clone();
+            Some(i)
+        }
+        Change::Admin(id, admin) => {
+            let i = index_of(id)?;
+            entries[i].options = with_admin(&entries[i].options, *admin);
             Some(i)
         }
         Change::Delete(ids) => {

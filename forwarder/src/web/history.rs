@@ -193,8 +193,10 @@ mod tests {
                 label: "0.0.0.0:8080".into(),
                 proto: Default::default(),
                 evicted: 0,
+                limits: Default::default(),
                 accepted: 0,
                 unrouted: 0,
+                serving: "primary".into(),
                 refused: Default::default(),
                 backends: backends
                     .iter()
@@ -204,6 +206,12 @@ mod tests {
                         dest_port: "9001".into(),
                         addr: "127.0.0.1:9001".parse().unwrap(),
                         state: "up".into(),
+                        dns: None,
+                        admin: "active".into(),
+                        backup: false,
+                        check: String::new(),
+                        rise: 0,
+                        slowstart_pct: None,
                         active,
                         lost_worker_died: 0,
                         total,

@@ -194,6 +194,8 @@ pub fn render(stats: &StatsSnapshot) -> String {
             ("max_conns", p.refused.max_conns),
             ("max_conns_per_ip", p.refused.max_conns_per_ip),
             ("proxy_header", p.refused.proxy_header),
+            ("no_sni_route", p.refused.no_sni_route),
+            ("tls_hello", p.refused.tls_hello),
         ] {
             let _ = writeln!(
                 out,
@@ -222,7 +224,7 @@ pub fn render(stats: &StatsSnapshot) -> String {
             Family {
                 name: "forwarder_backend_up",
                 kind: "gauge",
-                help: "1 when the backend takes connections, 0 while it is marked down.",
+                help: "1 when the backend's health is up; 0 when down or unknown (forwarder_backend_health).",
             },
             |b| u64::from(b.state == "up"),
         ),
@@ -316,8 +318,89 @@ pub fn render(stats: &StatsSnapshot) -> String {
             }
         }
     }
+    render_states(stats, &mut out, head);
     render_udp(stats, &mut out, head);
+    crate::rate::render_metrics(stats, &mut out, |out, name, kind, help| {
+        head(out, &Family { name, kind, help })
+    });
     out
+}
+
+/// The backends' health and operator state, and the tier each pool serves from, as one series
+/// per possible value (1 for the current one): the same words the page and the API use.
+fn render_states(stats: &StatsSnapshot, out: &mut String, head: impl Fn(&mut String, &Family)) {
+    use crate::stats::health::Health;
+    type StateOf = fn(&crate::stats::snapshot::BackendStats) -> &str;
+    let states: [(Family, &[&str], StateOf); 3] = [
+        (
+            Family {
+                name: "forwarder_backend_health",
+                kind: "gauge",
+                help: "1 for the backend's health now: up, down, or unknown (nothing tried yet).",
+            },
+            &[
+                Health::ALL[0].as_str(),
+                Health::ALL[1].as_str(),
+                Health::ALL[2].as_str(),
+            ],
+            |b| b.state.as_str(),
+        ),
+        (
+            Family {
+                name: "forwarder_backend_admin",
+                kind: "gauge",
+                help: "1 for the backend's operator state: active, drain or disabled.",
+            },
+            &["active", "drain", "disabled"],
+            |b| b.admin.as_str(),
+        ),
+        (
+            Family {
+                name: "forwarder_backend_tier",
+                kind: "gauge",
+                help: "1 for the backend's tier: primary or backup.",
+            },
+            &["primary", "backup"],
+            |b| if b.backup { "backup" } else { "primary" },
+        ),
+    ];
+    for (family, values, get) in &states {
+        head(out, family);
+        for p in &stats.pools {
+            for b in &p.backends {
+                for value in values.iter() {
+                    let _ = writeln!(
+                        out,
+                        "{}{{listen=\"{}\",name=\"{}\",backend=\"{}\"{},state=\"{value}\"}} {}",
+                        family.name,
+                        escape(&p.listen.to_string()),
+                        escape(&b.name),
+                        escape(&b.addr.to_string()),
+                        proto_label(p.proto),
+                        u64::from(get(b) == *value)
+                    );
+                }
+            }
+        }
+    }
+    let serving = Family {
+        name: "forwarder_pool_serving_tier",
+        kind: "gauge",
+        help: "1 for the tier taking the pool's new connections: primary, backup or none.",
+    };
+    head(out, &serving);
+    for p in &stats.pools {
+        for tier in ["primary", "backup", "none"] {
+            let _ = writeln!(
+                out,
+                "{}{{listen=\"{}\"{},tier=\"{tier}\"}} {}",
+                serving.name,
+                escape(&p.listen.to_string()),
+                proto_label(p.proto),
+                u64::from(p.serving == tier)
+            );
+        }
+    }
 }
 
 /// The label that tells a UDP pool's series from a TCP pool's on the same port. TCP series carry
@@ -429,13 +512,17 @@ mod tests {
                 label: "0.0.0.0:8080".into(),
                 proto: Default::default(),
                 evicted: 0,
+                limits: Default::default(),
                 accepted: 7,
                 unrouted: 1,
+                serving: "backup".into(),
                 refused: crate::stats::snapshot::Refusals {
                     denied: 5,
                     max_conns: 2,
                     max_conns_per_ip: 0,
                     proxy_header: 0,
+                    no_sni_route: 0,
+                    tls_hello: 0,
                 },
                 backends: vec![BackendStats {
                     name: "a\"b\\c".into(),
@@ -443,6 +530,12 @@ mod tests {
                     dest_port: "9001".into(),
                     addr: "127.0.0.1:9001".parse().unwrap(),
                     state: "up".into(),
+                    dns: None,
+                    admin: "drain".into(),
+                    backup: true,
+                    check: String::new(),
+                    rise: 0,
+                    slowstart_pct: None,
                     active: 1,
                     lost_worker_died: 3,
                     total: 6,
@@ -483,11 +576,19 @@ mod tests {
         // A data path given by flag: its info line, no calibration figures.
         assert!(text.contains("forwarder_data_path_info{path=\"copy\",asked=\"copy\"} 1\n"));
         assert!(!text.contains("forwarder_data_path_calibration"));
-        assert_eq!(text.matches("# TYPE ").count(), 26);
-        assert_eq!(text.matches("# HELP ").count(), 26);
+        assert!(text.contains(
+            "forwarder_backend_admin{listen=\"0.0.0.0:8080\",name=\"a\\\"b\\\\c\",backend=\"127.0.0.1:9001\",state=\"drain\"} 1\n"
+        ));
+        assert!(text.contains(
+            "forwarder_backend_health{listen=\"0.0.0.0:8080\",name=\"a\\\"b\\\\c\",backend=\"127.0.0.1:9001\",state=\"unknown\"} 0\n"
+        ));
+        assert!(text
+            .contains("forwarder_pool_serving_tier{listen=\"0.0.0.0:8080\",tier=\"backup\"} 1\n"));
+        assert_eq!(text.matches("# TYPE ").count(), 34);
+        assert_eq!(text.matches("# HELP ").count(), 34);
         let mut families: Vec<&str> = text.lines().filter(|l| l.starts_with("# TYPE ")).collect();
         families.sort();
         families.dedup();
-        assert_eq!(families.len(), 26, "every family once");
+        assert_eq!(families.len(), 34, "every family once");
     }
 }

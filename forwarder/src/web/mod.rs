@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use axum::extract::DefaultBodyLimit;
-use axum::routing::{delete, get};
+use axum::routing::{delete, get, put};
 use axum::Router;
 use tokio_rustls::rustls::ServerConfig;
 
@@ -196,6 +196,7 @@ fn router(state: AppState) -> Router {
                 .put(api::edit_rule)
                 .delete(api::delete_rules),
         )
+        .route("/api/rules/{id}/state", put(api::set_admin))
         .route("/api/stats", get(api::get_stats))
         .route("/api/history", get(api::get_history))
         .route("/api/connections", get(api::get_connections))

@@ -1,10 +1,14 @@
-//! What the forwarder's integration tests share: start the real binary on a rules file, find
-//! its worker processes, and backends (echo servers that can tag their replies) on loopback.
+//! What the forwarder's integration tests share: the one way to start the real binary
+//! (`Forwarder::builder()`), the one HTTP client (`http`), its worker processes, and backends
+//! (echo servers that can tag their replies) on loopback.
 
 #![allow(dead_code)]
 
+pub mod http;
+pub mod netns;
 pub mod udp;
 
+use std::ffi::{OsStr, OsString};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -13,48 +17,258 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use testbed::testing::{free_port, wait_until, ChildGuard};
+pub use http::{http_get, metric};
+use testbed_dev::testing::{free_port, wait_for_listen, wait_until, ChildGuard};
 
 pub const WAIT: Duration = Duration::from_secs(20);
 
-/// A running forwarder and its rules file.
-pub struct Forwarder {
-    pub process: ChildGuard,
-    pub rules: PathBuf,
-    _dir: tempfile::TempDir,
+/// The forwarder binary as a command with nothing set: the one place tests name it.
+pub fn command() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_forwarder"))
 }
 
-impl Forwarder {
-    /// Starts the forwarder on `rules` text with `workers` workers and extra flags; waits until
-    /// every listen port in `ports` accepts connections.
-    pub fn start(rules: &str, workers: usize, extra: &[&str], ports: &[u16]) -> Forwarder {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("entries.csv");
-        std::fs::write(&path, rules).unwrap();
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_forwarder"));
-        cmd.arg("--rules").arg(&path);
-        // No web page unless the test asks for one.
-        if !extra.contains(&"--web") {
-            cmd.arg("--no-web");
+/// How to start a forwarder: the rules file's text, workers, the web page, extra flags and
+/// environment, and what to wait for before the test goes on.
+pub struct Builder {
+    rules: String,
+    /// A rules file the test made itself (its folder's owner and modes matter), used as it is.
+    rules_at: Option<PathBuf>,
+    workers: usize,
+    /// The page's `--web` address (`IP:PORT`); `None` means `--no-web`.
+    web: Option<String>,
+    args: Vec<OsString>,
+    env: Vec<(OsString, OsString)>,
+    /// TCP ports that must listen before `start` returns.
+    listening: Vec<u16>,
+    /// UDP ports that must be bound once per worker before `start` returns.
+    udp_bound: Vec<u16>,
+    open_files: Option<u64>,
+}
+
+impl Builder {
+    /// The rules file's text (written to `entries.csv` in a temporary folder).
+    pub fn rules(mut self, text: &str) -> Builder {
+        self.rules = text.to_string();
+        self
+    }
+
+    /// Adds the rule `name,listen_port,127.0.0.1,backend_port` and waits for `listen_port` to
+    /// listen: the one-port-to-one-backend set-up most tests need.
+    pub fn forward(mut self, name: &str, listen_port: u16, backend_port: u16) -> Builder {
+        self.rules
+            .push_str(&format!("{name},{listen_port},127.0.0.1,{backend_port}\n"));
+        self.listening.push(listen_port);
+        self
+    }
+
+    /// Runs on the rules file at `path` as it is, instead of writing one.
+    pub fn rules_at(mut self, path: &Path) -> Builder {
+        self.rules_at = Some(path.to_path_buf());
+        self
+    }
+
+    pub fn workers(mut self, n: usize) -> Builder {
+        self.workers = n;
+        self
+    }
+
+    /// Serves the web page on `ip` and a free port (`--web`); without it, `--no-web`.
+    pub fn web(mut self, ip: &str) -> Builder {
+        self.web = Some(format!("{ip}:{}", free_port()));
+        self
+    }
+
+    /// Serves the web page on exactly `addr` (`IP:PORT`), for a port the test holds itself.
+    pub fn web_on(mut self, addr: &str) -> Builder {
+        self.web = Some(addr.to_string());
+        self
+    }
+
+    /// Extra flags, after the ones the builder writes.
+    pub fn args<I, S>(mut self, args: I) -> Builder
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        self.args
+            .extend(args.into_iter().map(|a| a.as_ref().to_os_string()));
+        self
+    }
+
+    pub fn env(mut self, key: impl AsRef<OsStr>, value: impl AsRef<OsStr>) -> Builder {
+        self.env
+            .push((key.as_ref().to_os_string(), value.as_ref().to_os_string()));
+        self
+    }
+
+    /// TCP ports `start` waits for until they listen.
+    pub fn listening(mut self, ports: &[u16]) -> Builder {
+        self.listening.extend_from_slice(ports);
+        self
+    }
+
+    /// UDP ports `start` waits for until every worker has bound them.
+    pub fn udp_bound(mut self, ports: &[u16]) -> Builder {
+        self.udp_bound.extend_from_slice(ports);
+        self
+    }
+
+    /// Starts the forwarder with this soft and hard open-file limit (set between fork and exec).
+    pub fn open_files(mut self, limit: u64) -> Builder {
+        self.open_files = Some(limit);
+        self
+    }
+
+    /// Starts the forwarder without waiting for anything (a start that must fail, or a test
+    /// that watches the start itself).
+    pub fn spawn(self) -> Forwarder {
+        // The builder writes these itself; a second copy in `args` would silently fight it.
+        for own in ["--rules", "--web", "--no-web", "--workers"] {
+            assert!(
+                !self.args.iter().any(|a| a == own),
+                "pass {own} through the builder (.rules, .web, .workers), not .args"
+            );
         }
-        cmd.arg("--workers")
-            .arg(workers.to_string())
-            .arg("--log-level")
-            .arg("info")
-            .args(extra);
-        let process = ChildGuard::spawn(cmd);
-        for &port in ports {
+        let dir = tempfile::tempdir().unwrap();
+        let rules = match &self.rules_at {
+            Some(path) => path.clone(),
+            None => {
+                let path = dir.path().join("entries.csv");
+                std::fs::write(&path, &self.rules).unwrap();
+                path
+            }
+        };
+        let mut cmd = command();
+        cmd.arg("--rules").arg(&rules);
+        let web = match &self.web {
+            Some(addr) => {
+                cmd.arg("--web").arg(addr);
+                let port = addr.rsplit(':').next().and_then(|p| p.parse().ok());
+                let port = port.unwrap_or_else(|| panic!("--web {addr}: no port"));
+                // Whatever address it is served on, the test reaches it over loopback.
+                Some(local(port))
+            }
+            None => {
+                cmd.arg("--no-web");
+                None
+            }
+        };
+        cmd.arg("--workers").arg(self.workers.to_string());
+        cmd.args(&self.args);
+        for (key, value) in &self.env {
+            cmd.env(key, value);
+        }
+        if let Some(limit) = self.open_files {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: setrlimit is async-signal-safe, called between fork and exec.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let lim = libc::rlimit {
+                        rlim_cur: limit,
+                        rlim_max: limit,
+                    };
+                    libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+                    Ok(())
+                });
+            }
+        }
+        Forwarder {
+            process: ChildGuard::spawn(cmd),
+            rules,
+            web,
+            workers: self.workers,
+            _dir: dir,
+        }
+    }
+
+    /// Starts the forwarder and waits until its web page (if any) and every port named with
+    /// `listening` and `udp_bound` are up.
+    pub fn start(self) -> Forwarder {
+        let (listening, udp_bound) = (self.listening.clone(), self.udp_bound.clone());
+        let fwd = self.spawn();
+        if let Some(web) = fwd.web {
+            assert!(
+                wait_for_listen(web, WAIT),
+                "web page never listened:\n{}",
+                fwd.process.output()
+            );
+        }
+        for port in listening {
             assert!(
                 wait_until(WAIT, || is_listening(port)),
                 "forwarder never listened on {port}:\n{}",
-                process.output()
+                fwd.process.output()
             );
         }
-        Forwarder {
-            process,
-            rules: path,
-            _dir: dir,
+        for port in udp_bound {
+            fwd.wait_bound(port, fwd.workers);
         }
+        fwd
+    }
+}
+
+/// A running forwarder (killed when dropped) and its rules file.
+pub struct Forwarder {
+    pub process: ChildGuard,
+    pub rules: PathBuf,
+    web: Option<SocketAddr>,
+    workers: usize,
+    _dir: tempfile::TempDir,
+}
+
+/// Dropping the `Forwarder` kills its process group (`ChildGuard`, the first field) and then
+/// removes its folder with the rules file. Implementing `Drop` also makes moving `process` out
+/// a compile error, so a test cannot keep the process while its rules file is deleted.
+impl Drop for Forwarder {
+    fn drop(&mut self) {}
+}
+
+impl Forwarder {
+    /// One worker, no web page, an empty rules file: change what the test needs.
+    pub fn builder() -> Builder {
+        Builder {
+            rules: String::new(),
+            rules_at: None,
+            workers: 1,
+            web: None,
+            args: Vec::new(),
+            env: Vec::new(),
+            listening: Vec::new(),
+            udp_bound: Vec::new(),
+            open_files: None,
+        }
+    }
+
+    /// The web page's address on loopback.
+    pub fn web(&self) -> SocketAddr {
+        self.web
+            .expect("this forwarder was started without .web(..)")
+    }
+
+    /// One plain GET to the web page, whatever its status.
+    pub fn get(&self, path: &str) -> http::Response {
+        http::get(self.web(), path)
+    }
+
+    /// The body of a GET to the web page that must answer 200.
+    pub fn text(&self, path: &str) -> String {
+        http_get(self.web(), path)
+    }
+
+    /// A GET to the web page that must answer 200, as JSON.
+    pub fn json(&self, path: &str) -> serde_json::Value {
+        serde_json::from_str(&self.text(path)).unwrap()
+    }
+
+    /// The value of the `/metrics` line that starts with `series` (name and labels).
+    pub fn metric(&self, series: &str) -> Option<u64> {
+        metric(&self.text("/metrics"), series)
+    }
+
+    /// Like `metric`, for a series that must be there.
+    pub fn counter(&self, series: &str) -> u64 {
+        let text = self.text("/metrics");
+        metric(&text, series).unwrap_or_else(|| panic!("no {series} in /metrics:\n{text}"))
     }
 
     /// Replaces the rules file (atomically, as an editor would) and waits for the forwarder to
@@ -72,9 +286,23 @@ impl Forwarder {
         );
     }
 
+    /// The rules file as it is on disk now.
+    pub fn rules_text(&self) -> String {
+        std::fs::read_to_string(&self.rules).unwrap()
+    }
+
+    /// Waits until `n` sockets hold UDP port `port` (one per worker).
+    pub fn wait_bound(&self, port: u16, n: usize) {
+        assert!(
+            wait_until(WAIT, || udp::udp_sockets_on(port) >= n),
+            "forwarder never bound udp {port}:\n{}",
+            self.process.output()
+        );
+    }
+
     /// Pids of the worker processes (children of the supervisor).
     pub fn worker_pids(&self) -> Vec<u32> {
-        children_of(self.process.pid())
+        workers_of(self.process.pid())
     }
 
     /// Sum of VmRSS of the supervisor and its workers, in KiB.
@@ -103,6 +331,20 @@ pub fn is_listening(port: u16) -> bool {
 
 pub fn local(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+/// The worker processes of a supervisor: its children started with `--worker-fds` (a reload may
+/// also run a short-lived `nft` for range steering, which is not a worker).
+#[allow(dead_code)]
+pub fn workers_of(parent: u32) -> Vec<u32> {
+    children_of(parent)
+        .into_iter()
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|c| c.split(|&b| b == 0).any(|arg| arg == b"--worker-fds"))
+                .unwrap_or(false)
+        })
+        .collect()
 }
 
 pub fn children_of(parent: u32) -> Vec<u32> {
@@ -236,28 +478,6 @@ pub fn round_trip(s: &mut TcpStream, msg: &[u8]) -> Vec<u8> {
     let mut back = vec![0u8; msg.len()];
     s.read_exact(&mut back).unwrap();
     back
-}
-
-/// One HTTP GET on a fresh connection (the web page's API, `/metrics`); the body of a 200.
-pub fn http_get(web: SocketAddr, path: &str) -> String {
-    let mut s = TcpStream::connect(web).unwrap();
-    s.set_read_timeout(Some(WAIT)).unwrap();
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).unwrap();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap();
-    assert!(head.starts_with("HTTP/1.1 200"), "{path}: {head}");
-    body.to_string()
-}
-
-/// The value of one series in Prometheus text, by the start of its line (name and labels).
-pub fn metric(text: &str, series: &str) -> Option<u64> {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
 }
 
 pub fn rules_file(path: &Path) -> String {

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use testbed::testing::{bin_path, free_port, wait_for_listen, ChildGuard};
+use testbed_dev::testing::{bin_path, free_port, wait_for_listen, ChildGuard};
 
 pub const CLIENT: &str = env!("CARGO_BIN_EXE_ssl-echo-client");
 
@@ -41,6 +41,11 @@ pub struct Server {
 impl Server {
     /// Starts an echo server on a free loopback port (TLS with `certs`, or plain).
     pub fn start(certs: Option<&Certs>, work: &Path) -> Server {
+        Server::start_with(certs, work, &[])
+    }
+
+    /// Like [`Server::start`], with `extra` server flags (`--workers 1`, `--client-ca`, ...).
+    pub fn start_with(certs: Option<&Certs>, work: &Path, extra: &[&str]) -> Server {
         let port = free_port();
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
         let stats_file = work.join(format!("server-{port}.json"));
@@ -63,6 +68,7 @@ impl Server {
                 cmd.arg("--plain");
             }
         }
+        cmd.args(extra);
         let guard = ChildGuard::spawn(cmd);
         assert!(
             wait_for_listen(addr, Duration::from_secs(20)),
@@ -324,6 +330,14 @@ impl Setup {
         let work = tempfile::tempdir().expect("temp dir");
         let server = Server::start(None, work.path());
         Setup::with(None, work, Some(server), None, report_name)
+    }
+
+    /// A TLS echo server started with `extra` flags.
+    pub fn tls_with(report_name: &str, extra: &[&str]) -> Setup {
+        let certs = certs();
+        let work = tempfile::tempdir().expect("temp dir");
+        let server = Server::start_with(Some(&certs), work.path(), extra);
+        Setup::with(Some(certs), work, Some(server), None, report_name)
     }
 
     /// Plaintext runs against `port`, where the test provides whatever listens (or nothing).

@@ -34,6 +34,8 @@ impl Harness {
         accepted.set_nonblocking(true).unwrap();
         let pool = PoolSpec {
             listen: front.local_addr().unwrap(),
+            ports: 1,
+            steered: false,
             proto: Default::default(),
             slot: 0,
             options: Default::default(),
@@ -45,6 +47,8 @@ impl Harness {
                     addr,
                     slot: i,
                     options: Default::default(),
+                    port_range: false,
+                    line: 0,
                 })
                 .collect(),
         };

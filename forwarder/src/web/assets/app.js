@@ -63,6 +63,33 @@
     return `${Math.floor(h / 24)} d ${h % 24} h`;
   }
 
+  /** "20 Mbit/s" from bits per second. */
+  function fmtBits(n) {
+    const units = [[1e9, 'Gbit/s'], [1e6, 'Mbit/s'], [1e3, 'kbit/s']];
+    for (const [scale, unit] of units) {
+      if (n >= scale) return `${Number((n / scale).toFixed(2))} ${unit}`;
+    }
+    return `${n} bit/s`;
+  }
+
+  /** A pool's bandwidth limits and what they held back, as parts of its summary line. */
+  function limitParts(l) {
+    const r = l.rates || {};
+    const scopes = [['conn', 'per connection'], ['ip', 'per client'], ['pool', 'for the pool']];
+    const limits = [];
+    for (const [k, words] of scopes) {
+      const up = r[`${k}_up`];
+      const down = r[`${k}_down`];
+      if (up) limits.push(`up ${fmtBits(up)} ${words}`);
+      if (down) limits.push(`down ${fmtBits(down)} ${words}`);
+    }
+    if (!limits.length) return [];
+    const parts = [`limited: ${limits.join(', ')}`];
+    if (l.throttled_ms) parts.push(`held back ${fmtDuration(l.throttled_ms)} (${fmtBytes(l.throttled_bytes)} delayed)`);
+    if (l.rate_drops) parts.push(`${fmtInt(l.rate_drops)} datagrams over the limit dropped`);
+    return parts;
+  }
+
   /** "Connection refused (os error 111)" -> "connection refused". */
   function plainError(text) {
     const t = String(text || '').replace(/\s*\(os error \d+\)$/, '');
@@ -224,9 +251,18 @@
   function statsBackend(entry) {
     const pool = statsPool(entry.listen);
     if (!pool) return undefined;
-    return pool.backends.find(
+    const members = pool.backends.filter(
       (b) => b.name === entry.name && b.dest_ip === entry.dest_ip && b.dest_port === entry.dest_port,
     );
+    if (members.length <= 1) return members[0];
+    // A host name with several addresses: one row, its members' figures summed.
+    const merged = { ...members[0] };
+    for (const k of ['active', 'total', 'bytes_up', 'bytes_down', 'connect_failures', 'datagrams_up', 'datagrams_down']) {
+      merged[k] = members.reduce((a, b) => a + (b[k] || 0), 0);
+    }
+    merged.state = members.some((b) => b.state === 'up') ? 'up' : members.some((b) => b.state === 'down') ? 'down' : 'unknown';
+    merged.members = members.length;
+    return merged;
   }
 
   function historyOf(listen, backend) {
@@ -412,6 +448,13 @@
     const spark = el('canvas', { 'aria-label': 'throughput over the last minutes' });
     const edit = el('button', { type: 'button', class: 'btn link small', text: 'Edit', title: `Edit ${entry.name}` });
     edit.addEventListener('click', () => openEntryDialog(entry));
+    // Drain / disable / back in service: written to the rules file as the row's option.
+    const adminButtons = ['active', 'drain', 'disabled'].map((want) => {
+      const label = { active: 'Enable', drain: 'Drain', disabled: 'Disable' }[want];
+      const b = el('button', { type: 'button', class: 'btn link small admin', 'data-admin': want, text: label, title: `${label} ${entry.name}` });
+      b.addEventListener('click', () => setAdmin(entry, want));
+      return b;
+    });
     const tr = el('tr', { class: `entry${errors.length ? ' invalid' : ''}`, 'data-id': entry.id, 'data-name': entry.name },
       el('td', { class: 'check' }, checkbox),
       el('td', { class: 'name', title: entry.name }, entry.name, el('span', { class: 'line-no', text: `line ${entry.line}` })),
@@ -427,14 +470,29 @@
       cells.down,
       cells.failures,
       el('td', { class: 'spark' }, spark),
-      el('td', { class: 'edit-col' }, edit));
+      el('td', { class: 'edit-col' }, edit, ...adminButtons));
     tr.addEventListener('click', (ev) => {
       if (ev.target.closest('button, input, a')) return;
       checkbox.checked = !checkbox.checked;
       checkbox.dispatchEvent(new Event('change'));
     });
-    state.rows.set(entry.id, { entry, tr, checkbox, badge, reason, cells, shareFill, shareText, spark });
+    state.rows.set(entry.id, { entry, tr, checkbox, badge, reason, cells, shareFill, shareText, spark, adminButtons });
     return tr;
+  }
+
+  async function setAdmin(entry, want) {
+    try {
+      const res = await mutate('PUT', `/api/rules/${encodeURIComponent(entry.id)}/state`, { state: want }, state.etag);
+      if (res.ok) {
+        setRules(res.data, res.etag);
+        toast(`${entry.name}: ${want === 'active' ? 'back in service' : want}`);
+      } else {
+        if (res.status === 412) await refreshRules(true);
+        toast(`${entry.name}: ${(res.data && res.data.error) || `HTTP ${res.status}`}`, true);
+      }
+    } catch (e) {
+      toast(`Cannot reach the forwarder: ${e.message}`, true);
+    }
   }
 
   function syncSelection() {
@@ -453,15 +511,23 @@
   }
 
   function healthOf(b, now) {
+    if (b.state === 'unknown') {
+      return { text: `not known yet: nothing tried · check: ${b.check || 'none'}`, bad: false, title: 'no connection, reply or check has told anything about this backend yet' };
+    }
     if (b.state === 'down') {
       const parts = [plainError(b.last_error) || 'unreachable'];
+      if (b.dns && b.dns !== b.last_error) parts.push(b.dns);
       if (b.down_since_ms) parts.push(`down for ${fmtDuration(now - b.down_since_ms)}`);
       if (b.retry_at_ms) parts.push(b.retry_at_ms > now ? `next try in ${fmtDuration(b.retry_at_ms - now + 999)}` : 'next try on the next connection');
+      if (b.rise) parts.push(`${b.rise} of 2 good checks`);
       return { text: parts.join(' · '), bad: true, title: b.last_error };
     }
     const parts = [];
     if (b.last_error && b.last_error_ms) parts.push(`last failure ${fmtDuration(now - b.last_error_ms)} ago: ${plainError(b.last_error)}`);
     if (b.last_check_ms) parts.push(`checked ${fmtDuration(now - b.last_check_ms)} ago`);
+    if (b.slowstart_pct != null) parts.push(`slow start: ${b.slowstart_pct}% of its weight`);
+    if (b.check) parts.push(`check: ${b.check}`);
+    if (b.dns) parts.push(b.members ? `${b.dns} (${b.members} members)` : b.dns);
     return { text: parts.join(' · '), bad: false, title: b.last_error || '' };
   }
 
@@ -479,8 +545,11 @@
         drawChart(row.spark, [], { width: 80, height: 24 });
         continue;
       }
-      row.badge.className = `badge ${b.state === 'down' ? 'down' : 'up'}`;
-      setText(row.badge, b.state);
+      const admin = b.admin && b.admin !== 'active' ? b.admin : '';
+      row.badge.className = `badge ${admin ? 'idle' : { down: 'down', up: 'up' }[b.state] || 'idle'}`;
+      setText(row.badge, [b.backup ? 'backup' : '', admin, b.state].filter(Boolean).join(' · '));
+      row.badge.title = admin ? `${admin}: no new connections; open ones run to their end` : `health: ${b.state}`;
+      for (const button of row.adminButtons) button.hidden = button.dataset.admin === (b.admin || 'active');
       const health = healthOf(b, now);
       setText(row.reason, health.text);
       row.reason.className = `reason${health.bad ? ' bad' : ''}`;
@@ -507,6 +576,8 @@
       const udp = isUdp(g.listen);
       if (s) parts.push(udp ? `${fmtInt(s.accepted)} sessions` : `${fmtInt(s.accepted)} accepted`);
       if (s && s.evicted) parts.push(`${fmtInt(s.evicted)} evicted`);
+      if (s && s.limits) parts.push(...limitParts(s.limits));
+      if (s && s.backends.some((b) => b.backup)) parts.push(`serving: ${s.serving === 'none' ? 'no tier can take connections' : `${s.serving}s`}`);
       if (s && udp) {
         const sum = (k) => s.backends.reduce((a, b) => a + (b[k] || 0), 0);
         parts.push(`${fmtInt(sum('datagrams_up'))} datagrams in, ${fmtInt(sum('datagrams_down'))} out`);
@@ -515,7 +586,7 @@
       }
       const unrouted = s && s.unrouted ? `${fmtInt(s.unrouted)} unrouted` : '';
       const r = (s && s.refused) || {};
-      const refusedBy = [['denied', r.denied], ['max_conns', r.max_conns], ['max_conns_per_ip', r.max_conns_per_ip], ['PROXY header', r.proxy_header]]
+      const refusedBy = [['denied', r.denied], ['max_conns', r.max_conns], ['max_conns_per_ip', r.max_conns_per_ip], ['PROXY header', r.proxy_header], ['no SNI route', r.no_sni_route], ['TLS hello', r.tls_hello]]
         .filter(([, n]) => n > 0);
       if (refusedBy.length) parts.push(`${fmtInt(refusedBy.reduce((a, [, n]) => a + n, 0))} refused (${refusedBy.map(([k, n]) => `${k} ${fmtInt(n)}`).join(', ')})`);
       const metaKey = parts.join(' · ') + unrouted;
