@@ -17,7 +17,7 @@ use forwarder::rules::file::RulesFile;
 use forwarder::rules::{self, RuleSet};
 use forwarder::service::{self, exit::Exit};
 use forwarder::supervisor::{self, Supervisor, SupervisorConfig};
-use forwarder::tcp::sockmap::{self, DataPath};
+use forwarder::tcp::data_path::{self, Choice, DataPath};
 use forwarder::worker::{self, WorkerConfig};
 
 /// Pipes one worker may hold for splicing (two descriptors each).
@@ -109,14 +109,15 @@ struct Args {
     #[arg(long, value_enum, default_value_t = forwarder::dns::Family::PreferIpv4)]
     dns_family: forwarder::dns::Family,
 
-    /// Copy bulk data through user space instead of splice(2)
+    /// The same as --data-path copy (kept for scripts that used it)
     #[arg(long)]
     no_splice: bool,
 
-    /// How established TCP connections move bytes: splice (user space) or sockmap (the kernel,
-    /// via a BPF verdict program; needs CAP_BPF and CAP_NET_ADMIN, else splice is used)
-    #[arg(long, value_enum, default_value_t = DataPath::Splice)]
-    data_path: DataPath,
+    /// How established TCP connections move bytes: copy or splice (user space), auto (whichever a
+    /// calibration at start finds cheaper here), or sockmap (the kernel, via a BPF verdict
+    /// program; needs CAP_BPF and CAP_NET_ADMIN, else splice is used) [default: auto]
+    #[arg(long, value_enum)]
+    data_path: Option<DataPath>,
 
     /// After loading the rules as root, run the supervisor and workers as this user (keeping only
     /// CAP_NET_BIND_SERVICE, for ports below 1024)
@@ -232,6 +233,8 @@ fn run_worker(fds: &str, label: Option<usize>) -> anyhow::Result<ExitCode> {
 }
 
 fn run_supervisor(args: &Args) -> anyhow::Result<ExitCode> {
+    // Flags that contradict each other: said before anything is read or started.
+    let asked = asked_data_path(args).map_err(|e| Exit::config(e.to_string()))?;
     let rules_path = match &args.rules {
         Some(p) => p.clone(),
         None => default_rules_file()?,
@@ -266,7 +269,7 @@ fn run_supervisor(args: &Args) -> anyhow::Result<ExitCode> {
             transparent.join(", ")
         );
     }
-    if args.data_path == DataPath::Sockmap {
+    if asked == DataPath::Sockmap {
         for p in set.pools.iter().filter(|p| p.options.rates.any()) {
             eprintln!(
                 "  {}: bandwidth limits: relayed in user space (the sockmap data path cannot hold bytes back)",
@@ -372,17 +375,15 @@ fn run_supervisor(args: &Args) -> anyhow::Result<ExitCode> {
         );
     }
 
+    let data_path = data_path::choose(asked);
+    eprintln!("{}", data_path.describe());
     let config = SupervisorConfig {
         rules: Arc::new(file),
         workers: plan.workers,
         capacity: plan.total,
         udp_capacity: udp_total,
-        worker: worker_config(
-            args,
-            plan.per_worker,
-            udp_per_worker,
-            sockmap::check(args.data_path),
-        )?,
+        worker: worker_config(args, plan.per_worker, udp_per_worker, &data_path)?,
+        data_path,
         health_interval: (args.health_interval_s > 0)
             .then(|| Duration::from_secs(args.health_interval_s)),
         connect_timeout: Duration::from_millis(args.connect_timeout_ms),
@@ -474,7 +475,7 @@ fn worker_config(
     args: &Args,
     max_connections: usize,
     udp_sessions: usize,
-    data_path: DataPath,
+    data_path: &Choice,
 ) -> anyhow::Result<WorkerConfig> {
     // Workers start elsewhere than the supervisor may be asked to run: an absolute path.
     let access_log = args.access_log.as_deref().map(|t| {
@@ -493,15 +494,27 @@ fn worker_config(
         connect_timeout: Duration::from_millis(args.connect_timeout_ms),
         idle_timeout: (args.idle_timeout_s > 0).then(|| Duration::from_secs(args.idle_timeout_s)),
         drain_timeout: Duration::from_secs(args.drain_timeout_s),
-        splice: !args.no_splice,
+        splice: data_path.splices(),
         max_pipes: PIPES_PER_WORKER,
-        data_path,
+        data_path: data_path.path,
         default_allow: parse_cidrs("--allow", &args.allow)?,
         default_deny: parse_cidrs("--deny", &args.deny)?,
         access_log,
         udp_idle_timeout: Duration::from_secs(args.udp_idle_timeout_s),
         udp_max_sessions: udp_sessions.max(1),
     })
+}
+
+/// `--data-path`, with `--no-splice` as its old spelling of `copy`.
+fn asked_data_path(args: &Args) -> anyhow::Result<DataPath> {
+    match (args.no_splice, args.data_path) {
+        (false, asked) => Ok(asked.unwrap_or_default()),
+        (true, None | Some(DataPath::Copy)) => Ok(DataPath::Copy),
+        (true, Some(other)) => bail!(
+            "--no-splice means --data-path copy; it contradicts --data-path {}",
+            other.name()
+        ),
+    }
 }
 
 fn dns_config(args: &Args) -> forwarder::dns::DnsConfig {

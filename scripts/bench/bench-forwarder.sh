@@ -13,6 +13,8 @@
 #                                   [--out FILE] [--keep] [--no-build] [--from DIR]
 #        scripts/bench/bench-forwarder.sh --udp [...]   UDP instead: direct vs ours vs nginx stream vs
 #                                                 socat vs rinetd (scripts/bench/udp.sh)
+#        scripts/bench/bench-forwarder.sh --bulk [...]   iperf3 1 and 8 streams: direct vs ours copy/
+#                                                 splice/auto vs nginx vs HAProxy (scripts/bench/bulk.sh)
 #        scripts/bench/bench-forwarder.sh --data-path-compare [...]   direct vs --data-path splice vs
 #                                                 sockmap, distributions (scripts/bench/data-path.sh)
 set -euo pipefail
@@ -22,6 +24,10 @@ cd "$ROOT"
 if [ "${1:-}" = --udp ]; then
     shift
     exec bash scripts/bench/udp.sh "$@"
+fi
+if [ "${1:-}" = --bulk ]; then
+    shift
+    exec bash scripts/bench/bulk.sh "$@"
 fi
 if [ "${1:-}" = --data-path-compare ]; then
     shift
@@ -47,6 +53,7 @@ Usage: scripts/bench/bench-forwarder.sh [options]
   --no-build              use the release binaries already built
   --from DIR              print the table again from a kept work directory, run nothing
   --udp [--help]          the UDP comparison instead (its own options: --udp --help)
+  --bulk [--help]         bulk only, ours copy/splice/auto beside nginx and HAProxy (scripts/bench/bulk.sh)
   --data-path-compare [--help]
                           direct vs the forwarder's splice and sockmap data paths, ≥ 20
                           alternating single-stream runs each (its own options: --help)

@@ -12,6 +12,7 @@ use crate::rules::options::{Admin, Balance};
 use crate::rules::{self, Pool, Proto, RuleSet};
 use crate::stats::health::Health;
 use crate::stats::{describe_error, now_ms, Shared};
+use crate::tcp::data_path::Choice;
 
 /// Where a pool's and a backend's counters are in the shared mapping (the supervisor's slot
 /// table answers).
@@ -22,10 +23,12 @@ pub trait SlotLookup {
 
 /// The planned sizes, which the counters do not hold.
 #[derive(Debug, Clone, Copy)]
-pub struct Sizes {
+pub struct Sizes<'a> {
     pub workers: usize,
     pub capacity: usize,
     pub udp_capacity: usize,
+    /// The data path chosen at start.
+    pub data_path: &'a Choice,
 }
 
 /// Everything the web page shows about the forwarder, read from the shared counters.
@@ -46,6 +49,8 @@ pub struct StatsSnapshot {
     pub accept_pauses: u64,
     /// Access log lines lost to a full queue or a failed write.
     pub access_log_dropped: u64,
+    /// How established connections move their bytes, and why (`--data-path`).
+    pub data_path: Choice,
     pub pools: Vec<PoolStats>,
 }
 
@@ -162,7 +167,7 @@ pub fn read(
     shared: &Shared,
     rules: &RuleSet,
     slots: &impl SlotLookup,
-    sizes: Sizes,
+    sizes: Sizes<'_>,
     members: Members<'_>,
 ) -> StatsSnapshot {
     let inner = &members;
@@ -314,6 +319,7 @@ pub fn read(
         uptime_ms: now.saturating_sub(header.started_ms.load(Relaxed)),
         accept_pauses: header.accept_pauses.load(Relaxed),
         access_log_dropped: header.access_log_dropped.load(Relaxed),
+        data_path: sizes.data_path.clone(),
         pools,
     }
 }

@@ -21,6 +21,7 @@ use crate::rules::{Entry, RuleSet};
 use crate::service::signals::status_lines;
 use crate::stats::snapshot::{self, Sizes, StatsSnapshot};
 use crate::stats::{now_ms, Shared};
+use crate::tcp::data_path::Choice;
 use crate::worker::WorkerConfig;
 pub use reload::{check_bindable, describe_pool};
 use slots::Slots;
@@ -41,6 +42,8 @@ pub struct SupervisorConfig {
     pub health_interval: Option<Duration>,
     pub connect_timeout: Duration,
     pub drain_timeout: Duration,
+    /// The data path the workers use and why (`--data-path`, resolved at start).
+    pub data_path: Choice,
     /// `--source`: the outbound address of backends without `source=` (one per family).
     pub default_sources: Vec<std::net::IpAddr>,
     /// Listening sockets a worker may hold ([`crate::capacity::listen_budget`]); every reload is
@@ -253,6 +256,7 @@ impl Supervisor {
                 workers: self.config.workers,
                 capacity: self.config.capacity,
                 udp_capacity: self.config.udp_capacity,
+                data_path: &self.config.data_path,
             },
             snapshot::Members {
                 specs: &inner.specs,

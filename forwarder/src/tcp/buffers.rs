@@ -8,21 +8,36 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 /// Copy buffer size: one read of a typical burst; a read that fills it marks the direction bulk.
 pub const BUFFER_BYTES: usize = 16 * 1024;
 
+/// Copy buffer size for a direction that is bulk: one read and one write per 256 KiB rather than
+/// per 16 KiB (as large as a splice pipe, so copying makes no more system calls than splicing).
+pub const BULK_BUFFER_BYTES: usize = 256 * 1024;
+
+/// Bulk buffers kept free for reuse (the rest are freed: a worker that moved many streams at
+/// once does not keep their memory).
+const BULK_KEPT: usize = 8;
+
 /// Kernel pipe capacity asked for when splicing: fewer, larger splices per megabyte. The kernel
 /// may refuse (per-user pipe memory is capped); the pipe then keeps its default 64 KiB.
 pub const PIPE_BYTES: usize = 256 * 1024;
 
-/// Free copy buffers, kept up to a small number so a burst does not allocate every time.
+/// Free copy buffers, kept up to a small number so a burst does not allocate every time; and the
+/// large buffers of bulk directions, at most `bulk_limit` in use at once.
 pub struct BufferPool {
     free: Vec<Box<[u8]>>,
     keep: usize,
+    free_bulk: Vec<Box<[u8]>>,
+    bulk_in_use: usize,
+    bulk_limit: usize,
 }
 
 impl BufferPool {
-    pub fn new(keep: usize) -> Self {
+    pub fn new(keep: usize, bulk_limit: usize) -> Self {
         BufferPool {
             free: Vec::new(),
             keep,
+            free_bulk: Vec::new(),
+            bulk_in_use: 0,
+            bulk_limit,
         }
     }
 
@@ -32,10 +47,32 @@ impl BufferPool {
             .unwrap_or_else(|| vec![0u8; BUFFER_BYTES].into_boxed_slice())
     }
 
+    /// A bulk buffer, or a small one when `bulk_limit` are in use.
+    pub fn take_bulk(&mut self) -> Box<[u8]> {
+        if self.bulk_in_use >= self.bulk_limit {
+            return self.take();
+        }
+        self.bulk_in_use += 1;
+        self.free_bulk
+            .pop()
+            .unwrap_or_else(|| vec![0u8; BULK_BUFFER_BYTES].into_boxed_slice())
+    }
+
+    /// Takes back a buffer of either size (its length says which).
     pub fn give(&mut self, buf: Box<[u8]>) {
-        if self.free.len() < self.keep {
+        if buf.len() == BULK_BUFFER_BYTES {
+            self.bulk_in_use -= 1;
+            if self.free_bulk.len() < BULK_KEPT {
+                self.free_bulk.push(buf);
+            }
+        } else if self.free.len() < self.keep {
             self.free.push(buf);
         }
+    }
+
+    /// Bulk buffers in use now.
+    pub fn bulk_in_use(&self) -> usize {
+        self.bulk_in_use
     }
 }
 
@@ -47,7 +84,7 @@ pub struct Pipe {
 }
 
 impl Pipe {
-    fn new() -> io::Result<Pipe> {
+    pub fn new() -> io::Result<Pipe> {
         let mut fds = [0 as RawFd; 2];
         // SAFETY: pipe2 fills the two descriptors on success.
         if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) } != 0 {

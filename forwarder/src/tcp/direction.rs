@@ -9,7 +9,7 @@ use std::os::fd::AsRawFd;
 
 use mio::net::TcpStream;
 
-use crate::tcp::buffers::{BufferPool, Pipe, PipePool};
+use crate::tcp::buffers::{BufferPool, Pipe, PipePool, BULK_BUFFER_BYTES};
 use crate::tcp::sockmap::Sockmap;
 
 /// Most bytes one direction moves per event before yielding to other connections.
@@ -247,7 +247,17 @@ impl Direction {
             }
             InFlight::Nothing | InFlight::Buffer { .. } => {
                 let mut buf = match std::mem::replace(&mut self.in_flight, InFlight::Nothing) {
-                    InFlight::Buffer { buf, .. } => buf,
+                    // A direction that turned bulk swaps its small buffer for a bulk one.
+                    InFlight::Buffer { buf, .. }
+                        if !self.bulk || buf.len() == BULK_BUFFER_BYTES =>
+                    {
+                        buf
+                    }
+                    InFlight::Buffer { buf, .. } => {
+                        res.buffers.give(buf);
+                        res.buffers.take_bulk()
+                    }
+                    _ if self.bulk => res.buffers.take_bulk(),
                     _ => res.buffers.take(),
                 };
                 let room = buf.len().min(budget.try_into().unwrap_or(usize::MAX));

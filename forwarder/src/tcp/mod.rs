@@ -2,11 +2,14 @@
 //! connect and FIN timers, the relays to pump again, and the accept pause. One connection's life
 //! is [`relay`] (the phases: [`proxy`] for the PROXY header, [`connect`], [`relaying`] in user
 //! space, [`kernel`] when the sockmap data path moves the bytes); [`direction`] moves the bytes
-//! one way in user space with [`buffers`]; [`sockmap`] and [`bpf`] are the kernel data path.
+//! one way in user space with [`buffers`]; [`sockmap`] and [`bpf`] are the kernel data path;
+//! [`data_path`] is `--data-path` and the start-up choice ([`calibrate`] for `auto`).
 
 pub mod bpf;
 pub mod buffers;
+pub mod calibrate;
 pub mod connect;
+pub mod data_path;
 pub mod direction;
 pub mod kernel;
 pub mod proxy;
@@ -47,6 +50,9 @@ const DENIED_LOG_EVERY: Duration = Duration::from_secs(60);
 const DENIED_LOG_LIMIT: usize = 4096;
 /// Buffers kept for reuse between connections.
 const BUFFERS_KEPT: usize = 256;
+/// Bulk copy buffers in use at once per worker (256 KiB each, so at most 16 MiB); beyond that
+/// a bulk direction copies through the small buffers.
+const BULK_BUFFERS: usize = 64;
 
 /// The settings of a worker's TCP side.
 pub struct TcpConfig {
@@ -118,7 +124,7 @@ impl Tcp {
                 worker: config.worker,
                 connect_timeout: config.connect_timeout,
                 res: Resources {
-                    buffers: BufferPool::new(BUFFERS_KEPT),
+                    buffers: BufferPool::new(BUFFERS_KEPT, BULK_BUFFERS),
                     pipes: PipePool::new(config.max_pipes),
                     splice: config.splice,
                     sockmap,

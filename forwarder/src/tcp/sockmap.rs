@@ -11,31 +11,13 @@ use mio::{Registry, Token};
 
 use crate::tcp::bpf::{self, BpfError, Redirector};
 
-/// Which way a worker moves the bytes of established TCP connections.
-#[derive(
-    Debug,
-    Clone,
-    Copy,
-    PartialEq,
-    Eq,
-    Default,
-    clap::ValueEnum,
-    serde::Serialize,
-    serde::Deserialize,
-)]
-pub enum DataPath {
-    /// User space: splice(2) through a pipe (or copies, with --no-splice).
-    #[default]
-    Splice,
-    /// The kernel: a BPF sk_skb verdict program redirects between the sockets of a SOCKHASH map.
-    Sockmap,
-}
+pub use crate::tcp::data_path::DataPath;
 
 /// The data path the workers will use for `wanted`: sockmap only if the verdict program loads
 /// here (after any `--user` change), which is said once, at start. Workers load their own maps.
 pub fn check(wanted: DataPath) -> DataPath {
-    if wanted == DataPath::Splice {
-        return DataPath::Splice;
+    if wanted != DataPath::Sockmap {
+        return wanted;
     }
     match Sockmap::load(2) {
         Ok(_) => {

@@ -185,6 +185,7 @@ mod tests {
             uptime_ms: 0,
             accept_pauses: 0,
             access_log_dropped: 0,
+            data_path: Default::default(),
             udp_capacity: 0,
             udp_sessions: 0,
             pools: vec![PoolStats {

@@ -162,6 +162,36 @@ pub fn render(stats: &StatsSnapshot) -> String {
         head(&mut out, family);
         let _ = writeln!(out, "{} {value}", family.name);
     }
+    let info = Family {
+        name: "forwarder_data_path_info",
+        kind: "gauge",
+        help: "The data path established connections use (path) and what was asked for (asked: auto when a calibration at start chose).",
+    };
+    head(&mut out, &info);
+    let _ = writeln!(
+        out,
+        "{}{{path=\"{}\",asked=\"{}\"}} 1",
+        info.name,
+        stats.data_path.path.name(),
+        stats.data_path.asked.name()
+    );
+    let calibrated = [
+        ("copy", stats.data_path.copy_ms_per_gb),
+        ("splice", stats.data_path.splice_ms_per_gb),
+    ];
+    if calibrated.iter().any(|(_, v)| v.is_some()) {
+        let cost = Family {
+            name: "forwarder_data_path_calibration_cpu_ms_per_gb",
+            kind: "gauge",
+            help: "CPU per GB each user-space path took in the calibration at start (--data-path auto).",
+        };
+        head(&mut out, &cost);
+        for (path, ms) in calibrated {
+            if let Some(ms) = ms {
+                let _ = writeln!(out, "{}{{path=\"{path}\"}} {ms:.1}", cost.name);
+            }
+        }
+    }
     let lost = Family {
         name: "forwarder_connections_lost_total",
         kind: "counter",
@@ -515,6 +545,7 @@ mod tests {
             uptime_ms: 5500,
             accept_pauses: 0,
             access_log_dropped: 0,
+            data_path: Default::default(),
             udp_capacity: 0,
             udp_sessions: 0,
             pools: vec![PoolStats {
@@ -583,6 +614,9 @@ mod tests {
         assert!(text.contains(
             "forwarder_pool_refused_total{listen=\"0.0.0.0:8080\",reason=\"max_conns\"} 2\n"
         ));
+        // A data path given by flag: its info line, no calibration figures.
+        assert!(text.contains("forwarder_data_path_info{path=\"copy\",asked=\"copy\"} 1\n"));
+        assert!(!text.contains("forwarder_data_path_calibration"));
         assert!(text.contains(
             "forwarder_backend_admin{listen=\"0.0.0.0:8080\",name=\"a\\\"b\\\\c\",backend=\"127.0.0.1:9001\",state=\"drain\"} 1\n"
         ));
@@ -591,11 +625,11 @@ mod tests {
         ));
         assert!(text
             .contains("forwarder_pool_serving_tier{listen=\"0.0.0.0:8080\",tier=\"backup\"} 1\n"));
-        assert_eq!(text.matches("# TYPE ").count(), 33);
-        assert_eq!(text.matches("# HELP ").count(), 33);
+        assert_eq!(text.matches("# TYPE ").count(), 34);
+        assert_eq!(text.matches("# HELP ").count(), 34);
         let mut families: Vec<&str> = text.lines().filter(|l| l.starts_with("# TYPE ")).collect();
         families.sort();
         families.dedup();
-        assert_eq!(families.len(), 33, "every family once");
+        assert_eq!(families.len(), 34, "every family once");
     }
 }

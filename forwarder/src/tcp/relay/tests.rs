@@ -58,7 +58,7 @@ impl Harness {
             events: Events::with_capacity(64),
             shared: Shared::create().unwrap(),
             res: Resources {
-                buffers: BufferPool::new(4),
+                buffers: BufferPool::new(4, 4),
                 pipes: PipePool::new(4),
                 splice,
                 sockmap: None,

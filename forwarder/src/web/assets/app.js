@@ -322,14 +322,18 @@
     const text = $('capacity-text');
     const hasUdp = s.pools.some((p) => p.proto === 'udp');
     const udp = hasUdp ? ` · ≈ ${fmtInt(s.udp_capacity)} UDP sessions, ${fmtInt(s.udp_sessions)} live` : '';
-    const wanted = `≈ ${fmtInt(s.capacity)} connections with ${workers}, ${fmtInt(s.active)} in use${udp}`;
+    const dp = s.data_path;
+    const wanted = `≈ ${fmtInt(s.capacity)} connections with ${workers}, ${fmtInt(s.active)} in use${udp} · ${dp.path}`;
     if (text.dataset.shown !== wanted) {
       text.dataset.shown = wanted;
+      // The data path chosen at start; the reason (calibration figures) on hover.
+      $('capacity').title = `Connections the worker processes can hold within the open-file limit. Data path: ${dp.path} (${dp.reason})`;
       text.replaceChildren(
         '≈ ', el('b', { text: fmtInt(s.capacity) }), ` connections with ${workers}, `,
         el('b', { text: fmtInt(s.active) }), ' in use',
         ...(hasUdp ? [' · ≈ ', el('b', { text: fmtInt(s.udp_capacity) }), ' UDP sessions, ',
           el('b', { text: fmtInt(s.udp_sessions) }), ' live'] : []),
+        ' · data path ', el('b', { text: dp.path }), dp.asked === 'auto' ? ' (auto)' : '',
       );
     }
     const pct = s.capacity ? Math.min(100, (100 * s.active) / s.capacity) : 0;
