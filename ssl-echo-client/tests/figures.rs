@@ -13,6 +13,11 @@ use std::time::{Duration, Instant};
 use common::*;
 use testbed_dev::testing::ChildGuard;
 
+/// Columns of the Connections sheet: the corrected ones follow the named ones (TLS and churn last).
+const CORRECTED_AVG: usize = ssl_echo_client::report::CONNECTION_COLUMNS.len() + 1;
+const CORRECTED_MAX: usize = CORRECTED_AVG + 1;
+const SENDS_FAILED: usize = CORRECTED_AVG + 2;
+
 const LIMIT: Duration = Duration::from_secs(120);
 
 /// What the test server does with the `n`th message (0-based) of its `c`th connection.
@@ -266,22 +271,25 @@ fn a_stalled_server_under_rate_raises_every_corrected_figure_and_counts_the_cut_
     assert!(sends_failed >= 40, "{sends_failed}");
     assert_eq!(j["connections_lost"], 1);
     let rows = sheet(&setup.report, "Connections");
-    assert_eq!(text(&rows, 0, 19), "sends failed");
+    assert_eq!(text(&rows, 0, SENDS_FAILED), "sends failed");
     let mut late_rows = 0;
     for row in 1..=10 {
-        let (messages, failed) = (num(&rows, row, 5), num(&rows, row, 19));
+        let (messages, failed) = (num(&rows, row, 5), num(&rows, row, SENDS_FAILED));
         // 3 s at 20/s: 60 sends due (59 when the offset puts the 60th past the end).
         assert!(
             (59.0..=60.0).contains(&(messages + failed)),
             "row {row}: {messages} answered + {failed} failed"
         );
         // Per connection: the corrected average is above the measured one.
-        assert!(num(&rows, row, 17) >= num(&rows, row, 9), "row {row}");
-        late_rows += usize::from(num(&rows, row, 18) > 500.0);
+        assert!(
+            num(&rows, row, CORRECTED_AVG) >= num(&rows, row, 9),
+            "row {row}"
+        );
+        late_rows += usize::from(num(&rows, row, CORRECTED_MAX) > 500.0);
     }
     let cut: Vec<usize> = (1..=10).filter(|&r| num(&rows, r, 11) == 1.0).collect();
     assert_eq!(cut.len(), 1, "one connection was closed");
-    assert_eq!(num(&rows, cut[0], 19), sends_failed as f64);
+    assert_eq!(num(&rows, cut[0], SENDS_FAILED), sends_failed as f64);
     assert_eq!(num(&rows, cut[0], 5), 10.0, "answered before the close");
     assert!(
         late_rows >= 9,
