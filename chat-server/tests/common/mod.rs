@@ -9,7 +9,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use chat_server::protocol::ServerLine;
-use testbed_dev::testing::{free_port, wait_for_listen, ChildGuard};
+use testbed_dev::testing::{free_port, ChildGuard};
 
 /// Generous: a bound for a failing test, not a performance claim.
 pub const PATIENCE: Duration = Duration::from_secs(20);
@@ -25,12 +25,27 @@ pub fn start(extra: &[&str]) -> ChatServer {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_chat-server"));
     cmd.arg("--listen").arg(addr.to_string()).args(extra);
     let guard = ChildGuard::spawn(cmd);
+    // Read from /proc rather than by connecting: a probe connection from 127.0.0.1 would count
+    // against the server's per-address cap (`--max-per-address`) that the tests then measure.
     assert!(
-        wait_for_listen(addr, PATIENCE),
+        testbed_dev::testing::wait_until(PATIENCE, || is_listening(addr.port())),
         "chat-server did not listen on {addr}:\n{}",
         guard.output()
     );
     ChatServer { guard, addr }
+}
+
+/// True when a TCP socket listens on `port` (from /proc/net/tcp, without connecting).
+pub fn is_listening(port: u16) -> bool {
+    let hex = format!(":{port:04X} ");
+    std::fs::read_to_string("/proc/net/tcp").is_ok_and(|text| {
+        text.lines().skip(1).any(|line| {
+            let mut fields = line.split_whitespace();
+            let local = fields.nth(1).unwrap_or("");
+            let state = fields.nth(1).unwrap_or("");
+            format!("{local} ").ends_with(&hex) && state == "0A"
+        })
+    })
 }
 
 /// One line-protocol client.
