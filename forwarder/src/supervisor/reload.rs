@@ -102,9 +102,14 @@ impl Supervisor {
         if let Ok(steering) = &self.config.steering {
             // After the workers listen on the ranges' first ports, so no redirect finds none.
             let ranges = crate::steer::steered_ranges(new.pools.iter());
-            match steering.sync(&ranges) {
-                Ok(()) => log_steering(steering, &ranges),
-                Err(e) => tracing::error!("nftables table {} not updated: {e}", steering.table),
+            // Rules that steer nothing before or after leave the table as start-up left it (gone):
+            // no `nft` run on every reload of a file without large ranges.
+            let before = crate::steer::steered_ranges(inner.rules.pools.iter());
+            if !(ranges.is_empty() && before.is_empty()) {
+                match steering.sync(&ranges) {
+                    Ok(()) => log_steering(steering, &ranges),
+                    Err(e) => tracing::error!("nftables table {} not updated: {e}", steering.table),
+                }
             }
         }
         inner.slots = slots;
